@@ -1,0 +1,61 @@
+"""The `ortlora` command: one entry point, each subcommand a module imported only when it runs.
+
+Each command module exposes `configure_parser(parser)` and `main(args)`; `main` only unpacks the parsed flags and
+calls a plain keyword-argument function that tests and the server call directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ortlora import __version__
+from ortlora.errors import OrtloraError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("ortlora.export.cli", "Hugging Face checkpoint -> ONNX decoder with LoRA inputs"),
+    "convert-adapters": ("ortlora.adapters.cli", "PEFT adapter -> .onnx_adapter, checked against a model"),
+    "inspect": ("ortlora.inspect", "show what a model folder or adapter file holds"),
+}
+# Olive's names for the same commands, so its command lines work unchanged.
+ALIASES = {"auto-opt": "export", "capture-onnx-graph": "export"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ortlora", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ortlora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        aliases = [a for a, target in ALIASES.items() if target == name]
+        p = sub.add_parser(name, help=help_, aliases=aliases, description=help_)
+        if name == command:  # import only the module that runs
+            importlib.import_module(module).configure_parser(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    command = ALIASES.get(command, command)
+    parser = build_parser(command)
+    if command not in COMMANDS:
+        parser.print_help()
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        result = module.main(args)
+    except OrtloraError as exc:
+        print(f"ortlora {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ortlora {command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

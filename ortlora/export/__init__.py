@@ -1,0 +1,128 @@
+"""`export`: a Hugging Face checkpoint -> an ONNX decoder folder whose LoRA weights are graph inputs.
+
+    from ortlora.export import export
+    export("hf_model_dir", "out_dir", adapter_path=["adapter_dir"], precision="int4")
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ortlora.checkpoint import Checkpoint
+from ortlora.config import ModelArgs, load_config
+from ortlora.errors import AdapterError, ModelError, OrtloraError
+from ortlora.export import genai_config as files
+from ortlora.export.arch import get_arch
+from ortlora.export.arch.base import Arch
+from ortlora.export.decoder import DecoderBuilder
+from ortlora.export.graph import GraphBuilder
+from ortlora.export.int4 import check_block_size
+from ortlora.export.rope import default_context_length
+from ortlora.fileutil import atomic_dir
+
+PRECISIONS = ("fp32", "fp16", "int4")
+_UNSUPPORTED_TARGETS = ("lm_head", "embed_tokens")
+
+
+def model_linears(args: ModelArgs, arch: Arch, ckpt: Checkpoint) -> dict[str, tuple[int, int]]:
+    """Every LoRA-targetable linear module of the model -> (in_features, out_features)."""
+    out = {}
+    for i in range(args.num_hidden_layers):
+        for rel in arch.linear_modules(args):
+            module = f"model.layers.{i}.{rel}"
+            o, n = ckpt.shape(f"{module}.weight")
+            out[module] = (n, o)
+    return out
+
+
+def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Sequence[str | Path],
+                         lora_targets: Sequence[str] | None) -> dict[str, tuple[int, int]]:
+    """The union of the adapters' modules and the `--lora-targets` names; every misfit is reported at once."""
+    from ortlora.adapters.peft import read_peft
+
+    chosen: set[str] = set()
+    problems: list[str] = []
+    for name in lora_targets or ():
+        name = name.strip()
+        if name in ("all-linear", "all_linear"):
+            chosen.update(linears)
+            continue
+        if name in _UNSUPPORTED_TARGETS:
+            problems.append(f"--lora-targets {name}: LoRA on {name} is not supported (the LM head and embeddings "
+                            "stay frozen); drop it from the targets")
+            continue
+        hits = [m for m in linears if re.fullmatch(rf"(.*\.)?{re.escape(name)}", m)]
+        if not hits:
+            suffixes = sorted({m.rsplit(".", 1)[-1] for m in linears})
+            problems.append(f"--lora-targets {name}: no linear layer of the model is called that "
+                            f"(choose from {', '.join(suffixes)})")
+        chosen.update(hits)
+    for path in adapter_paths:
+        adapter = read_peft(path)
+        if adapter.is_dora:
+            problems.append(f"{path}: DoRA adapters are not supported by export (use a LoRA adapter)")
+        for module, m in adapter.modules.items():
+            if module.rsplit(".", 1)[-1] in _UNSUPPORTED_TARGETS:
+                problems.append(f"{path}: LoRA on {module} is not supported (the LM head and embeddings stay frozen)")
+            elif module not in linears:
+                problems.append(f"{path}: module {module} is not a linear layer of this model")
+            elif (m.in_features, m.out_features) != linears[module]:
+                problems.append(f"{path}: {module} has in/out {m.in_features}x{m.out_features}, the model "
+                                f"{linears[module][0]}x{linears[module][1]} (an adapter for another base model?)")
+            else:
+                chosen.add(module)
+    if problems:
+        raise AdapterError("cannot export with these LoRA targets:\n  " + "\n  ".join(problems))
+    return {m: linears[m] for m in sorted(chosen, key=_layer_order)}
+
+
+def _layer_order(module: str):
+    m = re.search(r"\.(\d+)\.", module)
+    return (int(m.group(1)) if m else -1, module)
+
+
+def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str | Path] = (),
+           lora_targets: Sequence[str] | None = None, precision: str = "fp32", device: str = "cpu",
+           provider: str | None = None, context_length: int | None = None, block_size: int = 32,
+           threads: int | None = None, progress: bool = True) -> Path:
+    """Export `model` (a Hugging Face folder) into `output`; returns the output folder."""
+    if precision not in PRECISIONS:
+        raise OrtloraError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int4":
+        check_block_size(block_size)
+    model_dir = Path(model)
+    if not model_dir.exists():
+        raise ModelError(f"{model}: no such folder. Hub names are not downloaded by export: download the model "
+                         "first (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass the folder")
+    args, _ = load_config(model_dir)
+    arch = get_arch(args)
+    ckpt = Checkpoint(model_dir)
+    lora = resolve_lora_targets(model_linears(args, arch, ckpt), adapter_path, lora_targets)
+    context = context_length or default_context_length(args)
+    io_dtype = np.float16 if precision == "fp16" or (precision == "int4" and device == "gpu") else np.float32
+    bar = tqdm(total=args.num_hidden_layers, desc="export", unit="layer", disable=not progress)
+    with atomic_dir(output) as tmp:
+        g = GraphBuilder(tmp / "model.onnx")
+        try:
+            DecoderBuilder(
+                g, args, arch, ckpt, io_dtype=io_dtype, int4_block_size=block_size if precision == "int4" else None,
+                lora_modules=lora, context_length=context, on_layer=lambda i: bar.update(1),
+            ).build()
+            g.save()
+        finally:
+            g.close()
+            bar.close()
+        eos = files.eos_ids(model_dir, args)
+        files.write_json(tmp / "genai_config.json", files.genai_config(
+            args, arch.genai_type, eos=eos, context_length=context, provider=files.provider_name(provider, device),
+            threads=threads or files.default_threads()))
+        files.copy_tokenizer(model_dir, tmp)
+        files.write_json(tmp / files.MANIFEST, files.manifest(
+            args, precision=precision, io_dtype=np.dtype(io_dtype).name, lora=lora, context_length=context,
+            block_size=block_size if precision == "int4" else None, source=str(model_dir)))
+    return Path(output)

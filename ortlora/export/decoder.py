@@ -1,0 +1,235 @@
+"""The common decoder graph: every supported architecture is this graph with the knobs of its `Arch`.
+
+Per layer (llama; gemma2 adds the norms marked *):
+
+    h ─SkipSimplifiedLayerNorm(residual)─> x ─q,k,v─> [q/k norm] ─GroupQueryAttention(rotary, KV cache)─> o_proj
+      ─[*post_attention_norm]─ SkipSimplifiedLayerNorm(residual) ─> gate,up ─act(gate)·up─> down ─[*post_ff_norm]─> h
+
+Each linear layer named in `lora_modules` also gets the float LoRA term `(x·A)·B` from two graph inputs whose
+defaults have rank 0, so the model without adapter inputs is the base model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ortlora import naming
+from ortlora.checkpoint import Checkpoint
+from ortlora.config import ModelArgs
+from ortlora.export import rope
+from ortlora.export.arch.base import Arch, Linear
+from ortlora.export.graph import MS_DOMAIN, ONNX_FLOAT, GraphBuilder
+from ortlora.export.int4 import quantize_4bits
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class DecoderBuilder:
+    def __init__(self, g: GraphBuilder, args: ModelArgs, arch: Arch, ckpt: Checkpoint, *, io_dtype=np.float32,
+                 int4_block_size: int | None = None, lora_modules: dict[str, tuple[int, int]] | None = None,
+                 context_length: int, accuracy_level: int = 4, on_layer: Callable[[int], None] | None = None):
+        self.g, self.args, self.arch, self.ckpt = g, args, arch, ckpt
+        self.dtype = np.dtype(io_dtype)
+        self.onnx_type = ONNX_FLOAT[self.dtype]
+        self.block_size = int4_block_size
+        self.lora_modules = lora_modules or {}
+        self.context_length = context_length
+        self.accuracy_level = accuracy_level
+        self.on_layer = on_layer or (lambda i: None)
+
+    # -- whole graph --------------------------------------------------------------------------------------
+    def build(self) -> None:
+        g, a = self.g, self.args
+        ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        # transformers' meaning: logits for the last k positions, 0 = all. Defaults to 0 (what genai expects).
+        keep = g.input("num_logits_to_keep", TensorProto.INT64, [], default=np.array(0, dtype=np.int64))
+        self.seqlens_k, self.total_len = self.attention_lengths(mask)
+        cos, sin = rope.caches(a, self.context_length, self.dtype)
+        self.cos, self.sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+
+        h = self.embed(ids)
+        residual = None
+        self.presents: list = []
+        for i in range(a.num_hidden_layers):
+            h, residual = self.layer(i, h, residual)
+            self.on_layer(i)
+        x, _ = self.norm("model.norm", h, residual)
+        self.lm_head(x, keep)
+        g.outputs += self.presents  # logits first, then present.N.key/value
+
+    def attention_lengths(self, mask: str) -> tuple[str, str]:
+        """GroupQueryAttention's per-row `seqlens_k` (length - 1) and the scalar total length, from the mask.
+
+            attention_mask ─ReduceSum(axis 1)─Sub(1)─Cast(int32)─> seqlens_k [batch]
+                  └─Shape─Gather(1)─Cast(int32)─> total_sequence_length []
+        """
+        g = self.g
+        summed = g.op("ReduceSum", [mask, g.const([1])], "attn_mask/sum", keepdims=0)
+        seqlens = g.op("Cast", [g.op("Sub", [summed, g.const(1)], "attn_mask/sub")], "attn_mask/seqlens_k",
+                       to=TensorProto.INT32)
+        width = g.op("Gather", [g.op("Shape", [mask], "attn_mask/shape"), g.const(1)], "attn_mask/width", axis=0)
+        total = g.op("Cast", [width], "attn_mask/total_len", to=TensorProto.INT32)
+        return seqlens, total
+
+    def embed(self, ids: str) -> str:
+        g, a = self.g, self.args
+        self.embed_weight = g.weight("model.embed_tokens.weight", self.tensor("model.embed_tokens.weight"))
+        h = g.op("Gather", [self.embed_weight, ids], "model.embed_tokens", axis=0)
+        if self.arch.scale_embeddings:
+            h = g.op("Mul", [h, g.const(np.sqrt(a.hidden_size), self.dtype)], "model.embed_tokens/scale")
+        return h
+
+    def layer(self, i: int, h: str, residual: str | None) -> tuple[str, str]:
+        p = f"model.layers.{i}"
+        x, residual = self.norm(f"{p}.input_layernorm", h, residual)
+        attn = self.attention(i, x)
+        if self.arch.sandwich_norm:
+            attn, _ = self.norm(f"{p}.post_attention_layernorm", attn, None)
+            x, residual = self.norm(f"{p}.pre_feedforward_layernorm", attn, residual)
+        else:
+            x, residual = self.norm(f"{p}.post_attention_layernorm", attn, residual)
+        out = self.mlp(i, x)
+        if self.arch.sandwich_norm:
+            out, _ = self.norm(f"{p}.post_feedforward_layernorm", out, None)
+        return out, residual
+
+    # -- blocks ---------------------------------------------------------------------------------------------
+    def norm(self, module: str, x: str, residual: str | None) -> tuple[str, str]:
+        """RMSNorm of `x + residual`; returns (normed, the sum as the next residual).
+
+            x ──┐
+                SkipSimplifiedLayerNormalization(w) ──> normed
+            residual ┘                          └────> x + residual
+        """
+        g = self.g
+        w = g.weight(f"{module}.weight", self.tensor(f"{module}.weight") + np.float32(self.arch.norm_offset))
+        eps = float(self.args.rms_norm_eps)
+        if residual is None:
+            return g.op("SimplifiedLayerNormalization", [x, w], module, axis=-1, epsilon=eps,
+                        stash_type=1), x
+        name = g.unique(module)
+        out, total = f"{name}/out", f"{name}/sum"
+        g.op("SkipSimplifiedLayerNormalization", [x, residual, w], name, outputs=[out, "", "", total],
+             domain=MS_DOMAIN, epsilon=eps)
+        return out, total
+
+    def attention(self, i: int, x: str) -> str:
+        """    x ─q,k,v linears─> [RMSNorm per head of q, k] ─GroupQueryAttention─> o_proj ─> out
+                                  past_key_values.i.* ─┘        └─> present.i.*
+        """
+        g, a, arch = self.g, self.args, self.arch
+        p = f"model.layers.{i}"
+        parts = self.linears(p, x, arch.attention_linears(a), bias=arch.qkv_bias(a))
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        if arch.qk_norm:
+            q = self.head_norm(f"{p}.self_attn.q_norm", q)
+            k = self.head_norm(f"{p}.self_attn.k_norm", k)
+        kv_shape = ["batch_size", a.num_key_value_heads, "past_sequence_length", a.head_dim]
+        past_k = g.input(f"past_key_values.{i}.key", self.onnx_type, kv_shape)
+        past_v = g.input(f"past_key_values.{i}.value", self.onnx_type, kv_shape)
+        present = [f"present.{i}.key", f"present.{i}.value"]
+        out = g.op(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, self.cos, self.sin],
+            f"{p}.self_attn", outputs=[g.unique(f"{p}.self_attn/out"), *present], domain=MS_DOMAIN,
+            num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads, scale=arch.attention_scale(a),
+            softcap=arch.attention_softcap(a), local_window_size=arch.local_window(a, i), do_rotary=1,
+            rotary_interleaved=0,
+        )[0]
+        shape = ["batch_size", a.num_key_value_heads, "total_sequence_length", a.head_dim]
+        self.presents += [helper.make_tensor_value_info(name, self.onnx_type, shape) for name in present]
+        return self.linear(f"{p}.self_attn.o_proj", out, bias=False)
+
+    def head_norm(self, module: str, x: str) -> str:
+        """RMSNorm over each head: [B, S, heads * D] ─Reshape─> [B, S, heads, D] ─RMSNorm─Reshape─> [B, S, heads * D]"""
+        g = self.g
+        w = g.weight(f"{module}.weight", self.tensor(f"{module}.weight") + np.float32(self.arch.norm_offset))
+        heads = g.op("Reshape", [x, g.const([0, 0, -1, self.args.head_dim])], f"{module}/split_heads")
+        normed = g.op("SimplifiedLayerNormalization", [heads, w], module, axis=-1,
+                      epsilon=float(self.args.rms_norm_eps), stash_type=1)
+        return g.op("Reshape", [normed, g.const([0, 0, -1])], f"{module}/merge_heads")
+
+    def mlp(self, i: int, x: str) -> str:
+        """x ─gate, up─> act(gate) · up ─down_proj─> out"""
+        g, p = self.g, f"model.layers.{i}"
+        parts = self.linears(p, x, self.arch.mlp_linears(self.args), bias=self.args.mlp_bias)
+        gate, up = parts["gate"], parts["up"]
+        if self.args.activation == "silu":
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp/sigmoid")], f"{p}.mlp/silu")
+        else:  # gelu with tanh approximation
+            act = g.op("FastGelu", [gate], f"{p}.mlp/gelu", domain=MS_DOMAIN)
+        return self.linear(f"{p}.mlp.down_proj", g.op("Mul", [act, up], f"{p}.mlp/gated"), bias=self.args.mlp_bias)
+
+    def linears(self, prefix: str, x: str, linears: list[Linear], bias: bool) -> dict[str, str]:
+        """Run each projection and split fused outputs (phi3's qkv_proj, gate_up_proj) into named parts."""
+        out: dict[str, str] = {}
+        for lin in linears:
+            module = f"{prefix}.{lin.module}"
+            y = self.linear(module, x, bias=bias and lin.module.startswith("self_attn"))
+            if len(lin.splits) == 1:
+                out[lin.splits[0]] = y
+            else:
+                sizes = [self.split_size(s) for s in lin.splits]
+                parts = self.g.op("Split", [y, self.g.const(sizes)], f"{module}/split", axis=-1,
+                                  outputs=len(sizes))
+                out.update(zip(lin.splits, parts))
+        return out
+
+    def split_size(self, part: str) -> int:
+        a = self.args
+        return {"q": a.num_attention_heads * a.head_dim, "k": a.num_key_value_heads * a.head_dim,
+                "v": a.num_key_value_heads * a.head_dim, "gate": a.intermediate_size, "up": a.intermediate_size}[part]
+
+    def linear(self, module: str, x: str, bias: bool) -> str:
+        """y = x·W (+ b) (+ (x·A)·B when `module` is a LoRA target).
+
+            x ─MatMul(W) or MatMulNBits(W int4)─ [Add(b)] ───────┐
+            └─MatMul(<module>.lora_A.weight)─MatMul(<module>.lora_B.weight)─ Add ──> y
+        """
+        g = self.g
+        n, k = self.ckpt.shape(f"{module}.weight")
+        y = self.matmul(module, x, self.tensor(f"{module}.weight"))
+        if bias:
+            y = g.op("Add", [y, g.weight(f"{module}.bias", self.tensor(f"{module}.bias"))], f"{module}/bias")
+        if module in self.lora_modules:
+            a_name, b_name = naming.lora_input_names(module)
+            lora_type = self.onnx_type
+            g.input(a_name, lora_type, [k, "lora_r"], default=np.zeros((k, 0), self.dtype))
+            g.input(b_name, lora_type, ["lora_r", n], default=np.zeros((0, n), self.dtype))
+            xa = g.op("MatMul", [x, a_name], f"{module}/lora_A")
+            y = g.op("Add", [y, g.op("MatMul", [xa, b_name], f"{module}/lora_B")], f"{module}/lora_add")
+        return y
+
+    def lm_head(self, x: str, keep: str) -> None:
+        """    x ─Slice(last `num_logits_to_keep` positions; 0 = all)─> MatMul(lm_head) ─[tanh softcap]─> logits"""
+        g, a = self.g, self.args
+        start = g.op("Unsqueeze", [g.op("Neg", [keep], "lm_head/neg_keep"), g.const([0])], "lm_head/start")
+        x = g.op("Slice", [x, start, g.const([INT64_MAX]), g.const([1])], "lm_head/keep")
+        name = "lm_head.weight" if "lm_head.weight" in self.ckpt and not a.tie_word_embeddings else "model.embed_tokens.weight"
+        logits = self.matmul("lm_head", x, self.tensor(name))
+        cap = self.arch.final_softcap(a)
+        if cap:
+            c = g.const(cap, self.dtype)
+            scaled = g.op("Tanh", [g.op("Div", [logits, c], "lm_head/softcap_div")], "lm_head/softcap_tanh")
+            logits = g.op("Mul", [scaled, c], "lm_head/softcap")
+        g.output(logits, "logits", self.onnx_type, ["batch_size", "logits_length", a.vocab_size])
+
+    def matmul(self, module: str, x: str, w: np.ndarray) -> str:
+        """x·Wᵀ for a Hugging Face weight `w` [out, in]: MatMul on [in, out], or MatMulNBits when int4."""
+        g = self.g
+        n, k = w.shape
+        if not self.block_size:
+            return g.op("MatMul", [x, g.weight(f"{module}.MatMul.weight", w.T)], f"{module}/MatMul")
+        packed, scales, zeros = quantize_4bits(w.T, self.block_size)
+        ins = [x, g.weight(f"{module}.MatMulNBits.qweight", packed),
+               g.weight(f"{module}.MatMulNBits.scales", scales.astype(self.dtype))]
+        if zeros is not None:
+            ins.append(g.weight(f"{module}.MatMulNBits.qzeros", zeros))
+        return g.op("MatMulNBits", ins, f"{module}/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,
+                    block_size=self.block_size, accuracy_level=self.accuracy_level)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self.ckpt.get(name).astype(self.dtype, copy=False)
