@@ -59,8 +59,8 @@ def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Seq
         hits = [m for m in linears if re.fullmatch(rf"(.*\.)?{re.escape(name)}", m)]
         if not hits:
             suffixes = sorted({m.rsplit(".", 1)[-1] for m in linears})
-            problems.append(f"--lora-targets {name}: no linear layer of the model is called that "
-                            f"(choose from {', '.join(suffixes)})")
+            problems.append(f"--lora-targets: no linear layer of the model is called {name} "
+                            f"(choose from {', '.join(suffixes)}, or all-linear)")
         chosen.update(hits)
     for path in adapter_paths:
         adapter = read_peft(path)

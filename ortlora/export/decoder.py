@@ -106,7 +106,7 @@ class DecoderBuilder:
             residual ┘                          └────> x + residual
         """
         g = self.g
-        w = g.weight(f"{module}.weight", self.tensor(f"{module}.weight") + np.float32(self.arch.norm_offset))
+        w = g.weight(f"{module}.weight", self.norm_weight(module))
         eps = float(self.args.rms_norm_eps)
         if residual is None:
             return g.op("SimplifiedLayerNormalization", [x, w], module, axis=-1, epsilon=eps,
@@ -146,7 +146,7 @@ class DecoderBuilder:
     def head_norm(self, module: str, x: str) -> str:
         """RMSNorm over each head: [B, S, heads * D] ─Reshape─> [B, S, heads, D] ─RMSNorm─Reshape─> [B, S, heads * D]"""
         g = self.g
-        w = g.weight(f"{module}.weight", self.tensor(f"{module}.weight") + np.float32(self.arch.norm_offset))
+        w = g.weight(f"{module}.weight", self.norm_weight(module))
         heads = g.op("Reshape", [x, g.const([0, 0, -1, self.args.head_dim])], f"{module}/split_heads")
         normed = g.op("SimplifiedLayerNormalization", [heads, w], module, axis=-1,
                       epsilon=float(self.args.rms_norm_eps), stash_type=1)
@@ -230,6 +230,10 @@ class DecoderBuilder:
             ins.append(g.weight(f"{module}.MatMulNBits.qzeros", zeros))
         return g.op("MatMulNBits", ins, f"{module}/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,
                     block_size=self.block_size, accuracy_level=self.accuracy_level)
+
+    def norm_weight(self, module: str) -> np.ndarray:
+        w = self.ckpt.get(f"{module}.weight").astype(np.float32) + np.float32(self.arch.norm_offset)
+        return w.astype(self.dtype)
 
     def tensor(self, name: str) -> np.ndarray:
         return self.ckpt.get(name).astype(self.dtype, copy=False)
