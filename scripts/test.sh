@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs what the tests need (first run only) and runs the test suite.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$root/scripts/setup.sh"
+cd "$root"
+exec python -m pytest -q "$@"
