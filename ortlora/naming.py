@@ -24,8 +24,11 @@ _PEFT_KEY = re.compile(
     r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
 _INPUT = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
-# onnxruntime-genai's model builder spells attention `attn` and inserts `.MatMul`; map to Hugging Face paths.
-_GENAI_SPELLING = [(re.compile(r"\.attn\."), ".self_attn."), (re.compile(r"\.(lora_[AB])\.MatMul\.weight$"), r".\1.weight")]
+# onnxruntime-genai's model builder names a LoRA MatMul's weight after its node,
+# `/model/layers.{i}/attn/q_proj/lora_A/MatMul` -> `model.layers.{i}.attn.q_proj.lora_A.MatMul.weight` (mlp: `mlp`,
+# as in HF); Olive's ExtractAdapters pass over such a model drops the `.MatMul`. Map both to Hugging Face paths.
+_GENAI_SPELLING = [(re.compile(r"^((?:base_model\.model\.)?model\.layers\.\d+)\.attn\."), r"\1.self_attn."),
+                   (re.compile(r"\.(lora_[AB])\.MatMul\.weight$"), r".\1.weight")]
 
 
 def lora_input_names(module: str) -> tuple[str, str]:

@@ -202,8 +202,10 @@ def _parameter(r: _Reader, pos: int, k: int) -> tuple[str, np.ndarray]:
     code = r.scalar(f_type, "<i", f"data type of {name!r}")
     dtype = _DTYPES.get(code)
     if dtype is None:
+        hint = (" (an int4-quantized adapter, e.g. from `olive convert-adapters --quantize_int4`, is not supported: "
+                "convert it without quantization)") if ".quant." in name else ""
         raise _Malformed(f"parameter {name!r} has data type {_ONNX_NAMES.get(code, code)}; LoRA parameters must be "
-                         "float32 or float16")
+                         f"float32 or float16{hint}")
     if f_data is None:
         nbytes, bstart = 0, 0
     else:

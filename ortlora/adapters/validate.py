@@ -21,12 +21,12 @@ Dim = int | str | None
 
 @dataclass(frozen=True)
 class LoraInput:
-    name: str
+    name: str  # the graph input's own name (what to feed); dict keys are ortlora's spelling of it
     dtype: np.dtype
     shape: tuple[Dim, ...]  # e.g. (64, "lora_r") for A, ("lora_r", 128) for B
 
 
-def _model_proto(model):
+def load_model_proto(model):
     import onnx
 
     if isinstance(model, onnx.ModelProto):
@@ -49,15 +49,15 @@ def model_lora_inputs(model) -> dict[str, LoraInput]:
     """
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    proto = _model_proto(model)
+    proto = load_model_proto(model)
     out = {}
     for vi in proto.graph.input:
-        name = naming.from_genai_spelling(vi.name)
-        if naming.parse_input_name(name) is None:
+        key = naming.from_genai_spelling(vi.name)
+        if naming.parse_input_name(key) is None:
             continue
         tt = vi.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        out[name] = LoraInput(name, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
+        out[key] = LoraInput(vi.name, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
     return out
 
 
@@ -106,16 +106,26 @@ def check_adapter(params: Mapping[str, np.ndarray], lora_inputs: Mapping[str, Lo
                 problems.append(f"mis-shaped: {module} has rank {ra} in lora_A {list(shapes[naming.LORA_A])} but "
                                 f"{rb} in lora_B {list(shapes[naming.LORA_B])}")
     if problems:
+        hint = ""
+        if any(p.startswith("extra:") for p in problems) and lora_inputs:
+            targets = sorted({naming.target_name(naming.parse_input_name(k)[0]) for k in lora_inputs})
+            hint = (f"\n(the model's LoRA targets are {', '.join(targets)}, e.g. input {next(iter(lora_inputs))}; an "
+                    "adapter for another base model or other target modules needs a model exported with it: "
+                    "`ortlora export --adapter_path ...`)")
         raise AdapterError(f"{source} does not fit the model ({len(problems)} problem"
-                           f"{'s' if len(problems) != 1 else ''}):\n  " + "\n  ".join(problems))
+                           f"{'s' if len(problems) != 1 else ''}):\n  " + "\n  ".join(problems) + hint)
 
 
-def fit_to_model(params: Mapping[str, np.ndarray], lora_inputs: Mapping[str, LoraInput], source: str,
-                 *, allow_cast: bool = True) -> dict[str, np.ndarray]:
-    """`check_adapter`, then the arrays cast to the model's input dtypes (zero-copy where they already match)."""
+def model_feeds(params: Mapping[str, np.ndarray], lora_inputs: Mapping[str, LoraInput], source: str,
+                *, allow_cast: bool = True) -> dict[str, np.ndarray]:
+    """`check_adapter`, then the arrays keyed by the model's own input names and cast to its input dtypes
+    (zero-copy where the dtype already matches): ready for `InferenceSession.run`."""
     check_adapter(params, lora_inputs, source, allow_cast=allow_cast)
-    return {name: arr if arr.dtype == lora_inputs[name].dtype else arr.astype(lora_inputs[name].dtype)
-            for name, arr in params.items()}
+    out = {}
+    for name, arr in params.items():
+        want = lora_inputs[name]
+        out[want.name] = arr if arr.dtype == want.dtype else arr.astype(want.dtype)
+    return out
 
 
 def _fmt(shape: tuple[Dim, ...]) -> str:
