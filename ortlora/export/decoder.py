@@ -204,12 +204,18 @@ class DecoderBuilder:
         return y
 
     def lm_head(self, x: str, keep: str) -> None:
-        """    x ─Slice(last `num_logits_to_keep` positions; 0 = all)─> MatMul(lm_head) ─[tanh softcap]─> logits"""
+        """    x ─Slice(last `num_logits_to_keep` positions; 0 = all)─> MatMul(lm_head) ─[tanh softcap]─> logits
+
+        Tied embeddings (fp32/fp16) reuse `model.embed_tokens.weight` through FusedMatMul(transB=1).
+        """
         g, a = self.g, self.args
         start = g.op("Unsqueeze", [g.op("Neg", [keep], "lm_head/neg_keep"), g.const([0])], "lm_head/start")
         x = g.op("Slice", [x, start, g.const([INT64_MAX]), g.const([1])], "lm_head/keep")
-        name = "lm_head.weight" if "lm_head.weight" in self.ckpt and not a.tie_word_embeddings else "model.embed_tokens.weight"
-        logits = self.matmul("lm_head", x, self.tensor(name))
+        tied = a.tie_word_embeddings or "lm_head.weight" not in self.ckpt
+        if tied and not self.block_size:  # share the embedding [vocab, hidden] instead of storing its transpose
+            logits = g.op("FusedMatMul", [x, self.embed_weight], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
+        else:
+            logits = self.matmul("lm_head", x, self.tensor("model.embed_tokens.weight" if tied else "lm_head.weight"))
         cap = self.arch.final_softcap(a)
         if cap:
             c = g.const(cap, self.dtype)
