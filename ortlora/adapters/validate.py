@@ -23,7 +23,7 @@ Dim = int | str | None
 class LoraInput:
     name: str  # the graph input's own name (what to feed); dict keys are ortlora's spelling of it
     dtype: np.dtype
-    shape: tuple[Dim, ...]  # e.g. (64, "lora_r") for A, ("lora_r", 128) for B
+    shape: tuple[Dim, ...]  # e.g. (64, "<module>.lora_r") for A, ("<module>.lora_r", 128) for B
 
 
 def load_model_proto(model):

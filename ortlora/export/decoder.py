@@ -197,8 +197,11 @@ class DecoderBuilder:
         if module in self.lora_modules:
             a_name, b_name = naming.lora_input_names(module)
             lora_type = self.onnx_type
-            g.input(a_name, lora_type, [k, "lora_r"], default=np.zeros((k, 0), self.dtype))
-            g.input(b_name, lora_type, ["lora_r", n], default=np.zeros((0, n), self.dtype))
+            # One rank symbol per module: a shared `lora_r` tells onnxruntime's memory planner that all ranks are
+            # equal, and a subset adapter (others at rank 0) or rank_pattern then fails with "re-use buffer".
+            r = f"{module}.lora_r"
+            g.input(a_name, lora_type, [k, r], default=np.zeros((k, 0), self.dtype))
+            g.input(b_name, lora_type, [r, n], default=np.zeros((0, n), self.dtype))
             xa = g.op("MatMul", [x, a_name], f"{module}/lora_A")
             y = g.op("Add", [y, g.op("MatMul", [xa, b_name], f"{module}/lora_B")], f"{module}/lora_add")
         return y
