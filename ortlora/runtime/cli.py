@@ -1,0 +1,134 @@
+"""`ortlora generate`: the onnxruntime-genai LoRA tutorial's app as a command.
+
+    ortlora generate -m out -a a1.onnx_adapter a2.onnx_adapter -t "<|user|>{input}<|end|><|assistant|>" -p "Hi"
+
+prints `[a1]: <streamed text>` then `[a2]: ...` (or `[Base]: ...` without adapters). Greedy unless a temperature
+above 0 is given; `--chat` starts an interactive multi-turn session (one conversation per adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+BASE = "Base"
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="exported model folder")
+    p.add_argument("-a", "--adapters", nargs="+", default=[], metavar="FILE",
+                   help=".onnx_adapter files; the output of each is printed in turn")
+    p.add_argument("-t", "--template", default=None,
+                   help="prompt template with {system} and {input} (default: the model's chat template, if any)")
+    p.add_argument("-s", "--system", default=None, help="system prompt")
+    p.add_argument("-p", "--prompt", default=None, help="user prompt (required unless --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="above 0 samples; 0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens (benchmarks)")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn session")
+    p.add_argument("--threads", type=int, default=None, help="default: genai_config.json's, else every core")
+
+
+def main(args: argparse.Namespace) -> None:
+    generate(args.model, adapters=args.adapters, template=args.template, system=args.system, prompt=args.prompt,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+             seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, chat=args.chat, threads=args.threads)
+
+
+def adapter_names(paths: Sequence[str | Path]) -> list[str]:
+    """`a1.onnx_adapter` -> `a1`; repeated stems get `-2`, `-3`, ..."""
+    names: list[str] = []
+    for path in paths:
+        stem = Path(path).name.removesuffix(".onnx_adapter")
+        name, n = stem, 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.append(name)
+    return names
+
+
+def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template: str | None = None,
+             system: str | None = None, prompt: str | None = None, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             stop: Sequence[str] = (), ignore_eos: bool = False, chat: bool = False, threads: int | None = None,
+             out: TextIO | None = None, read: Callable[[str], str] | None = None) -> dict[str, str]:
+    """Run the app; returns {adapter name or "Base": text} of the last turn."""
+    from ortlora.errors import OrtloraError
+    from ortlora.runtime.model import Model
+    from ortlora.runtime.sampling import SamplingParams
+
+    out = out or sys.stdout
+    if prompt is None and not chat:
+        raise OrtloraError("give a prompt with -p (or start an interactive session with --chat)")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=max(temperature, 0.0),
+                            top_p=top_p if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 0,
+                            seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    m = Model(model, slots=1, threads=threads)
+    names = adapter_names(adapters)
+    for name, path in zip(names, adapters):
+        m.adapters.load(path, name=name)
+    conversations = {name: Conversation(m, template, system) for name in (names or [BASE])}
+
+    def turn(user: str) -> dict[str, str]:
+        texts = {}
+        for name, conv in conversations.items():
+            out.write(f"[{name}]: ")
+            out.flush()
+            pieces = []
+            for chunk in m.stream(conv.prompt(user), adapter=None if name == BASE else name, params=params):
+                pieces.append(chunk.text)
+                out.write(chunk.text)
+                out.flush()
+            out.write("\n")
+            texts[name] = "".join(pieces)
+            conv.reply(texts[name])
+        return texts
+
+    texts = turn(prompt) if prompt is not None else {}
+    if not chat:
+        return texts
+    read = read or input
+    while True:
+        try:
+            user = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if user.strip() in ("", "exit", "quit"):
+            break
+        texts = turn(user)
+    return texts
+
+
+class Conversation:
+    """The prompt of each turn: the chat template over the message history, or the {system}/{input} template
+    appended to the transcript so far."""
+
+    def __init__(self, model, template: str | None, system: str | None):
+        self.model, self.template, self.system = model, template, system
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.transcript = ""
+        self.use_chat_template = template is None and model.tokenizer.chat_template is not None
+
+    def prompt(self, user: str) -> str | list[int]:
+        if self.use_chat_template:
+            self.messages.append({"role": "user", "content": user})
+            return self.model.encode(messages=self.messages)
+        if self.template is None:
+            turn = user if not self.system or self.transcript else f"{self.system}\n{user}"
+        else:
+            turn = self.template.replace("{system}", self.system or "").replace("{input}", user)
+        self.transcript += turn
+        return self.transcript
+
+    def reply(self, text: str) -> None:
+        if self.use_chat_template:
+            self.messages.append({"role": "assistant", "content": text})
+        else:
+            self.transcript += text

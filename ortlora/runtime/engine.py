@@ -1,0 +1,307 @@
+"""The step-level engine: one onnxruntime session, a static KV cache, `prefill(rows)` and `decode(rows)`.
+
+The KV cache is one buffer per layer and kind, [slots, kv_heads, max_len, head_dim], bound through IOBinding as
+both `past_key_values.N.*` and `present.N.*`: GroupQueryAttention sees equal pointers and writes each new token in
+place, so nothing is copied between steps. A row of a batch is (slot, new tokens, adapter); a slot's cached length
+is `lengths[slot]` and its attention-mask prefix of ones. A decode step binds slots [0, hi) with hi = 1 + the
+highest slot that decodes; a slot in that range that does not decode gets a dummy token written at its first free
+position (its length + 1), which is scratch space the slot's next real token overwrites.
+
+Adapters are ordinary graph inputs (onnxruntime 1.32's `run_with_iobinding` ignores RunOptions' active adapters).
+A batch whose rows all use one adapter (or none) runs the exported graph with that adapter's tensors bound; a batch
+that mixes adapters runs the mixed-adapter graph (see multi_lora.py), built the first time it is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ortlora.adapters.validate import model_lora_inputs
+from ortlora.errors import ModelError, OrtloraError
+from ortlora.runtime import multi_lora
+from ortlora.runtime.adapter_store import Adapter
+
+KEEP = "num_logits_to_keep"
+PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs from `genai_config.json` (onnxruntime-genai's layout, written by export)."""
+    folder: Path
+    filename: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    threads: int | None
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "ModelInfo":
+        folder = Path(folder)
+        path = folder / "genai_config.json"
+        if not folder.is_dir():
+            raise ModelError(f"{folder}: no such model folder (export one with `ortlora export`)")
+        if not path.is_file():
+            raise ModelError(f"{folder} has no genai_config.json: not an exported model folder")
+        try:
+            model = json.loads(path.read_text())["model"]
+            dec = model["decoder"]
+            eos = model.get("eos_token_id", [])
+            ins, outs = dec.get("inputs", {}), dec.get("outputs", {})
+            info = cls(
+                folder=folder, filename=dec.get("filename", "model.onnx"), num_layers=int(dec["num_hidden_layers"]),
+                kv_heads=int(dec["num_key_value_heads"]), head_dim=int(dec["head_size"]),
+                vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
+                eos_ids=tuple([eos] if isinstance(eos, int) else eos), pad_id=int(model.get("pad_token_id", 0)),
+                threads=dec.get("session_options", {}).get("intra_op_num_threads"),
+                past_key=ins.get("past_key_names", cls.past_key), past_value=ins.get("past_value_names", cls.past_value),
+                present_key=outs.get("present_key_names", cls.present_key),
+                present_value=outs.get("present_value_names", cls.present_value),
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path} is not a valid genai_config.json: {type(exc).__name__}: {exc}") from None
+        if not (folder / info.filename).is_file():
+            raise ModelError(f"{folder} has no {info.filename} (named in genai_config.json)")
+        return info
+
+    def kv_names(self) -> list[tuple[str, str]]:
+        """(past input, present output) pairs, keys then values per layer."""
+        return [(pat_in % i, pat_out % i) for i in range(self.num_layers)
+                for pat_in, pat_out in ((self.past_key, self.present_key), (self.past_value, self.present_value))]
+
+
+@dataclass
+class Row:
+    slot: int
+    tokens: Sequence[int]
+    adapter: Adapter | None = None
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def _value(arr: np.ndarray) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(arr)
+
+
+class _Graph:
+    """One session and the IOBindings it keeps per bound slot range (KV and logits stay bound between calls)."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.inputs = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
+        self.bindings: dict[tuple[int, int, bool], tuple[ort.IOBinding, dict]] = {}
+
+
+class Engine:
+    def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None):
+        self.info = ModelInfo.read(folder)
+        self.folder = self.info.folder
+        if slots < 1:
+            raise OrtloraError(f"slots must be at least 1, got {slots}")
+        self.slots = slots
+        self.max_len = min(max_len or self.info.context_length, self.info.context_length)
+        self.threads = threads or self.info.threads
+        self.model_path = self.folder / self.info.filename
+        try:
+            session = ort.InferenceSession(str(self.model_path), session_options(self.threads),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{self.model_path}: onnxruntime cannot load it: {exc}") from None
+        self._single = _Graph(session)
+        self._mixed: _Graph | None = None
+        self.lora_inputs = model_lora_inputs(self.model_path)
+        past = {i.name: i for i in session.get_inputs()}
+        first = self.info.kv_names()[0][0]
+        if first not in past:
+            raise ModelError(f"{self.model_path} has no input {first} (genai_config.json names it)")
+        self.dtype = np.dtype(np.float16 if "float16" in past[first].type else np.float32)
+        self.has_keep = KEEP in self._single.inputs
+        shape = (slots, self.info.kv_heads, self.max_len, self.info.head_dim)
+        self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
+        self.lengths = np.zeros(slots, np.int64)  # cached tokens per slot
+        self._free = list(range(slots))
+        self._empty = {li.name: np.zeros([0 if not isinstance(d, int) else d for d in li.shape], li.dtype)
+                       for li in self.lora_inputs.values()}
+        self._stacks: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+
+    # -- slots ----------------------------------------------------------------------------------------------
+    def acquire_slot(self) -> int:
+        """The lowest free slot (keeps decode batches dense); raises when all are taken."""
+        if not self._free:
+            raise OrtloraError(f"all {self.slots} KV cache slots are in use")
+        self._free.sort()
+        slot = self._free.pop(0)
+        self.lengths[slot] = 0
+        return slot
+
+    def release_slot(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        if slot not in self._free:
+            self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first `length` cached tokens of `slot` (a conversation's shared prefix)."""
+        self.lengths[slot] = min(int(self.lengths[slot]), length)
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def prefill(self, rows: Sequence[Row]) -> np.ndarray:
+        """Append each row's tokens to its slot (one row per run); returns the last position's logits [rows, vocab]."""
+        out = np.empty((len(rows), self.info.vocab_size), np.float32)
+        for i, row in enumerate(rows):
+            tokens = list(row.tokens)
+            if not tokens:
+                raise OrtloraError("a prefill row needs at least one token")
+            start = int(self.lengths[row.slot])
+            if start + len(tokens) > self.max_len:
+                raise OrtloraError(f"slot {row.slot}: {start} cached + {len(tokens)} new tokens exceed the "
+                                   f"context of {self.max_len} tokens")
+            for k in range(0, len(tokens), PREFILL_CHUNK):
+                chunk = tokens[k:k + PREFILL_CHUNK]
+                total = int(self.lengths[row.slot]) + len(chunk)
+                ids = np.asarray([chunk], np.int64)
+                mask = np.ones((1, total), np.int64)
+                logits = self._run(row.slot, row.slot + 1, ids, mask, [row.adapter])
+                self.lengths[row.slot] = total
+            out[i] = logits[0, -1]
+        return out
+
+    def decode(self, rows: Sequence[Row]) -> np.ndarray:
+        """One new token per row, all rows in one run; returns logits [rows, vocab] in the order of `rows`."""
+        if not rows:
+            return np.empty((0, self.info.vocab_size), np.float32)
+        slots = [r.slot for r in rows]
+        if len(set(slots)) != len(slots):
+            raise OrtloraError(f"decode rows share a slot: {slots}")
+        hi = max(slots) + 1
+        ids = np.zeros((hi, 1), np.int64)
+        new_len = np.minimum(self.lengths[:hi] + 1, self.max_len)  # dummy rows: scratch at their first free place
+        adapters: list[Adapter | None] = [None] * hi
+        for r in rows:
+            if len(r.tokens) != 1:
+                raise OrtloraError(f"a decode row takes exactly one token, slot {r.slot} got {len(r.tokens)}")
+            if self.lengths[r.slot] >= self.max_len:
+                raise OrtloraError(f"slot {r.slot} is full: the context holds {self.max_len} tokens")
+            ids[r.slot, 0] = r.tokens[0]
+            adapters[r.slot] = r.adapter
+        mask = (np.arange(int(new_len.max()))[None, :] < new_len[:, None]).astype(np.int64)
+        # a full slot that does not decode loses its last position to the dummy token
+        full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
+        active = {id(r.adapter): r.adapter for r in rows}
+        if len(active) == 1:
+            adapters = [rows[0].adapter] * hi
+        logits = self._run(0, hi, ids, mask, adapters)
+        for s in slots:
+            self.lengths[s] += 1
+        for s in full:
+            self.lengths[s] = self.max_len - 1
+        return logits[slots, -1].astype(np.float32)
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence[Adapter | None]
+             ) -> np.ndarray:
+        distinct = {a.uid: a for a in adapters if a is not None}
+        mixed = len(distinct) > 1 or (len(distinct) == 1 and None in adapters)
+        graph = self._mixed_graph() if mixed else self._single
+        keep = self.has_keep
+        binding, state = self._binding(graph, lo, hi, keep or ids.shape[1] == 1)
+        binding.bind_ortvalue_input("input_ids", _value(ids))
+        binding.bind_ortvalue_input("attention_mask", _value(mask))
+        if mixed:
+            order = sorted(distinct)
+            key = tuple(order)
+            stacks = self._stacks.get(key)
+            if stacks is None:
+                stacks = self._stacks[key] = multi_lora.stack_adapters(
+                    self.lora_inputs, [distinct[u].params for u in order])
+            slot_of = {u: i + 1 for i, u in enumerate(order)}
+            adapter_ids = np.array([slot_of[a.uid] if a is not None else 0 for a in adapters], np.int64)
+            binding.bind_ortvalue_input(multi_lora.ADAPTER_IDS, _value(adapter_ids))
+            self._bind_lora(binding, state, ("mixed", key), stacks)
+        elif self.lora_inputs:
+            adapter = next(iter(distinct.values()), None)
+            params = adapter.params if adapter is not None else {}
+            self._bind_lora(binding, state, ("single", adapter.uid if adapter else 0), params)
+        if "logits" in state:
+            graph.session.run_with_iobinding(binding)
+            return state["logits"]
+        binding.bind_output("logits")
+        graph.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _bind_lora(self, binding: ort.IOBinding, state: dict, key, params: dict[str, np.ndarray]) -> None:
+        if state.get("lora") == key:
+            return
+        values = {name: _value(np.ascontiguousarray(params.get(name, self._empty[name])))
+                  for name in self._empty}
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        state["lora"], state["lora_values"] = key, values
+
+    def _binding(self, graph: _Graph, lo: int, hi: int, last_only: bool) -> tuple[ort.IOBinding, dict]:
+        """The IOBinding for slots [lo, hi): the KV slices bound as past and present (one buffer), and for
+        one-position logits a persistent output buffer."""
+        key = (lo, hi, last_only)
+        if key not in graph.bindings:
+            binding = graph.session.io_binding()
+            state: dict = {"kv": []}
+            for past_name, present_name in self.info.kv_names():
+                value = _value(self.kv[past_name][lo:hi])  # a view: the same memory as the cache
+                binding.bind_ortvalue_input(past_name, value)
+                binding.bind_ortvalue_output(present_name, value)
+                state["kv"].append(value)
+            if self.has_keep:
+                state["keep"] = _value(np.array(1, np.int64))
+                binding.bind_ortvalue_input(KEEP, state["keep"])
+            if last_only:
+                state["logits"] = np.empty((hi - lo, 1, self.info.vocab_size), self.dtype)
+                binding.bind_ortvalue_output("logits", _value(state["logits"]))
+            graph.bindings[key] = (binding, state)
+        return graph.bindings[key]
+
+    def _mixed_graph(self) -> _Graph:
+        if self._mixed is None:
+            if not self.lora_inputs:
+                raise OrtloraError("the model has no LoRA inputs, so a batch cannot mix adapters")
+            proto = multi_lora.mixed_adapter_model(self.model_path, self.lora_inputs)
+            so = session_options(self.threads)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
+            session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            self._mixed = _Graph(session)
+        return self._mixed
+
+    def forget_adapter(self, adapter: Adapter) -> None:
+        """Drop cached slot stacks and bindings that hold `adapter` (the store calls this on unload)."""
+        for key in [k for k in self._stacks if adapter.uid in k]:
+            del self._stacks[key]
+        for graph in (self._single, self._mixed):
+            for _, state in (graph.bindings.values() if graph else ()):
+                lora = state.get("lora")
+                if lora and (lora[1] == adapter.uid or (isinstance(lora[1], tuple) and adapter.uid in lora[1])):
+                    state.pop("lora", None)
+                    state.pop("lora_values", None)

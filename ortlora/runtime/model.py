@@ -1,0 +1,145 @@
+"""`ortlora.Model`: one exported folder, many adapters, streaming generation.
+
+    model = ortlora.Model("out")
+    model.adapters.load("a1.onnx_adapter", name="a1")
+    for chunk in model.stream("Hello", adapter="a1", max_new_tokens=64, temperature=0.7):
+        print(chunk.text, end="")
+    texts = model.generate(["p1", "p2"], adapter=["a1", None])   # one batch, one adapter per row
+    model.adapters.unload("a1")
+"""
+
+from __future__ import annotations
+
+import numbers
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ortlora.errors import OrtloraError
+from ortlora.runtime.adapter_store import AdapterStore
+from ortlora.runtime.engine import Engine
+from ortlora.runtime.generation import Batch, Chunk, Completion, Request, run_to_end
+from ortlora.runtime.sampling import SamplingParams
+from ortlora.runtime.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class Model:
+    def __init__(self, folder: str | Path, *, slots: int = 4, max_len: int | None = None, threads: int | None = None,
+                 adapter_capacity: int | None = None):
+        """`slots`: rows decoded together (KV cache slots); `max_len`: tokens per slot (default: the model's
+        context length; memory is only touched as it fills); `threads`: default genai_config.json's
+        intra_op_num_threads, else every core."""
+        self.folder = Path(folder)
+        self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads)
+        self.tokenizer = Tokenizer(folder)
+        self.adapters = AdapterStore(self.engine.lora_inputs, capacity=adapter_capacity)
+        self.adapters.on_unload(self.engine.forget_adapter)
+        self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)
+        self._lock = threading.RLock()  # the engine runs one step at a time
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
+    # -- prompts ------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kw) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kw)
+
+    def encode(self, prompt: Prompt | None = None, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt: text (special tokens added as the tokenizer defines), ids as given, or chat
+        `messages` rendered with the model's chat template."""
+        if (prompt is None) == (messages is None):
+            raise OrtloraError("give either a prompt or chat messages")
+        if messages is not None:
+            ids = self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise OrtloraError("the prompt is empty (it encodes to no tokens)")
+        if len(ids) >= self.max_len:
+            raise OrtloraError(f"the prompt is {len(ids)} tokens long but the context holds {self.max_len} "
+                               "(prompt + at least one new token); shorten the prompt or raise max_len up to the "
+                               f"model's context_length {self.engine.info.context_length}")
+        bad = [t for t in ids if not 0 <= t < self.engine.info.vocab_size]
+        if bad:
+            raise OrtloraError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.engine.info.vocab_size - 1})")
+        return ids
+
+    def _request(self, prompt, messages, adapter: str | None, params: SamplingParams) -> Request:
+        ids = self.encode(prompt, messages)
+        held = self.adapters.acquire(adapter)
+        return Request(ids, params, self.tokenizer, held, eos_ids=self.eos_ids)
+
+    @staticmethod
+    def _params(params: SamplingParams | None, kwargs: dict) -> SamplingParams:
+        if params is not None and kwargs:
+            raise OrtloraError("pass either params=SamplingParams(...) or sampling keywords, not both")
+        if "stop" in kwargs and isinstance(kwargs["stop"], str):
+            kwargs["stop"] = (kwargs["stop"],)
+        elif "stop" in kwargs:
+            kwargs["stop"] = tuple(kwargs["stop"] or ())
+        try:
+            return params or SamplingParams(**kwargs)
+        except TypeError as exc:
+            raise OrtloraError(f"unknown sampling setting: {exc}") from None
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def stream(self, prompt: Prompt | None = None, adapter: str | None = None, *,
+               messages: list[dict[str, Any]] | None = None, params: SamplingParams | None = None,
+               **sampling) -> Iterator[Chunk]:
+        """Yield the output as it is generated; the last chunk has `finish_reason` set. The adapter is held (an
+        unload waits or fails) until the generator finishes or is closed."""
+        request = self._request(prompt, messages, adapter, self._params(params, sampling))
+        return self._stream(request)
+
+    def _stream(self, request: Request) -> Iterator[Chunk]:
+        batch = Batch(self.engine, self.adapters)
+        batch.add(request)
+        try:
+            while batch:
+                with self._lock:
+                    events = batch.step()
+                for _, chunk in events:
+                    yield chunk
+        finally:
+            with self._lock:
+                batch.cancel(request)
+
+    def complete(self, prompts: Prompt | Sequence[Prompt], adapter: str | None | Sequence[str | None] = None, *,
+                 params: SamplingParams | None = None, **sampling) -> list[Completion]:
+        """Generate for every prompt in one batch (each row with its own adapter); returns one Completion each."""
+        prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise OrtloraError(f"{len(prompts)} prompts but {len(adapters)} adapters: give one adapter (or None) "
+                               "per prompt, or a single name for all")
+        sp = self._params(params, sampling)
+        unknown = sorted({a for a in adapters if a is not None and a not in self.adapters})
+        if unknown:
+            self.adapters.get(unknown[0])  # raises, naming the loaded ones
+        requests = []
+        try:
+            for p, a in zip(prompts, adapters):
+                requests.append(self._request(p, None, a, sp))
+            with self._lock:
+                return run_to_end(Batch(self.engine, self.adapters), requests)
+        finally:
+            for r in requests:  # a failure part-way must not leave adapters held
+                if not r.released:
+                    self.adapters.release(r.adapter)
+                    r.released = True
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], adapter: str | None | Sequence[str | None] = None, *,
+                 params: SamplingParams | None = None, **sampling) -> str | list[str]:
+        """The generated texts: one string for one text prompt, else a list."""
+        results = self.complete(prompts, adapter, params=params, **sampling)
+        single = isinstance(prompts, str) or _is_ids(prompts)
+        return results[0].text if single else [r.text for r in results]
+
+
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, numbers.Integral) for t in prompt)

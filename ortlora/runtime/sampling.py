@@ -1,0 +1,118 @@
+"""Choosing the next token from numpy logits: greedy, temperature, top-k, top-p, min-p, repetition penalty, seed.
+
+Each request owns a `Sampler` (its own `np.random.Generator`), so the same seed gives the same text whatever else
+runs in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ortlora.errors import OrtloraError
+
+_CANDIDATES = 512  # top-p/min-p look at the best few hundred tokens first, the whole vocabulary only if needed
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS is masked out until this many tokens are out
+    stop_token_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            problems.append(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            problems.append("stop strings must not be empty")
+        if problems:
+            raise OrtloraError("invalid sampling settings: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, previous: Sequence[int] = (), banned: Sequence[int] = ()) -> int:
+        """One token id from `logits` [vocab]; `previous` = prompt + generated ids (for the repetition penalty),
+        `banned` = ids that must not come (EOS before min_new_tokens)."""
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float32)
+        if p.repetition_penalty != 1.0 and len(previous):
+            logits = repetition_penalty(logits, previous, p.repetition_penalty)
+        if len(banned):
+            logits = logits.copy()
+            logits[list(banned)] = -np.inf
+        if p.greedy:
+            return int(np.argmax(logits))
+        return self._sample(logits / np.float32(p.temperature))
+
+    def _sample(self, logits: np.ndarray) -> int:
+        idx, probs = self.candidates(logits)
+        return int(idx[self.rng.choice(len(idx), p=probs / probs.sum())])
+
+    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens top-k / top-p / min-p keep, best first, and their probabilities (before renormalizing)."""
+        p = self.params
+        vocab = logits.size
+        k = min(p.top_k or vocab, vocab)
+        weights = np.exp(logits - logits.max(), dtype=np.float64)  # unnormalized probabilities [vocab]
+        if k < vocab:
+            best = np.argpartition(-logits, k - 1)[:k]
+            total = weights[best].sum()
+        else:
+            best, total = None, weights.sum()
+        # the cut of top-p / min-p usually falls within the best few hundred tokens: sort only those
+        n = min(k, _CANDIDATES)
+        idx = np.argpartition(-logits, n - 1)[:n] if n < vocab else np.arange(vocab)
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        probs = weights[idx] / total
+        cut_inside = ((p.top_p < 1.0 and probs.sum() >= p.top_p)
+                      or (p.min_p > 0 and probs[-1] < p.min_p * probs[0]))
+        if n < k and not cut_inside:
+            idx = best if best is not None else np.arange(vocab)
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            probs = weights[idx] / total
+        keep = len(idx)
+        if p.top_p < 1.0:
+            keep = min(keep, int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1)
+        if p.min_p > 0:
+            keep = min(keep, int((probs >= p.min_p * probs[0]).sum()))
+        return idx[:keep], probs[:keep]
+
+
+def repetition_penalty(logits: np.ndarray, previous: Sequence[int], penalty: float) -> np.ndarray:
+    """CTRL / transformers rule: a seen token's logit is divided by `penalty` when positive, multiplied when not."""
+    ids = np.unique(np.asarray(previous, dtype=np.int64))
+    out = logits.copy()
+    seen = out[ids]
+    out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
