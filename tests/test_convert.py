@@ -234,7 +234,8 @@ def test_cli_and_inspect(tiny, llama, tmp_path):
     model, folder = llama
     a, b = tiny.adapter(model, "qv"), tiny.adapter(model, "rslora", **ADAPTERS["rslora"])
     cmd = [sys.executable, "-m", "ortlora.cli", "convert-adapters", "--adapter_path", str(a), "--adapter_path", str(b),
-           "--output_path", str(tmp_path / "out"), "--model", str(folder)]
+           "--output_path", str(tmp_path / "out"), "--model", str(folder),
+           "--adapter_format", "onnx_adapter", "--log_level", "1"]  # Olive's flags, accepted as they are
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -252,6 +253,42 @@ def test_cli_and_inspect(tiny, llama, tmp_path):
     text = inspect(folder)
     assert "architecture" in text and "llama" in text and "down_proj" in text
     assert describe(a)["kind"] == "peft" and describe(a)["ranks"] == {"q_proj": [4], "v_proj": [4]}
+
+
+def test_pytorch_bin_adapter_reads_like_safetensors(tiny, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tiny.model("llama")
+    st = tiny.adapter(model, "qv")
+    binary = tmp_path / "bin"
+    shutil.copytree(st, binary)
+    torch.save(load_file(binary / "adapter_model.safetensors"), binary / "adapter_model.bin")
+    (binary / "adapter_model.safetensors").unlink()
+    want = read_onnx_adapter(convert_adapter(st, tmp_path / "st.onnx_adapter"))
+    got = read_onnx_adapter(convert_adapter(binary, tmp_path / "bin.onnx_adapter"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.onnx_adapter"
+    old = {"m.lora_A.weight": np.ones((4, 1), np.float32), "m.lora_B.weight": np.ones((1, 4), np.float32)}
+    write_onnx_adapter(path, old)
+    before = path.read_bytes()
+
+    def fail(self, file_path):
+        with open(file_path, "wb") as f:
+            f.write(b"TORT half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort.AdapterFormat, "export_adapter", fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_onnx_adapter(path, {k: v * 2 for k, v in old.items()})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.onnx_adapter"]
 
 
 # -- bad input: one clear error each, no output file ------------------------------------------------------------

@@ -33,6 +33,8 @@ _DTYPES = {1: np.dtype(np.float32), 10: np.dtype(np.float16), 11: np.dtype(np.fl
 _ONNX_NAMES = {0: "UNDEFINED", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 8: "STRING",
                9: "BOOL", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64", 15: "COMPLEX128", 16: "BFLOAT16"}
 _MAX_DIMS = 8
+_MAX_BUFFER = 2**31 - 1  # flatbuffers' FLATBUFFERS_MAX_BUFFER_SIZE
+_MAX_TABLES = 1_000_000  # flatbuffers' Verifier default
 
 
 @dataclass(frozen=True)
@@ -109,56 +111,77 @@ class _Malformed(Exception):
 
 
 class _Reader:
-    """Bounds-checked little-endian flatbuffer access over a buffer."""
+    """Bounds- and alignment-checked little-endian flatbuffer access. At least as strict as flatbuffers' Verifier
+    (which onnxruntime runs before it trusts a file), so whatever we accept onnxruntime accepts too."""
 
     def __init__(self, buf):
         self.buf = buf
         self.size = len(buf)
+        if self.size >= _MAX_BUFFER:
+            raise _Malformed(f"it is {self.size} bytes; onnxruntime's adapter format holds under 2 GiB")
 
-    def _unpack(self, fmt: str, pos: int, what: str):
-        n = struct.calcsize(fmt)
-        if pos < 0 or pos + n > self.size:
+    def check(self, pos: int, n: int, what: str, align: int = 1) -> None:
+        if pos < 0 or n >= self.size or pos > self.size - n:
             raise _Malformed(f"{what} at byte {pos} lies outside the {self.size}-byte file")
+        if pos % align:
+            raise _Malformed(f"{what} at byte {pos} is not {align}-byte aligned")
+
+    def scalar(self, pos: int | None, fmt: str, what: str, default=0):
+        if pos is None:
+            return default
+        n = struct.calcsize(fmt)
+        self.check(pos, n, what, align=n)
         return struct.unpack_from(fmt, self.buf, pos)[0]
+
+    def offset(self, pos: int, what: str) -> int:
+        """Follow the uoffset at `pos` (non-zero, positive as a signed 32-bit value, landing inside the file)."""
+        o = self.scalar(pos, "<I", what)
+        if o == 0 or o >= 2**31:
+            raise _Malformed(f"{what} at byte {pos} holds a bad offset {o}")
+        self.check(pos + o, 1, what)
+        return pos + o
 
     def table(self, pos: int, nfields: int, what: str) -> list[int | None]:
         """Absolute positions of a table's fields (None where absent)."""
-        vtable = pos - self._unpack("<i", pos, what)
-        vsize = self._unpack("<H", vtable, f"{what} vtable")
-        tsize = self._unpack("<H", vtable + 2, f"{what} vtable")
+        vtable = pos - self.scalar(pos, "<i", what)
+        vsize = self.scalar(vtable, "<H", f"{what} vtable")
         if vsize < 4 or vsize % 2:
             raise _Malformed(f"{what} vtable has a bad size {vsize}")
-        if pos + tsize > self.size or tsize < 4:
+        self.check(vtable, vsize, f"{what} vtable")
+        tsize = self.scalar(vtable + 2, "<H", f"{what} vtable")
+        if tsize < 4:
             raise _Malformed(f"{what} at byte {pos} has a bad size {tsize}")
-        self._unpack(f"<{vsize}s", vtable, f"{what} vtable")
+        self.check(pos, tsize, what)
         fields: list[int | None] = []
         for i in range(nfields):
-            off = self._unpack("<H", vtable + 4 + 2 * i, f"{what} vtable") if 4 + 2 * i < vsize else 0
-            if off >= tsize and off:
+            off = self.scalar(vtable + 4 + 2 * i, "<H", f"{what} vtable") if 4 + 2 * i < vsize else 0
+            if off and off >= tsize:
                 raise _Malformed(f"{what} field {i} lies outside its table")
             fields.append(pos + off if off else None)
         return fields
 
-    def scalar(self, pos: int | None, fmt: str, what: str, default=0):
-        return default if pos is None else self._unpack(fmt, pos, what)
-
-    def target(self, pos: int, what: str) -> int:
-        return pos + self._unpack("<I", pos, what)
-
     def vector(self, pos: int, elem_size: int, what: str) -> tuple[int, int]:
         """(start of elements, count) of the vector referenced at `pos`, checked to fit the file."""
-        start = self.target(pos, what)
-        count = self._unpack("<I", start, what)
-        if start + 4 + count * elem_size > self.size:
-            raise _Malformed(f"{what} ({count} elements) runs past the end of the file")
+        start = self.offset(pos, what)
+        count = self.scalar(start, "<I", what)
+        if count >= _MAX_BUFFER // elem_size:
+            raise _Malformed(f"{what} claims {count} elements")
+        self.check(start, 4 + count * elem_size, f"{what} ({count} elements)", align=4)
         return start + 4, count
+
+    def string(self, pos: int, what: str) -> bytes:
+        start, n = self.vector(pos, 1, what)
+        self.check(start + n, 1, what)
+        if self.buf[start + n] != 0:
+            raise _Malformed(f"{what} is not NUL-terminated")
+        return bytes(self.buf[start:start + n])
 
 
 def _parse(path: Path, buf) -> AdapterFile:
     r = _Reader(buf)
     if r.size < 8 or bytes(buf[4:8]) != _IDENTIFIER:
         raise _Malformed("the file does not start with an onnxruntime adapter header (identifier TORT)")
-    root = r.target(0, "root table offset")
+    root = r.offset(0, "root table offset")
     f_format, f_adapter, f_model, f_params = r.table(root, 4, "adapter table")
     fmt_version = r.scalar(f_format, "<i", "format_version")
     if fmt_version != FORMAT_VERSION:
@@ -168,9 +191,11 @@ def _parse(path: Path, buf) -> AdapterFile:
     if f_params is None:
         raise _Malformed("it holds no parameter list")
     start, count = r.vector(f_params, 4, "parameter list")
+    if count >= _MAX_TABLES:
+        raise _Malformed(f"it claims {count} parameters")
     params: dict[str, np.ndarray] = {}
     for k in range(count):
-        name, arr = _parameter(r, r.target(start + 4 * k, f"parameter {k}"), k)
+        name, arr = _parameter(r, r.offset(start + 4 * k, f"parameter {k}"), k)
         key = naming.from_genai_spelling(name)
         if key in params:
             raise _Malformed(f"parameter {name!r} appears twice" + (f" (as {key!r})" if key != name else ""))
@@ -184,9 +209,8 @@ def _parameter(r: _Reader, pos: int, k: int) -> tuple[str, np.ndarray]:
     f_name, f_dims, f_type, f_data = r.table(pos, 4, f"parameter {k}")
     if f_name is None:
         raise _Malformed(f"parameter {k} has no name")
-    nstart, nlen = r.vector(f_name, 1, f"name of parameter {k}")
     try:
-        name = bytes(r.buf[nstart:nstart + nlen]).decode("utf-8")
+        name = r.string(f_name, f"name of parameter {k}").decode("utf-8")
     except UnicodeDecodeError:
         raise _Malformed(f"the name of parameter {k} is not UTF-8") from None
     if not name:
@@ -197,8 +221,8 @@ def _parameter(r: _Reader, pos: int, k: int) -> tuple[str, np.ndarray]:
     if ndims > _MAX_DIMS:
         raise _Malformed(f"parameter {name!r} has {ndims} dimensions")
     shape = tuple(struct.unpack_from(f"<{ndims}q", r.buf, dstart))
-    if any(d < 0 for d in shape):
-        raise _Malformed(f"parameter {name!r} has a negative dimension {shape}")
+    if any(d < 0 or d >= 2**31 for d in shape):
+        raise _Malformed(f"parameter {name!r} has an impossible shape {list(shape)}")
     code = r.scalar(f_type, "<i", f"data type of {name!r}")
     dtype = _DTYPES.get(code)
     if dtype is None:
@@ -206,10 +230,9 @@ def _parameter(r: _Reader, pos: int, k: int) -> tuple[str, np.ndarray]:
                 "convert it without quantization)") if ".quant." in name else ""
         raise _Malformed(f"parameter {name!r} has data type {_ONNX_NAMES.get(code, code)}; LoRA parameters must be "
                          f"float32 or float16{hint}")
-    if f_data is None:
-        nbytes, bstart = 0, 0
-    else:
-        bstart, nbytes = r.vector(f_data, 1, f"data of {name!r}")
+    if f_data is None:  # onnxruntime would dereference the missing vector
+        raise _Malformed(f"parameter {name!r} has no data")
+    bstart, nbytes = r.vector(f_data, 1, f"data of {name!r}")
     expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes != expected:
         raise _Malformed(f"parameter {name!r} of shape {list(shape)} {dtype} needs {expected} bytes, "
