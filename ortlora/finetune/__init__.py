@@ -169,9 +169,9 @@ def make_args(config: str | Path | None = None, **kwargs) -> FinetuneArgs:
 
 def _validate(a: FinetuneArgs) -> None:
     p = []
-    for name in ("model_name_or_path", "data_name", "output_path"):
+    for name, flag in (("model_name_or_path", "-m"), ("data_name", "-d"), ("output_path", "-o")):
         if not getattr(a, name):
-            p.append(f"{name} is required")
+            p.append(f"{name} ({flag}) is required")
     for name, value, choices in (("method", a.method, METHODS), ("lr_scheduler_type", a.lr_scheduler_type, SCHEDULERS),
                                  ("torch_dtype", a.torch_dtype, DTYPES), ("device", a.device, DEVICES)):
         if value not in choices:

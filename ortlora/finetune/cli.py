@@ -54,7 +54,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                     "architecture, e.g. q_proj,v_proj for Llama)")
     t = p.add_argument_group("training (transformers TrainingArguments names)")
     for flag, typ, help_ in (
-        ("--learning_rate", float, "default 2e-4"), ("--lr_scheduler_type", str, "constant (default), linear, cosine"),
+        ("--learning_rate", float, "default 2e-4"),
         ("--warmup_ratio", float, "default 0.03"), ("--warmup_steps", int, "overrides warmup_ratio when > 0"),
         ("--weight_decay", float, "AdamW weight decay (default 0)"), ("--max_grad_norm", float, "default 1.0"),
         ("--per_device_train_batch_size", int, "default 8"), ("--per_device_eval_batch_size", int, "default 8"),
@@ -65,6 +65,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         ("--save_total_limit", int, "keep the last N checkpoints (default 3)"),
     ):
         t.add_argument(flag, type=typ, help=help_)
+    t.add_argument("--lr_scheduler_type", choices=["constant", "linear", "cosine"], help="default constant")
     t.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     # Olive flags without meaning here: accepted so Olive command lines run unchanged.
     for flag in ("--use_ort_genai", "--clean"):
@@ -76,12 +77,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 IGNORED = ("use_ort_genai", "clean", "precision", "log_level", "tempdir", "no_progress", "config", "_module", "command")
 
 
+def finetune_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `finetune` for the flags given on the command line (and `config`, `progress`)."""
+    given = vars(args)
+    kwargs = {k: v for k, v in given.items() if k not in IGNORED}
+    return {"config": given.get("config"), "progress": not given.get("no_progress", False), **kwargs}
+
+
 def main(args: argparse.Namespace) -> None:
     from ortlora.finetune import finetune
 
     given = vars(args)
-    kwargs = {k: v for k, v in given.items() if k not in IGNORED}
-    result = finetune(config=given.get("config"), progress=not given.get("no_progress", False), **kwargs)
+    result = finetune(**finetune_kwargs(args))
     m = result.metrics
     summary = f"adapter: {result.output_path}  steps: {m['global_step']}  train loss: {m['train_loss']:.4f}"
     if "eval_loss" in m:

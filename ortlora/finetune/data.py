@@ -110,12 +110,11 @@ def select_split(splits, spec: str, source: str):
         parts = instruction.to_absolute(sizes)
     except (ValueError, AssertionError) as exc:
         raise DataError(f"split {spec!r} of {source}: {exc}") from None
-    pieces = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
-    ds = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
-    if len(ds) == 0:
+    pieces = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts if p.to > p.from_]
+    if not pieces:
         have = ", ".join(f"{k}: {n} rows" for k, n in sizes.items())
         raise DataError(f"split {spec!r} of {source} is empty (the data has {have})")
-    return ds
+    return pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
 
 
 # ---------------------------------------------------------------------------------------------------------- text

@@ -60,6 +60,10 @@ def check_output(out: Path, config: dict, allowed: tuple[str, ...], resume: bool
     resume from (None: start fresh)."""
     ours = (out / RUN_CONFIG).is_file()
     if resume:
+        done = out / TRAINER_STATE
+        if done.is_file() and json.loads(done.read_text()).get("interrupted") is False:
+            raise OrtloraError(f"--resume: the run in {out} has finished (its adapter is written); nothing to "
+                               "resume. Pass --overwrite to train again")
         if isinstance(resume, str):
             ckpt = Path(resume)
             if not (ckpt / "state.json").is_file():

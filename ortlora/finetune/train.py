@@ -8,6 +8,7 @@ optimizer state to continue bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ CAUSAL_SUFFIXES = ("ForCausalLM",)
 
 def _torch():
     try:
+        import datasets  # noqa: F401
         import peft  # noqa: F401
         import torch
         import transformers  # noqa: F401
@@ -203,8 +205,35 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
 
 
 def run(args: FinetuneArgs, progress: bool = True, callbacks: Sequence[Callable[[dict], None]] = ()) -> FinetuneResult:
+    _torch()
+    with _library_bars(progress):
+        return _run(args, progress, callbacks)
+
+
+@contextlib.contextmanager
+def _library_bars(enabled: bool):
+    """Silence datasets' and transformers' own progress bars for a quiet run (restored afterwards)."""
+    import datasets
+    import transformers
+
+    ds_off = datasets.utils.logging.is_progress_bar_enabled() is False
+    tf_on = transformers.utils.logging.is_progress_bar_enabled()
+    if not enabled:
+        datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and not ds_off:
+            datasets.utils.logging.enable_progress_bar()
+        if not enabled and tf_on:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict], None]]) -> FinetuneResult:
     """Every check first (arguments, output folder, QLoRA support, model, tokenizer, data), then training."""
-    torch = _torch()
+    import torch
+
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out = Path(args.output_path)
     record = _normalized(args)
@@ -312,8 +341,8 @@ def run(args: FinetuneArgs, progress: bool = True, callbacks: Sequence[Callable[
             last = files.save_checkpoint(out, step, model, optimizer, scaler, snapshot(), args.save_total_limit)
         files.write_json(out / files.TRAINER_STATE, {**snapshot(), "interrupted": True})
         last = last or (files.checkpoints(out)[-1][1] if files.checkpoints(out) else None)
-        say(f"interrupted at step {step}; " + (f"checkpoint {last}; continue with --resume" if last else
-                                               "no checkpoint yet"))
+        print(f"interrupted at step {step}; " + (f"checkpoint {last}; continue with --resume" if last else
+                                                 "no checkpoint yet"), file=sys.stderr)
         raise
     bar.close()
     runtime = time.perf_counter() - start_time
