@@ -399,6 +399,8 @@ def test_missing_field_and_unknown_column(model, tmp_path):
     assert "'body', not a column" in msg
     msg = _fails(model, data, tmp_path, DataError, text_template="Q: {0}")
     assert "placeholders must name a column" in msg
+    msg = _fails(model, data, tmp_path, DataError, text_template=None, text_field="prompt", completion_only=True)
+    assert "needs a prompt to mask" in msg
 
 
 def test_empty_split_and_bad_split(model, data, tmp_path):

@@ -266,6 +266,9 @@ def load_examples(data, split: str, tokenizer, *, data_files=None, text_template
     splits = splits if splits is not None else load_splits(data, data_files)
     ds = select_split(splits, split, str(data))
     source = TextSource.choose(ds.column_names, text_template, text_field)
+    if completion_only and source.field is not None:
+        raise DataError(f"completion-only training needs a prompt to mask: the text column {source.field!r} has "
+                        "none; use --text_template (the last placeholder onward is trained) or chat rows")
     check_rows(ds, source, split)
     examples, stats = tokenize(ds, source, tokenizer, max_seq_len=max_seq_len, completion_only=completion_only,
                                split=split)

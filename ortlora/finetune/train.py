@@ -190,6 +190,33 @@ def token_loss_sum(model, batch, pad_id: int, device):
     return loss, int((target != IGNORE).sum()), int(mask.sum())
 
 
+def accumulate_gradients(model, micro_batches: list[list[Example]], scaler, pad_id: int, device, dtype):
+    """Backward over one step's micro-batches, the loss normalized by the step's trained-token count (so gradient
+    accumulation equals one big batch). Returns (mean loss per trained token, input tokens)."""
+    import torch
+
+    n_trained = max(1, sum(sum(1 for t in e.labels[1:] if t != IGNORE) for b in micro_batches for e in b))
+    total, n_in = 0.0, 0
+    for batch in micro_batches:
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+            loss, _, tokens = token_loss_sum(model, batch, pad_id, device)
+        scaler.scale(loss / n_trained).backward()
+        total, n_in = total + float(loss.detach()), n_in + tokens
+    return total / n_trained, n_in
+
+
+def apply_update(optimizer, scaler, params, lr: float, max_grad_norm: float) -> None:
+    import torch
+
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
     import torch
 
@@ -287,46 +314,34 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     from tqdm import tqdm
 
     bar = tqdm(total=max_steps, initial=step, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
-    window_loss, window_tok, window_steps, window_t0, start_time = 0.0, 0, 0, time.perf_counter(), time.perf_counter()
+    window = {"loss": 0.0, "tokens": 0, "steps": 0, "seconds": 0.0}
+    start_time = time.perf_counter()
     try:
         while step < max_steps:
+            t0 = time.perf_counter()
             torch.manual_seed(args.seed * 1_000_003 + step)  # dropout of this step, whatever came before
-            micro = [batches[step * ga + j] for j in range(ga)]
-            n_trained = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for b in micro for e in b)
-            step_loss, step_tok = 0.0, 0
-            for batch in micro:
-                with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-                    loss, _, n_in = token_loss_sum(model, batch, pad_id, device)
-                scaler.scale(loss / max(n_trained, 1)).backward()
-                step_loss, step_tok = step_loss + float(loss.detach()), step_tok + n_in
+            loss, n_in = accumulate_gradients(model, [batches[step * ga + j] for j in range(ga)], scaler, pad_id,
+                                              device, dtype)
             with files.defer_interrupt():  # the update, the step counter and the records change together
                 lr = args.learning_rate * lr_factor(step, max_steps, warmup, args.lr_scheduler_type)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                apply_update(optimizer, scaler, params, lr, args.max_grad_norm)
                 step += 1
-                tokens_seen += step_tok
-                train_loss_sum += step_loss / max(n_trained, 1)
-            window_loss += step_loss / max(n_trained, 1)
-            window_tok += step_tok
-            window_steps += 1
-            rate = window_tok / max(time.perf_counter() - window_t0, 1e-9)
+                tokens_seen += n_in
+                train_loss_sum += loss
+            for key, value in (("loss", loss), ("tokens", n_in), ("steps", 1), ("seconds", time.perf_counter() - t0)):
+                window[key] += value
+            rate = window["tokens"] / max(window["seconds"], 1e-9)  # training tokens/s, evaluation not counted
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss / max(n_trained, 1):.4f}", tok_s=f"{rate:,.0f}")
-            event = {"step": step, "loss": step_loss / max(n_trained, 1), "learning_rate": lr, "tokens": step_tok}
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+            event = {"step": step, "loss": loss, "learning_rate": lr, "tokens": n_in}
+            epoch = round(step * ga / batches.per_epoch, 4)
             if step % args.logging_steps == 0 or step == max_steps:
-                history.append({"step": step, "epoch": round(step * ga / batches.per_epoch, 4),
-                                "loss": window_loss / window_steps, "learning_rate": lr,
-                                "tokens_per_second": round(rate, 1)})
-                window_loss, window_tok, window_steps, window_t0 = 0.0, 0, 0, time.perf_counter()
+                history.append({"step": step, "epoch": epoch, "loss": window["loss"] / window["steps"],
+                                "learning_rate": lr, "tokens_per_second": round(rate, 1)})
+                window = dict.fromkeys(window, 0)
             if eval_ex and (step % eval_steps == 0 or step == max_steps):
                 event["eval_loss"] = evaluate(model, eval_ex, args.per_device_eval_batch_size, pad_id, device)
-                history.append({"step": step, "epoch": round(step * ga / batches.per_epoch, 4),
-                                "eval_loss": event["eval_loss"]})
+                history.append({"step": step, "epoch": epoch, "eval_loss": event["eval_loss"]})
                 if progress:
                     bar.write(f"step {step}: eval loss {event['eval_loss']:.4f}")
             if step % args.save_steps == 0 and step < max_steps:
