@@ -20,7 +20,7 @@ LETTERS = "abcdefghijklmnop"
 TASKS = {
     "copy": lambda xs: xs,
     "upper": lambda xs: [c.upper() for c in xs],
-    "shift": lambda xs: [LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in xs],
+    "shift": lambda xs: [LETTERS[(LETTERS.index(c.lower()) + 1) % len(LETTERS)] for c in xs],
 }
 ADAPTER_TASKS = ("upper", "shift")
 
@@ -48,7 +48,10 @@ def write_data(n_train: int = 3000, n_test: int = 64, seed: int = 0) -> None:
     test = [draw() for _ in range(n_test)]  # held out: never in any training file
     DATA.mkdir(exist_ok=True)
     for task in TASKS:
-        for name, rows in ((f"{task}_train", [draw() for _ in range(n_train)]), (f"{task}_test", test)):
+        train = [draw() for _ in range(n_train)]
+        if task == "copy":  # the base also copies capitals, so it knows those tokens before `upper` needs them
+            train = [[c.upper() for c in xs] if i % 2 else xs for i, xs in enumerate(train)]
+        for name, rows in ((f"{task}_train", train), (f"{task}_test", test)):
             with open(DATA / f"{name}.jsonl", "w") as f:
                 f.writelines(json.dumps(example(xs, task)) + "\n" for xs in rows)
 
