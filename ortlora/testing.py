@@ -109,3 +109,92 @@ def build_adapter(model_dir: str | Path, out_dir: str | Path, *, r: int = 4, alp
                 p.normal_(0, std)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+# -- a little training, so quantization tests and benchmarks see a confident model, not flat random logits -----
+_WORDS = dict(
+    adj=["quick", "lazy", "small", "old", "red", "quiet", "bright", "tiny"],
+    noun=["fox", "dog", "model", "adapter", "river", "session", "cat", "tokenizer"],
+    verb=["jumps over", "reads", "follows", "shares", "writes to", "watches"],
+)
+
+
+def synthetic_text(sentences: int = 400, seed: int = 0) -> str:
+    """Sentences from a tiny grammar ("the quick fox reads the old river."): learnable, yet not one fixed string."""
+    import random
+
+    rng = random.Random(seed)
+    pick = lambda k: rng.choice(_WORDS[k])  # noqa: E731
+    return " ".join(f"the {pick('adj')} {pick('noun')} {pick('verb')} the {pick('adj')} {pick('noun')}."
+                    for _ in range(sentences))
+
+
+class _one_thread:
+    """Tiny models train fastest on one thread; on a shared, busy machine several threads are many times slower."""
+
+    def __enter__(self):
+        import torch
+
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.n)
+
+
+def _token_batches(model_dir: Path, text: str, seq_len: int, batch: int, steps: int, seed: int):
+    import torch
+    from tokenizers import Tokenizer
+
+    ids = torch.tensor(Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(text).ids)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=g)
+        yield torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+def train_model(model_dir: str | Path, text: str, *, steps: int = 300, lr: float = 3e-3, seq_len: int = 64,
+                batch: int = 16, seed: int = 0) -> float:
+    """Train the checkpoint in `model_dir` in place on `text` (AdamW, next-token loss); returns the last loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loss = None
+    with _one_thread():
+        for x in _token_batches(Path(model_dir), text, seq_len, batch, steps, seed):
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return float(loss.detach())
+
+
+def train_adapter(model_dir: str | Path, out_dir: str | Path, text: str, *, steps: int = 100, r: int = 8,
+                  alpha: float = 16.0, target_modules=("q_proj", "v_proj", "down_proj"), lr: float = 1e-2,
+                  seq_len: int = 64, batch: int = 16, seed: int = 1) -> Path:
+    """A PEFT LoRA adapter for `model_dir` trained on `text`, saved in `out_dir`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules),
+                                            lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    with _one_thread():
+        for x in _token_batches(Path(model_dir), text, seq_len, batch, steps, seed):
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

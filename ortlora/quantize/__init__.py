@@ -1,0 +1,239 @@
+"""`quantize`: int4/int8 weight-only quantization of an ortlora model whose LoRA inputs stay float.
+
+    from ortlora.quantize import quantize
+    quantize("exported_or_hf_dir", "out_dir", precision="int4", algorithm="rtn", adapter_path=["adapter"])
+
+An exported folder (fp32/fp16) has its base MatMuls rewritten as MatMulNBits; a Hugging Face folder is first
+exported to fp32 (a temporary folder, also the accuracy reference). LoRA inputs and their defaults are copied
+unchanged, so every adapter that fitted the float model fits the quantized one. The output folder gets
+`quantize_report.json`: sizes and, on text windows, perplexity and top-1 agreement against the float model,
+with and without each adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ortlora.errors import AdapterError, ModelError, OrtloraError
+from ortlora.fileutil import atomic_dir
+from ortlora.quantize.algorithms import ALGORITHMS, BITS
+from ortlora.quantize.data import load_text, token_windows
+from ortlora.quantize.rewrite import Settings, SourceModel, find_targets, rewrite
+
+MANIFEST = "ortlora.json"
+REPORT = "quantize_report.json"
+_MODEL_FILES = {"model.onnx", "model.onnx.data", MANIFEST, REPORT}
+
+
+def quantize(model: str | Path, output: str | Path, *, precision: str = "int4", block_size: int = 32,
+             algorithm: str = "rtn", symmetric: bool = False, lm_head: bool = True, embeddings: bool = False,
+             data: str | Path | None = None, text_template: str | None = None, text_field: str = "text",
+             adapter_path: Sequence[str | Path] = (), lora_targets: Sequence[str] | None = None,
+             seq_len: int = 256, calib_samples: int = 32, eval_samples: int = 8, accuracy_level: int = 4,
+             progress: bool = True) -> Path:
+    """Quantize `model` (an exported ortlora folder or a Hugging Face folder) into `output`; returns `output`."""
+    model_dir, out = Path(model), Path(output)
+    problems = _check_options(precision, block_size, algorithm, symmetric, embeddings, data, adapter_path)
+    kind = _model_kind(model_dir, out, problems)
+    text = None
+    try:
+        text = load_text(data, text_template, text_field)
+    except OrtloraError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise (ModelError if kind is None else OrtloraError)("cannot quantize:\n  " + "\n  ".join(problems))
+    settings = Settings(bits=BITS[precision], block_size=block_size, algorithm=algorithm, symmetric=symmetric,
+                        lm_head=lm_head, embeddings=embeddings, accuracy_level=accuracy_level)
+    options = dict(seq_len=seq_len, calib_samples=calib_samples, eval_samples=eval_samples,
+                   data_name=str(data) if data else "built-in text", progress=progress)
+    if kind == "onnx":
+        return _quantize_folder(model_dir, out, settings, text, adapter_path, source=model_dir, **options)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
+    try:
+        from ortlora.export import export
+
+        peft_dirs = [p for p in adapter_path if Path(p).is_dir()]
+        reference = export(model_dir, scratch / "fp32", adapter_path=peft_dirs, lora_targets=lora_targets,
+                           progress=progress)
+        return _quantize_folder(reference, out, settings, text, adapter_path, source=model_dir, **options)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_options(precision, block_size, algorithm, symmetric, embeddings, data, adapter_path) -> list[str]:
+    problems = []
+    if precision not in BITS:
+        problems.append(f"precision {precision!r} is not supported; choose one of {', '.join(BITS)}")
+    if algorithm not in ALGORITHMS:
+        problems.append(f"algorithm {algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        problems.append(f"block size {block_size} is invalid: it must be a power of two of at least 16")
+    if algorithm == "hqq":
+        if precision == "int8":
+            problems.append("hqq makes float zero points, which MatMulNBits on CPU supports for int4 only")
+        if symmetric:
+            problems.append("hqq optimizes the zero points: --symmetric does not apply to it")
+        if importlib.util.find_spec("torch") is None:
+            problems.append("hqq needs torch (onnxruntime's HQQ uses it): pip install 'ortlora[train]'")
+    if algorithm == "gptq" and data is None:
+        problems.append("gptq needs calibration text: pass -d FILE (.txt, .json or .jsonl)")
+    if embeddings and precision == "int8":
+        problems.append("embedding quantization (GatherBlockQuantized) is int4 only: drop --quantize_embeddings")
+    for p in adapter_path:
+        p = Path(p)
+        if not (p.is_dir() or (p.is_file() and p.suffix == ".onnx_adapter")):
+            problems.append(f"adapter {p}: not a PEFT adapter folder or .onnx_adapter file")
+    return problems
+
+
+def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
+    """'onnx' (an exported folder), 'hf' (a Hugging Face checkpoint) or None (problems say why)."""
+    if not model_dir.is_dir():
+        problems.append(f"{model_dir}: no such folder (an exported ortlora folder or a Hugging Face folder)")
+        return None
+    src, dst = model_dir.resolve(), out.absolute().resolve()
+    if dst == src or src in dst.parents:
+        problems.append(f"output {out} is the input folder or inside it: choose another output folder")
+    manifest = model_dir / MANIFEST
+    if (model_dir / "model.onnx").is_file():
+        precision = json.loads(manifest.read_text()).get("precision") if manifest.is_file() else None
+        if precision in BITS:
+            problems.append(f"{model_dir} is already quantized ({precision}, says {MANIFEST}): quantize the fp32 "
+                            "or fp16 export (or the Hugging Face checkpoint) instead")
+            return None
+        try:
+            src_model = SourceModel(model_dir)
+        except ModelError as exc:
+            problems.append(str(exc))
+            return None
+        done = src_model.quantized_nodes()
+        if done:
+            problems.append(f"{model_dir}/model.onnx is already quantized: it has {len(done)} quantized nodes "
+                            f"({', '.join(done[:3])}{', ...' if len(done) > 3 else ''})")
+            return None
+        return "onnx"
+    config = model_dir / "config.json"
+    if config.is_file():
+        qc = json.loads(config.read_text()).get("quantization_config")
+        if qc:
+            problems.append(f"{model_dir} is an already quantized checkpoint (quantization_config: "
+                            f"{qc.get('quant_method', qc) if isinstance(qc, dict) else qc}): use the float one")
+            return None
+        return "hf"
+    problems.append(f"{model_dir} holds neither model.onnx (an ortlora export) nor config.json (Hugging Face)")
+    return None
+
+
+def load_adapter(path: str | Path) -> dict[str, np.ndarray]:
+    """LoRA tensors by ONNX input name from a PEFT folder or an `.onnx_adapter` file."""
+    path = Path(path)
+    if path.is_dir():
+        from ortlora.adapters.peft import read_peft
+
+        adapter = read_peft(path)
+        if adapter.is_dora:
+            raise AdapterError(f"{path}: DoRA adapters cannot be fed to an exported model (use a LoRA adapter)")
+        return adapter.onnx_tensors(np.float32)
+    from ortlora.adapters.onnx_adapter import read_onnx_adapter
+
+    return read_onnx_adapter(path)
+
+
+def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapter_path: Sequence[str | Path], *,
+                     source: Path, seq_len: int, calib_samples: int, eval_samples: int, data_name: str,
+                     progress: bool) -> Path:
+    from ortlora.adapters.validate import model_feeds, model_lora_inputs
+    from ortlora.quantize.evaluate import Hessians, Runner, compare
+
+    src = SourceModel(ref)
+    targets = find_targets(src, settings)
+    if not any(t.kind == "matmul" for t in targets):
+        src.close()
+        raise ModelError(f"{ref}/model.onnx has no base MatMul weights (`*.MatMul.weight` initializers): "
+                         "is it an ortlora export?")
+    manifest = json.loads((ref / MANIFEST).read_text()) if (ref / MANIFEST).is_file() else {}
+    seq_len = min(seq_len, int(manifest.get("context_length") or seq_len))
+    calib_n = calib_samples if settings.algorithm == "gptq" else 0
+    windows = token_windows(ref, text, seq_len, calib_n + max(eval_samples, 1))
+    calib = windows[:calib_n]
+    held_out = len(windows) > calib_n
+    evals = (windows[calib_n:] if held_out else windows)[:eval_samples]
+    lora_inputs = model_lora_inputs(src.proto)
+    adapters = {str(p): model_feeds(load_adapter(p), lora_inputs, str(p)) for p in adapter_path}
+    reference = Runner(ref)
+
+    t0 = time.perf_counter()
+    hessians = None
+    if settings.algorithm == "gptq":
+        order = [t.activation for t in targets if t.kind == "matmul"]
+        sizes = {t.activation: t.shape[0] for t in targets if t.kind == "matmul"}
+        hessians = Hessians(ref, calib, order, sizes)
+    bar = tqdm(total=len(targets), desc="quantize", unit="weight", disable=not progress)
+    try:
+        with atomic_dir(out) as tmp:
+            try:
+                rewrite(src, tmp, targets, settings, hessian=hessians, on_weight=lambda t: bar.update(1))
+            finally:
+                bar.close()
+            for f in ref.iterdir():
+                if f.is_file() and f.name not in _MODEL_FILES and not f.name.startswith("."):
+                    shutil.copy2(f, tmp / f.name)
+            seconds_quantize = time.perf_counter() - t0
+            _write_json(tmp / MANIFEST, {**manifest, **_manifest_update(settings)})
+            t1 = time.perf_counter()
+            quantized = Runner(tmp)
+            results = []
+            for name, tensors in [(None, None), *adapters.items()]:
+                if evals:
+                    results.append({"adapter": name, **compare(reference, quantized, evals, tensors)})
+            del quantized
+            report = {
+                "source": str(source), "output": str(out), **_describe(settings),
+                "quantized_weights": sorted(t.module for t in targets),
+                "size_bytes": _sizes(src.data_bytes(), tmp),
+                "eval": {"data": data_name, "windows": len(evals), "tokens": int(sum(len(w) for w in evals)),
+                         "seq_len": seq_len, "held_out_from_calibration": held_out if calib else None},
+                "calibration": ({"data": data_name, "windows": len(calib), "passes": hessians.passes}
+                                if hessians else None),
+                "results": results,
+                "seconds": {"quantize": round(seconds_quantize, 2), "evaluate": round(time.perf_counter() - t1, 2)},
+            }
+            _write_json(tmp / REPORT, report)
+    finally:
+        src.close()
+    return out
+
+
+def _describe(settings: Settings) -> dict:
+    kind = f"int{settings.bits}"
+    return {
+        "precision": kind, "algorithm": settings.algorithm, "block_size": settings.block_size,
+        "symmetric": settings.symmetric, "accuracy_level": settings.accuracy_level,
+        "lm_head": kind if settings.lm_head else "float", "embeddings": "int4" if settings.embeddings else "float",
+    }
+
+
+def _manifest_update(settings: Settings) -> dict:
+    return {
+        "precision": f"int{settings.bits}",
+        "int4_block_size": settings.block_size if settings.bits == 4 else None,
+        "quantization": _describe(settings),
+    }
+
+
+def _sizes(before: int, folder: Path) -> dict:
+    after = sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (folder / f).is_file())
+    return {"before": before, "after": after, "ratio": round(before / after, 3)}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

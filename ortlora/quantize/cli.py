@@ -1,0 +1,76 @@
+"""`ortlora quantize`: int4/int8 weight-only quantization that keeps LoRA inputs float, with an accuracy report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model_name_or_path", "--model", required=True,
+                   help="an exported ortlora folder (fp32/fp16) or a Hugging Face model folder")
+    p.add_argument("-o", "--output_path", "--output", required=True, help="output folder")
+    p.add_argument("--precision", default="int4", help="int4 (default) or int8")
+    p.add_argument("--block_size", "--block-size", type=int, default=32,
+                   help="weights per scale along the input dimension: a power of two >= 16 (default 32)")
+    p.add_argument("--algorithm", default="rtn",
+                   help="rtn (round to nearest, default), hqq (no data; needs torch) or gptq (needs -d)")
+    p.add_argument("--symmetric", action="store_true", help="no zero points (rtn, gptq)")
+    p.add_argument("--lm_head", "--lm-head", choices=["quantize", "keep"], default="quantize",
+                   help="quantize the LM head like the other linears (default) or keep it float")
+    p.add_argument("--quantize_embeddings", "--quantize-embeddings", action="store_true",
+                   help="also quantize the token embeddings (int4 GatherBlockQuantized)")
+    p.add_argument("-d", "--data", "--data_name", default=None,
+                   help="calibration/evaluation text: .txt, or .json/.jsonl records (default: a built-in text)")
+    p.add_argument("--text_template", "--text-template", default=None,
+                   help="format of one record, e.g. '### Q: {question}\\n### A: {answer}'")
+    p.add_argument("--text_field", "--text-field", default="text", help="record field to use without a template")
+    p.add_argument("--adapter_path", "--adapter", action="append", default=[],
+                   help="PEFT folder or .onnx_adapter to report accuracy with (repeatable); for a Hugging Face "
+                        "input its target modules also become LoRA inputs")
+    p.add_argument("--lora-targets", "--lora_targets", default=None,
+                   help="Hugging Face input only: comma-separated modules that get LoRA inputs (or all-linear)")
+    p.add_argument("--seq_len", "--seq-len", type=int, default=256, help="tokens per text window (default 256)")
+    p.add_argument("--calib_samples", "--calib-samples", type=int, default=32,
+                   help="gptq calibration windows (default 32)")
+    p.add_argument("--eval_samples", "--eval-samples", type=int, default=8,
+                   help="report windows (default 8; 0: sizes only), taken after the calibration windows")
+    p.add_argument("--accuracy_level", "--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level (4: int8 activations on CPU, as export writes)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> None:
+    from ortlora.quantize import REPORT, quantize
+
+    out = quantize(
+        args.model_name_or_path, args.output_path, precision=args.precision, block_size=args.block_size,
+        algorithm=args.algorithm, symmetric=args.symmetric, lm_head=args.lm_head == "quantize",
+        embeddings=args.quantize_embeddings, data=args.data, text_template=args.text_template,
+        text_field=args.text_field, adapter_path=args.adapter_path,
+        lora_targets=args.lora_targets.split(",") if args.lora_targets else None, seq_len=args.seq_len,
+        calib_samples=args.calib_samples, eval_samples=args.eval_samples, accuracy_level=args.accuracy_level,
+        progress=not args.no_progress,
+    )
+    print(format_report(json.loads((Path(out) / REPORT).read_text())))
+    print(f"quantized {out} (report: {Path(out) / REPORT})")
+
+
+def format_report(r: dict) -> str:
+    size = r["size_bytes"]
+    lines = [
+        f"{r['precision']} {r['algorithm']} block {r['block_size']} {'sym' if r['symmetric'] else 'asym'}, "
+        f"lm_head {r['lm_head']}, embeddings {r['embeddings']}: {len(r['quantized_weights'])} weights",
+        f"size {size['before'] / 2**20:.2f} MiB -> {size['after'] / 2**20:.2f} MiB ({size['ratio']:.2f}x smaller)",
+    ]
+    if r["results"]:
+        e = r["eval"]
+        lines.append(f"on {e['tokens']} tokens ({e['windows']} windows of <= {e['seq_len']}) of {e['data']}:")
+        lines.append(f"  {'adapter':<28} {'ppl float':>10} {'ppl quant':>10} {'top-1 agree':>12} {'mean KL':>9}")
+        for x in r["results"]:
+            name = Path(x["adapter"]).name if x["adapter"] else "(none)"
+            lines.append(f"  {name[:28]:<28} {x['reference']['perplexity']:>10.3f} "
+                         f"{x['quantized']['perplexity']:>10.3f} {100 * x['top1_agreement']:>11.1f}% "
+                         f"{x['mean_kl']:>9.4f}")
+    return "\n".join(lines)
