@@ -15,12 +15,14 @@ from ortlora.errors import OrtloraError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("ortlora.quickstart.cli", "the whole path on a built-in tiny model (no download)"),
     "export": ("ortlora.export.cli", "Hugging Face checkpoint -> ONNX decoder with LoRA inputs"),
     "convert-adapters": ("ortlora.adapters.cli", "PEFT adapter -> .onnx_adapter, checked against a model"),
     "inspect": ("ortlora.inspect", "show what a model folder or adapter file holds"),
     "quantize": ("ortlora.quantize.cli", "int4/int8 weight-only quantization that keeps LoRA inputs float"),
     "finetune": ("ortlora.finetune.cli", "train LoRA / QLoRA / DoRA adapters with PEFT from local data"),
     "generate": ("ortlora.runtime.cli", "generate text with the base model and each adapter, streaming"),
+    "serve": ("ortlora.serve.cli", "OpenAI-compatible server batching requests for different adapters together"),
 }
 # Olive's names for the same commands, so its command lines work unchanged.
 ALIASES = {"auto-opt": "export", "capture-onnx-graph": "export"}
