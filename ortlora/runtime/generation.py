@@ -163,7 +163,9 @@ class Batch:
         return events
 
     def _full(self, req: Request) -> bool:
-        return int(self.engine.lengths[req.slot]) >= self.engine.max_len
+        """Will the token about to be sampled fill the context? (prompt + output <= max_len, as in genai's
+        max_length; the last token is never fed back, but a longer sequence could not be continued)"""
+        return len(req.prompt_ids) + len(req.token_ids) + 1 >= self.engine.max_len
 
     def cancel(self, request: Request) -> None:
         """Stop `request` now (a client went away); its slot and adapter are released."""

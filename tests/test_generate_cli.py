@@ -1,0 +1,83 @@
+"""`ortlora generate` and examples/app.py: the tutorial app's output, text equal to the Python API's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ortlora.cli import main as cli
+from ortlora.runtime.cli import generate
+from test_runtime import lora, model  # noqa: F401  (module fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def sections(out: str, names: list[str]) -> dict[str, str]:
+    """`[name]: text\n` blocks in order (the random model's text may hold newlines)."""
+    starts, pos = [], 0
+    for name in names:
+        pos = out.index(f"[{name}]: ", pos)
+        starts.append((name, pos))
+        pos += 1
+    ends = [p for _, p in starts[1:]] + [len(out)]
+    return {name: out[p + len(name) + 4:end].removesuffix("\n") for (name, p), end in zip(starts, ends)}
+
+
+def test_each_adapter_in_turn(lora, model, capsys):
+    _, folder, _, files = lora
+    rc = cli(["generate", "-m", str(folder), "-a", str(files["a1"]), str(files["a2"]), "-t", TEMPLATE,
+              "-s", "Be brief.", "-p", "Hello there", "--max-new-tokens", "12", "--ignore-eos"])
+    assert rc == 0
+    got = sections(capsys.readouterr().out, ["a1", "a2"])
+    prompt = TEMPLATE.replace("{system}", "Be brief.").replace("{input}", "Hello there")
+    for name in ("a1", "a2"):
+        assert got[name] == model.generate(prompt, adapter=name, max_new_tokens=12, ignore_eos=True)
+    assert got["a1"] != got["a2"]
+
+
+def test_base_with_the_chat_template_and_sampling(lora, model, capsys):
+    _, folder, _, _ = lora
+    assert cli(["generate", "-m", str(folder), "-p", "Hi", "-s", "sys", "--max-new-tokens", "10",
+                "--temperature", "0.9", "--top-p", "0.9", "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    got = sections(out, ["Base"])
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Hi"}]
+    ids = model.encode(messages=messages)
+    assert out.count("[Base]: ") == 1 and out.startswith("[Base]: ")
+    assert got["Base"] == model.generate(ids, max_new_tokens=10, temperature=0.9, top_p=0.9, seed=4)
+
+
+def test_chat_keeps_the_history(lora, model):
+    _, folder, _, files = lora
+    turns = iter(["q2", ""])
+    texts = generate(folder, adapters=[files["a1"]], prompt="q1", chat=True, max_new_tokens=4,
+                     ignore_eos=True, read=lambda _: next(turns), out=open("/dev/null", "w"))
+    first = model.generate(model.encode(messages=[{"role": "user", "content": "q1"}]), "a1",
+                           max_new_tokens=4, ignore_eos=True)
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "q2"}]
+    assert texts == {"a1": model.generate(model.encode(messages=history), "a1", max_new_tokens=4, ignore_eos=True)}
+
+
+def test_errors_are_one_line(lora, capsys, tmp_path):
+    _, folder, _, _ = lora
+    assert cli(["generate", "-m", str(folder)]) == 1
+    assert "give a prompt with -p" in capsys.readouterr().err
+    assert cli(["generate", "-m", str(tmp_path), "-p", "x"]) == 1
+    assert "genai_config.json" in capsys.readouterr().err
+    assert cli(["generate", "-m", str(folder), "-a", str(tmp_path / "none.onnx_adapter"), "-p", "x"]) == 1
+    assert "no such adapter file" in capsys.readouterr().err
+
+
+def test_example_app(lora, model):
+    _, folder, _, files = lora
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "app.py"), "-m", str(folder), "-a", str(files["a2"]),
+                          "-t", "{input}!", "-p", "Hello", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("[a2]: ")
+    assert sections(res.stdout, ["a2"]) == {"a2": model.generate("Hello!", adapter="a2", max_new_tokens=8)}
