@@ -1,0 +1,1 @@
+"""`ortlora serve`: OpenAI-compatible HTTP server, continuous batching across adapters, tenants, metrics."""

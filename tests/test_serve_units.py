@@ -1,0 +1,156 @@
+"""The server's parts that need no model: tenants file, adapter registry confinement, Prometheus text, CLI guard."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+
+from ortlora.adapters.onnx_adapter import write_onnx_adapter
+from ortlora.errors import OrtloraError
+from ortlora.serve.metrics import Metrics
+from ortlora.serve.registry import AdapterExists, AdapterNotFound, AdapterRegistry, BadAdapterRequest
+from ortlora.serve.tenants import ANONYMOUS, Tenants, TenantsError, hash_key
+
+
+def _adapter(path, rank=2):
+    rng = np.random.default_rng(0)
+    return write_onnx_adapter(path, {"model.layers.0.self_attn.q_proj.lora_A.weight": rng.random((8, rank), np.float32),
+                                     "model.layers.0.self_attn.q_proj.lora_B.weight": rng.random((rank, 8), np.float32)})
+
+
+# -- tenants --------------------------------------------------------------------------------------------------------
+def test_tenants_authenticate_by_key_hash_and_scope_adapters(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(f"""
+[tenants.acme]
+api_key_sha256 = ["{hash_key('k1')}", "sha256:{hash_key('k1-rotated').upper()}"]
+adapters = ["acme-*", "shared"]
+base_model = false
+[tenants.ops]
+api_key_sha256 = "{hash_key('root')}"
+admin = true
+""")
+    t = Tenants.load(path)
+    assert "k1" not in path.read_text()  # only hashes are stored
+    acme = t.authenticate("Bearer k1")
+    assert acme is t.authenticate("bearer  k1-rotated ") and acme.name == "acme"
+    assert acme.may_use("acme-support") and acme.may_use("shared") and not acme.may_use("beta-x")
+    assert not acme.may_use("acme") and not acme.base_model and not acme.admin
+    assert t.authenticate("Bearer root").admin and t.authenticate("Bearer root").may_use("anything")
+    for header in (None, "", "Bearer", "Bearer wrong", "Basic k1", "k1"):
+        assert t.authenticate(header) is None
+    assert Tenants.open().authenticate(None) is ANONYMOUS and Tenants.open().authenticate("Bearer x") is ANONYMOUS
+
+
+def test_tenants_file_errors_list_every_problem(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(f"""
+debug = true
+[tenants.a]
+api_key_sha256 = ["plain-text-key"]
+adapters = "a1"
+admin = "yes"
+colour = "red"
+[tenants.b]
+adapters = ["b1"]
+[tenants.c]
+api_key_sha256 = ["{hash_key('same')}"]
+[tenants.d]
+api_key_sha256 = ["{hash_key('same')}"]
+""")
+    with pytest.raises(TenantsError) as exc:
+        Tenants.load(path)
+    message = str(exc.value)
+    for fragment in ("unknown top-level keys ['debug']", "'plain-text-key' is not a sha256", "adapters must be a list",
+                     "admin must be true or false", "unknown keys ['colour']", "tenants.b: api_key_sha256 must list",
+                     "also listed for tenant 'c'"):
+        assert fragment in message, fragment
+    assert message.startswith(f"{path}: 7 problems")
+    path.write_text("[tenants.a\n")
+    with pytest.raises(TenantsError, match="not valid TOML"):
+        Tenants.load(path)
+    with pytest.raises(TenantsError, match="no such tenants file"):
+        Tenants.load(tmp_path / "missing.toml")
+
+
+# -- registry -------------------------------------------------------------------------------------------------------
+def test_registry_discovers_by_stem_and_confines_paths(tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    _adapter(root / "acme-support.onnx_adapter")
+    _adapter(root / "bad name!.onnx_adapter")
+    outside = _adapter(tmp_path / "outside.onnx_adapter")
+    (root / "escape.onnx_adapter").symlink_to(outside)
+    (root / "inner-link.onnx_adapter").symlink_to(root / "acme-support.onnx_adapter")
+    (root / "notes.txt").write_text("not an adapter")
+    reg = AdapterRegistry(root, reserved=("base",))
+    assert reg.names() == ["acme-support", "inner-link"]
+    assert sorted(s.split(":")[0] for s in reg.skipped) == ["bad name!.onnx_adapter", "escape.onnx_adapter"]
+    assert reg.path("acme-support") == (root / "acme-support.onnx_adapter").resolve()
+    for name in ("escape", "../outside", "missing", "base"):
+        with pytest.raises(AdapterNotFound):
+            reg.path(name)
+    for path in ("../outside.onnx_adapter", str(outside), "escape.onnx_adapter", "notes.txt", ".", "missing.x",
+                 "a\x00b"):
+        with pytest.raises(BadAdapterRequest):
+            reg.add_path("x", path)
+    for name in ("../x", "a/b", "", ".x", "x.onnx_adapter", "x" * 129, None):
+        with pytest.raises(BadAdapterRequest):
+            reg.add_path(name, "acme-support.onnx_adapter")
+    with pytest.raises(AdapterExists):
+        reg.add_path("base", "acme-support.onnx_adapter")
+    assert reg.add_path("alias", "acme-support.onnx_adapter") == (root / "acme-support.onnx_adapter").resolve()
+
+    _adapter(root / "late.onnx_adapter")  # dropped in after start-up: found on first use
+    assert "late" in reg and reg.path("late").name == "late.onnx_adapter"
+    reg.remove("late")  # deleted through the API: the file stays and is not rediscovered
+    assert "late" not in reg and (root / "late.onnx_adapter").exists()
+
+
+def test_registry_upload_is_atomic_checked_and_bounded(tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    reg = AdapterRegistry(root)
+    good = _adapter(tmp_path / "g.onnx_adapter").read_bytes()
+    with pytest.raises(BadAdapterRequest, match="exceeds the 100-byte limit"):
+        reg.add_upload("big", io.BytesIO(good), max_bytes=100)
+    with pytest.raises(OrtloraError, match="not a valid .onnx_adapter"):
+        reg.add_upload("junk", io.BytesIO(b"\x00" * 64), max_bytes=1 << 20)
+    assert list(root.iterdir()) == [] and reg.names() == []  # nothing half-written, names free again
+    reg.add_upload("up", io.BytesIO(good), max_bytes=1 << 20)
+    assert (root / "up.onnx_adapter").read_bytes() == good
+    with pytest.raises(AdapterExists):
+        reg.add_upload("up", io.BytesIO(good), max_bytes=1 << 20)
+    reg.remove("up")
+    assert not (root / "up.onnx_adapter").exists()  # uploaded through the API: deleted with it
+    with pytest.raises(BadAdapterRequest, match="no adapters directory"):
+        AdapterRegistry(None).add_upload("x", io.BytesIO(good), max_bytes=1 << 20)
+
+
+# -- metrics ----------------------------------------------------------------------------------------------------------
+def test_metrics_render_prometheus_text():
+    m = Metrics(max_batch=8)
+    m.requests.inc(endpoint="/v1/completions", status="200")
+    m.adapter_requests.inc(adapter='we"ird\nname')
+    for size in (1, 3, 8):
+        m.batch_size.observe(size)
+    m.queue_depth.set(2)
+    text = m.render()
+    assert 'ortlora_requests_total{endpoint="/v1/completions",status="200"} 1' in text
+    assert 'ortlora_adapter_requests_total{adapter="we\\"ird\\nname"} 1' in text
+    assert 'ortlora_decode_batch_size_bucket{le="1"} 1' in text and 'ortlora_decode_batch_size_bucket{le="4"} 2' in text
+    assert 'ortlora_decode_batch_size_bucket{le="+Inf"} 3' in text and "ortlora_decode_batch_size_sum 12" in text
+    assert "ortlora_queue_depth 2" in text and "# TYPE ortlora_time_to_first_token_seconds histogram" in text
+    sample = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)+\})? -?[0-9.e+Inf-]+$')
+    for line in text.splitlines():
+        assert line.startswith("# ") or sample.match(line), line
+
+
+def test_cli_refuses_an_open_server_on_a_public_address(tmp_path, capsys):
+    from ortlora.cli import main
+
+    assert main(["serve", "-m", str(tmp_path), "--host", "0.0.0.0"]) == 1
+    assert "without --tenants" in capsys.readouterr().err
