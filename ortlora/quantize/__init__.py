@@ -43,7 +43,14 @@ def quantize(model: str | Path, output: str | Path, *, precision: str = "int4", 
     """Quantize `model` (an exported ortlora folder or a Hugging Face folder) into `output`; returns `output`."""
     model_dir, out = Path(model), Path(output)
     problems = _check_options(precision, block_size, algorithm, symmetric, embeddings, data, adapter_path)
+    for name, value, least in (("seq_len", seq_len, 2), ("calib_samples", calib_samples, 1),
+                               ("eval_samples", eval_samples, 0)):
+        if not isinstance(value, int) or value < least:
+            problems.append(f"{name} must be an integer of at least {least}, got {value!r}")
     kind = _model_kind(model_dir, out, problems)
+    if kind == "onnx" and lora_targets:
+        problems.append("--lora-targets applies to a Hugging Face input only: an exported folder keeps the LoRA "
+                        "inputs it was exported with")
     text = None
     try:
         text = load_text(data, text_template, text_field)
@@ -54,7 +61,7 @@ def quantize(model: str | Path, output: str | Path, *, precision: str = "int4", 
     settings = Settings(bits=BITS[precision], block_size=block_size, algorithm=algorithm, symmetric=symmetric,
                         lm_head=lm_head, embeddings=embeddings, accuracy_level=accuracy_level)
     options = dict(seq_len=seq_len, calib_samples=calib_samples, eval_samples=eval_samples,
-                   data_name=str(data) if data else "built-in text", progress=progress)
+                   data_name=str(data) if data else "built-in text", has_data=data is not None, progress=progress)
     if kind == "onnx":
         return _quantize_folder(model_dir, out, settings, text, adapter_path, source=model_dir, **options)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
@@ -105,7 +112,11 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
         problems.append(f"output {out} is the input folder or inside it: choose another output folder")
     manifest = model_dir / MANIFEST
     if (model_dir / "model.onnx").is_file():
-        precision = json.loads(manifest.read_text()).get("precision") if manifest.is_file() else None
+        try:
+            precision = json.loads(manifest.read_text()).get("precision") if manifest.is_file() else None
+        except (OSError, ValueError, AttributeError) as exc:
+            problems.append(f"{manifest} is not a valid manifest: {exc}")
+            return None
         if precision in BITS:
             problems.append(f"{model_dir} is already quantized ({precision}, says {MANIFEST}): quantize the fp32 "
                             "or fp16 export (or the Hugging Face checkpoint) instead")
@@ -123,7 +134,11 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
         return "onnx"
     config = model_dir / "config.json"
     if config.is_file():
-        qc = json.loads(config.read_text()).get("quantization_config")
+        try:
+            qc = json.loads(config.read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError) as exc:
+            problems.append(f"{config} is not valid JSON: {exc}")
+            return None
         if qc:
             problems.append(f"{model_dir} is an already quantized checkpoint (quantization_config: "
                             f"{qc.get('quant_method', qc) if isinstance(qc, dict) else qc}): use the float one")
@@ -150,7 +165,7 @@ def load_adapter(path: str | Path) -> dict[str, np.ndarray]:
 
 def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapter_path: Sequence[str | Path], *,
                      source: Path, seq_len: int, calib_samples: int, eval_samples: int, data_name: str,
-                     progress: bool) -> Path:
+                     has_data: bool, progress: bool) -> Path:
     from ortlora.adapters.validate import model_feeds, model_lora_inputs
     from ortlora.quantize.evaluate import Hessians, Runner, compare
 
@@ -162,14 +177,15 @@ def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapte
                          "is it an ortlora export?")
     manifest = json.loads((ref / MANIFEST).read_text()) if (ref / MANIFEST).is_file() else {}
     seq_len = min(seq_len, int(manifest.get("context_length") or seq_len))
-    calib_n = calib_samples if settings.algorithm == "gptq" else 0
-    windows = token_windows(ref, text, seq_len, calib_n + max(eval_samples, 1))
-    calib = windows[:calib_n]
-    held_out = len(windows) > calib_n
-    evals = (windows[calib_n:] if held_out else windows)[:eval_samples]
+    # With data, its first `calib_samples` windows are kept for calibration whatever the algorithm, so every
+    # algorithm is scored on the same held-out windows that follow them (all windows when the text is too short).
+    reserved = calib_samples if has_data else 0
+    windows = token_windows(ref, text, seq_len, reserved + max(eval_samples, 1))
+    calib = windows[:reserved] if settings.algorithm == "gptq" else []
+    held_out = len(windows) > reserved
+    evals = (windows[reserved:] if held_out else windows)[:eval_samples]
     lora_inputs = model_lora_inputs(src.proto)
     adapters = {str(p): model_feeds(load_adapter(p), lora_inputs, str(p)) for p in adapter_path}
-    reference = Runner(ref)
 
     t0 = time.perf_counter()
     hessians = None
@@ -190,18 +206,18 @@ def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapte
             seconds_quantize = time.perf_counter() - t0
             _write_json(tmp / MANIFEST, {**manifest, **_manifest_update(settings)})
             t1 = time.perf_counter()
-            quantized = Runner(tmp)
             results = []
-            for name, tensors in [(None, None), *adapters.items()]:
-                if evals:
+            if evals:  # both models in onnxruntime at once: the report's memory is about the two models
+                reference, quantized = Runner(ref), Runner(tmp)
+                for name, tensors in [(None, None), *adapters.items()]:
                     results.append({"adapter": name, **compare(reference, quantized, evals, tensors)})
-            del quantized
+                del reference, quantized
             report = {
                 "source": str(source), "output": str(out), **_describe(settings),
                 "quantized_weights": sorted(t.module for t in targets),
                 "size_bytes": _sizes(src.data_bytes(), tmp),
                 "eval": {"data": data_name, "windows": len(evals), "tokens": int(sum(len(w) for w in evals)),
-                         "seq_len": seq_len, "held_out_from_calibration": held_out if calib else None},
+                         "seq_len": seq_len, "held_out_from_calibration": held_out if has_data else None},
                 "calibration": ({"data": data_name, "windows": len(calib), "passes": hessians.passes}
                                 if hessians else None),
                 "results": results,

@@ -72,23 +72,36 @@ def hqq(w: np.ndarray, bits: int, block_size: int) -> Packed:
     return Packed(qweight, scales, zeros)
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool,
-         damp: float = 0.01) -> Packed:
-    """GPTQ (Frantar et al. 2022): quantize the K rows in order, each rounding error spread over the rows not yet
-    quantized through the upper Cholesky factor U of H^-1 (H = sum of x^T x over calibration tokens). The lazy
-    batch is one quantization block, so each block's grid is taken from its already-updated rows."""
-    k, n = w.shape
-    k_blocks = -(-k // block_size)
-    kp = k_blocks * block_size
-    work = np.zeros((kp, n), np.float64)
-    work[:k] = w
+@dataclass
+class GptqFactor:
+    u: np.ndarray  # [K_padded, K_padded] upper Cholesky factor of the damped H^-1: U^T U = H^-1
+    dead: np.ndarray  # [K_padded] bool: inputs that were always zero in calibration
+
+
+def gptq_factor(hessian: np.ndarray, block_size: int, damp: float = 0.01) -> GptqFactor:
+    k = hessian.shape[0]
+    kp = -(-k // block_size) * block_size
     h = np.eye(kp, dtype=np.float64)
     h[:k, :k] = hessian
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    work[dead] = 0.0
     h[np.diag_indices(kp)] += damp * np.mean(np.diag(h))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: U^T U = H^-1
+    return GptqFactor(np.linalg.cholesky(np.linalg.inv(h)).T, dead)
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray | GptqFactor, bits: int, block_size: int, symmetric: bool) -> Packed:
+    """GPTQ (Frantar et al. 2022): quantize the K rows in order, each rounding error spread over the rows not yet
+    quantized through the upper Cholesky factor U of H^-1 (H = sum of x^T x over calibration tokens). The lazy
+    batch is one quantization block, so each block's grid is taken from its already-updated rows. Columns are
+    independent, so a weight may be done in column slices sharing one factor."""
+    f = hessian if isinstance(hessian, GptqFactor) else gptq_factor(hessian, block_size)
+    k, n = w.shape
+    kp = f.u.shape[0]
+    k_blocks = kp // block_size
+    work = np.zeros((kp, n), np.float64)
+    work[:k] = w
+    work[f.dead] = 0.0
+    u = f.u
     maxq = 2**bits - 1
     codes = np.zeros((kp, n), np.uint8)
     scales = np.zeros((k_blocks, n), np.float64)
@@ -142,12 +155,30 @@ def _pack(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, bits:
     return Packed(np.ascontiguousarray(q, np.uint8), np.ascontiguousarray(scales.T.astype(dtype)), packed_zeros)
 
 
+_CHUNK_BYTES = 64 << 20
+
+
 def quantize_weight(w: np.ndarray, *, algorithm: str, bits: int, block_size: int, symmetric: bool,
-                    hessian: np.ndarray | None = None) -> Packed:
-    if algorithm == "rtn":
-        return rtn(w, bits, block_size, symmetric)
-    if algorithm == "hqq":
-        return hqq(w, bits, block_size)
+                    hessian: np.ndarray | None = None, transposed: bool = False) -> Packed:
+    """Quantize the [K, N] weight `w` (or `w.T` when `transposed`, i.e. `w` is stored [N, K]). RTN and GPTQ treat
+    output columns independently, so they go a slice of columns at a time and memory stays near one slice; HQQ
+    takes the whole weight (its early stop watches the error of the whole tensor)."""
+    k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
+    cols = n if algorithm == "hqq" else max(1, _CHUNK_BYTES // (k * w.dtype.itemsize))
     if algorithm == "gptq":
-        return gptq(w, hessian, bits, block_size, symmetric)
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+        hessian = gptq_factor(hessian, block_size)
+    parts = []
+    for n0 in range(0, n, cols):
+        chunk = np.ascontiguousarray(w[n0:n0 + cols].T if transposed else w[:, n0:n0 + cols])
+        if algorithm == "rtn":
+            parts.append(rtn(chunk, bits, block_size, symmetric))
+        elif algorithm == "hqq":
+            parts.append(hqq(chunk, bits, block_size))
+        elif algorithm == "gptq":
+            parts.append(gptq(chunk, hessian, bits, block_size, symmetric))
+        else:
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+    if len(parts) == 1:
+        return parts[0]
+    zeros = None if parts[0].zeros is None else np.concatenate([p.zeros for p in parts])
+    return Packed(np.concatenate([p.qweight for p in parts]), np.concatenate([p.scales for p in parts]), zeros)

@@ -56,8 +56,8 @@ class Runner:
         return feeds
 
     def logits(self, ids: np.ndarray, adapter: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """[S, vocab] float64 logits of one window."""
-        return self.sess.run(["logits"], self.feeds(ids, adapter))[0][0].astype(np.float64)
+        """[S, vocab] float32 logits of one window."""
+        return self.sess.run(["logits"], self.feeds(ids, adapter))[0][0].astype(np.float32, copy=False)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -76,12 +76,12 @@ def compare(reference: Runner, quantized: Runner, windows: list[np.ndarray],
         lp_q = _log_softmax(quantized.logits(ids, adapter))
         nxt = ids[1:]
         rows = np.arange(len(nxt))
-        ll_ref += float(lp_ref[rows, nxt].sum())
-        ll_q += float(lp_q[rows, nxt].sum())
+        ll_ref += float(lp_ref[rows, nxt].sum(dtype=np.float64))
+        ll_q += float(lp_q[rows, nxt].sum(dtype=np.float64))
         predicted += len(nxt)
         agree += int((lp_ref.argmax(-1) == lp_q.argmax(-1)).sum())
         positions += len(ids)
-        kl += float((np.exp(lp_ref) * (lp_ref - lp_q)).sum())
+        kl += float((np.exp(lp_ref) * (lp_ref - lp_q)).sum(dtype=np.float64))
     return {
         "reference": {"mean_log_likelihood": ll_ref / predicted, "perplexity": math.exp(-ll_ref / predicted)},
         "quantized": {"mean_log_likelihood": ll_q / predicted, "perplexity": math.exp(-ll_q / predicted)},

@@ -96,6 +96,18 @@ class SourceModel:
         length = int(info["length"]) if "length" in info else len(self._maps[location]) - offset
         return memoryview(self._maps[location])[offset:offset + length]
 
+    def release(self, t: TensorProto) -> None:
+        """Drop the mapped pages of an external tensor once it is written, so resident memory stays near one
+        weight instead of growing to the whole data file (the pages are file-backed: they are re-read on use)."""
+        info = {e.key: e.value for e in t.external_data}
+        m = self._maps.get(info.get("location", ""))
+        if m is None or not hasattr(m, "madvise"):
+            return
+        start = int(info.get("offset", 0)) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(m), int(info.get("offset", 0)) + int(info.get("length", len(m))))
+        if end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def array(self, name: str) -> np.ndarray:
         t = self.initializers[name]
         if t.data_location != TensorProto.EXTERNAL:
@@ -222,7 +234,7 @@ def _quantize_embedding(w: np.ndarray, t: Target, settings: Settings, writer: Te
 def _quantize_matmul(w: np.ndarray, t: Target, settings: Settings, writer: TensorWriter,
                      hessian: np.ndarray | None) -> list[TensorProto]:
     p = quantize_weight(w, algorithm=settings.algorithm, bits=settings.bits, block_size=settings.block_size,
-                        symmetric=settings.symmetric, hessian=hessian)
+                        symmetric=settings.symmetric, hessian=hessian, transposed=t.transposed)
     names = quantized_names(t)
     out = [writer.add_array(names[0], p.qweight), writer.add_array(names[1], p.scales.astype(w.dtype))]
     if p.zeros is not None:
@@ -255,13 +267,14 @@ def rewrite(src: SourceModel, out_dir: Path, targets: list[Target], settings: Se
                     initializers += _quantize_embedding(w, t, settings, writer)
                 else:
                     h = hessian(t.activation) if settings.algorithm == "gptq" else None
-                    initializers += _quantize_matmul(w.T if t.transposed else w, t, settings, writer, h)
+                    initializers += _quantize_matmul(w, t, settings, writer, h)
                 del w
                 if on_weight:
                     on_weight(t)
-            if mine and len(mine) == uses.get(init.name, 0) and init.name not in src.input_names:
-                continue  # every use replaced: the float weight goes away
-            initializers.append(_copy(src, init, writer))
+            if not (mine and len(mine) == uses.get(init.name, 0) and init.name not in src.input_names):
+                initializers.append(_copy(src, init, writer))  # else every use was replaced: the float one goes
+            if init.data_location == TensorProto.EXTERNAL:
+                src.release(init)
     finally:
         writer.close()
 
