@@ -362,11 +362,10 @@ async def _completion_chunks(server, body: P.CompletionRequest, jobs: list[Job],
         for i in range(len(jobs)):
             yield {**base, "choices": [{"index": i, "text": echo[i // n], "logprobs": None, "finish_reason": None}]}
     completion = 0
-    async for ev in _events(jobs):
+    async for ev in _events(jobs):  # one chunk per token, even when its text is held back (half a character)
         completion += ev.new_tokens
-        if ev.text or ev.finish_reason:
-            yield {**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": None,
-                                        "finish_reason": ev.finish_reason}]}
+        yield {**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": None,
+                                    "finish_reason": ev.finish_reason}]}
     if body.stream_options and body.stream_options.include_usage:
         yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
 
