@@ -118,14 +118,15 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def server(setup):
     s = ServerProcess(setup["folder"], "--adapters", str(setup["adapters"]), "--tenants", str(setup["tenants"]),
-                      "--max-batch", "8", "--max-queue", "16", log=setup["root"] / "server.log")
+                      "--max-batch", "8", "--max-queue", "16", "--max-loaded-adapters", "5",
+                      log=setup["root"] / "server.log")
     yield s
     s.stop()
 
 
-def _client(server, key=ADMIN, **kw) -> httpx.Client:
+def _client(server, key=ADMIN, timeout=60, **kw) -> httpx.Client:
     return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"} if key else {},
-                        timeout=60, **kw)
+                        timeout=timeout, **kw)
 
 
 def _metrics(server) -> dict[str, float]:
@@ -385,6 +386,30 @@ def test_upload_load_and_delete_while_a_request_runs(server, setup, reference):
     assert admin.delete("/v1/adapters/b-up").status_code == 404
 
 
+def test_adapters_load_on_first_use_into_an_lru(server, setup, reference):
+    for i in range(10):  # dropped into the folder while the server runs
+        shutil.copy(setup["adapters"] / "a1.onnx_adapter", setup["adapters"] / f"c{i}.onnx_adapter")
+    admin = _client(server)
+    assert {f"c{i}" for i in range(10)} <= {m["id"] for m in admin.get("/v1/models").json()["data"]}
+    before = _metrics(server)
+    for i in range(10):
+        assert _complete(server, f"c{i}", PROMPTS[0])["choices"][0]["text"] == reference("a1", PROMPTS[0])
+    middle = _metrics(server)
+    assert middle["ortlora_adapter_loads_total"] - before["ortlora_adapter_loads_total"] == 10
+    assert middle["ortlora_loaded_adapters"] == 5  # --max-loaded-adapters
+    assert middle["ortlora_adapter_evictions_total"] - before["ortlora_adapter_evictions_total"] >= 5
+    loaded = {a["name"] for a in admin.get("/v1/adapters").json()["data"] if a["loaded"]}
+    assert loaded == {f"c{i}" for i in range(5, 10)}  # the least recently used went first
+    _complete(server, "c9", PROMPTS[1])
+    after = _metrics(server)
+    assert after["ortlora_adapter_loads_total"] == middle["ortlora_adapter_loads_total"]
+    assert after["ortlora_adapter_cache_hits_total"] == middle["ortlora_adapter_cache_hits_total"] + 1
+    assert after['ortlora_adapter_requests_total{adapter="c9"}'] == 2
+    for i in range(10):
+        (setup["adapters"] / f"c{i}.onnx_adapter").unlink()
+    assert "c0" not in {m["id"] for m in admin.get("/v1/models").json()["data"]}
+
+
 def test_client_disconnect_cancels_the_request(server):
     before = _metrics(server)
     body = {"model": "a2", "prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
@@ -401,6 +426,14 @@ def test_client_disconnect_cancels_the_request(server):
     after = _metrics(server)
     assert after["ortlora_running_requests"] == 0
     assert after["ortlora_generation_tokens_total"] - before["ortlora_generation_tokens_total"] < 1000
+
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting, the server notices
+        _client(server, timeout=0.3).post("/v1/completions", json={**body, "stream": False})
+    deadline = time.monotonic() + 10
+    while _metrics(server).get(key, 0) <= after.get(key, 0):
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.05)
+    assert _metrics(server)["ortlora_running_requests"] == 0
 
 
 # -- load ----------------------------------------------------------------------------------------------------------

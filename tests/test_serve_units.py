@@ -110,6 +110,26 @@ def test_registry_discovers_by_stem_and_confines_paths(tmp_path):
     assert "late" not in reg and (root / "late.onnx_adapter").exists()
 
 
+def test_registry_holds_thousands_and_refreshes(tmp_path):
+    import time
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    one = _adapter(root / "a0.onnx_adapter")
+    for i in range(1, 3000):
+        (root / f"a{i}.onnx_adapter").symlink_to(one.name)  # relative, inside the folder
+    t0 = time.perf_counter()
+    reg = AdapterRegistry(root)
+    assert len(reg) == 3000 and time.perf_counter() - t0 < 2.0  # files are listed, not opened
+    reg.add_path("alias", "a0.onnx_adapter")
+    (root / "a1.onnx_adapter").unlink()
+    _adapter(root / "new.onnx_adapter")
+    reg.remove("a2")
+    reg.refresh()
+    names = set(reg.names())
+    assert "new" in names and "alias" in names and "a1" not in names and "a2" not in names and len(names) == 3000
+
+
 def test_registry_upload_is_atomic_checked_and_bounded(tmp_path):
     root = tmp_path / "adapters"
     root.mkdir()

@@ -73,6 +73,7 @@ def create_app(server) -> FastAPI:
     # -- models ------------------------------------------------------------------------------------------------
     @app.get("/v1/models", response_model=P.ModelList, tags=["openai"])
     def list_models(tenant: Tenant = Depends(authenticate)) -> P.ModelList:
+        server.registry.refresh()  # files dropped into the folder since: listed too
         cards = []
         if tenant.base_model:
             cards.append(P.ModelCard(id=server.model_name, created=server.created, owned_by="ortlora"))
@@ -147,6 +148,7 @@ def create_app(server) -> FastAPI:
 
     @app.get("/v1/adapters", response_model=P.AdapterList, tags=["adapters"])
     def list_adapters(tenant: Tenant = Depends(authenticate)) -> P.AdapterList:
+        server.registry.refresh()
         infos = []
         for name in server.registry.names():
             if tenant.may_use(name):

@@ -57,13 +57,15 @@ class AdapterRegistry:
         self.reserved = set(reserved)  # e.g. the base model's name
         self._paths: dict[str, Path] = {}
         self._hidden: set[str] = set()  # deleted through the API: not rediscovered from the folder
-        self._uploaded: set[str] = set()
+        self._uploaded: set[str] = set()  # written by add_upload: deleted with the registration
+        self._added: set[str] = set()  # registered through the API (kept by refresh)
         self._lock = threading.Lock()
         self.skipped: list[str] = []
         if self.root is not None:
             self._discover()
 
     def _discover(self) -> None:
+        found, skipped = {}, []
         with os.scandir(self.root) as it:
             for entry in it:
                 if not entry.name.endswith(SUFFIX):
@@ -73,9 +75,24 @@ class AdapterRegistry:
                     check_name(name)
                     if name in self.reserved:
                         raise BadAdapterRequest(f"{name!r} is the base model's name")
-                    self._paths[name] = self._inside(Path(entry.path))
+                    found[name] = self._inside(Path(entry.path))
                 except AdapterError as exc:
-                    self.skipped.append(f"{entry.name}: {exc}")
+                    skipped.append(f"{entry.name}: {exc}")
+        self._paths.update(found)
+        self.skipped = skipped
+
+    def refresh(self) -> None:
+        """Rescan the folder: files added since are registered, files gone are forgotten (names deleted through
+        the API stay hidden; names registered through the API under another file are kept)."""
+        if self.root is None:
+            return
+        with self._lock:
+            own = {n: p for n, p in self._paths.items() if n in self._added}
+            self._paths = {}
+            self._discover()
+            for name in self._hidden:
+                self._paths.pop(name, None)
+            self._paths.update(own)
 
     def _inside(self, path: Path) -> Path:
         """`path` resolved (symlinks followed); BadAdapterRequest unless it is a file inside the root."""
@@ -136,6 +153,7 @@ class AdapterRegistry:
             self._claim(name)
             self._paths[name] = real
             self._hidden.discard(name)
+            self._added.add(name)
         return real
 
     def add_upload(self, name: str, stream: BinaryIO, max_bytes: int) -> Path:
@@ -165,6 +183,7 @@ class AdapterRegistry:
         with self._lock:
             self._hidden.discard(name)
             self._uploaded.add(name)
+            self._added.add(name)
         return target
 
     def remove(self, name: str) -> Path:
@@ -173,6 +192,7 @@ class AdapterRegistry:
         with self._lock:
             self._paths.pop(name, None)
             self._hidden.add(name)
+            self._added.discard(name)
             if name in self._uploaded:
                 self._uploaded.discard(name)
                 path.unlink(missing_ok=True)  # open mappings stay valid: in-flight requests finish

@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ortlora.errors import OrtloraError
 from ortlora.runtime.adapter_store import Adapter
 from ortlora.runtime.generation import Batch, Request
 from ortlora.runtime.sampling import SamplingParams
@@ -65,12 +66,13 @@ class Scheduler:
     """Owns the engine (through a runtime Batch) on one thread; `submit` from any thread."""
 
     def __init__(self, batch: Batch, tokenizer, eos_ids: frozenset[int], metrics: Metrics, max_queue: int = 256,
-                 release: Callable[[Adapter | None], None] | None = None):
+                 release: Callable[[Adapter | None], None] | None = None, base_label: str = "base"):
         self.batch = batch
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.metrics = metrics
         self.max_queue = max_queue
+        self.base_label = base_label  # the adapter label of base-model requests in the metrics
         self._release = release or (lambda adapter: None)
         self._inbox: deque[Job] = deque()
         self._jobs: dict[Request, Job] = {}
@@ -99,6 +101,9 @@ class Scheduler:
             if self.draining or self._stop:
                 self.metrics.rejected.inc(reason="shutting_down")
                 raise ShuttingDown("the server is shutting down and accepts no new requests")
+            if len(jobs) > self.max_queue:
+                raise OrtloraError(f"the request asks for {len(jobs)} choices; the queue holds {self.max_queue} "
+                                   "(--max-queue): ask for fewer")
             if len(self._inbox) + len(jobs) > self.max_queue:
                 self.metrics.rejected.inc(reason="queue_full")
                 raise QueueFull(f"too many requests waiting ({len(self._inbox)} queued, limit {self.max_queue}); "
@@ -106,7 +111,7 @@ class Scheduler:
             self._inbox.extend(jobs)
             self.metrics.queue_depth.set(len(self._inbox))
             for job in jobs:
-                self.metrics.adapter_requests.inc(adapter=job.adapter_name or "")
+                self.metrics.adapter_requests.inc(adapter=job.adapter_name or self.base_label)
             self._cond.notify()
 
     def forget_adapter(self, adapter: Adapter) -> None:

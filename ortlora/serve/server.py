@@ -59,7 +59,7 @@ class Server:
         self.store = AdapterStore(self.engine.lora_inputs, capacity=max_loaded_adapters)
         self.store.on_unload(self._unloaded)
         self.scheduler = Scheduler(Batch(self.engine, self), self.tokenizer, self.eos_ids, self.metrics,
-                                   max_queue=max_queue, release=self.release)
+                                   max_queue=max_queue, release=self.release, base_label=self.model_name)
         self._lock = threading.RLock()
         self._keys: dict[str, str] = {}  # registered name -> store key (a new key for each registration)
         self._versions = itertools.count(1)
