@@ -216,8 +216,6 @@ def bench_genai_generators(folder: Path, adapters: Path, n: int, vocab: int) -> 
 
     wave(2)  # warm-up
     out = wave(n)
-    del og_adapters, model
-    gc.collect()
     return out
 
 
@@ -255,8 +253,6 @@ def bench_genai_engine(folder: Path, n: int, vocab: int) -> dict:
 
     wave(prompts(2, vocab, 1))
     out = wave(prompts(n, vocab, n))
-    del engine, model
-    gc.collect()
     return out
 
 
@@ -289,8 +285,6 @@ def bench_peft(model_dir: Path, peft: list[Path], concurrency: list[int], vocab:
 
     wave(2)
     out = {n: wave(n) for n in concurrency}
-    del model, base
-    gc.collect()
     return out
 
 
@@ -319,8 +313,6 @@ def bench_engine(folder: Path, adapters: Path, concurrency: list[int], vocab: in
             out[(mode, n)] = n * steps / (time.perf_counter() - t0)
             for s in slots:
                 engine.release_slot(s)
-    del engine
-    gc.collect()
     return out
 
 
@@ -378,6 +370,7 @@ def main() -> None:
             for n, r in bench_peft(model_dir, peft, a.concurrency, vocab).items():
                 rows.setdefault("(d) PEFT mixed batch", {})[n] = r
         report.append((precision, rows, engine, server, load_ms, stack_ms))
+        gc.collect()
 
     print(f"\nrandom Qwen2.5-0.5B-shaped model, {PROMPT}-token prompts, {NEW} new tokens, greedy, {cores} cores; "
           f"{N_ADAPTERS} rank-16 adapters on all linear layers; TTFT = time to first token (s)")

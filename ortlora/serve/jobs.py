@@ -1,0 +1,217 @@
+"""From an OpenAI request to engine jobs and back: prompts checked against the context, one job per choice
+(each holding its adapter), and the events of the jobs gathered into a response or streamed as server-sent events.
+Leaving early (client disconnect, error) cancels every job, which frees its batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ortlora.errors import OrtloraError
+from ortlora.serve import protocol as P
+from ortlora.serve.errors import APIError, error_response, status_of
+from ortlora.serve.scheduler import Event, Job
+
+
+def completion_prompts(server, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            ids = server.tokenizer.encode(p)
+        else:
+            ids = list(p)
+            bad = [t for t in ids if not 0 <= t < server.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {server.vocab_size})",
+                               param="prompt")
+        if not ids:
+            raise APIError(400, "prompt must not be empty (it encodes to no tokens)", param="prompt")
+        out.append(ids)
+    return out
+
+
+def chat_prompt(server, messages: list[dict]) -> list[int]:
+    try:
+        text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except OrtloraError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    except Exception as exc:  # jinja2 TemplateError: the template refused these messages
+        raise APIError(400, f"the model's chat template refused the messages: {exc}", param="messages") from None
+    return server.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def submit(server, body, adapter: str | None, prompts: list[list[int]], max_tokens: int | None,
+                 explicit_max: bool) -> list[Job]:
+    ctx = server.context_length
+    n = body.n or 1
+    limits = []
+    for ids in prompts:
+        if len(ids) >= ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens; the prompt has {len(ids)} "
+                                "tokens. Shorten the prompt.", param="prompt", code="context_length_exceeded")
+        room = ctx - len(ids)
+        if explicit_max and max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
+                                "completion). Reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        limits.append(min(max_tokens or room, room))
+    if len(prompts) * n > server.max_choices:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} choices; at most "
+                            f"{server.max_choices} per request", param="n")
+    try:
+        params = [server.sampling_params(body, limit, None if body.seed is None else body.seed + j)
+                  for limit in limits for j in range(n)]
+    except OrtloraError as exc:
+        raise APIError(400, str(exc)) from None
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731 - called on the engine thread
+    leases = []
+    try:
+        for _ in params:
+            leases.append(await run_in_threadpool(server.acquire, adapter))
+    except BaseException:
+        for lease in leases:
+            server.release(lease)
+        raise
+    arrival = time.monotonic()
+    jobs = [Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter, params=p, sink=sink,
+                arrival=arrival) for i, p in enumerate(params)]
+    for job in jobs:
+        job.queue = queue
+    try:
+        server.scheduler.submit(jobs)  # QueueFull -> 429, ShuttingDown -> 503
+    except BaseException:
+        for lease in leases:
+            server.release(lease)
+        raise
+    return jobs
+
+
+async def _events(jobs: list[Job]) -> AsyncIterator[Event]:
+    """Every job's events in arrival order, until each has finished."""
+    queue, left = jobs[0].queue, len(jobs)
+    while left:
+        ev = await queue.get()
+        if ev.error is not None:
+            raise ev.error
+        if ev.finish_reason is not None:
+            left -= 1
+        yield ev
+
+
+async def collect(request: Request, jobs: list[Job], build) -> Any:
+    """Wait for all choices (cancelling them if the client goes away) and build the response body."""
+    texts = [""] * len(jobs)
+    reasons: list[str | None] = [None] * len(jobs)
+    completion = 0
+
+    async def consume():
+        nonlocal completion
+        async for ev in _events(jobs):
+            texts[ev.index] += ev.text
+            completion += ev.new_tokens
+            if ev.finish_reason:
+                reasons[ev.index] = ev.finish_reason
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not consumer.done():  # the client left: free the slots
+            consumer.cancel()
+            raise APIError(499, "client disconnected")
+        consumer.result()
+    finally:
+        watcher.cancel()
+        consumer.cancel()
+        for job in jobs:
+            job.cancel()
+    return build(texts, reasons, _usage(jobs, completion))
+
+
+def _usage(jobs: list[Job], completion: int) -> P.Usage:
+    seen, prompt = set(), 0
+    for job in jobs:  # a prompt counts once however many choices it has
+        if id(job.prompt_ids) not in seen:
+            seen.add(id(job.prompt_ids))
+            prompt += len(job.prompt_ids)
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def stream(jobs: list[Job], chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False, separators=(',', ':'))}\n\n"
+            yield "data: [DONE]\n\n"
+        except OrtloraError as exc:  # after the headers went out an error can only be an event
+            yield f"data: {json.dumps(error_response(status_of(exc), str(exc), None)[1])}\n\n"
+        finally:  # also on client disconnect (the response task is cancelled): frees the batch slots
+            for job in jobs:
+                job.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def completion_chunks(body: P.CompletionRequest, jobs: list[Job], echo: list[str]):
+    rid, created, n = new_id("cmpl"), int(time.time()), body.n or 1
+    base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    if body.echo:
+        for i in range(len(jobs)):
+            yield {**base, "choices": [{"index": i, "text": echo[i // n], "logprobs": None, "finish_reason": None}]}
+    completion = 0
+    async for ev in _events(jobs):  # one chunk per token, even when its text is held back (half a character)
+        completion += ev.new_tokens
+        yield {**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": None,
+                                    "finish_reason": ev.finish_reason}]}
+    if body.stream_options and body.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
+
+
+async def chat_chunks(body: P.ChatCompletionRequest, jobs: list[Job]):
+    rid, created = new_id("chatcmpl"), int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    for i in range(len(jobs)):
+        yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}
+    completion = 0
+    async for ev in _events(jobs):
+        completion += ev.new_tokens
+        if ev.text:
+            yield {**base, "choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None,
+                                        "finish_reason": None}]}
+        if ev.finish_reason:
+            yield {**base, "choices": [{"index": ev.index, "delta": {}, "logprobs": None,
+                                        "finish_reason": ev.finish_reason}]}
+    if body.stream_options and body.stream_options.include_usage:
+        yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
