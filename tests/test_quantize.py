@@ -46,7 +46,8 @@ def _greedy(sess, prompt: list[int], n: int, feeds: dict) -> list[int]:
 
 
 def _initializers(folder: Path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t, str(folder)) for t in onnx.load(str(folder / "model.onnx")).graph.initializer}
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    return {t.name: numpy_helper.to_array(t, str(folder)) for t in graph.initializer}
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -63,7 +64,8 @@ def _dequantize(p, k: int, n: int, bits: int, block: int) -> np.ndarray:
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits, block_size=block)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0]
 

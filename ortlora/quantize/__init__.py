@@ -166,13 +166,24 @@ def load_adapter(path: str | Path) -> dict[str, np.ndarray]:
 def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapter_path: Sequence[str | Path], *,
                      source: Path, seq_len: int, calib_samples: int, eval_samples: int, data_name: str,
                      has_data: bool, progress: bool) -> Path:
+    src = SourceModel(ref)
+    try:
+        return _quantize_source(src, out, settings, text, adapter_path, source=source, seq_len=seq_len,
+                                calib_samples=calib_samples, eval_samples=eval_samples, data_name=data_name,
+                                has_data=has_data, progress=progress)
+    finally:
+        src.close()
+
+
+def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
+                     adapter_path: Sequence[str | Path], *, source: Path, seq_len: int, calib_samples: int,
+                     eval_samples: int, data_name: str, has_data: bool, progress: bool) -> Path:
     from ortlora.adapters.validate import model_feeds, model_lora_inputs
     from ortlora.quantize.evaluate import Hessians, Runner, compare
 
-    src = SourceModel(ref)
+    ref = src.folder
     targets = find_targets(src, settings)
     if not any(t.kind == "matmul" for t in targets):
-        src.close()
         raise ModelError(f"{ref}/model.onnx has no base MatMul weights (`*.MatMul.weight` initializers): "
                          "is it an ortlora export?")
     manifest = json.loads((ref / MANIFEST).read_text()) if (ref / MANIFEST).is_file() else {}
@@ -194,38 +205,36 @@ def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapte
         sizes = {t.activation: t.shape[0] for t in targets if t.kind == "matmul"}
         hessians = Hessians(ref, calib, order, sizes)
     bar = tqdm(total=len(targets), desc="quantize", unit="weight", disable=not progress)
-    try:
-        with atomic_dir(out) as tmp:
-            try:
-                rewrite(src, tmp, targets, settings, hessian=hessians, on_weight=lambda t: bar.update(1))
-            finally:
-                bar.close()
-            for f in ref.iterdir():
-                if f.is_file() and f.name not in _MODEL_FILES and not f.name.startswith("."):
-                    shutil.copy2(f, tmp / f.name)
-            seconds_quantize = time.perf_counter() - t0
-            _write_json(tmp / MANIFEST, {**manifest, **_manifest_update(settings)})
-            t1 = time.perf_counter()
-            results = []
-            if evals:  # both models in onnxruntime at once: the report's memory is about the two models
-                reference, quantized = Runner(ref), Runner(tmp)
-                for name, tensors in [(None, None), *adapters.items()]:
-                    results.append({"adapter": name, **compare(reference, quantized, evals, tensors)})
-                del reference, quantized
-            report = {
-                "source": str(source), "output": str(out), **_describe(settings),
-                "quantized_weights": sorted(t.module for t in targets),
-                "size_bytes": _sizes(src.data_bytes(), tmp),
-                "eval": {"data": data_name, "windows": len(evals), "tokens": int(sum(len(w) for w in evals)),
-                         "seq_len": seq_len, "held_out_from_calibration": held_out if has_data else None},
-                "calibration": ({"data": data_name, "windows": len(calib), "passes": hessians.passes}
-                                if hessians else None),
-                "results": results,
-                "seconds": {"quantize": round(seconds_quantize, 2), "evaluate": round(time.perf_counter() - t1, 2)},
-            }
-            _write_json(tmp / REPORT, report)
-    finally:
-        src.close()
+    with atomic_dir(out) as tmp:
+        try:
+            rewrite(src, tmp, targets, settings, hessian=hessians, on_weight=lambda t: bar.update(1))
+        finally:
+            bar.close()
+        skip = _MODEL_FILES | src.data_files()
+        for f in ref.iterdir():
+            if f.is_file() and f.name not in skip and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        seconds_quantize = time.perf_counter() - t0
+        _write_json(tmp / MANIFEST, {**manifest, **_manifest_update(settings)})
+        t1 = time.perf_counter()
+        results = []
+        if evals:  # both models in onnxruntime at once: the report's memory is about the two models
+            reference, quantized = Runner(ref), Runner(tmp)
+            for name, tensors in [(None, None), *adapters.items()]:
+                results.append({"adapter": name, **compare(reference, quantized, evals, tensors)})
+            del reference, quantized
+        report = {
+            "source": str(source), "output": str(out), **_describe(settings),
+            "quantized_weights": sorted(t.module for t in targets),
+            "size_bytes": _sizes(src.data_bytes(), tmp),
+            "eval": {"data": data_name, "windows": len(evals), "tokens": int(sum(len(w) for w in evals)),
+                     "seq_len": seq_len, "held_out_from_calibration": held_out if has_data else None},
+            "calibration": ({"data": data_name, "windows": len(calib), "passes": hessians.passes}
+                            if hessians else None),
+            "results": results,
+            "seconds": {"quantize": round(seconds_quantize, 2), "evaluate": round(time.perf_counter() - t1, 2)},
+        }
+        _write_json(tmp / REPORT, report)
     return out
 
 

@@ -2,6 +2,7 @@
 
     x ─MatMul(<module>.MatMul.weight [K, N])─>          x ─MatMulNBits(<module>.MatMulNBits.qweight,
                                                  ==>                 .scales[, .qzeros], K, N, bits, block)─>
+    x ─FusedMatMul(model.embed_tokens.weight, transB)─>  ==>  MatMulNBits(lm_head.MatMulNBits.*) (tied LM head)
     x ─MatMul(<module>.lora_A.weight)─MatMul(<module>.lora_B.weight)─>   unchanged (B is a graph input)
     ids ─Gather(model.embed_tokens.weight)─>     ==>  (with embeddings) GatherBlockQuantized, int4
 
@@ -28,7 +29,6 @@ from ortlora.quantize.algorithms import quantize_weight, quiet_onnxruntime_quant
 MS_DOMAIN = "com.microsoft"
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulInteger", "DequantizeLinear")
 EMBEDDING = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.MatMul.weight"
 _WEIGHT_SUFFIX = ".MatMul.weight"
 _ALIGN = 4096
 _INLINE_LIMIT = 1024
@@ -115,10 +115,13 @@ class SourceModel:
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         return np.frombuffer(self.raw(t), dtype=dtype).reshape(tuple(t.dims))
 
+    def data_files(self) -> set[str]:
+        """Names of the external data files the model references."""
+        return {e.value for t in self.graph.initializer for e in t.external_data if e.key == "location"}
+
     def data_bytes(self) -> int:
         """model.onnx and the external data files it references, in bytes."""
-        files = {self.path} | {self.folder / e.value for t in self.graph.initializer for e in t.external_data
-                               if e.key == "location"}
+        files = [self.path, *(self.folder / name for name in self.data_files())]
         return sum(f.stat().st_size for f in files if f.is_file())
 
     def close(self) -> None:
