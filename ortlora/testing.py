@@ -163,17 +163,9 @@ def train_model(model_dir: str | Path, text: str, *, steps: int = 300, lr: float
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    loss = None
-    with _one_thread():
-        for x in _token_batches(Path(model_dir), text, seq_len, batch, steps, seed):
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    loss = _train(model, Path(model_dir), text, lr=lr, seq_len=seq_len, batch=batch, steps=steps, seed=seed)
     model.save_pretrained(model_dir, safe_serialization=True)
-    return float(loss.detach())
+    return loss
 
 
 def train_adapter(model_dir: str | Path, out_dir: str | Path, text: str, *, steps: int = 100, r: int = 8,
@@ -188,13 +180,22 @@ def train_adapter(model_dir: str | Path, out_dir: str | Path, text: str, *, step
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules),
                                             lora_dropout=0.0))
+    _train(model, Path(model_dir), text, lr=lr, seq_len=seq_len, batch=batch, steps=steps, seed=seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+def _train(model, model_dir: Path, text: str, *, lr: float, seq_len: int, batch: int, steps: int, seed: int) -> float:
+    """AdamW on next-token loss over the trainable parameters; returns the last loss."""
+    import torch
+
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss = None
     with _one_thread():
-        for x in _token_batches(Path(model_dir), text, seq_len, batch, steps, seed):
+        for x in _token_batches(model_dir, text, seq_len, batch, steps, seed):
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    return Path(out_dir)
+    return float(loss.detach())
