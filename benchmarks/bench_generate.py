@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import sys
 import time
@@ -64,87 +65,125 @@ def timed(first_and_rest) -> tuple[float, float]:
     return t1 - t0, (NEW_TOKENS - 1) / (t2 - t1)
 
 
-def bench_ortlora(folder: Path, adapter_file: Path, prompts: dict[int, list[int]]) -> dict:
-    from ortlora import Model
+class Ortlora:
+    def __init__(self, folder: Path, adapter_file: Path, max_len: int):
+        from ortlora import Model
 
-    m = Model(folder, slots=1, max_len=max(map(len, prompts.values())) + NEW_TOKENS + 8)
-    m.adapters.load(adapter_file, name="r16")
-    results = {}
+        self.model = Model(folder, slots=4, max_len=max_len)
+        self.model.adapters.load(adapter_file, name="r16")
 
-    def run(ids, adapter):
+    def run(self, ids, adapter: bool):
         count = 0
-        for chunk in m.stream(ids, adapter=adapter, max_new_tokens=NEW_TOKENS, ignore_eos=True):
+        for chunk in self.model.stream(ids, adapter="r16" if adapter else None, max_new_tokens=NEW_TOKENS,
+                                       ignore_eos=True):
             count += len(chunk.token_ids)
             yield count
 
-    for adapter in (None, "r16"):
-        list(run(prompts[min(prompts)], adapter))  # warm-up
-        for n, ids in prompts.items():
-            results[(n, adapter is not None)] = timed(run(ids, adapter))
-    del m
-    gc.collect()
-    return results
 
+class Genai:
+    def __init__(self, folder: Path, adapter_file: Path, max_len: int):
+        import onnxruntime_genai as og
 
-def bench_genai(folder: Path, adapter_file: Path, prompts: dict[int, list[int]]) -> dict:
-    import onnxruntime_genai as og
+        self.og = og
+        self.model = og.Model(str(folder))
+        self.adapters = og.Adapters(self.model)
+        self.adapters.load(str(adapter_file), "r16")
 
-    model = og.Model(str(folder))
-    adapters = og.Adapters(model)
-    adapters.load(str(adapter_file), "r16")
-    results = {}
-
-    def run(ids, adapter):
-        params = og.GeneratorParams(model)
+    def run(self, ids, adapter: bool):
+        params = self.og.GeneratorParams(self.model)
         total = len(ids) + NEW_TOKENS
         params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        gen = og.Generator(model, params)
+        gen = self.og.Generator(self.model, params)
         if adapter:
-            gen.set_active_adapter(adapters, adapter)
+            gen.set_active_adapter(self.adapters, "r16")
         gen.append_tokens([ids])  # prefill; the first token is picked in generate_next_token
         count = 0
         while not gen.is_done():
             gen.generate_next_token()
             count += 1
             yield count
-        del gen
-
-    for adapter in (None, "r16"):
-        list(run(prompts[min(prompts)], adapter))
-        for n, ids in prompts.items():
-            results[(n, adapter is not None)] = timed(run(ids, adapter))
-    del adapters, model
-    gc.collect()
-    return results
 
 
-def bench_torch(model_dir: Path, peft_dir: Path, prompts: dict[int, list[int]], threads: int) -> dict:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+class Peft:
+    """transformers + PEFT (LoRA layers unmerged), fp32; the base runs with the adapter disabled."""
 
-    torch.set_num_threads(threads)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    results = {}
+    def __init__(self, model_dir: Path, peft_dir: Path, threads: int):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
-    def run(model, ids):
-        with torch.inference_mode():
-            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        torch.set_num_threads(threads)
+        self.torch = torch
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = PeftModel.from_pretrained(base, peft_dir).eval()
+
+    def run(self, ids, adapter: bool):
+        import contextlib
+
+        torch = self.torch
+        ctx = contextlib.nullcontext() if adapter else self.model.disable_adapter()
+        with torch.inference_mode(), ctx:
+            out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
             past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
             yield 1
             for count in range(2, NEW_TOKENS + 1):
-                out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+                out = self.model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
                 past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
                 yield count
 
-    for with_adapter in (False, True):
-        model = PeftModel.from_pretrained(base, peft_dir).eval() if with_adapter else base.eval()
-        list(run(model, prompts[min(prompts)]))
-        for n, ids in prompts.items():
-            results[(n, with_adapter)] = timed(run(model, ids))
-    del base, model
-    gc.collect()
+
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def compare(engines: dict, prompts: dict[int, list[int]], rounds: int) -> dict:
+    """Engines take turns on every configuration (the machine's load drifts); the best of `rounds` runs counts."""
+    for engine in engines.values():
+        for adapter in (False, True):
+            for _ in itertools.islice(engine.run(prompts[min(prompts)][:8], adapter), 4):  # warm-up
+                pass
+    results = {}
+    for n, ids in prompts.items():
+        for adapter in (False, True):
+            runs = {name: [] for name in engines}
+            for _ in range(rounds):
+                for name, engine in engines.items():
+                    runs[name].append(timed(engine.run(ids, adapter)))
+            results[(n, adapter)] = {name: best(r) for name, r in runs.items()}
     return results
+
+
+def batch_costs(ours: "Ortlora", adapter_file: Path, vocab: int, rounds: int) -> list[str]:
+    """Four rows of 32-token prompts: prefill one by one vs right-padded together; decode with one adapter on all
+    rows (exported graph) vs a mix of two adapters and the base (mixed-adapter graph: the gather's cost)."""
+    from ortlora.runtime.engine import Row
+
+    m = ours.model
+    m.adapters.load(adapter_file, name="r16b")  # same weights, another adapter to the engine
+    engine, store = m.engine, m.adapters
+    prompts = [prompt_ids(32, vocab, seed=s) for s in range(4)]
+    lines = []
+    for label, names in (("same adapter", ["r16"] * 4), ("mixed r16/r16b/base", ["r16", "r16b", None, "r16"])):
+        handles = [store.get(n) if n else None for n in names]
+        pre = {False: [], True: []}
+        dec = []
+        for _ in range(rounds):
+            for batched in (False, True):
+                slots = [engine.acquire_slot() for _ in prompts]
+                t = time.perf_counter()
+                engine.prefill([Row(s, p, h) for s, p, h in zip(slots, prompts, handles)], batched=batched)
+                pre[batched].append(time.perf_counter() - t)
+                if batched:
+                    t = time.perf_counter()
+                    for _ in range(16):
+                        engine.decode([Row(s, [7], h) for s, h in zip(slots, handles)])
+                    dec.append(4 * 16 / (time.perf_counter() - t))
+                for s in slots:
+                    engine.release_slot(s)
+        lines.append(f"4 rows, {label}: prefill per row {min(pre[False]):.3f}s, batched {min(pre[True]):.3f}s; "
+                     f"decode {max(dec):.1f} tok/s (all rows)")
+    store.unload("r16b")
+    return lines
 
 
 def main() -> None:
@@ -152,6 +191,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/ortlora-bench-generate")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4"])
     ap.add_argument("--prompt-lengths", nargs="+", type=int, default=[32, 512])
+    ap.add_argument("--rounds", type=int, default=2, help="runs per engine and configuration (best counts)")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -160,37 +200,42 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0))
     from ortlora.runtime.engine import ModelInfo
 
-    rows = []
-    torch_results = None
+    table, extra = [], []
     for precision in a.precisions:
         vocab = ModelInfo.read(folders[precision]).vocab_size
         prompts = {n: prompt_ids(n, vocab) for n in a.prompt_lengths}
-        ours = bench_ortlora(folders[precision], adapters[precision], prompts)
-        theirs = bench_genai(folders[precision], adapters[precision], prompts)
+        max_len = max(a.prompt_lengths) + NEW_TOKENS + 8
+        engines = {"ortlora": Ortlora(folders[precision], adapters[precision], max_len),
+                   "genai": Genai(folders[precision], adapters[precision], max_len)}
         if precision == "fp32" and not a.no_torch:
-            torch_results = bench_torch(model_dir, peft_dir, prompts, threads)
-        for key in ours:
-            pt = torch_results.get(key) if (torch_results and precision == "fp32") else None
-            rows.append((precision, *key, ours[key], theirs[key], pt))
+            engines["PEFT"] = Peft(model_dir, peft_dir, threads)
+        for key, res in compare(engines, prompts, a.rounds).items():
+            table.append((precision, *key, res))
+        extra += [f"{precision}: {line}" for line in batch_costs(engines["ortlora"], adapters[precision], vocab,
+                                                                   a.rounds)]
+        del engines
+        gc.collect()
 
-    print(f"\nrandom Qwen2.5-0.5B-shaped model, greedy, {NEW_TOKENS} new tokens, {threads} threads; "
-          "TTFT = time to first token (s), tok/s = decode tokens/s after the first")
+    nan = (float("nan"), float("nan"))
+    print(f"\nrandom Qwen2.5-0.5B-shaped model, greedy, {NEW_TOKENS} new tokens, {threads} threads, best of "
+          f"{a.rounds}; TTFT = time to first token (s), tok/s = decode tokens/s after the first")
     head = (f"{'prec':5s} {'prompt':>6s} {'adapter':>7s} | {'ortlora TTFT':>12s} {'tok/s':>6s} | {'genai TTFT':>10s} "
-            f"{'tok/s':>6s} | {'PEFT TTFT':>9s} {'tok/s':>6s} | {'decode vs genai':>15s} {'vs PEFT':>7s} "
-            f"{'TTFT vs genai':>13s}")
+            f"{'tok/s':>6s} | {'PEFT TTFT':>9s} {'tok/s':>6s} | {'decode/genai':>12s} {'/PEFT':>6s} | "
+            f"{'TTFT/genai':>10s} {'/PEFT':>6s}")
     print(head)
     print("-" * len(head))
-    for precision, n, with_adapter, (o_ttft, o_tps), (g_ttft, g_tps), pt in rows:
-        p_ttft, p_tps = pt if pt else (float("nan"), float("nan"))
-        print(f"{precision:5s} {n:6d} {'r16' if with_adapter else '-':>7s} | {o_ttft:12.3f} {o_tps:6.1f} | "
-              f"{g_ttft:10.3f} {g_tps:6.1f} | {p_ttft:9.3f} {p_tps:6.1f} | {o_tps / g_tps:14.2f}x "
-              f"{o_tps / p_tps:6.2f}x {o_ttft / g_ttft:12.2f}x")
-    by_key = {(p, n, w): (o, g) for p, n, w, o, g, _ in rows}
+    for precision, n, adapter, res in table:
+        (ot, od), (gt, gd), (pt, pd) = res["ortlora"], res["genai"], res.get("PEFT", nan)
+        print(f"{precision:5s} {n:6d} {'r16' if adapter else '-':>7s} | {ot:12.3f} {od:6.1f} | {gt:10.3f} {gd:6.1f} | "
+              f"{pt:9.3f} {pd:6.1f} | {od / gd:11.2f}x {od / pd:5.2f}x | {ot / gt:9.2f}x {ot / pt:5.2f}x")
+    by_key = {(p, n, ad): res for p, n, ad, res in table}
     for precision in a.precisions:
         for n in a.prompt_lengths:
-            base, lora = by_key[(precision, n, False)][0], by_key[(precision, n, True)][0]
-            print(f"ortlora adapter overhead {precision} prompt {n}: decode {100 * (base[1] / lora[1] - 1):+.1f}%, "
+            base, lora = by_key[(precision, n, False)]["ortlora"], by_key[(precision, n, True)]["ortlora"]
+            print(f"ortlora adapter overhead, {precision}, prompt {n}: decode {100 * (base[1] / lora[1] - 1):+.1f}%, "
                   f"TTFT {100 * (lora[0] / base[0] - 1):+.1f}%")
+    for line in extra:
+        print(line)
 
 
 if __name__ == "__main__":

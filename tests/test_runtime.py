@@ -160,3 +160,26 @@ def test_engine_continuation_equals_one_prefill(lora):
     engine.truncate(1, len(first))  # keep the shared prefix, prefill a different continuation
     again = engine.prefill([Row(1, second)])[0]
     np.testing.assert_allclose(again, whole, atol=ATOL)
+
+
+def test_engine_batched_prefill_equals_per_row(lora):
+    """Right-padded rows prefilled together (free slot 1 in between gets a dummy row) = one row at a time."""
+    _, folder, _, _ = lora
+    from ortlora.runtime.adapter_store import AdapterStore
+
+    engine = Engine(folder, slots=4, max_len=32)
+    store = AdapterStore(engine.lora_inputs)
+    a1, a2 = (store.load(folder / f"{n}.onnx_adapter") for n in ("a1", "a2"))
+    rows = [Row(0, PROMPTS[0], a1), Row(2, PROMPTS[1], None), Row(3, PROMPTS[2], a2)]
+    results = []
+    for batched in (False, True):
+        for _ in range(4):
+            engine.acquire_slot()
+        engine.release_slot(1)
+        first = engine.prefill(rows, batched=batched)
+        results.append((first, engine.decode([Row(r.slot, [5], r.adapter) for r in rows])))
+        for s in (0, 2, 3):
+            engine.release_slot(s)
+    np.testing.assert_allclose(results[1][0], results[0][0], atol=ATOL)
+    np.testing.assert_allclose(results[1][1], results[0][1], atol=ATOL)
+    assert not np.allclose(results[0][0][0], results[0][0][1], atol=0.1)  # rows differ: a mix-up would show

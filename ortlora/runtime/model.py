@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -103,6 +104,8 @@ class Model:
             while batch:
                 with self._lock:
                     events = batch.step()
+                if not events:  # every slot is taken by other generations: wait for one to finish
+                    time.sleep(0.002)
                 for _, chunk in events:
                     yield chunk
         finally:
