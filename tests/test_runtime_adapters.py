@@ -164,3 +164,32 @@ def test_bad_inputs(lora, model, tmp_path):
         model.generate("")
     with pytest.raises(OrtloraError, match="unknown sampling setting"):
         model.generate("a", temprature=1.0)
+
+
+def test_conversation_lease_reuses_the_cached_prefix(model, monkeypatch):
+    fed = []
+    prefill = model.engine.prefill
+
+    def counting(rows, **kw):
+        fed.append(len(rows[0].tokens))
+        return prefill(rows, **kw)
+
+    monkeypatch.setattr(model.engine, "prefill", counting)
+    lease = model.reserve_slot()
+    try:
+        first = PROMPTS[0]
+        run = lambda p, a, n: [t for c in model.stream(p, a, lease=lease, max_new_tokens=n, ignore_eos=True)  # noqa
+                               for t in c.token_ids]
+        out1 = run(first, "a1", 5)
+        assert lease.ids == first + out1[:-1] and fed == [len(first)]
+        second = first + out1 + PROMPTS[1]  # the next turn: history + output + new text
+        out2 = run(second, "a1", 5)
+        assert fed[-1] == 1 + len(PROMPTS[1])  # out1's last token (never fed) + the new text
+        assert out2 == model.complete(second, "a1", max_new_tokens=5, ignore_eos=True)[0].token_ids  # = no reuse
+        third = PROMPTS[2]  # nothing in common: everything is prefilled again
+        out3 = run(third, None, 3)
+        assert fed[-1] == len(third)
+        assert out3 == model.complete(third, max_new_tokens=3, ignore_eos=True)[0].token_ids
+    finally:
+        model.release_slot(lease)
+    assert model.engine.free_slots == 4

@@ -70,11 +70,12 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=max(temperature, 0.0),
                             top_p=top_p if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 0,
                             seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
-    m = Model(model, slots=1, threads=threads)
-    names = adapter_names(adapters)
+    names = adapter_names(adapters) or [BASE]
+    # in a chat each conversation keeps its KV slot, so a turn prefills only what it adds
+    m = Model(model, slots=len(names) if chat else 1, threads=threads)
     for name, path in zip(names, adapters):
         m.adapters.load(path, name=name)
-    conversations = {name: Conversation(m, template, system) for name in (names or [BASE])}
+    conversations = {name: Conversation(m, template, system, m.reserve_slot() if chat else None) for name in names}
 
     def turn(user: str) -> dict[str, str]:
         texts = {}
@@ -82,7 +83,8 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
             out.write(f"[{name}]: ")
             out.flush()
             pieces = []
-            for chunk in m.stream(conv.prompt(user), adapter=None if name == BASE else name, params=params):
+            for chunk in m.stream(conv.prompt(user), adapter=None if name == BASE else name, params=params,
+                                  lease=conv.lease):
                 pieces.append(chunk.text)
                 out.write(chunk.text)
                 out.flush()
@@ -110,8 +112,8 @@ class Conversation:
     """The prompt of each turn: the chat template over the message history, or the {system}/{input} template
     appended to the transcript so far."""
 
-    def __init__(self, model, template: str | None, system: str | None):
-        self.model, self.template, self.system = model, template, system
+    def __init__(self, model, template: str | None, system: str | None, lease=None):
+        self.model, self.template, self.system, self.lease = model, template, system, lease
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         self.transcript = ""
         self.use_chat_template = template is None and model.tokenizer.chat_template is not None

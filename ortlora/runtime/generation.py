@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ortlora.errors import OrtloraError
 from ortlora.runtime.adapter_store import Adapter, AdapterStore
 from ortlora.runtime.engine import Engine, Row
 from ortlora.runtime.sampling import Sampler, SamplingParams
@@ -41,6 +42,15 @@ class Completion:
 
 
 @dataclass(eq=False)
+class SlotLease:
+    """A KV slot kept across generations (one conversation): each prompt reuses the cached prefix it shares with
+    the previous prompt + output, and only the rest is prefilled."""
+    slot: int
+    ids: list[int] = field(default_factory=list)  # the tokens whose keys and values the slot holds
+    busy: bool = False
+
+
+@dataclass(eq=False)
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -52,6 +62,8 @@ class Request:
     text: str = ""
     finish_reason: str | None = None
     released: bool = False  # the adapter reference went back to the store
+    lease: SlotLease | None = None
+    reused: int = 0  # prompt tokens whose KV came from the lease
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
@@ -141,11 +153,10 @@ class Batch:
         """Prefill waiting requests into free slots (first token each), else decode every running request once."""
         events = []
         admitted = []
-        while self.waiting and self.engine.free_slots:
+        while self.waiting and (self.waiting[0].lease is not None or self.engine.free_slots):
             req = self.waiting.popleft()
-            req.slot = self.engine.acquire_slot()
             try:
-                logits = self.engine.prefill([Row(req.slot, req.prompt_ids, req.adapter)])[0]
+                logits = self._prefill(req)
             except BaseException:
                 self._leave(req)
                 raise
@@ -161,6 +172,23 @@ class Batch:
             if req.finished:
                 self._leave(req)
         return events
+
+    def _prefill(self, req: Request) -> np.ndarray:
+        lease = req.lease
+        if lease is None:
+            req.slot = self.engine.acquire_slot()
+            return self.engine.prefill([Row(req.slot, req.prompt_ids, req.adapter)])[0]
+        if lease.busy:
+            raise OrtloraError(f"KV slot {lease.slot} is already generating for this conversation")
+        lease.busy, req.slot = True, lease.slot
+        common = 0
+        for a, b in zip(lease.ids, req.prompt_ids[:-1]):  # at least the last prompt token is prefilled
+            if a != b:
+                break
+            common += 1
+        self.engine.truncate(lease.slot, common)
+        req.reused = common
+        return self.engine.prefill([Row(lease.slot, req.prompt_ids[common:], req.adapter)])[0]
 
     def _full(self, req: Request) -> bool:
         """Will the token about to be sampled fill the context? (prompt + output <= max_len, as in genai's
@@ -179,7 +207,11 @@ class Batch:
         if req in self.running:
             self.running.remove(req)
         if req.slot is not None:
-            self.engine.release_slot(req.slot)
+            if req.lease is None:
+                self.engine.release_slot(req.slot)
+            else:  # the slot holds the keys and values of every token fed so far
+                req.lease.ids = (req.prompt_ids + req.token_ids)[:int(self.engine.lengths[req.slot])]
+                req.lease.busy = False
             req.slot = None
         if self.store is not None and req.adapter is not None and not req.released:
             self.store.release(req.adapter)

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 from ortlora.errors import OrtloraError
 from ortlora.runtime.adapter_store import AdapterStore
 from ortlora.runtime.engine import Engine
-from ortlora.runtime.generation import Batch, Chunk, Completion, Request, run_to_end
+from ortlora.runtime.generation import Batch, Chunk, Completion, Request, SlotLease, run_to_end
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
 
@@ -70,10 +70,22 @@ class Model:
             raise OrtloraError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.engine.info.vocab_size - 1})")
         return ids
 
-    def _request(self, prompt, messages, adapter: str | None, params: SamplingParams) -> Request:
+    def _request(self, prompt, messages, adapter: str | None, params: SamplingParams,
+                 lease: SlotLease | None = None) -> Request:
         ids = self.encode(prompt, messages)
         held = self.adapters.acquire(adapter)
-        return Request(ids, params, self.tokenizer, held, eos_ids=self.eos_ids)
+        return Request(ids, params, self.tokenizer, held, eos_ids=self.eos_ids, lease=lease)
+
+    def reserve_slot(self) -> SlotLease:
+        """A KV slot for a conversation: `stream(..., lease=it)` prefills only what a prompt adds to the previous
+        prompt + output. Give it back with `release_slot`."""
+        with self._lock:
+            return SlotLease(self.engine.acquire_slot())
+
+    def release_slot(self, lease: SlotLease) -> None:
+        with self._lock:
+            self.engine.release_slot(lease.slot)
+            lease.ids = []
 
     @staticmethod
     def _params(params: SamplingParams | None, kwargs: dict) -> SamplingParams:
@@ -91,10 +103,11 @@ class Model:
     # -- generation -----------------------------------------------------------------------------------------
     def stream(self, prompt: Prompt | None = None, adapter: str | None = None, *,
                messages: list[dict[str, Any]] | None = None, params: SamplingParams | None = None,
-               **sampling) -> Iterator[Chunk]:
+               lease: SlotLease | None = None, **sampling) -> Iterator[Chunk]:
         """Yield the output as it is generated; the last chunk has `finish_reason` set. The adapter is held (an
-        unload waits or fails) until the generator finishes or is closed."""
-        request = self._request(prompt, messages, adapter, self._params(params, sampling))
+        unload waits or fails) until the generator finishes or is closed. With a `lease` (see `reserve_slot`)
+        the cached prefix of the conversation is reused."""
+        request = self._request(prompt, messages, adapter, self._params(params, sampling), lease)
         return self._stream(request)
 
     def _stream(self, request: Request) -> Iterator[Chunk]:
