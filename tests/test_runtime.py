@@ -79,17 +79,30 @@ def test_greedy_equals_transformers_peft_and_genai(lora, model):
         assert ours[name] == genai_greedy(folder, prompt, files[name]), name
 
 
-def test_int4_greedy_equals_genai(tiny, lora):
+@pytest.mark.parametrize("precision", ["int4", "fp16"])
+def test_quantized_and_half_greedy_equal_genai(tiny, lora, precision):
     hf_dir, _, peft, _ = lora
     from ortlora import Model
 
-    folder = tiny.export(hf_dir, "rt-int4", adapter_path=[peft["a1"], peft["a2"]], precision="int4")
+    folder = tiny.export(hf_dir, f"rt-{precision}", adapter_path=[peft["a1"], peft["a2"]], precision=precision)
     path = convert_adapter(peft["a1"], folder / "a1.onnx_adapter", model=folder)
-    m = Model(folder, slots=1, max_len=64)
+    m = Model(folder, slots=2, max_len=64)
     m.adapters.load(path, name="a1")
     prompt = PROMPTS[1]
     assert greedy(m, prompt) == genai_greedy(folder, prompt)
     assert greedy(m, prompt, "a1") == genai_greedy(folder, prompt, path)
+    assert m.engine.dtype == (np.float16 if precision == "fp16" else np.float32)
+
+
+def test_model_without_lora_inputs(tiny, lora, model):
+    from ortlora import Model
+    from ortlora.errors import AdapterError
+
+    hf_dir, _, _, files = lora
+    plain = Model(tiny.export(hf_dir, "rt-plain"), max_len=64)
+    assert greedy(plain, PROMPTS[0]) == greedy(model, PROMPTS[0])  # rank-0 defaults = no LoRA branch at all
+    with pytest.raises(AdapterError, match="no LoRA inputs"):
+        plain.adapters.load(files["a1"])
 
 
 def test_mixed_batch_equals_single_rows(model):
