@@ -326,6 +326,10 @@ class Engine:
             graph.bindings[key] = (binding, state)
         return graph.bindings[key]
 
+    def build_mixed(self) -> None:
+        """Build the mixed-adapter session now (a server at start-up) instead of at the first mixed batch."""
+        self._mixed_graph()
+
     def _mixed_graph(self) -> _Graph:
         if self._mixed is None:
             if not self.lora_inputs:
