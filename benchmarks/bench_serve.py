@@ -342,7 +342,8 @@ def main() -> None:
     ap.add_argument("--source", default="/tmp/ortlora-bench-generate", help="checkpoint + exports (shared)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[8, 16])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["genai", "engine", "peft"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["server", "genai", "engine", "peft"],
+                    help="columns to leave out (e.g. to rerun one in a quiet moment of a shared machine)")
     a = ap.parse_args()
     work, source = Path(a.workdir), Path(a.source)
     work.mkdir(parents=True, exist_ok=True)
@@ -356,12 +357,13 @@ def main() -> None:
         folder, adapters = folders[precision], adapter_dirs[precision]
         vocab = ModelInfo.read(folder).vocab_size
         load_ms, stack_ms = cold_load_ms(folder, adapters)
-        server = bench_server(folder, adapters, a.concurrency, vocab, work / f"server-{precision}.log")
+        server = (bench_server(folder, adapters, a.concurrency, vocab, work / f"server-{precision}.log")
+                  if "server" not in a.skip else {})
         engine = bench_engine(folder, adapters, a.concurrency, vocab) if "engine" not in a.skip else {}
         rows = {}
         for n in a.concurrency:
-            for mode in ("mixed", "same", "base"):
-                rows[f"(a) ortlora serve, {mode}"] = rows.get(f"(a) ortlora serve, {mode}", {}) | {n: server[(mode, n)]}
+            for mode in ("mixed", "same", "base") if server else ():
+                rows.setdefault(f"(a) ortlora serve, {mode}", {})[n] = server[(mode, n)]
             if "genai" not in a.skip:
                 g = genai_folder(folder, work, max(a.concurrency))
                 rows.setdefault("(b) genai, generator per request", {})[n] = bench_genai_generators(g, adapters, n, vocab)
@@ -386,19 +388,24 @@ def main() -> None:
             for mode in ("base", "same", "mixed"):
                 print(f"{'engine decode step only, ' + mode:40s}" + "".join(
                     f" | {engine[(mode, n)]:11.1f} {'':8s} {'':6s}" for n in a.concurrency))
-        mixed = rows["(a) ortlora serve, mixed"]
-        for other, label in (("(b) genai, generator per request", "b"), ("(c) genai Engine, base (no adapters)", "c"),
-                             ("(d) PEFT mixed batch", "d")):
-            if other in rows:
-                print(f"ratio (a) mixed / ({label}): " + ", ".join(
-                    f"N={n} {mixed[n]['tok/s'] / rows[other][n]['tok/s']:.2f}x" for n in a.concurrency))
-        same = rows["(a) ortlora serve, same"]
-        print("same-adapter vs mixed: " + ", ".join(
-            f"N={n} {100 * (same[n]['tok/s'] / mixed[n]['tok/s'] - 1):+.1f}%" for n in a.concurrency))
-        print(f"most distinct adapters in one decode step: {server['max_adapters_per_step']:.0f}")
+        if server:
+            summarize(rows, server, a.concurrency)
         print(f"cold load of one rank-16 adapter: {load_ms:.1f} ms into the store (mmap + check), "
-              f"{server['http_load_ms']:.1f} ms through POST /v1/adapters; stacking 8 for a mixed batch: "
-              f"{stack_ms:.1f} ms")
+              + (f"{server['http_load_ms']:.1f} ms through POST /v1/adapters; " if server else "")
+              + f"stacking 8 for a mixed batch: {stack_ms:.1f} ms")
+
+
+def summarize(rows: dict, server: dict, concurrency: list[int]) -> None:
+    mixed = rows["(a) ortlora serve, mixed"]
+    for other, label in (("(b) genai, generator per request", "b"), ("(c) genai Engine, base (no adapters)", "c"),
+                         ("(d) PEFT mixed batch", "d")):
+        if other in rows:
+            print(f"ratio (a) mixed / ({label}): " + ", ".join(
+                f"N={n} {mixed[n]['tok/s'] / rows[other][n]['tok/s']:.2f}x" for n in concurrency))
+    same = rows["(a) ortlora serve, same"]
+    print("same-adapter vs mixed: " + ", ".join(
+        f"N={n} {100 * (same[n]['tok/s'] / mixed[n]['tok/s'] - 1):+.1f}%" for n in concurrency))
+    print(f"most distinct adapters in one decode step: {server['max_adapters_per_step']:.0f}")
 
 
 if __name__ == "__main__":
