@@ -126,7 +126,10 @@ class SourceModel:
 
     def close(self) -> None:
         for m in self._maps.values():
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # arrays still view the map (e.g. a traceback holds them): the GC unmaps it
+                pass
         self._maps.clear()
 
 
