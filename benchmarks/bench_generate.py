@@ -146,9 +146,10 @@ def compare(engines: dict, prompts: dict[int, list[int]], rounds: int) -> dict:
     for n, ids in prompts.items():
         for adapter in (False, True):
             runs = {name: [] for name in engines}
-            for _ in range(rounds):
-                for name, engine in engines.items():
-                    runs[name].append(timed(engine.run(ids, adapter)))
+            order = list(engines)
+            for r in range(rounds):  # rotate who goes first: no engine always follows the same one
+                for name in order[r % len(order):] + order[:r % len(order)]:
+                    runs[name].append(timed(engines[name].run(ids, adapter)))
             results[(n, adapter)] = {name: best(r) for name, r in runs.items()}
     return results
 

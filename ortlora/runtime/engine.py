@@ -31,6 +31,7 @@ from ortlora.runtime.adapter_store import Adapter
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
 STACK_CACHE = 4  # adapter sets whose slot stacks stay built (a stack copies every adapter of the set)
+BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class _Graph:
     def __init__(self, session: ort.InferenceSession):
         self.session = session
         self.inputs = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
-        self.bindings: dict[tuple[int, int, bool], tuple[ort.IOBinding, dict]] = {}
+        self.bindings: dict[tuple, tuple[ort.IOBinding, dict]] = {}
 
 
 class Engine:
@@ -143,9 +144,9 @@ class Engine:
         self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
         self.lengths = np.zeros(slots, np.int64)  # cached tokens per slot
         self._free = list(range(slots))
-        self._empty = {li.name: np.zeros([0 if not isinstance(d, int) else d for d in li.shape], li.dtype)
-                       for li in self.lora_inputs.values()}
         self._stacks: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
+        self._decode_io: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # -- slots ----------------------------------------------------------------------------------------------
     def acquire_slot(self) -> int:
@@ -233,17 +234,25 @@ class Engine:
         if len(set(slots)) != len(slots):
             raise OrtloraError(f"decode rows share a slot: {slots}")
         hi = max(slots) + 1
-        ids = np.zeros((hi, 1), np.int64)
-        new_len = np.minimum(self.lengths[:hi] + 1, self.max_len)  # dummy rows: scratch at their first free place
-        adapters: list[Adapter | None] = [None] * hi
         for r in rows:
             if len(r.tokens) != 1:
                 raise OrtloraError(f"a decode row takes exactly one token, slot {r.slot} got {len(r.tokens)}")
             if self.lengths[r.slot] >= self.max_len:
                 raise OrtloraError(f"slot {r.slot} is full: the context holds {self.max_len} tokens")
+        ids, mask, marked = self._decode_buffers(hi)
+        ids[:] = 0
+        new_len = np.minimum(self.lengths[:hi] + 1, self.max_len)  # dummy rows: scratch at their first free place
+        adapters: list[Adapter | None] = [None] * hi
+        for r in rows:
             ids[r.slot, 0] = r.tokens[0]
             adapters[r.slot] = r.adapter
-        mask = (np.arange(int(new_len.max()))[None, :] < new_len[:, None]).astype(np.int64)
+        for b in range(hi):  # the mask keeps its full width (a fixed shape); only the changed ends are rewritten
+            n, m = int(new_len[b]), int(marked[b])
+            if n > m:
+                mask[b, m:n] = 1
+            elif n < m:
+                mask[b, n:m] = 0
+            marked[b] = n
         # a full slot that does not decode loses its last position to the dummy token
         full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
         active = {id(r.adapter): r.adapter for r in rows}
@@ -254,7 +263,18 @@ class Engine:
             self.lengths[s] += 1
         for s in full:
             self.lengths[s] = self.max_len - 1
-        return logits[slots, -1].astype(np.float32)
+        out = logits[slots, -1]  # a copy (fancy index): the buffer is reused by the next run
+        return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def _decode_buffers(self, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's
+        count of ones. A mask as wide as the cache gives every step the same input shapes: onnxruntime then
+        reuses its memory plan (a growing mask cost ~1 ms per step on Qwen2.5-0.5B int4), and GroupQueryAttention
+        reads each row's length from the mask's ones (same logits, bit for bit)."""
+        if hi not in self._decode_io:
+            self._decode_io[hi] = (np.zeros((hi, 1), np.int64), np.zeros((hi, self.max_len), np.int64),
+                                   np.zeros(hi, np.int64))
+        return self._decode_io[hi]
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence[Adapter | None],
@@ -265,51 +285,48 @@ class Engine:
         mixed = len(distinct) > 1 or (len(distinct) == 1 and None in adapters)
         graph = self._mixed_graph() if mixed else self._single
         last_only = (self.has_keep and keep == 1) or ids.shape[1] == 1
-        binding, state = self._binding(graph, lo, hi, last_only)
+        adapter_ids = None
+        if mixed:
+            order = tuple(sorted(distinct))
+            stacks = self._stacks.pop(order, None)
+            if stacks is None:
+                stacks = multi_lora.stack_adapters(self.lora_inputs, [distinct[u].params for u in order])
+            self._stacks[order] = stacks  # most recently used last
+            while len(self._stacks) > STACK_CACHE:
+                evicted = next(iter(self._stacks))
+                del self._stacks[evicted]
+                for key in [k for k in graph.bindings if k[3] == evicted]:  # they hold the stacks too
+                    del graph.bindings[key]
+            slot_of = {u: i + 1 for i, u in enumerate(order)}
+            adapter_ids = np.array([slot_of[a.uid] if a is not None else 0 for a in adapters], np.int64)
+            lora_key, params = order, stacks
+        else:
+            adapter = next(iter(distinct.values()), None)
+            # only the adapter's own tensors are bound: the others keep their rank-0 defaults, and every bound
+            # input costs onnxruntime time on each run (336 rank-0 inputs cost ~5% of an int4 decode step)
+            lora_key, params = (adapter.uid, adapter.params) if adapter is not None else (0, {})
+        binding, state = self._binding(graph, lo, hi, last_only, lora_key, params)
         binding.bind_ortvalue_input("input_ids", _value(ids))
         binding.bind_ortvalue_input("attention_mask", _value(mask))
         keep_value = _value(np.array(keep, np.int64))
         if self.has_keep and not last_only:
             binding.bind_ortvalue_input(KEEP, keep_value)
-        if mixed:
-            order = sorted(distinct)
-            key = tuple(order)
-            stacks = self._stacks.pop(key, None)
-            if stacks is None:
-                stacks = multi_lora.stack_adapters(self.lora_inputs, [distinct[u].params for u in order])
-            self._stacks[key] = stacks  # most recently used last
-            while len(self._stacks) > STACK_CACHE:
-                del self._stacks[next(iter(self._stacks))]
-            slot_of = {u: i + 1 for i, u in enumerate(order)}
-            adapter_ids = np.array([slot_of[a.uid] if a is not None else 0 for a in adapters], np.int64)
+        if adapter_ids is not None:
             binding.bind_ortvalue_input(multi_lora.ADAPTER_IDS, _value(adapter_ids))
-            self._bind_lora(binding, state, ("mixed", key), stacks)
-        elif self.lora_inputs:
-            adapter = next(iter(distinct.values()), None)
-            params = adapter.params if adapter is not None else {}
-            self._bind_lora(binding, state, ("single", adapter.uid if adapter else 0), params)
-        if "logits" in state:
-            graph.session.run_with_iobinding(binding)
-            return state["logits"]
         graph.session.run_with_iobinding(binding)
+        if last_only:
+            return state["logits"]
         return binding.get_outputs()[len(state["kv"])].numpy()  # outputs come in binding order
 
-    def _bind_lora(self, binding: ort.IOBinding, state: dict, key, params: dict[str, np.ndarray]) -> None:
-        if state.get("lora") == key:
-            return
-        values = {name: _value(np.ascontiguousarray(params.get(name, self._empty[name])))
-                  for name in self._empty}
-        for name, value in values.items():
-            binding.bind_ortvalue_input(name, value)
-        state["lora"], state["lora_values"] = key, values
-
-    def _binding(self, graph: _Graph, lo: int, hi: int, last_only: bool) -> tuple[ort.IOBinding, dict]:
-        """The IOBinding for slots [lo, hi): the KV slices bound as past and present (one buffer), and for
-        one-position logits a persistent output buffer."""
-        key = (lo, hi, last_only)
-        if key not in graph.bindings:
+    def _binding(self, graph: _Graph, lo: int, hi: int, last_only: bool, lora_key, params: dict[str, np.ndarray]
+                 ) -> tuple[ort.IOBinding, dict]:
+        """The IOBinding for slots [lo, hi) and one adapter (or adapter set): the KV slices bound as past and
+        present (one buffer), the LoRA tensors, and for one-position logits a persistent output buffer."""
+        key = (lo, hi, last_only, lora_key)
+        found = graph.bindings.pop(key, None)
+        if found is None:
             binding = graph.session.io_binding()
-            state: dict = {"kv": []}
+            state: dict = {"kv": [], "lora": lora_key}
             for past_name, present_name in self.info.kv_names():
                 value = _value(self.kv[past_name][lo:hi])  # a view: the same memory as the cache
                 binding.bind_ortvalue_input(past_name, value)
@@ -319,16 +336,21 @@ class Engine:
                 state["keep"] = _value(np.array(1, np.int64))
                 binding.bind_ortvalue_input(KEEP, state["keep"])
             if last_only:
-                state["logits"] = np.empty((hi - lo, 1, self.info.vocab_size), self.dtype)
-                binding.bind_ortvalue_output("logits", _value(state["logits"]))
+                logits = self._logits.get((lo, hi))
+                if logits is None:
+                    logits = self._logits[(lo, hi)] = np.empty((hi - lo, 1, self.info.vocab_size), self.dtype)
+                state["logits"] = logits
+                binding.bind_ortvalue_output("logits", _value(logits))
             else:  # the shape varies: onnxruntime allocates it
                 binding.bind_output("logits")
-            graph.bindings[key] = (binding, state)
-        return graph.bindings[key]
-
-    def build_mixed(self) -> None:
-        """Build the mixed-adapter session now (a server at start-up) instead of at the first mixed batch."""
-        self._mixed_graph()
+            state["lora_values"] = [(name, _value(np.ascontiguousarray(arr))) for name, arr in params.items()]
+            for name, value in state["lora_values"]:
+                binding.bind_ortvalue_input(name, value)
+            found = (binding, state)
+        graph.bindings[key] = found  # most recently used last
+        while len(graph.bindings) > BINDING_CACHE:
+            del graph.bindings[next(iter(graph.bindings))]
+        return found
 
     def _mixed_graph(self) -> _Graph:
         if self._mixed is None:
@@ -348,8 +370,9 @@ class Engine:
         for key in [k for k in self._stacks if adapter.uid in k]:
             del self._stacks[key]
         for graph in (self._single, self._mixed):
-            for _, state in (graph.bindings.values() if graph else ()):
-                lora = state.get("lora")
-                if lora and (lora[1] == adapter.uid or (isinstance(lora[1], tuple) and adapter.uid in lora[1])):
-                    state.pop("lora", None)
-                    state.pop("lora_values", None)
+            if graph is None:
+                continue
+            for key in list(graph.bindings):
+                lora = key[3]
+                if lora == adapter.uid or (isinstance(lora, tuple) and adapter.uid in lora):
+                    del graph.bindings[key]
