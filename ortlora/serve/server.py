@@ -67,6 +67,10 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
+        # the mixed-adapter session takes seconds to build: at start-up, not in the first mixed batch
+        build = getattr(self.engine, "build_mixed", None)  # when the runtime offers it
+        if build is not None and self.engine.lora_inputs:
+            build()
         self.scheduler.start()
 
     def stop(self, timeout: float | None = 30.0) -> bool:
