@@ -149,6 +149,7 @@ def compare(engines: dict, prompts: dict[int, list[int]], rounds: int) -> dict:
             order = list(engines)
             for r in range(rounds):  # rotate who goes first: no engine always follows the same one
                 for name in order[r % len(order):] + order[:r % len(order)]:
+                    time.sleep(0.5)  # let the previous engine's spinning worker threads go idle
                     runs[name].append(timed(engines[name].run(ids, adapter)))
             results[(n, adapter)] = {name: best(r) for name, r in runs.items()}
     return results
