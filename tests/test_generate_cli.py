@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from ortlora.cli import main as cli
 from ortlora.runtime.cli import generate
 from test_runtime import lora, model  # noqa: F401  (module fixtures)

@@ -147,7 +147,8 @@ QWEN_LIKE = (
     "{%- endfor %}\n"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
 )
-JSON_TOOLS = "{% for m in messages %}{{ m | tojson }}{% endfor %}{% if not messages %}{{ raise_exception('no') }}{% endif %}"
+JSON_TOOLS = ("{% for m in messages %}{{ m | tojson }}{% endfor %}"
+              "{% if not messages %}{{ raise_exception('no') }}{% endif %}")
 
 
 @pytest.mark.parametrize("template", [None, QWEN_LIKE, JSON_TOOLS])

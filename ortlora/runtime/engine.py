@@ -71,7 +71,8 @@ class ModelInfo:
                 vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
                 eos_ids=tuple([eos] if isinstance(eos, int) else eos), pad_id=int(model.get("pad_token_id", 0)),
                 threads=dec.get("session_options", {}).get("intra_op_num_threads"),
-                past_key=ins.get("past_key_names", cls.past_key), past_value=ins.get("past_value_names", cls.past_value),
+                past_key=ins.get("past_key_names", cls.past_key),
+                past_value=ins.get("past_value_names", cls.past_value),
                 present_key=outs.get("present_key_names", cls.present_key),
                 present_value=outs.get("present_value_names", cls.present_value),
             )

@@ -3,9 +3,11 @@
 Every LoRA input pair of the exported graph (`<module>.lora_A.weight` [in, r], `<module>.lora_B.weight` [r, out])
 becomes a stack of adapter slots, and one `adapter_ids` [batch] input picks each row's slot:
 
-    x [B,S,in] ─MatMul(W)──────────────────────────────────────────────────────────────┐
-       └─MatMul(Gather(lora_A [slots,in,r], adapter_ids)) ─ MatMul(Gather(lora_B [slots,r,out], adapter_ids)) ─ Add ─> y
-                    [B,in,r]  ->  x·A [B,S,r]                      [B,r,out]  ->  [B,S,out]
+    x [B,S,in] ─MatMul(W)─────────────────────────────────────────────────────┐
+       │                                                                       Add ─> y [B,S,out]
+       └─MatMul(Gather(lora_A, ids)) ─ MatMul(Gather(lora_B, ids)) ───────────┘
+                 [slots,in,r] -> [B,in,r]        [slots,r,out] -> [B,r,out]
+          x·A: [B,S,in] @ [B,in,r] = [B,S,r]   (x·A)·B: [B,S,r] @ [B,r,out] = [B,S,out]
 
 Slot 0 is the base model (zeros); ranks are padded with zeros to the largest in the stack and modules an adapter
 does not target stay zero, so each row computes exactly its own adapter's term. The weights stay in the folder's
