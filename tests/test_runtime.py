@@ -196,3 +196,15 @@ def test_engine_batched_prefill_equals_per_row(lora):
     np.testing.assert_allclose(results[1][0], results[0][0], atol=ATOL)
     np.testing.assert_allclose(results[1][1], results[0][1], atol=ATOL)
     assert not np.allclose(results[0][0][0], results[0][0][1], atol=0.1)  # rows differ: a mix-up would show
+
+
+def test_similar_prompts_are_prefilled_together(model, monkeypatch):
+    calls = []
+    batch = model.engine._prefill_batch
+    monkeypatch.setattr(model.engine, "_prefill_batch", lambda rows: (calls.append(len(rows)), batch(rows))[1])
+    prompts = [PROMPTS[2][:10], PROMPTS[2][1:10], PROMPTS[0] + PROMPTS[1][:3]]  # 10, 9, 10 tokens
+    adapters = ["a2", None, "a1"]
+    singles = [greedy(model, p, a) for p, a in zip(prompts, adapters)]
+    assert calls == []  # one prompt at a time: nothing to batch
+    assert [c.token_ids for c in model.complete(prompts, adapters, max_new_tokens=N, min_new_tokens=N)] == singles
+    assert calls == [3]
