@@ -13,6 +13,7 @@ Why our own reader: the runtime may hold thousands of adapters, so tensors must 
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ _ONNX_NAMES = {0: "UNDEFINED", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6
 _MAX_DIMS = 8
 _MAX_BUFFER = 2**31 - 1  # flatbuffers' FLATBUFFERS_MAX_BUFFER_SIZE
 _MAX_TABLES = 1_000_000  # flatbuffers' Verifier default
+_STRUCTS = {fmt: struct.Struct(fmt) for fmt in ("<I", "<i", "<H")}
 
 
 @dataclass(frozen=True)
@@ -129,32 +131,35 @@ class _Reader:
     def scalar(self, pos: int | None, fmt: str, what: str, default=0):
         if pos is None:
             return default
-        n = struct.calcsize(fmt)
-        self.check(pos, n, what, align=n)
-        return struct.unpack_from(fmt, self.buf, pos)[0]
+        st = _STRUCTS[fmt]
+        n = st.size
+        if pos < 0 or n >= self.size or pos > self.size - n or pos % n:
+            self.check(pos, n, what, align=n)  # raises, naming the problem
+        return st.unpack_from(self.buf, pos)[0]
 
     def offset(self, pos: int, what: str) -> int:
         """Follow the uoffset at `pos` (non-zero, positive as a signed 32-bit value, landing inside the file)."""
         o = self.scalar(pos, "<I", what)
         if o == 0 or o >= 2**31:
             raise _Malformed(f"{what} at byte {pos} holds a bad offset {o}")
-        self.check(pos + o, 1, what)
+        if pos + o >= self.size - 1:
+            self.check(pos + o, 1, what)
         return pos + o
 
     def table(self, pos: int, nfields: int, what: str) -> list[int | None]:
         """Absolute positions of a table's fields (None where absent)."""
         vtable = pos - self.scalar(pos, "<i", what)
-        vsize = self.scalar(vtable, "<H", f"{what} vtable")
+        vsize = self.scalar(vtable, "<H", what + " vtable")
         if vsize < 4 or vsize % 2:
             raise _Malformed(f"{what} vtable has a bad size {vsize}")
-        self.check(vtable, vsize, f"{what} vtable")
-        tsize = self.scalar(vtable + 2, "<H", f"{what} vtable")
+        self.check(vtable, vsize, what + " vtable")
+        tsize, *offsets = struct.unpack_from(f"<{vsize // 2 - 1}H", self.buf, vtable + 2)
         if tsize < 4:
             raise _Malformed(f"{what} at byte {pos} has a bad size {tsize}")
         self.check(pos, tsize, what)
         fields: list[int | None] = []
         for i in range(nfields):
-            off = self.scalar(vtable + 4 + 2 * i, "<H", f"{what} vtable") if 4 + 2 * i < vsize else 0
+            off = offsets[i] if i < len(offsets) else 0
             if off and off >= tsize:
                 raise _Malformed(f"{what} field {i} lies outside its table")
             fields.append(pos + off if off else None)
@@ -233,7 +238,7 @@ def _parameter(r: _Reader, pos: int, k: int) -> tuple[str, np.ndarray]:
     if f_data is None:  # onnxruntime would dereference the missing vector
         raise _Malformed(f"parameter {name!r} has no data")
     bstart, nbytes = r.vector(f_data, 1, f"data of {name!r}")
-    expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if nbytes != expected:
         raise _Malformed(f"parameter {name!r} of shape {list(shape)} {dtype} needs {expected} bytes, "
                          f"the file holds {nbytes}")

@@ -9,7 +9,8 @@ position (its length + 1), which is scratch space the slot's next real token ove
 
 Adapters are ordinary graph inputs (onnxruntime 1.32's `run_with_iobinding` ignores RunOptions' active adapters).
 A batch whose rows all use one adapter (or none) runs the exported graph with that adapter's tensors bound; a batch
-that mixes adapters runs the mixed-adapter graph (see multi_lora.py), built the first time it is needed.
+that mixes adapters runs the mixed-adapter graph (see multi_lora.py) on the adapter pool, both built the first time
+they are needed (or up front by `build_mixed()`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from ortlora.runtime.adapter_store import Adapter
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
-STACK_CACHE = 4  # adapter sets whose slot stacks stay built (a stack copies every adapter of the set)
 BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
 
 
@@ -145,7 +145,7 @@ class Engine:
         self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
         self.lengths = np.zeros(slots, np.int64)  # cached tokens per slot
         self._free = list(range(slots))
-        self._stacks: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        self._pool: multi_lora.AdapterPool | None = None
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
         self._decode_io: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -286,21 +286,17 @@ class Engine:
         mixed = len(distinct) > 1 or (len(distinct) == 1 and None in adapters)
         graph = self._mixed_graph() if mixed else self._single
         last_only = (self.has_keep and keep == 1) or ids.shape[1] == 1
-        adapter_ids = None
+        lora_feeds = {}
         if mixed:
-            order = tuple(sorted(distinct))
-            stacks = self._stacks.pop(order, None)
-            if stacks is None:
-                stacks = multi_lora.stack_adapters(self.lora_inputs, [distinct[u].params for u in order])
-            self._stacks[order] = stacks  # most recently used last
-            while len(self._stacks) > STACK_CACHE:
-                evicted = next(iter(self._stacks))
-                del self._stacks[evicted]
-                for key in [k for k in graph.bindings if k[3] == evicted]:  # they hold the stacks too
-                    del graph.bindings[key]
-            slot_of = {u: i + 1 for i, u in enumerate(order)}
-            adapter_ids = np.array([slot_of[a.uid] if a is not None else 0 for a in adapters], np.int64)
-            lora_key, params = order, stacks
+            pool = self._adapter_pool()
+            generation = pool.generation
+            slot_of = pool.place(distinct)
+            if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
+                graph.bindings.clear()
+            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters])
+            lora_feeds = groups.feeds
+            lora_key = ("pool", pool.generation, groups.first, groups.count)
+            params = pool.views(groups.first, groups.count)
         else:
             adapter = next(iter(distinct.values()), None)
             # only the adapter's own tensors are bound: the others keep their rank-0 defaults, and every bound
@@ -312,8 +308,8 @@ class Engine:
         keep_value = _value(np.array(keep, np.int64))
         if self.has_keep and not last_only:
             binding.bind_ortvalue_input(KEEP, keep_value)
-        if adapter_ids is not None:
-            binding.bind_ortvalue_input(multi_lora.ADAPTER_IDS, _value(adapter_ids))
+        for name, arr in lora_feeds.items():
+            binding.bind_ortvalue_input(name, _value(arr))
         graph.session.run_with_iobinding(binding)
         if last_only:
             return state["logits"]
@@ -353,6 +349,12 @@ class Engine:
             del graph.bindings[next(iter(graph.bindings))]
         return found
 
+    def build_mixed(self) -> None:
+        """Build the mixed-adapter session now (a server does it at start-up rather than on its first mixed
+        batch); a model without LoRA inputs has none to build."""
+        if self.lora_inputs:
+            self._mixed_graph()
+
     def _mixed_graph(self) -> _Graph:
         if self._mixed is None:
             if not self.lora_inputs:
@@ -366,14 +368,15 @@ class Engine:
             self._mixed = _Graph(session)
         return self._mixed
 
+    def _adapter_pool(self) -> multi_lora.AdapterPool:
+        """Slots for the adapters of mixed batches: a batch has at most `slots` rows, so as many adapters."""
+        if self._pool is None:
+            self._pool = multi_lora.AdapterPool(self.lora_inputs, self.slots, self.dtype)
+        return self._pool
+
     def forget_adapter(self, adapter: Adapter) -> None:
-        """Drop cached slot stacks and bindings that hold `adapter` (the store calls this on unload)."""
-        for key in [k for k in self._stacks if adapter.uid in k]:
-            del self._stacks[key]
-        for graph in (self._single, self._mixed):
-            if graph is None:
-                continue
-            for key in list(graph.bindings):
-                lora = key[3]
-                if lora == adapter.uid or (isinstance(lora, tuple) and adapter.uid in lora):
-                    del graph.bindings[key]
+        """Drop the bindings and the pool slot that hold `adapter` (the store calls this on unload)."""
+        if self._pool is not None:
+            self._pool.forget(adapter)
+        for key in [k for k in self._single.bindings if k[3] == adapter.uid]:
+            del self._single.bindings[key]
