@@ -70,14 +70,17 @@ class AdapterStore:
         self._on_unload: list[Callable[[Adapter], None]] = []
 
     # -- loading -------------------------------------------------------------------------------------------
-    def load(self, path: str | Path, name: str | None = None) -> Adapter:
+    def load(self, path: str | Path, name: str | None = None, *, checked: Mapping[str, np.ndarray] | None = None
+             ) -> Adapter:
         """Map an `.onnx_adapter` file and check that it fits the model; `name` defaults to the file's stem.
 
         Loading a name again replaces the adapter (an error while a generation holds the old one)."""
         path = Path(path)
         name = name or path.name.removesuffix(".onnx_adapter")
-        params = open_onnx_adapter(path).params
-        check_adapter(params, self.lora_inputs, str(path), allow_cast=True)
+        if checked is None:  # else: the caller parsed this very file and checked it against this model just now
+            checked = open_onnx_adapter(path).params
+            check_adapter(checked, self.lora_inputs, str(path), allow_cast=True)
+        params = checked
         feeds = {}
         for key, arr in params.items():
             want = self.lora_inputs[key]

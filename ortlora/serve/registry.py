@@ -59,6 +59,7 @@ class AdapterRegistry:
         self._hidden: set[str] = set()  # deleted through the API: not rediscovered from the folder
         self._uploaded: set[str] = set()  # written by add_upload: deleted with the registration
         self._added: set[str] = set()  # registered through the API (kept by refresh)
+        self._checked: dict[str, dict] = {}  # name -> the parameters its registration checked, until taken
         self._lock = threading.Lock()
         self.skipped: list[str] = []
         if self.root is not None:
@@ -213,3 +214,11 @@ class AdapterRegistry:
         params = open_onnx_adapter(path).params
         if self.lora_inputs is not None:
             check_adapter(params, self.lora_inputs, f"adapter {name!r}", allow_cast=True)
+        with self._lock:
+            self._checked[name] = params
+
+    def take_checked(self, name: str) -> dict | None:
+        """The parameters that registering `name` just parsed and checked (once; None if taken or never), so
+        that loading it right after registration does not parse the file again."""
+        with self._lock:
+            return self._checked.pop(name, None)

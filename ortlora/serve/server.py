@@ -93,7 +93,7 @@ class Server:
                 return self.store.acquire(key)
             path = self.registry.path(name)
             try:
-                self.store.load(path, key)
+                self.store.load(path, key, checked=self.registry.take_checked(name))
             except AdapterError as exc:
                 if "are in use" in str(exc):  # every loaded adapter is held by a running request
                     raise APIError(429, f"cannot load adapter {name!r} now: {exc}") from None
@@ -134,7 +134,7 @@ class Server:
         try:
             self.release(self.acquire(name))
         except APIError:  # the store is full of running adapters: it loads on first use instead
-            pass
+            self.registry.take_checked(name)
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
