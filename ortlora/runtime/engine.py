@@ -101,6 +101,10 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Denormal floats (e.g. from exp() underflow) run through slow microcode paths: flushing them to zero made a
+    # Qwen2.5-0.5B decode step 6% faster in int4 and 4% in fp32 (19.6 vs 20.9 ms, 74.1 vs 77.2 ms), which is where
+    # onnxruntime-genai runs on the same folder; logits change by far less than the tests' tolerances.
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
 
