@@ -229,10 +229,12 @@ def test_concurrent_requests_for_four_adapters_equal_single_requests_and_share_b
     def stream(case):
         a, p = case
         body = {"model": a, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
-        barrier.wait()
-        with _client(server).stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        with _client(server) as client:
+            client.get("/health")  # connected before the barrier: the 8 requests arrive within milliseconds
+            barrier.wait()
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         results[case] = ("".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"])
