@@ -14,8 +14,8 @@ one batched MatMul, which reads the weights where they lie:
 Slot 0 is all zeros: rows without an adapter go there. Each step reads every slot in use once and multiplies each
 row by its own slot alone. (Two designs were measured against it on Qwen2.5-0.5B, 16 rows over 8 rank-16
 adapters: a per-row Gather of stacked adapters copies each adapter once per row that uses it, 0.56 GB a step, and
-lost 23% of the decode rate; all slots side by side with a 0/1 mask per row reads each slot once but multiplies
-every row by every slot, 2.2 GFLOP a step, and lost 17%.) Slots are the first axis of one buffer per input, so a
+lost 21% of the decode rate; all slots side by side with a 0/1 mask per row reads each slot once but multiplies
+every row by every slot, 2.2 GFLOP a step, and lost 16%.) Slots are the first axis of one buffer per input, so a
 run of slots is a contiguous view: a step binds only the slots in use, and placing an adapter copies it alone.
 
 The weights stay in the folder's external data file: the derived graph is handed to onnxruntime as bytes with the
