@@ -429,8 +429,11 @@ def test_client_disconnect_cancels_the_request(server):
     assert after["ortlora_running_requests"] == 0
     assert after["ortlora_generation_tokens_total"] - before["ortlora_generation_tokens_total"] < 1000
 
-    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up waiting, the server notices
-        _client(server, timeout=0.3).post("/v1/completions", json={**body, "stream": False})
+    # not streamed: the client gives up waiting, the server notices. Four 1000-token choices take seconds, so the
+    # request cannot finish on its own between the client's leaving and the server's noticing (it once did with
+    # one choice and a 0.3 s timeout).
+    with pytest.raises(httpx.ReadTimeout):
+        _client(server, timeout=0.1).post("/v1/completions", json={**body, "stream": False, "n": 4})
     deadline = time.monotonic() + 10
     while _metrics(server).get(key, 0) <= after.get(key, 0):
         assert time.monotonic() < deadline, "the abandoned request was not cancelled"
