@@ -138,9 +138,9 @@ def test_adapter_pool_churn_equals_single_rows(tiny, lora):
     assert pool.rank == 16 and pool.generation == 2 and pool.capacity == 2  # rank 8 first, then 16
 
 
-def test_adapter_with_nan_cannot_join_a_mixed_batch(tmp_path, lora, model):
-    """A mixed batch multiplies every pooled adapter by a 0/1 mask and 0 x NaN = NaN: such an adapter is refused,
-    by name, and the batch after it is unharmed."""
+def test_adapter_with_nan_is_refused_at_first_use(tmp_path, lora, model):
+    """NaN weights make NaN logits, from which no token can be sampled: the adapter is refused by name when a
+    generation first asks for it (alone or in a mixed batch), and nothing stays held."""
     from ortlora.adapters.onnx_adapter import read_onnx_adapter, write_onnx_adapter
     from ortlora.errors import AdapterError
 
@@ -151,7 +151,9 @@ def test_adapter_with_nan_cannot_join_a_mixed_batch(tmp_path, lora, model):
     model.adapters.load(write_onnx_adapter(tmp_path / "bad.onnx_adapter", params), name="bad")
     try:
         with pytest.raises(AdapterError, match="'bad'.*NaN"):
-            model.complete(PROMPTS[:2], ["bad", "a2"], max_new_tokens=2, min_new_tokens=2)
+            model.complete(PROMPTS[:2], ["a2", "bad"], max_new_tokens=2, min_new_tokens=2)
+        with pytest.raises(AdapterError, match="'bad'.*NaN"):
+            model.complete(PROMPTS[:1], ["bad"], max_new_tokens=2, temperature=1.0)
         assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
         singles = [greedy(model, p, a, n=3) for p, a in zip(PROMPTS[:2], ["a1", "a2"])]
         assert [c.token_ids for c in model.complete(PROMPTS[:2], ["a1", "a2"], max_new_tokens=3,

@@ -38,9 +38,9 @@ class Adapter:
     finite: bool | None = None  # None until check_finite() has looked
 
     def check_finite(self) -> None:
-        """Raise AdapterError if a tensor holds NaN or inf. A mixed batch multiplies every pooled adapter by its
-        rows' mask, and 0 x NaN is NaN, so one such adapter would spoil its neighbours' rows. Checked once, when
-        the adapter first joins a mixed batch (a pass over its weights: ~4 ms for rank 16 on Qwen2.5-0.5B)."""
+        """Raise AdapterError if a tensor holds NaN or inf: such an adapter turns its rows' logits into NaN, from
+        which no token can be sampled. Checked once, at the adapter's first use (a pass over its weights: ~4 ms
+        for rank 16 on Qwen2.5-0.5B), not at load, which stays a memory map and a shape check."""
         if self.finite is None:
             self.finite = all(np.isfinite(a.sum()) for a in self.params.values())  # NaN and inf survive a sum
         if not self.finite:
@@ -149,7 +149,12 @@ class AdapterStore:
             adapter = self._get(name)
             adapter.refs += 1
             self._adapters.move_to_end(name)
-            return adapter
+        try:
+            adapter.check_finite()  # outside the lock: the first time, it reads every weight
+        except AdapterError:
+            self.release(adapter)
+            raise
+        return adapter
 
     def release(self, adapter: Adapter | None) -> None:
         if adapter is None:

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -151,8 +151,7 @@ class Engine:
         self._free = list(range(slots))
         self._pool: multi_lora.AdapterPool | None = None
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
-        self._decode_io: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._persistent: dict[int, tuple[np.ndarray, ort.OrtValue]] = {}  # id -> (decode buffer, its OrtValue)
+        self._decode_io: dict[int, tuple] = {}  # hi -> (input_ids, attention_mask, ones per row, OrtValues)
 
     # -- slots ----------------------------------------------------------------------------------------------
     def acquire_slot(self) -> int:
@@ -245,7 +244,7 @@ class Engine:
                 raise OrtloraError(f"a decode row takes exactly one token, slot {r.slot} got {len(r.tokens)}")
             if self.lengths[r.slot] >= self.max_len:
                 raise OrtloraError(f"slot {r.slot} is full: the context holds {self.max_len} tokens")
-        ids, mask, marked = self._decode_buffers(hi)
+        ids, mask, marked, values = self._decode_buffers(hi)
         ids[:] = 0
         new_len = np.minimum(self.lengths[:hi] + 1, self.max_len)  # dummy rows: scratch at their first free place
         adapters: list[Adapter | None] = [None] * hi
@@ -264,7 +263,7 @@ class Engine:
         active = {id(r.adapter): r.adapter for r in rows}
         if len(active) == 1:
             adapters = [rows[0].adapter] * hi
-        logits = self._run(0, hi, ids, mask, adapters)
+        logits = self._run(0, hi, ids, mask, adapters, values=values)
         for s in slots:
             self.lengths[s] += 1
         for s in full:
@@ -272,28 +271,22 @@ class Engine:
         out = logits[slots, -1]  # a copy (fancy index): the buffer is reused by the next run
         return out if out.dtype == np.float32 else out.astype(np.float32)
 
-    def _decode_buffers(self, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode_buffers(self, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[ort.OrtValue, ...]]:
         """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's
         count of ones. A mask as wide as the cache gives every step the same input shapes: onnxruntime then
         reuses its memory plan (a growing mask cost ~1 ms per step on Qwen2.5-0.5B int4), and GroupQueryAttention
         reads each row's length from the mask's ones (same logits, bit for bit)."""
         if hi not in self._decode_io:
-            self._decode_io[hi] = (np.zeros((hi, 1), np.int64), np.zeros((hi, self.max_len), np.int64),
-                                   np.zeros(hi, np.int64))
-            for arr in self._decode_io[hi][:2]:
-                self._persistent[id(arr)] = (arr, _value(arr))
+            ids, mask = np.zeros((hi, 1), np.int64), np.zeros((hi, self.max_len), np.int64)
+            # their OrtValues are made once too (~20 us each a step otherwise)
+            self._decode_io[hi] = (ids, mask, np.zeros(hi, np.int64), (_value(ids), _value(mask)))
         return self._decode_io[hi]
-
-    def _ort_value(self, arr: np.ndarray) -> ort.OrtValue:
-        """An OrtValue over `arr`: made once for the persistent decode buffers (~20 us each), else made now."""
-        held = self._persistent.get(id(arr))
-        return held[1] if held is not None and held[0] is arr else _value(arr)
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence[Adapter | None],
-             keep: int = 1) -> np.ndarray:
+             keep: int = 1, values: tuple[ort.OrtValue, ort.OrtValue] | None = None) -> np.ndarray:
         """One run over slots [lo, hi); returns logits [hi - lo, positions, vocab] for the last `keep` positions
-        (all positions for a model without num_logits_to_keep)."""
+        (all positions for a model without num_logits_to_keep). `values`: OrtValues over `ids` and `mask`."""
         distinct = {a.uid: a for a in adapters if a is not None}
         mixed = len(distinct) > 1 or (len(distinct) == 1 and None in adapters)
         graph = self._mixed_graph() if mixed else self._single
@@ -308,15 +301,17 @@ class Engine:
             groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters])
             lora_feeds = groups.feeds
             lora_key = ("pool", pool.generation, groups.first, groups.count)
-            params = pool.views(groups.first, groups.count)
+            params = lambda: pool.views(groups.first, groups.count)  # noqa: E731 (only for a new binding)
         else:
             adapter = next(iter(distinct.values()), None)
             # only the adapter's own tensors are bound: the others keep their rank-0 defaults, and every bound
             # input costs onnxruntime time on each run (336 rank-0 inputs cost ~5% of an int4 decode step)
-            lora_key, params = (adapter.uid, adapter.params) if adapter is not None else (0, {})
+            lora_key = adapter.uid if adapter is not None else 0
+            params = lambda: adapter.params if adapter is not None else {}  # noqa: E731
         binding, state = self._binding(graph, lo, hi, last_only, lora_key, params)
-        binding.bind_ortvalue_input("input_ids", self._ort_value(ids))
-        binding.bind_ortvalue_input("attention_mask", self._ort_value(mask))
+        ids_value, mask_value = values or (_value(ids), _value(mask))
+        binding.bind_ortvalue_input("input_ids", ids_value)
+        binding.bind_ortvalue_input("attention_mask", mask_value)
         if self.has_keep and not last_only:
             binding.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
         for name, arr in lora_feeds.items():
@@ -326,7 +321,8 @@ class Engine:
             return state["logits"]
         return binding.get_outputs()[len(state["kv"])].numpy()  # outputs come in binding order
 
-    def _binding(self, graph: _Graph, lo: int, hi: int, last_only: bool, lora_key, params: dict[str, np.ndarray]
+    def _binding(self, graph: _Graph, lo: int, hi: int, last_only: bool, lora_key,
+                 params: Callable[[], dict[str, np.ndarray]]
                  ) -> tuple[ort.IOBinding, dict]:
         """The IOBinding for slots [lo, hi) and one adapter (or adapter set): the KV slices bound as past and
         present (one buffer), the LoRA tensors, and for one-position logits a persistent output buffer."""
@@ -351,7 +347,7 @@ class Engine:
                 binding.bind_ortvalue_output("logits", _value(logits))
             else:  # the shape varies: onnxruntime allocates it
                 binding.bind_output("logits")
-            state["lora_values"] = [(name, _value(np.ascontiguousarray(arr))) for name, arr in params.items()]
+            state["lora_values"] = [(name, _value(np.ascontiguousarray(arr))) for name, arr in params().items()]
             for name, value in state["lora_values"]:
                 binding.bind_ortvalue_input(name, value)
             found = (binding, state)

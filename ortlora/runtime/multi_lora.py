@@ -161,7 +161,6 @@ class AdapterPool:
         return min(candidates, key=lambda s: self._used[s])
 
     def _put(self, slot: int, adapter) -> None:
-        adapter.check_finite()
         self.evict_slot(slot)
         for key, li in self.lora_inputs.items():
             block = self.buffers[li.name][slot]

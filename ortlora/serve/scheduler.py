@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ortlora.errors import AdapterError, OrtloraError
+from ortlora.errors import OrtloraError
 from ortlora.runtime.adapter_store import Adapter
 from ortlora.runtime.generation import Batch, Request
 from ortlora.runtime.sampling import SamplingParams
@@ -192,13 +192,6 @@ class Scheduler:
                 free -= 1
             self.metrics.queue_depth.set(len(self._inbox))
         for job in admitted:
-            if job.adapter is not None:
-                try:
-                    job.adapter.check_finite()  # a bad adapter fails its own request, not the batch it would join
-                except AdapterError as exc:
-                    job.sink(Event(job.index, error=exc))
-                    self._finish(job, None)
-                    continue
             req = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter, eos_ids=self.eos_ids)
             job.request = req
             self._jobs[req] = job
