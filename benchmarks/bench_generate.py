@@ -5,14 +5,16 @@ without and with an active rank-16 all-linear adapter. Not a test: one pass, pri
     python benchmarks/bench_generate.py [--workdir /tmp/ortlora-bench-generate] [--precisions fp32 int4]
 
 The model, adapter and exports are built on the first run and reused. onnxruntime-genai runs with the thread count
-that export writes into genai_config.json (this machine's cores), i.e. at its best.
+that export writes into genai_config.json (this machine's cores), i.e. at its best. Each engine lives in its own
+process (measured: hosting both onnxruntime builds in one process cost whichever ran second 3-6% of its decode
+rate), and the engines take turns on every configuration.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -136,12 +138,48 @@ def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
 
-def compare(engines: dict, prompts: dict[int, list[int]], rounds: int) -> dict:
+ENGINES = {"ortlora": Ortlora, "genai": Genai, "PEFT": Peft}
+
+
+def serve_engine(conn, name: str, args: tuple) -> None:
+    """A worker process: build one engine, then time generations (or the batch costs) on request."""
+    engine = ENGINES[name](*args)
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        kind, payload = msg
+        if kind == "warm":
+            for adapter in (False, True):
+                for _ in itertools.islice(engine.run(payload, adapter), 4):
+                    pass
+            conn.send(None)
+        elif kind == "run":
+            conn.send(timed(engine.run(*payload)))
+        else:
+            conn.send(batch_costs(engine, *payload))
+
+
+class Worker:
+    def __init__(self, name: str, *args):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve_engine, args=(child, name, args), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError(f"{name} worker failed to start")
+
+    def ask(self, kind: str, payload):
+        self.conn.send((kind, payload))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
+
+
+def compare(engines: dict[str, Worker], prompts: dict[int, list[int]], rounds: int) -> dict:
     """Engines take turns on every configuration (the machine's load drifts); the best of `rounds` runs counts."""
     for engine in engines.values():
-        for adapter in (False, True):
-            for _ in itertools.islice(engine.run(prompts[min(prompts)][:8], adapter), 4):  # warm-up
-                pass
+        engine.ask("warm", prompts[min(prompts)][:8])
     results = {}
     for n, ids in prompts.items():
         for adapter in (False, True):
@@ -150,7 +188,7 @@ def compare(engines: dict, prompts: dict[int, list[int]], rounds: int) -> dict:
             for r in range(rounds):  # rotate who goes first: no engine always follows the same one
                 for name in order[r % len(order):] + order[:r % len(order)]:
                     time.sleep(0.5)  # let the previous engine's spinning worker threads go idle
-                    runs[name].append(timed(engines[name].run(ids, adapter)))
+                    runs[name].append(engines[name].ask("run", (ids, adapter)))
             results[(n, adapter)] = {name: best(r) for name, r in runs.items()}
     return results
 
@@ -207,16 +245,16 @@ def main() -> None:
         vocab = ModelInfo.read(folders[precision]).vocab_size
         prompts = {n: prompt_ids(n, vocab) for n in a.prompt_lengths}
         max_len = max(a.prompt_lengths) + NEW_TOKENS + 8
-        engines = {"ortlora": Ortlora(folders[precision], adapters[precision], max_len),
-                   "genai": Genai(folders[precision], adapters[precision], max_len)}
+        engines = {"ortlora": Worker("ortlora", folders[precision], adapters[precision], max_len),
+                   "genai": Worker("genai", folders[precision], adapters[precision], max_len)}
         if precision == "fp32" and not a.no_torch:
-            engines["PEFT"] = Peft(model_dir, peft_dir, threads)
+            engines["PEFT"] = Worker("PEFT", model_dir, peft_dir, threads)
         for key, res in compare(engines, prompts, a.rounds).items():
             table.append((precision, *key, res))
-        extra += [f"{precision}: {line}" for line in batch_costs(engines["ortlora"], adapters[precision], vocab,
-                                                                   a.rounds)]
-        del engines
-        gc.collect()
+        extra += [f"{precision}: {line}" for line in engines["ortlora"].ask("batch", (adapters[precision], vocab,
+                                                                                       a.rounds))]
+        for engine in engines.values():
+            engine.close()
 
     nan = (float("nan"), float("nan"))
     print(f"\nrandom Qwen2.5-0.5B-shaped model, greedy, {NEW_TOKENS} new tokens, {threads} threads, best of "

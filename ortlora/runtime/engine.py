@@ -232,7 +232,8 @@ class Engine:
         return out
 
     def decode(self, rows: Sequence[Row]) -> np.ndarray:
-        """One new token per row, all rows in one run; returns logits [rows, vocab] in the order of `rows`."""
+        """One new token per row, all rows in one run; returns logits [rows, vocab] in the order of `rows`,
+        valid until the engine's next run (it may be a view of the engine's output buffer)."""
         if not rows:
             return np.empty((0, self.info.vocab_size), np.float32)
         slots = [r.slot for r in rows]
@@ -268,8 +269,9 @@ class Engine:
             self.lengths[s] += 1
         for s in full:
             self.lengths[s] = self.max_len - 1
-        out = logits[slots, -1]  # a copy (fancy index): the buffer is reused by the next run
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+        if logits.dtype == np.float32 and slots == list(range(hi)):
+            return logits[:, -1]  # a view (a fresh 0.6 MB copy a step cost ~0.15 ms in page faults)
+        return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
 
     def _decode_buffers(self, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[ort.OrtValue, ...]]:
         """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's
@@ -309,9 +311,11 @@ class Engine:
             lora_key = adapter.uid if adapter is not None else 0
             params = lambda: adapter.params if adapter is not None else {}  # noqa: E731
         binding, state = self._binding(graph, lo, hi, last_only, lora_key, params)
-        ids_value, mask_value = values or (_value(ids), _value(mask))
-        binding.bind_ortvalue_input("input_ids", ids_value)
-        binding.bind_ortvalue_input("attention_mask", mask_value)
+        if values is None or state.get("io") is not values:  # decode's persistent buffers stay bound
+            ids_value, mask_value = values or (_value(ids), _value(mask))
+            binding.bind_ortvalue_input("input_ids", ids_value)
+            binding.bind_ortvalue_input("attention_mask", mask_value)
+            state["io"] = values
         if self.has_keep and not last_only:
             binding.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
         for name, arr in lora_feeds.items():
