@@ -11,3 +11,7 @@ class ModelError(OrtloraError):
 
 class AdapterError(OrtloraError):
     """An adapter is missing, unreadable, or does not fit the model."""
+
+
+class GenerationError(OrtloraError):
+    """A generation cannot go on (e.g. the model's logits hold NaN); it ends that request only."""

@@ -162,6 +162,46 @@ def test_adapter_with_nan_is_refused_at_first_use(tmp_path, lora, model):
         model.adapters.unload("bad")
 
 
+def test_adapter_that_overflows_ends_only_its_own_request(tmp_path, lora, model):
+    """Finite but huge weights pass the first-use check yet overflow to inf inside the model, so the logits hold
+    NaN: that request ends with a GenerationError naming the adapter, greedy or sampled, while the other rows of
+    the same mixed batch finish with their single-run tokens, and nothing stays held."""
+    from ortlora.adapters.onnx_adapter import read_onnx_adapter, write_onnx_adapter
+    from ortlora.errors import GenerationError
+    from ortlora.runtime.generation import Batch, Request
+
+    _, _, _, files = lora
+    params = {k: np.sign(np.asarray(v)) * np.float32(1e20) for k, v in read_onnx_adapter(files["a1"]).items()}
+    model.adapters.load(write_onnx_adapter(tmp_path / "huge.onnx_adapter", params), name="huge")
+    try:
+        singles = [greedy(model, p, a, n=4) for p, a in zip(PROMPTS[:3], ["a2", None, "a1"])]
+        for sampled in (False, True):
+            store = model.adapters
+            names = ["a2", "huge", None, "a1"]
+            sp = model._params(None, dict(max_new_tokens=4, min_new_tokens=4))
+            hot = model._params(None, dict(max_new_tokens=4, temperature=1.0, seed=1)) if sampled else sp
+            reqs = [Request(p, hot if n == "huge" else sp, model.tokenizer, store.acquire(n) if n else None)
+                    for p, n in zip([PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[2]], names)]
+            batch = Batch(model.engine, store)
+            for r in reqs:
+                batch.add(r)
+            while batch:
+                batch.step()
+            bad = reqs[1]
+            assert bad.finish_reason == "error" and isinstance(bad.error, GenerationError)
+            assert "'huge'" in str(bad.error) and "NaN" in str(bad.error)
+            assert [r.token_ids for r in (reqs[0], reqs[2], reqs[3])] == singles
+            assert model.engine.free_slots == 4 and not any(a.refs for a in store)
+        with pytest.raises(GenerationError, match="'huge'.*NaN"):
+            list(model.stream(PROMPTS[0], adapter="huge", max_new_tokens=3))
+        with pytest.raises(GenerationError, match="prompt 1: .*'huge'"):
+            model.complete(PROMPTS[:2], ["a1", "huge"], max_new_tokens=3)
+        assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
+        assert greedy(model, PROMPTS[0], "a2", n=4) == singles[0]
+    finally:
+        model.adapters.unload("huge")
+
+
 def test_more_prompts_than_slots(lora, model):
     prompts = PROMPTS + PROMPTS[:3]  # 7 requests through 4 slots: rows leave, waiting ones take their slots
     adapters = ["a1", "a2", None, "a1", None, "a2", "a1"]

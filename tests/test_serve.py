@@ -412,6 +412,42 @@ def test_adapters_load_on_first_use_into_an_lru(server, setup, reference):
     assert "c0" not in {m["id"] for m in admin.get("/v1/models").json()["data"]}
 
 
+def test_adapter_that_overflows_fails_its_request_only(server, setup, reference):
+    """An adapter of finite but huge weights passes the load checks, then overflows inside the model (NaN logits):
+    its requests get a 500 that names it (the openai client, and an error event in a stream), while a request for
+    another adapter decoding in the same batch runs to its end with the reference text, and the server serves on."""
+    import openai
+
+    from ortlora.adapters.onnx_adapter import write_onnx_adapter
+
+    huge = {k: np.sign(v) * np.float32(1e20) for k, v in setup["params"]["a2"].items()}
+    write_onnx_adapter(setup["adapters"] / "huge.onnx_adapter", huge)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=ADMIN, max_retries=0)
+    before = _metrics(server)
+    long = {"model": "a4", "prompt": PROMPTS[1], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    try:
+        with _client(server).stream("POST", "/v1/completions", json=long) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            with pytest.raises(openai.InternalServerError, match="'huge'.*NaN"):
+                client.completions.create(model="huge", prompt=PROMPTS[0], max_tokens=5, temperature=0.8)
+            with _client(server).stream("POST", "/v1/completions",
+                                        json={**long, "model": "huge", "max_tokens": 5}) as failing:
+                events = [json.loads(e[6:]) for e in failing.iter_lines() if e.startswith("data: ")]
+            assert "'huge'" in events[-1]["error"]["message"], events
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in [first[6:]] + rest[:-1])
+        assert text == reference("a4", PROMPTS[1], tokens=60)
+        assert _complete(server, "a1", PROMPTS[0])["choices"][0]["text"] == reference("a1", PROMPTS[0])
+        after = _metrics(server)
+        assert after.get('ortlora_requests_finished_total{reason="error"}', 0) == \
+            before.get('ortlora_requests_finished_total{reason="error"}', 0) + 2
+    finally:
+        (setup["adapters"] / "huge.onnx_adapter").unlink()
+
+
 def test_client_disconnect_cancels_the_request(server):
     before = _metrics(server)
     body = {"model": "a2", "prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0, "ignore_eos": True,

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import GenerationError, OrtloraError
 from ortlora.runtime.adapter_store import Adapter, AdapterStore
 from ortlora.runtime.engine import Engine, Row
 from ortlora.runtime.sampling import Sampler, SamplingParams
@@ -29,7 +29,8 @@ class Chunk:
     """What one step adds to a request: new text (never half a character), the sampled ids, and at the end why."""
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length" (max tokens or context)
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length" (max tokens or context), "error"
+    error: GenerationError | None = None  # why the request ended with "error"; other requests go on
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Request:
     released: bool = False  # the adapter reference went back to the store
     lease: SlotLease | None = None
     reused: int = 0  # prompt tokens whose KV came from the lease
+    error: GenerationError | None = None
+    label: str | None = None  # the adapter's name in messages (a server's store key differs); default its name
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
@@ -77,11 +80,19 @@ class Request:
         return self.finish_reason is not None
 
     def feed(self, logits: np.ndarray, context_full: bool) -> Chunk:
-        """Sample the next token from `logits` [vocab] and return what it adds to the output."""
+        """Sample the next token from `logits` [vocab] and return what it adds to the output; a request that
+        cannot go on ends with finish_reason "error" (and the error) instead of failing the batch."""
         p = self.params
         history = self.prompt_ids + self.token_ids if p.repetition_penalty != 1.0 else ()
         banned = self._eos_list if len(self.token_ids) < p.min_new_tokens else ()
-        token = self.sampler(logits, history, banned)
+        try:
+            token = self.sampler(logits, history, banned)
+        except GenerationError as exc:
+            label = self.label or (self.adapter.name if self.adapter is not None else None)
+            name = f"adapter {label!r}" if label else "the base model"
+            self.error = GenerationError(f"generation with {name} stopped after {len(self.token_ids)} tokens: {exc}")
+            self.finish_reason = "error"
+            return Chunk("", [], "error", self.error)
         self.token_ids.append(token)
         stop_token = token in self._stop_ids or (token in self.eos_ids and not p.ignore_eos)
         if stop_token:  # the EOS / stop token's own text is not part of the output
@@ -248,4 +259,8 @@ def run_to_end(batch: Batch, requests: Sequence[Request]) -> list[Completion]:
     finally:
         for r in requests:
             batch.cancel(r)
+    failed = [(i, r) for i, r in enumerate(requests) if r.error is not None]
+    if failed:
+        i, r = failed[0]
+        raise GenerationError(f"prompt {i}: {r.error}" if len(requests) > 1 else str(r.error))
     return [r.completion() for r in requests]

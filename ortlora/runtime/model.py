@@ -120,6 +120,8 @@ class Model:
                 if not events:  # every slot is taken by other generations: wait for one to finish
                     time.sleep(0.002)
                 for _, chunk in events:
+                    if chunk.error is not None:
+                        raise chunk.error
                     yield chunk
         finally:
             with self._lock:

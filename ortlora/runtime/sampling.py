@@ -11,8 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import GenerationError, OrtloraError
 
+_NAN = ("the model's logits hold NaN or infinity, so no token can be chosen (an adapter with huge weights "
+        "or a numeric overflow in the model)")
 _CANDIDATES = 512  # top-p/min-p look at the best few hundred tokens first, the whole vocabulary only if needed
 
 
@@ -72,7 +74,12 @@ class Sampler:
             logits = logits.copy()
             logits[list(banned)] = -np.inf
         if p.greedy:
-            return int(np.argmax(logits))
+            token = int(np.argmax(logits))  # argmax stops at the first NaN: one look tells
+            if np.isnan(logits[token]):
+                raise GenerationError(_NAN)
+            return token
+        if not np.isfinite(logits.max()):  # NaN (the max propagates it) or +inf: no probabilities to draw from
+            raise GenerationError(_NAN)
         return self._sample(logits / np.float32(p.temperature))
 
     def _sample(self, logits: np.ndarray) -> int:

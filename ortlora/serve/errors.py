@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ortlora.errors import AdapterError, OrtloraError
+from ortlora.errors import AdapterError, GenerationError, OrtloraError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -48,6 +48,8 @@ def status_of(exc: BaseException) -> int:
         return 404
     if isinstance(exc, AdapterExists):
         return 409
+    if isinstance(exc, GenerationError):  # the model (or an adapter's weights) failed, not the request
+        return 500
     if isinstance(exc, (AdapterError, OrtloraError)):
         return 400
     return 500

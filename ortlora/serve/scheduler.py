@@ -192,7 +192,8 @@ class Scheduler:
                 free -= 1
             self.metrics.queue_depth.set(len(self._inbox))
         for job in admitted:
-            req = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter, eos_ids=self.eos_ids)
+            req = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter, eos_ids=self.eos_ids,
+                          label=job.adapter_name)
             job.request = req
             self._jobs[req] = job
             self.batch.add(req)
@@ -224,7 +225,7 @@ class Scheduler:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.arrival)
             if not job.cancelled:
-                job.sink(Event(job.index, chunk.text, n, chunk.finish_reason))
+                job.sink(Event(job.index, chunk.text, n, chunk.finish_reason, chunk.error))
             if chunk.finish_reason is not None:
                 self.metrics.finished.inc(reason=chunk.finish_reason)
                 self.metrics.latency.observe(now - job.arrival)
