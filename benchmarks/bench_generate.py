@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/ortlora-bench-generate")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4"])
     ap.add_argument("--prompt-lengths", nargs="+", type=int, default=[32, 512])
-    ap.add_argument("--rounds", type=int, default=2, help="runs per engine and configuration (best counts)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per engine and configuration (best counts)")
     ap.add_argument("--no-torch", action="store_true")
     a = ap.parse_args()
     work = Path(a.workdir)
