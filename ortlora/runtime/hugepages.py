@@ -4,10 +4,10 @@ A decode step reads every weight once; with 4 KB pages that is a TLB miss every 
 pre-packed weights with plain malloc, and with the common THP mode `madvise` such memory never gets huge pages by
 itself. `MADV_COLLAPSE` (Linux 6.1+) turns resident pages into huge pages in place, contents unchanged.
 
-Measured (`benchmarks/bench_generate.py`, random Qwen2.5-0.5B, 2-core Zen 2, THP `madvise`): int4 decode 49.0 ->
-51.7 tok/s after collapsing the session's new regions (311 MB in 0.4 s, once); fp32 gained nothing (12.7 -> 11.9
-tok/s, 1.9 GB in 2.5 s), so the engine asks for it on int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns
-it off.
+Measured on a random Qwen2.5-0.5B (2-core Zen 2, THP `madvise`; 64-token decodes, best of 4 before and best of 4
+after collapsing, in one process; three such runs): int4 48.9-50.3 -> 51.7-52.2 tok/s (311 MB collapsed in 0.4 s,
+once); fp32 gained nothing (two runs: 12.7-12.8 -> 11.9-13.0 tok/s, 1.9 GB in 2.5 s), so the engine asks for it on
+int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
 
     before = anonymous_regions()
     session = ort.InferenceSession(...)     # pre-packs the weights into new anonymous memory
@@ -54,17 +54,9 @@ def _resident_runs(libc, lo: int, hi: int) -> list[tuple[int, int]]:
     vec = (ctypes.c_ubyte * ((end - start) // PAGE))()
     if libc.mincore(start, end - start, vec) != 0:
         return []
-    full = np.frombuffer(vec, np.uint8).reshape(-1, HUGE // PAGE).__and__(1).all(axis=1)
-    runs, i = [], 0
-    while i < len(full):
-        if full[i]:
-            j = i
-            while j < len(full) and full[j]:
-                j += 1
-            runs.append((start + i * HUGE, start + j * HUGE))
-            i = j
-        i += 1
-    return runs
+    full = (np.frombuffer(vec, np.uint8).reshape(-1, HUGE // PAGE) & 1).all(axis=1)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], full.astype(np.int8), [0]))))  # run starts, ends
+    return [(start + int(a) * HUGE, start + int(b) * HUGE) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def collapse_new_regions(before: set[tuple[int, int]], min_size: int = MIN_REGION) -> int:
