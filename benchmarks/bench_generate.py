@@ -6,8 +6,7 @@ without and with an active rank-16 all-linear adapter. Not a test: one pass, pri
 
 The model, adapter and exports are built on the first run and reused. onnxruntime-genai runs with the thread count
 that export writes into genai_config.json (this machine's cores), i.e. at its best. Each engine lives in its own
-process (measured: hosting both onnxruntime builds in one process cost whichever ran second 3-6% of its decode
-rate), and the engines take turns on every configuration.
+process (no shared allocator, thread pools or page layout), and the engines take turns on every configuration.
 """
 
 from __future__ import annotations
