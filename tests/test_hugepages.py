@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -31,26 +32,41 @@ def _region(arr: np.ndarray) -> dict[str, int]:
     return fields
 
 
-def test_new_resident_regions_go_onto_huge_pages_and_untouched_ones_stay_out():
-    from numpy._core.multiarray import _set_madvise_hugepage
+def _anonymous(size: int) -> tuple[int, np.ndarray]:
+    """A private anonymous mapping, as malloc makes for a large block (no madvise of its own)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    addr = libc.mmap(None, size, 0x1 | 0x2, 0x02 | 0x20, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    return addr, np.frombuffer((ctypes.c_uint8 * size).from_address(addr), np.uint8)
 
-    previous = _set_madvise_hugepage(False)  # numpy would ask for huge pages itself; onnxruntime's malloc does not
+
+def _unmap(addr: int, size: int) -> None:
+    libc = ctypes.CDLL(None)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap(addr, size)
+
+
+def test_new_resident_regions_go_onto_huge_pages_and_untouched_ones_stay_out():
+    before = hugepages.anonymous_regions()
+    w_addr, raw = _anonymous(96 << 20)
+    u_addr, untouched = _anonymous(64 << 20)  # mapped, never written: not resident
     try:
-        before = hugepages.anonymous_regions()
-        weights = np.arange(24 << 20, dtype=np.float32)  # 96 MB, every page written
-        untouched = np.empty(64 << 20, dtype=np.uint8)  # mapped, never written: not resident
-        expected = weights.copy()
+        weights = raw.view(np.float32)
+        weights[:] = np.arange(weights.size, dtype=np.float32)  # every page written
         assert _region(weights)["AnonHugePages"] == 0
         done = hugepages.collapse_new_regions(before)
+        if done == 0:
+            pytest.skip("the kernel refused MADV_COLLAPSE (older than Linux 6.1, or THP defrag off)")
+        assert done >= 94 << 20  # the whole 2 MB pages inside the 96 MB region
+        assert _region(weights)["AnonHugePages"] >= 94 << 10
+        assert np.array_equal(weights, np.arange(weights.size, dtype=np.float32))  # contents unchanged
+        assert _region(untouched)["Rss"] < 2 << 10  # skipped (a collapse makes 2 MB resident at once)
+        assert hugepages.collapse_new_regions(hugepages.anonymous_regions()) == 0  # nothing new since
     finally:
-        _set_madvise_hugepage(previous)
-    if done == 0:
-        pytest.skip("the kernel refused MADV_COLLAPSE (older than Linux 6.1, or THP defrag off)")
-    assert done >= 90 << 20  # the whole 2 MB pages inside the 96 MB region
-    assert _region(weights)["AnonHugePages"] >= 90 << 10
-    assert np.array_equal(weights, expected)  # contents unchanged
-    assert _region(untouched)["Rss"] < 4 << 10  # still not resident: skipped
-    assert hugepages.collapse_new_regions(hugepages.anonymous_regions()) == 0  # nothing new since
+        _unmap(w_addr, 96 << 20)
+        _unmap(u_addr, 64 << 20)
 
 
 def test_switched_off_by_environment(monkeypatch):
