@@ -36,6 +36,11 @@ def lora_input_names(module: str) -> tuple[str, str]:
     return f"{module}.{LORA_A}.weight", f"{module}.{LORA_B}.weight"
 
 
+def is_lora_a(name: str) -> bool:
+    """Is `name` (an input or parameter name, HF spelling) a LoRA A matrix [in, r] (else B [r, out])?"""
+    return name.endswith(f".{LORA_A}.weight")
+
+
 def parse_peft_key(key: str) -> tuple[str, str]:
     """`base_model.model.<module>.lora_A[.default].weight` -> (`<module>`, `lora_A`). Raises ValueError otherwise."""
     m = _PEFT_KEY.match(key)

@@ -53,7 +53,7 @@ class Adapter:
 
     @property
     def rank(self) -> int:
-        return max((a.shape[1] for k, a in self.params.items() if k.endswith(f".{naming.LORA_A}.weight")), default=0)
+        return max((a.shape[1] for k, a in self.params.items() if naming.is_lora_a(k)), default=0)
 
     def __repr__(self) -> str:
         return f"Adapter({self.name!r}, {str(self.path)!r}, rank={self.rank}, tensors={len(self.params)})"

@@ -34,15 +34,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from ortlora.adapters.validate import LoraInput
+from ortlora.naming import is_lora_a
 from ortlora.errors import AdapterError, ModelError
 
 GATHER, SCATTER = "adapter_gather", "adapter_scatter"
 GROUP_SHAPE, UNGROUP_SHAPE = "adapter_group_shape", "adapter_ungroup_shape"
 SLOTS_DIM, RANK_DIM = "adapter_slots", "adapter_pool_rank"
-
-
-def is_lora_a(key: str) -> bool:
-    return key.endswith(".lora_A.weight")
 
 
 def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -> onnx.ModelProto:

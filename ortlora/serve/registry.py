@@ -192,6 +192,7 @@ class AdapterRegistry:
         path = self.path(name)
         with self._lock:
             self._paths.pop(name, None)
+            self._checked.pop(name, None)
             self._hidden.add(name)
             self._added.discard(name)
             if name in self._uploaded:

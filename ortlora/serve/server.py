@@ -134,6 +134,8 @@ class Server:
         try:
             self.release(self.acquire(name))
         except APIError:  # the store is full of running adapters: it loads on first use instead
+            pass
+        finally:  # what registration parsed is for this load only: never left for a later file of that name
             self.registry.take_checked(name)
 
     def remove_adapter(self, name: str) -> None:
