@@ -1,4 +1,7 @@
-"""The error types ortlora raises. Every user-facing failure is an `OrtloraError` with a message that names the problem."""
+"""The error types ortlora raises. Every user-facing failure is an `OrtloraError` with a message that names the problem.
+
+Callers tell failures apart by type, never by message text: the server maps each type to one HTTP status.
+"""
 
 
 class OrtloraError(Exception):
@@ -11,6 +14,23 @@ class ModelError(OrtloraError):
 
 class AdapterError(OrtloraError):
     """An adapter is missing, unreadable, or does not fit the model."""
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter of that name (or one the caller may not see: the message is the same)."""
+
+
+class AdapterExists(AdapterError):
+    """An adapter of that name is already registered."""
+
+
+class AdapterInvalid(AdapterError):
+    """An adapter's file, name or weights are unusable: it does not parse, does not fit the model, holds NaN/inf,
+    or makes the model's logits non-finite."""
+
+
+class AdapterBusy(AdapterError):
+    """The adapter (or every loaded adapter) is held by running generations: retry when they end."""
 
 
 class GenerationError(OrtloraError):

@@ -134,72 +134,67 @@ def test_adapter_pool_churn_equals_single_rows(tiny, lora):
     assert len({tuple(s) for s in singles[:3]}) == 3  # the three adapters give three different texts
     out = m.complete(prompts, adapters, max_new_tokens=4, min_new_tokens=4)
     assert [c.token_ids for c in out] == singles
-    pool = m.engine._pool
+    pool = m.adapters.pool
     assert pool.rank == 16 and pool.generation == 2 and pool.capacity == 2  # rank 8 first, then 16
 
 
-def test_adapter_with_nan_is_refused_at_first_use(tmp_path, lora, model):
-    """NaN weights make NaN logits, from which no token can be sampled: the adapter is refused by name when a
-    generation first asks for it (alone or in a mixed batch), and nothing stays held."""
+def test_adapter_with_nan_or_huge_weights_is_refused_at_registration(tmp_path, lora, model):
+    """NaN weights, or finite weights so large that the model's logits overflow (found by a probe step), are
+    refused when the adapter is loaded, by name: nothing is registered and every other adapter works on."""
     from ortlora.adapters.onnx_adapter import read_onnx_adapter, write_onnx_adapter
-    from ortlora.errors import AdapterError
+    from ortlora.errors import AdapterInvalid
 
     _, _, _, files = lora
     params = {k: np.array(v) for k, v in read_onnx_adapter(files["a1"]).items()}
-    key = next(iter(params))
-    params[key][0, 0] = np.nan
-    model.adapters.load(write_onnx_adapter(tmp_path / "bad.onnx_adapter", params), name="bad")
-    try:
-        with pytest.raises(AdapterError, match="'bad'.*NaN"):
-            model.complete(PROMPTS[:2], ["a2", "bad"], max_new_tokens=2, min_new_tokens=2)
-        with pytest.raises(AdapterError, match="'bad'.*NaN"):
-            model.complete(PROMPTS[:1], ["bad"], max_new_tokens=2, temperature=1.0)
-        assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
-        singles = [greedy(model, p, a, n=3) for p, a in zip(PROMPTS[:2], ["a1", "a2"])]
-        assert [c.token_ids for c in model.complete(PROMPTS[:2], ["a1", "a2"], max_new_tokens=3,
-                                                    min_new_tokens=3)] == singles
-    finally:
-        model.adapters.unload("bad")
+    params[next(iter(params))][0, 0] = np.nan
+    with pytest.raises(AdapterInvalid, match="bad.onnx_adapter.*NaN"):
+        model.adapters.load(write_onnx_adapter(tmp_path / "bad.onnx_adapter", params), name="bad")
+    huge = {k: np.sign(np.asarray(v)) * np.float32(1e20) for k, v in read_onnx_adapter(files["a1"]).items()}
+    assert all(np.isfinite(v).all() for v in huge.values())
+    with pytest.raises(AdapterInvalid, match="huge.onnx_adapter makes the model's logits NaN or infinite"):
+        model.adapters.load(write_onnx_adapter(tmp_path / "huge.onnx_adapter", huge), name="huge")
+    assert "bad" not in model.adapters and "huge" not in model.adapters
+    assert sorted(model.adapters.names()) == ["a1", "a2"]
+    assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
+    singles = [greedy(model, p, a, n=3) for p, a in zip(PROMPTS[:2], ["a1", "a2"])]
+    assert [c.token_ids for c in model.complete(PROMPTS[:2], ["a1", "a2"], max_new_tokens=3,
+                                                min_new_tokens=3)] == singles
 
 
-def test_adapter_that_overflows_ends_only_its_own_request(tmp_path, lora, model):
-    """Finite but huge weights pass the first-use check yet overflow to inf inside the model, so the logits hold
-    NaN: that request ends with a GenerationError naming the adapter, greedy or sampled, while the other rows of
-    the same mixed batch finish with their single-run tokens, and nothing stays held."""
-    from ortlora.adapters.onnx_adapter import read_onnx_adapter, write_onnx_adapter
+def test_a_row_whose_logits_turn_nan_ends_alone(lora, model):
+    """A row whose logits turn NaN mid-batch (here: an adapter of huge weights handed to the batch directly,
+    past the registration probe) ends with a GenerationError naming its adapter, greedy or sampled, while the
+    other rows of the same mixed batch finish with their single-run tokens, and nothing stays held."""
+    from ortlora.adapters.onnx_adapter import read_onnx_adapter
     from ortlora.errors import GenerationError
+    from ortlora.runtime.adapters import Adapter
     from ortlora.runtime.generation import Batch, Request
 
     _, _, _, files = lora
-    params = {k: np.sign(np.asarray(v)) * np.float32(1e20) for k, v in read_onnx_adapter(files["a1"]).items()}
-    model.adapters.load(write_onnx_adapter(tmp_path / "huge.onnx_adapter", params), name="huge")
-    try:
-        singles = [greedy(model, p, a, n=4) for p, a in zip(PROMPTS[:3], ["a2", None, "a1"])]
-        for sampled in (False, True):
-            store = model.adapters
-            names = ["a2", "huge", None, "a1"]
-            sp = model._params(None, dict(max_new_tokens=4, min_new_tokens=4))
-            hot = model._params(None, dict(max_new_tokens=4, temperature=1.0, seed=1)) if sampled else sp
-            reqs = [Request(p, hot if n == "huge" else sp, model.tokenizer, store.acquire(n) if n else None)
-                    for p, n in zip([PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[2]], names)]
-            batch = Batch(model.engine, store)
-            for r in reqs:
-                batch.add(r)
-            while batch:
-                batch.step()
-            bad = reqs[1]
-            assert bad.finish_reason == "error" and isinstance(bad.error, GenerationError)
-            assert "'huge'" in str(bad.error) and "NaN" in str(bad.error)
-            assert [r.token_ids for r in (reqs[0], reqs[2], reqs[3])] == singles
-            assert model.engine.free_slots == 4 and not any(a.refs for a in store)
-        with pytest.raises(GenerationError, match="'huge'.*NaN"):
-            list(model.stream(PROMPTS[0], adapter="huge", max_new_tokens=3))
-        with pytest.raises(GenerationError, match="prompt 1: .*'huge'"):
-            model.complete(PROMPTS[:2], ["a1", "huge"], max_new_tokens=3)
-        assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
-        assert greedy(model, PROMPTS[0], "a2", n=4) == singles[0]
-    finally:
-        model.adapters.unload("huge")
+    a1 = model.adapters.get("a1")
+    huge = Adapter("huge", {k: np.sign(v) * np.float32(1e20) for k, v in a1.params.items()})
+    singles = [greedy(model, p, a, n=4) for p, a in zip(PROMPTS[:3], ["a2", None, "a1"])]
+    store = model.adapters
+    for sampled in (False, True):
+        names = ["a2", "huge", None, "a1"]
+        sp = model._params(None, dict(max_new_tokens=4, min_new_tokens=4))
+        hot = model._params(None, dict(max_new_tokens=4, temperature=1.0, seed=1)) if sampled else sp
+        reqs = [Request(p, hot if n == "huge" else sp, model.tokenizer,
+                        huge if n == "huge" else store.acquire(n) if n else None)
+                for p, n in zip([PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[2]], names)]
+        reqs[1].released = True  # not the store's to release
+        batch = Batch(model.engine, store)
+        for r in reqs:
+            batch.add(r)
+        while batch:
+            batch.step()
+        bad = reqs[1]
+        assert bad.finish_reason == "error" and isinstance(bad.error, GenerationError)
+        assert "'huge'" in str(bad.error) and "NaN" in str(bad.error)
+        assert [r.token_ids for r in (reqs[0], reqs[2], reqs[3])] == singles
+        assert model.engine.free_slots == 4 and not any(a.refs for a in store)
+    model.engine.forget_adapter(huge)
+    assert greedy(model, PROMPTS[0], "a2", n=4) == singles[0]
 
 
 def test_more_prompts_than_slots(lora, model):
@@ -215,10 +210,10 @@ def test_engine_logits_static_buffer(lora):
     """Prefill rows one by one into slots, decode them together with mixed adapters (slot 1 sits out a step as a
     dummy row), against the reference loop run per row with that row's adapter as plain inputs."""
     _, folder, peft, _ = lora
-    from ortlora.runtime.adapter_store import AdapterStore
+    from ortlora.runtime.adapters import Adapters
 
     engine = Engine(folder, slots=3, max_len=32)
-    store = AdapterStore(engine.lora_inputs)
+    store = Adapters(engine.lora_inputs)
     handles = {name: store.load(folder / f"{name}.onnx_adapter") for name in ("a1", "a2")}
     rows = PROMPTS[:3]
     names = ["a1", None, "a2"]
@@ -263,10 +258,10 @@ def test_engine_continuation_equals_one_prefill(lora):
 def test_engine_batched_prefill_equals_per_row(lora):
     """Right-padded rows prefilled together (free slot 1 in between gets a dummy row) = one row at a time."""
     _, folder, _, _ = lora
-    from ortlora.runtime.adapter_store import AdapterStore
+    from ortlora.runtime.adapters import Adapters
 
     engine = Engine(folder, slots=4, max_len=32)
-    store = AdapterStore(engine.lora_inputs)
+    store = Adapters(engine.lora_inputs)
     a1, a2 = (store.load(folder / f"{n}.onnx_adapter") for n in ("a1", "a2"))
     rows = [Row(0, PROMPTS[0], a1), Row(2, PROMPTS[1], None), Row(3, PROMPTS[2], a2)]
     results = []

@@ -14,12 +14,30 @@ from ortlora.errors import AdapterError, ModelError, OrtloraError
 from test_runtime import PROMPTS, lora, model  # noqa: F401  (module fixtures)
 
 
-def test_adapters_are_memory_mapped_and_checked(lora, model):
+def test_loaded_adapters_are_private_copies(lora, model, tmp_path):
+    """A loaded adapter owns its weights: rewriting its file in place (truncate + write, as `cp` does) while a
+    generation uses it cannot crash or change that generation; a re-load picks the new file up."""
+    import shutil
+
     a1 = model.adapters.get("a1")
-    arr = next(iter(a1.params.values()))
-    assert not arr.flags.writeable and not arr.flags.owndata  # views of the file's read-only mapping
+    assert all(arr.flags.owndata for arr in a1.params.values())
     assert a1.rank == 4 and model.adapters.get("a2").rank == 8
     assert sorted(model.adapters.names()) == ["a1", "a2"]
+    _, _, _, files = lora
+    path = shutil.copy(files["a1"], tmp_path / "live.onnx_adapter")
+    model.adapters.load(path, name="live")
+    want = model.complete(PROMPTS[0], "live", max_new_tokens=12, ignore_eos=True)[0].token_ids
+    gen = model.stream(PROMPTS[0], adapter="live", max_new_tokens=12, ignore_eos=True)
+    got = list(next(gen).token_ids)
+    with open(path, "r+b") as f:  # in place: the same inode, first emptied, then other bytes
+        f.truncate(0)
+        f.write(files["a2"].read_bytes())
+    got += [t for c in gen for t in c.token_ids]
+    assert got == want
+    model.adapters.load(path, name="live")  # a new version from the rewritten file: a2's weights
+    assert model.complete(PROMPTS[0], "live", max_new_tokens=6, ignore_eos=True)[0].token_ids == \
+        model.complete(PROMPTS[0], "a2", max_new_tokens=6, ignore_eos=True)[0].token_ids
+    model.adapters.unload("live")
 
 
 def test_adapter_that_does_not_fit(lora, model, tmp_path):
@@ -36,6 +54,7 @@ def test_adapter_that_does_not_fit(lora, model, tmp_path):
     assert "bad" not in model.adapters
     with pytest.raises(AdapterError, match="no such adapter file"):
         model.adapters.load(tmp_path / "missing.onnx_adapter")
+    assert "missing" not in model.adapters
 
 
 def test_unknown_adapter_names_the_loaded_ones(model):
@@ -79,22 +98,31 @@ def test_closing_a_stream_releases_slot_and_adapter(model):
 
 
 def test_capacity_evicts_least_recently_used_idle(lora):
-    from ortlora.runtime.adapter_store import AdapterStore
+    """Loaded adapters are an LRU of `capacity`; an evicted adapter stays registered and loads again on use."""
+    from ortlora.errors import AdapterBusy
+    from ortlora.runtime.adapters import Adapters
     from ortlora.runtime.engine import Engine
 
     _, folder, _, files = lora
-    store = AdapterStore(Engine(folder, max_len=16).lora_inputs, capacity=2)
+    store = Adapters(Engine(folder, max_len=16).lora_inputs, capacity=2)
+    dropped = []
+    store.on_unload(lambda a: dropped.append(a.name))
     store.load(files["a1"], name="x")
     store.load(files["a2"], name="y")
     held = store.acquire("x")  # x is used more recently and held
     store.load(files["a1"], name="z")  # evicts y, the idle one
-    assert store.names() == ["x", "z"]
+    assert store.loaded() == ["x", "z"] and dropped == ["y"] and store.names() == ["x", "y", "z"]
     store.acquire("z")
-    with pytest.raises(AdapterError, match="all 2 loaded adapters are in use"):
+    with pytest.raises(AdapterBusy, match="all 2 loaded adapters are in use"):
         store.load(files["a2"], name="w")
+    assert "w" not in store  # a refused load registers nothing
+    with pytest.raises(AdapterBusy, match="all 2 loaded adapters are in use"):
+        store.acquire("y")
     store.release(held)
     store.load(files["a2"], name="w")
-    assert store.names() == ["z", "w"]
+    assert store.loaded() == ["z", "w"]
+    y = store.acquire("y")  # registered, evicted: loaded again (evicting idle w)
+    assert store.loaded() == ["z", "y"] and y.rank == 8
 
 
 # -- streaming, stop strings, seeds -----------------------------------------------------------------------

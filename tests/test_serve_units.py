@@ -1,4 +1,5 @@
-"""The server's parts that need no model: tenants file, adapter registry confinement, Prometheus text, CLI guard."""
+"""The server's parts that need no model: tenants file, the adapters directory (confinement, versions, uploads),
+Prometheus text, the scheduler's fair queue, CLI guard."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import pytest
 from ortlora.adapters.onnx_adapter import write_onnx_adapter
 from ortlora.errors import OrtloraError
 from ortlora.serve.metrics import Metrics
-from ortlora.serve.registry import AdapterExists, AdapterNotFound, AdapterRegistry, BadAdapterRequest
+from ortlora.adapters.validate import LoraInput
+from ortlora.errors import AdapterExists, AdapterInvalid, AdapterNotFound
+from ortlora.runtime.adapters import Adapters
 from ortlora.serve.tenants import ANONYMOUS, Tenants, TenantsError, hash_key
 
 
-def _adapter(path, rank=2):
+def _adapter(path, rank=2, width=8):
     rng = np.random.default_rng(0)
-    return write_onnx_adapter(path, {"model.layers.0.self_attn.q_proj.lora_A.weight": rng.random((8, rank), np.float32),
+    return write_onnx_adapter(path, {"model.layers.0.self_attn.q_proj.lora_A.weight": rng.random((width, rank), np.float32),
                                      "model.layers.0.self_attn.q_proj.lora_B.weight": rng.random((rank, 8), np.float32)})
 
 
@@ -76,8 +79,13 @@ api_key_sha256 = ["{hash_key('same')}"]
         Tenants.load(tmp_path / "missing.toml")
 
 
-# -- registry -------------------------------------------------------------------------------------------------------
-def test_registry_discovers_by_stem_and_confines_paths(tmp_path):
+# -- adapters directory (through the runtime's Adapters, its one owner) --------------------------------------------
+Q = "model.layers.0.self_attn.q_proj"
+LORA = {f"{Q}.lora_A.weight": LoraInput(f"{Q}.lora_A.weight", np.dtype(np.float32), (8, f"{Q}.lora_r")),
+        f"{Q}.lora_B.weight": LoraInput(f"{Q}.lora_B.weight", np.dtype(np.float32), (f"{Q}.lora_r", 8))}
+
+
+def test_directory_discovers_by_stem_and_confines_paths(tmp_path):
     root = tmp_path / "adapters"
     root.mkdir()
     _adapter(root / "acme-support.onnx_adapter")
@@ -86,31 +94,32 @@ def test_registry_discovers_by_stem_and_confines_paths(tmp_path):
     (root / "escape.onnx_adapter").symlink_to(outside)
     (root / "inner-link.onnx_adapter").symlink_to(root / "acme-support.onnx_adapter")
     (root / "notes.txt").write_text("not an adapter")
-    reg = AdapterRegistry(root, reserved=("base",))
-    assert reg.names() == ["acme-support", "inner-link"]
-    assert sorted(s.split(":")[0] for s in reg.skipped) == ["bad name!.onnx_adapter", "escape.onnx_adapter"]
-    assert reg.path("acme-support") == (root / "acme-support.onnx_adapter").resolve()
+    reg = Adapters(LORA, directory=root, reserved=("base",))
+    assert reg.names() == ["acme-support", "inner-link"] and reg.loaded() == []  # listed, not opened
+    assert sorted(s.split(":")[0] for s in reg.directory.skipped) == ["bad name!.onnx_adapter", "escape.onnx_adapter"]
+    assert reg.info("acme-support").path == "acme-support.onnx_adapter"
     for name in ("escape", "../outside", "missing", "base"):
         with pytest.raises(AdapterNotFound):
-            reg.path(name)
+            reg.acquire(name)
     for path in ("../outside.onnx_adapter", str(outside), "escape.onnx_adapter", "notes.txt", ".", "missing.x",
                  "a\x00b"):
-        with pytest.raises(BadAdapterRequest):
-            reg.add_path("x", path)
+        with pytest.raises(AdapterInvalid):
+            reg.register("x", path)
     for name in ("../x", "a/b", "", ".x", "x.onnx_adapter", "x" * 129, None):
-        with pytest.raises(BadAdapterRequest):
-            reg.add_path(name, "acme-support.onnx_adapter")
+        with pytest.raises(AdapterInvalid):
+            reg.register(name, "acme-support.onnx_adapter")
     with pytest.raises(AdapterExists):
-        reg.add_path("base", "acme-support.onnx_adapter")
-    assert reg.add_path("alias", "acme-support.onnx_adapter") == (root / "acme-support.onnx_adapter").resolve()
+        reg.register("base", "acme-support.onnx_adapter")
+    assert reg.register("alias", "acme-support.onnx_adapter").rank == 2
+    assert reg.loaded() == ["alias"] and reg.info("alias").path == "acme-support.onnx_adapter"
 
     _adapter(root / "late.onnx_adapter")  # dropped in after start-up: found on first use
-    assert "late" in reg and reg.path("late").name == "late.onnx_adapter"
-    reg.remove("late")  # deleted through the API: the file stays and is not rediscovered
+    assert "late" in reg and reg.acquire("late").name == "late"
+    reg.unregister("late")  # deleted through the API: the file stays and is not rediscovered
     assert "late" not in reg and (root / "late.onnx_adapter").exists()
 
 
-def test_registry_holds_thousands_and_refreshes(tmp_path):
+def test_directory_holds_thousands_and_refreshes(tmp_path):
     import time
 
     root = tmp_path / "adapters"
@@ -119,35 +128,62 @@ def test_registry_holds_thousands_and_refreshes(tmp_path):
     for i in range(1, 3000):
         (root / f"a{i}.onnx_adapter").symlink_to(one.name)  # relative, inside the folder
     t0 = time.perf_counter()
-    reg = AdapterRegistry(root)
-    assert len(reg) == 3000 and time.perf_counter() - t0 < 2.0  # files are listed, not opened
-    reg.add_path("alias", "a0.onnx_adapter")
+    reg = Adapters(LORA, directory=root)
+    assert len(reg.names()) == 3000 and time.perf_counter() - t0 < 2.0  # files are listed, not opened
+    reg.register("alias", "a0.onnx_adapter")
     (root / "a1.onnx_adapter").unlink()
     _adapter(root / "new.onnx_adapter")
-    reg.remove("a2")
+    reg.unregister("a2")
     reg.refresh()
     names = set(reg.names())
     assert "new" in names and "alias" in names and "a1" not in names and "a2" not in names and len(names) == 3000
 
 
-def test_registry_upload_is_atomic_checked_and_bounded(tmp_path):
+def test_upload_is_atomic_checked_and_bounded(tmp_path):
     root = tmp_path / "adapters"
     root.mkdir()
-    reg = AdapterRegistry(root)
+    reg = Adapters(LORA, directory=root)
     good = _adapter(tmp_path / "g.onnx_adapter").read_bytes()
-    with pytest.raises(BadAdapterRequest, match="exceeds the 100-byte limit"):
-        reg.add_upload("big", io.BytesIO(good), max_bytes=100)
-    with pytest.raises(OrtloraError, match="not a valid .onnx_adapter"):
-        reg.add_upload("junk", io.BytesIO(b"\x00" * 64), max_bytes=1 << 20)
+    with pytest.raises(AdapterInvalid, match="exceeds the 100-byte limit"):
+        reg.upload("big", io.BytesIO(good), max_bytes=100)
+    with pytest.raises(AdapterInvalid, match="adapter 'junk' is not a valid .onnx_adapter"):
+        reg.upload("junk", io.BytesIO(b"\x00" * 64), max_bytes=1 << 20)
+    wrong = _adapter(tmp_path / "w.onnx_adapter", rank=2, width=9).read_bytes()
+    with pytest.raises(AdapterInvalid, match="adapter 'wrong' does not fit the model"):
+        reg.upload("wrong", io.BytesIO(wrong), max_bytes=1 << 20)
     assert list(root.iterdir()) == [] and reg.names() == []  # nothing half-written, names free again
-    reg.add_upload("up", io.BytesIO(good), max_bytes=1 << 20)
-    assert (root / "up.onnx_adapter").read_bytes() == good
+    reg.upload("up", io.BytesIO(good), max_bytes=1 << 20)
+    assert (root / "up.onnx_adapter").read_bytes() == good and reg.loaded() == ["up"]
     with pytest.raises(AdapterExists):
-        reg.add_upload("up", io.BytesIO(good), max_bytes=1 << 20)
-    reg.remove("up")
+        reg.upload("up", io.BytesIO(good), max_bytes=1 << 20)
+    held = reg.acquire("up")
+    reg.unregister("up")
     assert not (root / "up.onnx_adapter").exists()  # uploaded through the API: deleted with it
-    with pytest.raises(BadAdapterRequest, match="no adapters directory"):
-        AdapterRegistry(None).add_upload("x", io.BytesIO(good), max_bytes=1 << 20)
+    assert held.retired and held.params and "up" not in reg  # the holder keeps its private copy until it ends
+    reg.release(held)
+    with pytest.raises(AdapterInvalid, match="no adapters directory"):
+        Adapters(LORA).upload("x", io.BytesIO(good), max_bytes=1 << 20)
+
+
+def test_versions_refcounts_and_unload_callbacks(tmp_path):
+    """Re-registering a name makes a new version; a holder of the old one keeps it until it releases it, and only
+    then do the unload callbacks see it go (once)."""
+    root = tmp_path / "adapters"
+    root.mkdir()
+    _adapter(root / "one.onnx_adapter", rank=2)
+    _adapter(root / "two.onnx_adapter", rank=4)
+    reg = Adapters(LORA, directory=root)
+    gone = []
+    reg.on_unload(gone.append)
+    v1 = reg.acquire("one")
+    reg.unregister("one")
+    reg.register("one", "two.onnx_adapter")  # the name again, another file
+    v2 = reg.acquire("one")
+    assert v1 is not v2 and (v1.rank, v2.rank) == (2, 4) and gone == []
+    reg.release(v1)
+    assert gone == [v1]
+    reg.release(v2)
+    assert gone == [v1] and reg.loaded() == ["one"]
 
 
 # -- metrics ----------------------------------------------------------------------------------------------------------

@@ -1,25 +1,32 @@
 """The step-level engine: one onnxruntime session, a static KV cache, `prefill(rows)` and `decode(rows)`.
 
-The KV cache is one buffer per layer and kind, [slots, kv_heads, max_len, head_dim], bound through IOBinding as
-both `past_key_values.N.*` and `present.N.*`: GroupQueryAttention sees equal pointers and writes each new token in
-place, so nothing is copied between steps. A row of a batch is (slot, new tokens, adapter); a slot's cached length
-is `lengths[slot]` and its attention-mask prefix of ones. A decode step binds slots [0, hi) with hi = 1 + the
-highest slot that decodes; a slot in that range that does not decode gets a dummy token written at its first free
-position (its length + 1), which is scratch space the slot's next real token overwrites.
+A row of a batch is (slot, new tokens, adapter). What each run reads and writes, per row b in slot s:
 
-Adapters are ordinary graph inputs (onnxruntime 1.32's `run_with_iobinding` ignores RunOptions' active adapters).
-A batch whose rows all use one adapter (or none) runs the exported graph with that adapter's tensors bound; a batch
-that mixes adapters runs the mixed-adapter graph (see multi_lora.py) on the adapter pool, both built the first time
-they are needed (or up front by `build_mixed()`).
+    kv[layer][s, :, :len[s]]            read: the slot's cached keys/values (its attention-mask prefix of ones)
+    kv[layer][s, :, len[s]:len[s]+T]    written in place: the T new tokens' keys/values (past and present are one
+                                        buffer bound twice, so GroupQueryAttention appends without a copy)
+    logits[b] = decoder(tokens[b] | kv[s]) with  y = x @ W + (x @ A[b]) @ B[b]  in every LoRA module, where
+                A[b], B[b] are row b's adapter's tensors (zeros: the base model)
+    len[s] += T
+
+A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
+gets a dummy token written at position len[s] (scratch its next real token overwrites) and its length stays.
+
+A run whose rows all use one adapter (or none) runs the exported graph with that adapter's tensors bound; a run
+that mixes adapters runs the mixed-adapter graph (multi_lora.py) over the adapter pool, whose slots the adapters'
+owner (`ortlora.runtime.adapters.Adapters`) places; both graphs are built the first time they are needed (or up
+front by `build_mixed()`). Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores RunOptions'
+active adapters.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -27,11 +34,11 @@ import onnxruntime as ort
 from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.runtime import hugepages, multi_lora
-from ortlora.runtime.adapter_store import Adapter
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
 BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
+PROBE_TOKENS = (1, 2, 3, 4)  # any short input shows an adapter that makes the logits non-finite
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class ModelInfo:
 class Row:
     slot: int
     tokens: Sequence[int]
-    adapter: Adapter | None = None
+    adapter: "Adapter | None" = None  # ortlora.runtime.adapters.Adapter: params (input name -> array) and uid
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -101,9 +108,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Denormal floats (e.g. from exp() underflow) run through slow microcode paths: flushing them to zero made a
-    # Qwen2.5-0.5B decode step 6% faster in int4 and 4% in fp32 (19.6 vs 20.9 ms, 74.1 vs 77.2 ms), which is where
-    # onnxruntime-genai runs on the same folder; logits change by far less than the tests' tolerances.
+    # denormals (e.g. from exp() underflow) take slow microcode paths; see benchmarks/NOTES.md#denormals
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
@@ -112,17 +117,79 @@ def _value(arr: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(arr)
 
 
+class PoolKey(NamedTuple):
+    """The adapter pool as bound by one run: its buffers' generation and the slots [first, first + count)."""
+    generation: int
+    first: int
+    count: int
+
+
+class BindingKey(NamedTuple):
+    lo: int  # slots [lo, hi) bound
+    hi: int
+    last_only: bool  # logits of the last position only (a persistent output buffer)
+    lora: int | PoolKey  # 0: no adapter; an adapter's uid; or the pool slots of a mixed run
+
+
+@dataclass
+class Binding:
+    """An IOBinding kept between runs and the values it holds (they must live as long as it does)."""
+    io: ort.IOBinding
+    kv: list[ort.OrtValue]  # views of the cache, bound as past and present
+    logits: np.ndarray | None  # [hi - lo, 1, vocab], bound as output when last_only
+    lora: list[tuple[str, ort.OrtValue]]
+    keep: ort.OrtValue | None = None
+    inputs: tuple[ort.OrtValue, ort.OrtValue] | None = None  # decode's persistent input_ids / attention_mask
+
+
+@dataclass
+class DecodeInputs:
+    """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's count
+    of ones. A mask as wide as the cache gives every step the same shapes, so onnxruntime reuses its memory plan;
+    GroupQueryAttention reads each row's length from the mask's ones."""
+    ids: np.ndarray
+    mask: np.ndarray
+    ones: np.ndarray
+    values: tuple[ort.OrtValue, ort.OrtValue]  # made once (~20 us each a step otherwise)
+
+    @classmethod
+    def make(cls, hi: int, max_len: int) -> "DecodeInputs":
+        ids, mask = np.zeros((hi, 1), np.int64), np.zeros((hi, max_len), np.int64)
+        return cls(ids, mask, np.zeros(hi, np.int64), (_value(ids), _value(mask)))
+
+    def fill(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Row b feeds tokens[b] over lengths[b] cached + new positions; only the changed mask ends are written."""
+        self.ids[:, 0] = tokens
+        for b, (n, m) in enumerate(zip(lengths.tolist(), self.ones.tolist())):
+            if n > m:
+                self.mask[b, m:n] = 1
+            elif n < m:
+                self.mask[b, n:m] = 0
+        self.ones[:] = lengths
+
+
+@dataclass
+class LoraRun:
+    """How one run meets its adapters: which graph, the binding's LoRA key, the tensors to bind for a new binding,
+    and per-run index inputs (the mixed graph's row grouping)."""
+    graph: "_Graph"
+    key: int | PoolKey
+    params: Callable[[], dict[str, np.ndarray]]
+    feeds: dict[str, np.ndarray]
+
+
 class _Graph:
-    """One session and the IOBindings it keeps per bound slot range (KV and logits stay bound between calls)."""
+    """One session and the IOBindings it keeps per BindingKey (KV and logits stay bound between calls)."""
 
     def __init__(self, session: ort.InferenceSession):
         self.session = session
-        self.inputs = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
-        self.bindings: dict[tuple, tuple[ort.IOBinding, dict]] = {}
+        self.bindings: OrderedDict[BindingKey, Binding] = OrderedDict()  # least recently used first
 
 
 class Engine:
-    def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None):
+    def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
+                 pool: multi_lora.AdapterPool | None = None):
+        """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given."""
         self.info = ModelInfo.read(folder)
         self.folder = self.info.folder
         if slots < 1:
@@ -133,32 +200,35 @@ class Engine:
         self.model_path = self.folder / self.info.filename
         proto = load_model_proto(self.model_path)  # the graph only, no weights
         self.lora_inputs = model_lora_inputs(proto)
-        # int4 decode gains ~5% from weights on huge pages, fp32 nothing (see hugepages.py)
+        # int4 decode gains from weights on huge pages, fp32 nothing (benchmarks/NOTES.md#huge-pages)
         self._huge_pages = any(n.op_type == "MatMulNBits" for n in proto.graph.node)
         del proto
-        before = hugepages.anonymous_regions() if self._huge_pages else set()
-        try:
-            session = ort.InferenceSession(str(self.model_path), session_options(self.threads),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"{self.model_path}: onnxruntime cannot load it: {exc}") from None
-        if self._huge_pages:
-            hugepages.collapse_new_regions(before)
-        self._single = _Graph(session)
+        self._single = _Graph(self._session(str(self.model_path), session_options(self.threads)))
         self._mixed: _Graph | None = None
-        past = {i.name: i for i in session.get_inputs()}
+        past = {i.name: i for i in self._single.session.get_inputs()}
         first = self.info.kv_names()[0][0]
         if first not in past:
             raise ModelError(f"{self.model_path} has no input {first} (genai_config.json names it)")
         self.dtype = np.dtype(np.float16 if "float16" in past[first].type else np.float32)
-        self.has_keep = KEEP in self._single.inputs
-        shape = (slots, self.info.kv_heads, self.max_len, self.info.head_dim)
+        session = self._single.session
+        self.has_keep = KEEP in past or KEEP in {i.name for i in session.get_overridable_initializers()}
+        shape = (slots, self.info.kv_heads, self.max_len, self.info.head_dim)  # [slots, kv_heads, max_len, head_dim]
         self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
         self.lengths = np.zeros(slots, np.int64)  # cached tokens per slot
         self._free = list(range(slots))
-        self._pool: multi_lora.AdapterPool | None = None
+        self.pool = pool
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
-        self._decode_io: dict[int, tuple] = {}  # hi -> (input_ids, attention_mask, ones per row, OrtValues)
+        self._decode_inputs: dict[int, DecodeInputs] = {}  # per hi
+
+    def _session(self, model: str | bytes, so: ort.SessionOptions) -> ort.InferenceSession:
+        before = hugepages.anonymous_regions() if self._huge_pages else set()
+        try:
+            session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"{self.model_path}: onnxruntime cannot load it: {exc}") from None
+        if self._huge_pages:
+            hugepages.collapse_new_regions(before)
+        return session
 
     # -- slots ----------------------------------------------------------------------------------------------
     def acquire_slot(self) -> int:
@@ -190,12 +260,7 @@ class Engine:
         One row per run by default. `batched` runs new rows (empty slots, no other occupied slot between them)
         together, right-padded, with the logits of each row's own last position."""
         for row in rows:
-            if not len(row.tokens):
-                raise OrtloraError("a prefill row needs at least one token")
-            start = int(self.lengths[row.slot])
-            if start + len(row.tokens) > self.max_len:
-                raise OrtloraError(f"slot {row.slot}: {start} cached + {len(row.tokens)} new tokens exceed the "
-                                   f"context of {self.max_len} tokens")
+            self._check_room(row)
         if batched and len(rows) > 1 and self._can_batch(rows):
             return self._prefill_batch(rows)
         out = np.empty((len(rows), self.info.vocab_size), np.float32)
@@ -211,6 +276,14 @@ class Engine:
             out[i] = logits[0, -1]
         return out
 
+    def _check_room(self, row: Row) -> None:
+        if not len(row.tokens):
+            raise OrtloraError("a prefill row needs at least one token")
+        start = int(self.lengths[row.slot])
+        if start + len(row.tokens) > self.max_len:
+            raise OrtloraError(f"slot {row.slot}: {start} cached + {len(row.tokens)} new tokens exceed the context "
+                               f"of {self.max_len} tokens")
+
     def _can_batch(self, rows: Sequence[Row]) -> bool:
         slots = {r.slot for r in rows}
         lo, hi = min(slots), max(slots) + 1
@@ -223,8 +296,8 @@ class Engine:
         lo, hi = min(r.slot for r in rows), max(r.slot for r in rows) + 1
         lens = np.ones(hi - lo, np.int64)
         width = max(len(r.tokens) for r in rows)
-        ids = np.zeros((hi - lo, width), np.int64)
-        adapters: list[Adapter | None] = [rows[0].adapter] * (hi - lo)
+        ids = np.zeros((hi - lo, width), np.int64)  # [hi - lo, width], right-padded
+        adapters = [rows[0].adapter] * (hi - lo)
         for r in rows:
             ids[r.slot - lo, :len(r.tokens)] = r.tokens
             lens[r.slot - lo] = len(r.tokens)
@@ -243,128 +316,120 @@ class Engine:
         valid until the engine's next run (it may be a view of the engine's output buffer)."""
         if not rows:
             return np.empty((0, self.info.vocab_size), np.float32)
+        slots = self._check_decode(rows)
+        hi = max(slots) + 1
+        inputs = self._decode_inputs.get(hi) or self._decode_inputs.setdefault(hi, DecodeInputs.make(hi, self.max_len))
+        tokens = np.zeros(hi, np.int64)
+        tokens[slots] = [r.tokens[0] for r in rows]
+        inputs.fill(tokens, np.minimum(self.lengths[:hi] + 1, self.max_len))  # dummies: scratch at len[s]
+        adapters = [None] * hi
+        for r in rows:
+            adapters[r.slot] = r.adapter
+        if len({id(r.adapter) for r in rows}) == 1:  # one adapter: dummy rows take it too (no mixed run)
+            adapters = [rows[0].adapter] * hi
+        # a full slot that does not decode loses its last position to the dummy token
+        full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
+        logits = self._run(0, hi, inputs.ids, inputs.mask, adapters, values=inputs.values)
+        self.lengths[slots] += 1
+        self.lengths[full] = self.max_len - 1
+        if logits.dtype == np.float32 and slots == list(range(hi)):
+            return logits[:, -1]  # a view: a fresh copy a step costs page faults (benchmarks/NOTES.md#decode)
+        return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
+
+    def _check_decode(self, rows: Sequence[Row]) -> list[int]:
         slots = [r.slot for r in rows]
         if len(set(slots)) != len(slots):
             raise OrtloraError(f"decode rows share a slot: {slots}")
-        hi = max(slots) + 1
         for r in rows:
             if len(r.tokens) != 1:
                 raise OrtloraError(f"a decode row takes exactly one token, slot {r.slot} got {len(r.tokens)}")
             if self.lengths[r.slot] >= self.max_len:
                 raise OrtloraError(f"slot {r.slot} is full: the context holds {self.max_len} tokens")
-        ids, mask, marked, values = self._decode_buffers(hi)
-        ids[:] = 0
-        new_len = np.minimum(self.lengths[:hi] + 1, self.max_len)  # dummy rows: scratch at their first free place
-        adapters: list[Adapter | None] = [None] * hi
-        for r in rows:
-            ids[r.slot, 0] = r.tokens[0]
-            adapters[r.slot] = r.adapter
-        for b in range(hi):  # the mask keeps its full width (a fixed shape); only the changed ends are rewritten
-            n, m = int(new_len[b]), int(marked[b])
-            if n > m:
-                mask[b, m:n] = 1
-            elif n < m:
-                mask[b, n:m] = 0
-            marked[b] = n
-        # a full slot that does not decode loses its last position to the dummy token
-        full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
-        active = {id(r.adapter): r.adapter for r in rows}
-        if len(active) == 1:
-            adapters = [rows[0].adapter] * hi
-        logits = self._run(0, hi, ids, mask, adapters, values=values)
-        for s in slots:
-            self.lengths[s] += 1
-        for s in full:
-            self.lengths[s] = self.max_len - 1
-        if logits.dtype == np.float32 and slots == list(range(hi)):
-            return logits[:, -1]  # a view (a fresh 0.6 MB copy a step cost ~0.15 ms in page faults)
-        return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
+        return slots
 
-    def _decode_buffers(self, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[ort.OrtValue, ...]]:
-        """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's
-        count of ones. A mask as wide as the cache gives every step the same input shapes: onnxruntime then
-        reuses its memory plan (a growing mask cost ~1 ms per step on Qwen2.5-0.5B int4), and GroupQueryAttention
-        reads each row's length from the mask's ones (same logits, bit for bit)."""
-        if hi not in self._decode_io:
-            ids, mask = np.zeros((hi, 1), np.int64), np.zeros((hi, self.max_len), np.int64)
-            # their OrtValues are made once too (~20 us each a step otherwise)
-            self._decode_io[hi] = (ids, mask, np.zeros(hi, np.int64), (_value(ids), _value(mask)))
-        return self._decode_io[hi]
+    def probe(self, params: dict[str, np.ndarray], tokens: Sequence[int] = PROBE_TOKENS) -> np.ndarray:
+        """Last-position logits [vocab] of `tokens` with adapter tensors `params` (input name -> array), from an
+        empty cache of its own: touches no slot, binding or pool, so any thread may call it while steps run."""
+        ids = np.asarray([[t % self.info.vocab_size for t in tokens]], np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **params}
+        empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), self.dtype)
+        feeds.update({past_name: empty for past_name, _ in self.info.kv_names()})
+        if self.has_keep:
+            feeds[KEEP] = np.array(1, np.int64)
+        return self._single.session.run(["logits"], feeds)[0][0, -1]
 
     # -- running ------------------------------------------------------------------------------------------
-    def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence[Adapter | None],
+    def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence,
              keep: int = 1, values: tuple[ort.OrtValue, ort.OrtValue] | None = None) -> np.ndarray:
         """One run over slots [lo, hi); returns logits [hi - lo, positions, vocab] for the last `keep` positions
         (all positions for a model without num_logits_to_keep). `values`: OrtValues over `ids` and `mask`."""
-        distinct = {a.uid: a for a in adapters if a is not None}
-        mixed = len(distinct) > 1 or (len(distinct) == 1 and None in adapters)
-        graph = self._mixed_graph() if mixed else self._single
+        lora = self._lora(adapters)
         last_only = (self.has_keep and keep == 1) or ids.shape[1] == 1
-        lora_feeds = {}
-        if mixed:
-            pool = self._adapter_pool()
+        b = self._binding(lora, BindingKey(lo, hi, last_only, lora.key))
+        if values is None or b.inputs is not values:  # decode's persistent buffers stay bound
+            ids_value, mask_value = values or (_value(ids), _value(mask))
+            b.io.bind_ortvalue_input("input_ids", ids_value)
+            b.io.bind_ortvalue_input("attention_mask", mask_value)
+            b.inputs = values
+        if self.has_keep and not last_only:
+            b.io.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
+        for name, arr in lora.feeds.items():
+            b.io.bind_ortvalue_input(name, _value(arr))
+        lora.graph.session.run_with_iobinding(b.io)
+        if last_only:
+            return b.logits
+        return b.io.get_outputs()[len(b.kv)].numpy()  # outputs come in binding order
+
+    def _lora(self, adapters: Sequence) -> LoraRun:
+        """One adapter (or none): the exported graph with that adapter's tensors. Several (or some rows without):
+        the mixed graph over the pool, whose slots the adapters' owner placed."""
+        distinct = {a.uid: a for a in adapters if a is not None}
+        if len(distinct) > 1 or (distinct and None in adapters):
+            graph, pool = self._mixed_graph(), self._adapter_pool()
             generation = pool.generation
             slot_of = pool.place(distinct)
             if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
                 graph.bindings.clear()
             groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters])
-            lora_feeds = groups.feeds
-            lora_key = ("pool", pool.generation, groups.first, groups.count)
-            params = lambda: pool.views(groups.first, groups.count)  # noqa: E731 (only for a new binding)
-        else:
-            adapter = next(iter(distinct.values()), None)
-            # only the adapter's own tensors are bound: the others keep their rank-0 defaults, and every bound
-            # input costs onnxruntime time on each run (336 rank-0 inputs cost ~5% of an int4 decode step)
-            lora_key = adapter.uid if adapter is not None else 0
-            params = lambda: adapter.params if adapter is not None else {}  # noqa: E731
-        binding, state = self._binding(graph, lo, hi, last_only, lora_key, params)
-        if values is None or state.get("io") is not values:  # decode's persistent buffers stay bound
-            ids_value, mask_value = values or (_value(ids), _value(mask))
-            binding.bind_ortvalue_input("input_ids", ids_value)
-            binding.bind_ortvalue_input("attention_mask", mask_value)
-            state["io"] = values
-        if self.has_keep and not last_only:
-            binding.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
-        for name, arr in lora_feeds.items():
-            binding.bind_ortvalue_input(name, _value(arr))
-        graph.session.run_with_iobinding(binding)
-        if last_only:
-            return state["logits"]
-        return binding.get_outputs()[len(state["kv"])].numpy()  # outputs come in binding order
+            return LoraRun(graph, PoolKey(pool.generation, groups.first, groups.count),
+                           lambda: pool.views(groups.first, groups.count), groups.feeds)
+        adapter = next(iter(distinct.values()), None)
+        # only the adapter's own tensors are bound: the others keep their rank-0 defaults, and every bound input
+        # costs onnxruntime time on each run
+        return LoraRun(self._single, adapter.uid if adapter is not None else 0,
+                       lambda: adapter.params if adapter is not None else {}, {})
 
-    def _binding(self, graph: _Graph, lo: int, hi: int, last_only: bool, lora_key,
-                 params: Callable[[], dict[str, np.ndarray]]
-                 ) -> tuple[ort.IOBinding, dict]:
-        """The IOBinding for slots [lo, hi) and one adapter (or adapter set): the KV slices bound as past and
+    def _binding(self, lora: LoraRun, key: BindingKey) -> Binding:
+        """The IOBinding for slots [lo, hi) and one adapter (or pool range): the KV slices bound as past and
         present (one buffer), the LoRA tensors, and for one-position logits a persistent output buffer."""
-        key = (lo, hi, last_only, lora_key)
-        found = graph.bindings.pop(key, None)
+        bindings = lora.graph.bindings
+        found = bindings.pop(key, None)
         if found is None:
-            binding = graph.session.io_binding()
-            state: dict = {"kv": [], "lora": lora_key}
+            io = lora.graph.session.io_binding()
+            kv = []
             for past_name, present_name in self.info.kv_names():
-                value = _value(self.kv[past_name][lo:hi])  # a view: the same memory as the cache
-                binding.bind_ortvalue_input(past_name, value)
-                binding.bind_ortvalue_output(present_name, value)
-                state["kv"].append(value)
-            if self.has_keep and last_only:
-                state["keep"] = _value(np.array(1, np.int64))
-                binding.bind_ortvalue_input(KEEP, state["keep"])
-            if last_only:
-                logits = self._logits.get((lo, hi))
-                if logits is None:
-                    logits = self._logits[(lo, hi)] = np.empty((hi - lo, 1, self.info.vocab_size), self.dtype)
-                state["logits"] = logits
-                binding.bind_ortvalue_output("logits", _value(logits))
+                value = _value(self.kv[past_name][key.lo:key.hi])  # a view: the same memory as the cache
+                io.bind_ortvalue_input(past_name, value)
+                io.bind_ortvalue_output(present_name, value)
+                kv.append(value)
+            found = Binding(io, kv, None, [])
+            if self.has_keep and key.last_only:
+                found.keep = _value(np.array(1, np.int64))
+                io.bind_ortvalue_input(KEEP, found.keep)
+            if key.last_only:
+                found.logits = self._logits.get((key.lo, key.hi))
+                if found.logits is None:
+                    found.logits = self._logits[(key.lo, key.hi)] = np.empty(
+                        (key.hi - key.lo, 1, self.info.vocab_size), self.dtype)
+                io.bind_ortvalue_output("logits", _value(found.logits))
             else:  # the shape varies: onnxruntime allocates it
-                binding.bind_output("logits")
-            state["lora_values"] = [(name, _value(np.ascontiguousarray(arr))) for name, arr in params().items()]
-            for name, value in state["lora_values"]:
-                binding.bind_ortvalue_input(name, value)
-            found = (binding, state)
-        graph.bindings[key] = found  # most recently used last
-        while len(graph.bindings) > BINDING_CACHE:
-            del graph.bindings[next(iter(graph.bindings))]
+                io.bind_output("logits")
+            found.lora = [(name, _value(np.ascontiguousarray(arr))) for name, arr in lora.params().items()]
+            for name, value in found.lora:
+                io.bind_ortvalue_input(name, value)
+        bindings[key] = found  # most recently used last
+        while len(bindings) > BINDING_CACHE:
+            bindings.popitem(last=False)
         return found
 
     def build_mixed(self) -> None:
@@ -380,24 +445,20 @@ class Engine:
             proto = multi_lora.mixed_adapter_model(self.model_path, self.lora_inputs)
             so = session_options(self.threads)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
-            # Pre-packing stays on although it gives this session its own copy of the float weights: without it
-            # a 4-row fp32 decode step ran 2.5x slower (B re-packed every call) and an int4 one 25x slower.
-            before = hugepages.anonymous_regions() if self._huge_pages else set()
-            session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            if self._huge_pages:
-                hugepages.collapse_new_regions(before)
-            self._mixed = _Graph(session)
+            # pre-packing stays on although it copies the float weights (benchmarks/NOTES.md#mixed-adapters)
+            self._mixed = _Graph(self._session(proto.SerializeToString(), so))
         return self._mixed
 
     def _adapter_pool(self) -> multi_lora.AdapterPool:
-        """Slots for the adapters of mixed batches: a batch has at most `slots` rows, so as many adapters."""
-        if self._pool is None:
-            self._pool = multi_lora.AdapterPool(self.lora_inputs, self.slots, self.dtype)
-        return self._pool
+        """The pool mixed runs use: the adapters' owner's, or (an engine used alone) one of its own."""
+        if self.pool is None:
+            self.pool = multi_lora.AdapterPool(self.lora_inputs, self.slots, self.dtype)
+        return self.pool
 
-    def forget_adapter(self, adapter: Adapter) -> None:
-        """Drop the bindings and the pool slot that hold `adapter` (the store calls this on unload)."""
-        if self._pool is not None:
-            self._pool.forget(adapter)
-        for key in [k for k in self._single.bindings if k[3] == adapter.uid]:
+    def forget_adapter(self, adapter) -> None:
+        """Drop the bindings and the pool slot that hold `adapter` (its owner calls this, on this engine's thread,
+        when it unloads it)."""
+        if self.pool is not None:
+            self.pool.forget(adapter)
+        for key in [k for k in self._single.bindings if k.lora == adapter.uid]:
             del self._single.bindings[key]

@@ -6,11 +6,12 @@
         for request, chunk in batch.step(): ...      # streamed text per request
 
 A request owns its sampler (seeded), its incremental detokenizer and its stop-string scan; it holds its KV slot
-and its adapter (a reference in the AdapterStore) until it finishes or is cancelled.
+and its adapter (a reference counted by `ortlora.runtime.adapters.Adapters`) until it finishes or is cancelled.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -18,8 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from ortlora.errors import GenerationError, OrtloraError
-from ortlora.runtime.adapter_store import Adapter, AdapterStore
-from ortlora.runtime.engine import Engine, Row
+from ortlora.runtime.adapters import Adapter, AdapterLeases
+from ortlora.runtime.engine import PREFILL_CHUNK, Engine, Row
 from ortlora.runtime.sampling import Sampler, SamplingParams
 from ortlora.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -145,74 +146,167 @@ class Request:
 class Batch:
     """Continuous batching over one engine: requests join between steps and leave as they finish.
 
+    A step prefills waiting requests (in chunks of at most `prefill_budget` tokens a step while others decode, so
+    running streams keep their pace; see `prefill_budget`), then decodes every running request once. A failure
+    belongs to the request that caused it: it ends alone (finish_reason "error") and the rest of the batch goes on.
+
     Not thread-safe: one thread (the caller, or a server's engine thread) drives `step()`.
     """
 
-    def __init__(self, engine: Engine, store: AdapterStore | None = None):
+    def __init__(self, engine: Engine, adapters: AdapterLeases | None = None, *, prefill_chunk: int | None = None):
+        """`adapters`: given back what each request held when it leaves. `prefill_chunk`: prompt tokens prefilled
+        per step while other requests decode; None sizes it from measured step times (see `prefill_budget`)."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise OrtloraError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.engine = engine
-        self.store = store
+        self.adapters = adapters
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.prefilling: list[Request] = []  # holding a slot, prompt partly in the cache
+        self.running: list[Request] = []  # decoding
+        self._fed: dict[Request, int] = {}  # prompt tokens in the cache, per prefilling request
+        self._decode_s = 0.0  # moving averages: seconds per decode step, per prefilled token
+        self._prefill_s = 0.0
 
     def __bool__(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots for requests not yet admitted (those waiting already claim theirs)."""
+        return self.engine.free_slots - sum(1 for r in self.waiting if r.lease is None)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def forget_adapter(self, adapter) -> None:
+        """The adapters' owner let `adapter` go: drop what the engine cached for it."""
+        self.engine.forget_adapter(adapter)
+
+    # -- a step ---------------------------------------------------------------------------------------------
     def step(self) -> list[tuple[Request, Chunk]]:
-        """Prefill waiting requests into free slots (first token each), else decode every running request once."""
-        events = []
-        admitted = []
-        fresh = []  # new requests without a lease: prefilled together when that pays
-        while self.waiting and (self.waiting[0].lease is not None or self.engine.free_slots):
-            req = self.waiting.popleft()
-            if req.lease is None:
-                req.slot = self.engine.acquire_slot()
-                fresh.append(req)
-                continue
-            try:
-                logits = self._prefill(req)
-            except BaseException:
-                self._leave(req)
-                raise
-            events.append((req, req.feed(logits, self._full(req))))
-            admitted.append(req)
-        if fresh:
-            try:
-                logits = self.engine.prefill([Row(r.slot, r.prompt_ids, r.adapter) for r in fresh],
-                                             batched=_worth_batching(fresh))
-            except BaseException:
-                for r in fresh:
-                    self._leave(r)
-                raise
-            events += [(r, r.feed(logits[i], self._full(r))) for i, r in enumerate(fresh)]
-            admitted += fresh
-        decoding = [r for r in self.running if r not in admitted]
-        self.running.extend(admitted)
+        """Admit, prefill (first token of each request whose prompt is now in), decode the others once."""
+        events: list[tuple[Request, Chunk]] = []
+        self._admit(events)
+        decoding = list(self.running)
+        self._prefill(self.prefill_budget() if decoding else None, events)
         if decoding:
-            rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
-            logits = self.engine.decode(rows)
-            events += [(r, r.feed(logits[i], self._full(r))) for i, r in enumerate(decoding)]
+            self._decode(decoding, events)
         for req, _ in events:
             if req.finished:
                 self._leave(req)
         return events
 
-    def _prefill(self, req: Request) -> np.ndarray:
-        """Prefill a request that continues a conversation: only what its prompt adds to the slot's tokens."""
-        lease = req.lease
-        if lease.busy:
-            raise OrtloraError(f"KV slot {lease.slot} is already generating for this conversation")
-        lease.busy, req.slot = True, lease.slot
-        common = 0
-        for a, b in zip(lease.ids, req.prompt_ids[:-1]):  # at least the last prompt token is prefilled
-            if a != b:
+    def prefill_budget(self) -> int:
+        """Prompt tokens to prefill in a step that also decodes: fixed (`prefill_chunk`), or sized so that the
+        chunk takes about 1.5 decode steps (a stream's gap while a long prompt comes in stays within ~2.5 of its
+        usual), at least 32 tokens; everything at once until both times have been measured (`calibrate`)."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if not (self._decode_s and self._prefill_s):
+            return PREFILL_CHUNK
+        return max(32, min(PREFILL_CHUNK, int(1.5 * self._decode_s / self._prefill_s)))
+
+    def calibrate(self, tokens: int = 128) -> None:
+        """Measure the prefill time per token on `tokens` tokens (no slot used), so that the first long prompt
+        is already prefilled in chunks."""
+        t0 = time.perf_counter()
+        self.engine.probe({}, list(range(1, tokens + 1)))
+        self._prefill_s = (time.perf_counter() - t0) / tokens
+
+    def _admit(self, events: list) -> None:
+        """Waiting requests take a slot (or their lease's) while slots are free."""
+        while self.waiting and (self.waiting[0].lease is not None or self.engine.free_slots):
+            req = self.waiting.popleft()
+            if not req.prompt_ids:
+                events.append((req, self._fail(req, "the prompt is empty (it encodes to no tokens)")))
+                continue
+            if req.lease is None:
+                req.slot = self.engine.acquire_slot()
+                self._fed[req] = 0
+            elif req.lease.busy:
+                events.append((req, self._fail(req, f"KV slot {req.lease.slot} is already generating for this "
+                                                    "conversation")))
+                continue
+            else:  # a conversation: only what the prompt adds to the slot's tokens is prefilled
+                lease = req.lease
+                lease.busy, req.slot = True, lease.slot
+                common = 0
+                for a, b in zip(lease.ids, req.prompt_ids[:-1]):  # at least the last prompt token is prefilled
+                    if a != b:
+                        break
+                    common += 1
+                self.engine.truncate(lease.slot, common)
+                req.reused = self._fed[req] = common
+            self.prefilling.append(req)
+
+    def _prefill(self, budget: int | None, events: list) -> None:
+        """Spend up to `budget` prompt tokens (None: no limit) on prefilling requests, oldest first."""
+        fresh = [r for r in self.prefilling if self._fed[r] == 0 and r.lease is None]
+        if len(fresh) > 1 and _worth_batching(fresh) and (budget is None or sum(map(_left, fresh)) <= budget):
+            try:
+                logits = self._timed_prefill([Row(r.slot, r.prompt_ids, r.adapter) for r in fresh], batched=True)
+            except Exception:  # noqa: BLE001 - one row's fault: found below, running them one by one
+                pass
+            else:
+                for i, r in enumerate(fresh):
+                    self._prefilled(r, len(r.prompt_ids), logits[i], events)
+                if budget is not None:
+                    budget -= sum(len(r.prompt_ids) for r in fresh)
+        for req in list(self.prefilling):
+            if budget is not None and budget <= 0:
                 break
-            common += 1
-        self.engine.truncate(lease.slot, common)
-        req.reused = common
-        return self.engine.prefill([Row(lease.slot, req.prompt_ids[common:], req.adapter)])[0]
+            done = self._fed[req]
+            piece = req.prompt_ids[done:] if budget is None else req.prompt_ids[done:done + budget]
+            try:
+                logits = self._timed_prefill([Row(req.slot, piece, req.adapter)])
+            except Exception as exc:  # noqa: BLE001 - the engine failed on this request's input
+                events.append((req, self._fail(req, exc)))
+                continue
+            self._prefilled(req, done + len(piece), logits[0], events)
+            if budget is not None:
+                budget -= len(piece)
+
+    def _prefilled(self, req: Request, fed: int, logits: np.ndarray, events: list) -> None:
+        self._fed[req] = fed
+        if fed == len(req.prompt_ids):  # the whole prompt is in: its first token
+            self.prefilling.remove(req)
+            del self._fed[req]
+            self.running.append(req)
+            events.append((req, req.feed(logits, self._full(req))))
+
+    def _decode(self, decoding: list[Request], events: list) -> None:
+        rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
+        t0 = time.perf_counter()
+        try:
+            logits = self.engine.decode(rows)
+        except Exception:  # noqa: BLE001 - find the rows at fault: each alone (their positions are rewritten)
+            for req, row in zip(decoding, rows):
+                try:
+                    one = self.engine.decode([row])[0]
+                except Exception as exc:  # noqa: BLE001
+                    events.append((req, self._fail(req, exc)))
+                else:
+                    events.append((req, req.feed(one, self._full(req))))
+            return
+        self._decode_s = _average(self._decode_s, time.perf_counter() - t0)
+        events += [(r, r.feed(logits[i], self._full(r))) for i, r in enumerate(decoding)]
+
+    def _timed_prefill(self, rows: list[Row], batched: bool = False) -> np.ndarray:
+        t0 = time.perf_counter()
+        logits = self.engine.prefill(rows, batched=batched)
+        tokens = sum(len(r.tokens) for r in rows)
+        if tokens >= 64:  # shorter runs are dominated by fixed costs
+            self._prefill_s = _average(self._prefill_s, (time.perf_counter() - t0) / tokens)
+        return logits
+
+    def _fail(self, req: Request, why: Exception | str) -> Chunk:
+        """End `req` alone with finish_reason "error"."""
+        label = req.label or (req.adapter.name if req.adapter is not None else None)
+        name = f"adapter {label!r}" if label else "the base model"
+        req.error = GenerationError(f"generation with {name} failed: {why}")
+        req.finish_reason = "error"
+        return Chunk("", [], "error", req.error)
 
     def _full(self, req: Request) -> bool:
         """Will the token about to be sampled fill the context? (prompt + output <= max_len, as in genai's
@@ -230,6 +324,9 @@ class Batch:
     def _leave(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
+        if req in self.prefilling:
+            self.prefilling.remove(req)
+        self._fed.pop(req, None)
         if req.slot is not None:
             if req.lease is None:
                 self.engine.release_slot(req.slot)
@@ -237,9 +334,17 @@ class Batch:
                 req.lease.ids = (req.prompt_ids + req.token_ids)[:int(self.engine.lengths[req.slot])]
                 req.lease.busy = False
             req.slot = None
-        if self.store is not None and req.adapter is not None and not req.released:
-            self.store.release(req.adapter)
+        if self.adapters is not None and req.adapter is not None and not req.released:
+            self.adapters.release(req.adapter)
             req.released = True
+
+
+def _left(req: Request) -> int:
+    return len(req.prompt_ids)
+
+
+def _average(mean: float, x: float) -> float:
+    return x if not mean else 0.8 * mean + 0.2 * x
 
 
 def _worth_batching(requests: Sequence[Request]) -> bool:
@@ -249,13 +354,14 @@ def _worth_batching(requests: Sequence[Request]) -> bool:
     return len(lengths) > 1 and max(lengths) <= 256 and max(lengths) * len(lengths) <= 1.25 * sum(lengths)
 
 
-def run_to_end(batch: Batch, requests: Sequence[Request]) -> list[Completion]:
-    """Step `batch` until every request is done; on an error, every request gives back its slot and adapter."""
+def run_to_end(batch: Batch, requests: Sequence[Request], step=Batch.step) -> list[Completion]:
+    """Step `batch` (with `step(batch)`) until every request is done; on an error, every request gives back its
+    slot and adapter."""
     for r in requests:
         batch.add(r)
     try:
         while batch:
-            batch.step()
+            step(batch)
     finally:
         for r in requests:
             batch.cancel(r)

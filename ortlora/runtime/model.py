@@ -13,11 +13,12 @@ from __future__ import annotations
 import numbers
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ortlora.errors import OrtloraError
-from ortlora.runtime.adapter_store import AdapterStore
+from ortlora.runtime.adapters import Adapter, Adapters
 from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch, Chunk, Completion, Request, SlotLease, run_to_end
 from ortlora.runtime.sampling import SamplingParams
@@ -35,8 +36,9 @@ class Model:
         self.folder = Path(folder)
         self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads)
         self.tokenizer = Tokenizer(folder)
-        self.adapters = AdapterStore(self.engine.lora_inputs, capacity=adapter_capacity)
-        self.adapters.on_unload(self.engine.forget_adapter)
+        self.adapters = Adapters.for_engine(self.engine, capacity=adapter_capacity)
+        self._forgotten: deque[Adapter] = deque()  # let go by the adapters: the engine drops them between steps
+        self.adapters.on_unload(self._forgotten.append)
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)
         self._lock = threading.RLock()  # the engine runs one step at a time
 
@@ -110,13 +112,21 @@ class Model:
         request = self._request(prompt, messages, adapter, self._params(params, sampling), lease)
         return self._stream(request)
 
+    def _batch(self) -> Batch:
+        return Batch(self.engine, self.adapters)
+
+    def _step(self, batch: Batch) -> list:
+        with self._lock:
+            while self._forgotten:
+                self.engine.forget_adapter(self._forgotten.popleft())
+            return batch.step()
+
     def _stream(self, request: Request) -> Iterator[Chunk]:
-        batch = Batch(self.engine, self.adapters)
+        batch = self._batch()
         batch.add(request)
         try:
             while batch:
-                with self._lock:
-                    events = batch.step()
+                events = self._step(batch)
                 if not events:  # every slot is taken by other generations: wait for one to finish
                     time.sleep(0.002)
                 for _, chunk in events:
@@ -144,7 +154,7 @@ class Model:
             for p, a in zip(prompts, adapters):
                 requests.append(self._request(p, None, a, sp))
             with self._lock:
-                return run_to_end(Batch(self.engine, self.adapters), requests)
+                return run_to_end(self._batch(), requests, step=self._step)
         finally:
             for r in requests:  # a failure part-way must not leave adapters held
                 if not r.released:

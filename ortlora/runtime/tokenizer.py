@@ -77,6 +77,11 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         return template
 
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (at least): bounds the tokens of a text by its length."""
+        longest = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return max(longest, 4)  # a byte-level token is one character per byte, a UTF-8 character up to 4
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -20,13 +20,12 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import AdapterNotFound, OrtloraError
 from ortlora.serve import jobs as jobs_
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError, error_response, status_of, validation_message
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
-from ortlora.serve.registry import AdapterNotFound
 from ortlora.serve.tenants import Tenant
 
 log = logging.getLogger("ortlora.serve")
@@ -70,11 +69,10 @@ def create_app(server) -> FastAPI:
     # -- models ------------------------------------------------------------------------------------------------
     @app.get("/v1/models", response_model=P.ModelList, tags=["openai"])
     def list_models(tenant: Tenant = Depends(authenticate)) -> P.ModelList:
-        server.registry.refresh()  # files dropped into the folder since: listed too
         cards = []
         if tenant.base_model:
             cards.append(P.ModelCard(id=server.model_name, created=server.created, owned_by="ortlora"))
-        for name in server.registry.names():
+        for name in server.adapter_names():
             if tenant.may_use(name):
                 cards.append(P.ModelCard(id=name, created=server.created, owned_by="ortlora",
                                          root=server.model_name, parent=server.model_name))
@@ -90,7 +88,7 @@ def create_app(server) -> FastAPI:
         """The adapter a request's `model` names (None = base); the same 404 whether missing or not permitted."""
         if model == server.model_name and tenant.base_model:
             return None
-        if model != server.model_name and tenant.may_use(model) and model in server.registry:
+        if tenant.may_use(model) and server.has_adapter(model):
             return model
         raise APIError(404, f"The model {model!r} does not exist", "invalid_request_error", param="model",
                        code="model_not_found")
@@ -104,10 +102,10 @@ def create_app(server) -> FastAPI:
             raise APIError(400, "best_of is supported only equal to n", param="best_of")
         prompts = await run_in_threadpool(jobs_.completion_prompts, server, body.prompt)  # tokenizing: off the loop
         default_max = 16 if body.max_tokens is None else body.max_tokens
-        jobs = await jobs_.submit(server, body, adapter, prompts, default_max, explicit_max=True)
+        jobs = await jobs_.submit(server, body, adapter, prompts, default_max, explicit_max=True, tenant=tenant.name)
         echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
         if body.stream:
-            return jobs_.stream(jobs, jobs_.completion_chunks(body, jobs, echo))
+            return await jobs_.stream(request, jobs, jobs_.completion_chunks(body, jobs, echo))
         return await jobs_.collect(request, jobs, lambda texts, reasons, usage: P.CompletionResponse(
             id=jobs_.new_id("cmpl"), created=int(time.time()), model=body.model, usage=usage,
             choices=[P.CompletionChoice(index=i, text=echo[i // (body.n or 1)] + texts[i], finish_reason=reasons[i])
@@ -122,9 +120,10 @@ def create_app(server) -> FastAPI:
                     for m in body.messages]
         prompt = await run_in_threadpool(jobs_.chat_prompt, server, messages)
         explicit = body.max_completion_tokens or body.max_tokens
-        jobs = await jobs_.submit(server, body, adapter, [prompt], explicit, explicit_max=explicit is not None)
+        jobs = await jobs_.submit(server, body, adapter, [prompt], explicit, explicit_max=explicit is not None,
+                                  tenant=tenant.name)
         if body.stream:
-            return jobs_.stream(jobs, jobs_.chat_chunks(body, jobs))
+            return await jobs_.stream(request, jobs, jobs_.chat_chunks(body, jobs))
         return await jobs_.collect(request, jobs, lambda texts, reasons, usage: P.ChatCompletionResponse(
             id=jobs_.new_id("chatcmpl"), created=int(time.time()), model=body.model, usage=usage,
             choices=[P.ChatChoice(index=i, message=P.AssistantMessage(content=texts[i]), finish_reason=reasons[i])
@@ -139,9 +138,8 @@ def create_app(server) -> FastAPI:
 
     @app.get("/v1/adapters", response_model=P.AdapterList, tags=["adapters"])
     def list_adapters(tenant: Tenant = Depends(authenticate)) -> P.AdapterList:
-        server.registry.refresh()
         infos = []
-        for name in server.registry.names():
+        for name in server.adapter_names():
             if tenant.may_use(name):
                 try:
                     infos.append(server.adapter_info(name))

@@ -59,10 +59,11 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
                     max_batch=max_batch, max_loaded_adapters=max_loaded_adapters, max_queue=max_queue,
                     max_model_len=max_model_len, model_name=model_name, threads=threads)
     log = logging.getLogger("ortlora.serve")
-    for skipped in server.registry.skipped:
+    directory = server.adapters.directory
+    for skipped in directory.skipped if directory else ():
         log.warning("adapter skipped: %s", skipped)
     log.info("model %s (%s), %d adapters registered, batch %d, context %d", server.model_name, model,
-             len(server.registry), max_batch, server.context_length)
+             len(server.adapters.names()), max_batch, server.context_length)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=120, access_log=log_level == "debug")
     # uvicorn re-raises the signal that stopped it once it has drained; after a clean drain SIGTERM exits 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ortlora.errors import AdapterError, GenerationError, OrtloraError
+from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, GenerationError,
+                            OrtloraError)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -36,11 +37,9 @@ class BodyTooLarge(Exception):
 
 def status_of(exc: BaseException) -> int:
     """The HTTP status for an ortlora error."""
-    from ortlora.serve.registry import AdapterExists, AdapterNotFound
-
     if isinstance(exc, APIError):
         return exc.status
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, AdapterBusy)):
         return 429
     if isinstance(exc, ShuttingDown):
         return 503

@@ -1,6 +1,6 @@
-"""From an OpenAI request to engine jobs and back: prompts checked against the context, one job per choice
-(each holding its adapter), and the events of the jobs gathered into a response or streamed as server-sent events.
-Leaving early (client disconnect, error) cancels every job, which frees its batch slot.
+"""From an OpenAI request to engine jobs and back: prompts checked against the context (by size before they are
+tokenized), one job per choice (each holding its adapter), and the events of the jobs gathered into a response or
+streamed as server-sent events. Leaving early (client disconnect, error) cancels every job, which frees its slot.
 """
 
 from __future__ import annotations
@@ -21,6 +21,46 @@ from ortlora.serve.errors import APIError, error_response, status_of
 from ortlora.serve.scheduler import Event, Job
 
 
+class JobEvents:
+    """The events of one request's jobs, handed from the engine thread (`sink`) to the event loop."""
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._head: Event | None = None
+
+    def sink(self, ev: Event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
+
+    async def peek(self) -> Event:
+        if self._head is None:
+            self._head = await self._queue.get()
+        return self._head
+
+    async def get(self) -> Event:
+        ev = await self.peek()
+        self._head = None
+        return ev
+
+
+class Jobs(list):
+    """The jobs of one request (one per choice) and their events."""
+
+    def __init__(self, jobs: list[Job], events: JobEvents):
+        super().__init__(jobs)
+        self.events = events
+
+
+def check_size(server, text: str, param: str) -> None:
+    """Refuse text that cannot fit the context before tokenizing it: no token covers more than
+    `server.max_token_chars` characters, so a longer text has more tokens than the context holds."""
+    limit = server.context_length * server.max_token_chars
+    if len(text) > limit:
+        raise APIError(400, f"This model's maximum context length is {server.context_length} tokens; the {param} "
+                            f"has {len(text)} characters, more than that many tokens can hold. Shorten it.",
+                       param=param, code="context_length_exceeded")
+
+
 def completion_prompts(server, prompt) -> list[list[int]]:
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -30,6 +70,9 @@ def completion_prompts(server, prompt) -> list[list[int]]:
         prompts = [prompt]
     else:
         prompts = list(prompt)
+    for p in prompts:
+        if isinstance(p, str):
+            check_size(server, p, "prompt")
     out = []
     for p in prompts:
         if isinstance(p, str):
@@ -47,17 +90,23 @@ def completion_prompts(server, prompt) -> list[list[int]]:
 
 
 def chat_prompt(server, messages: list[dict]) -> list[int]:
+    check_size(server, "".join(str(m.get("content") or "") for m in messages), "messages")
     try:
         text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except OrtloraError as exc:
         raise APIError(400, str(exc), param="messages") from None
     except Exception as exc:  # jinja2 TemplateError: the template refused these messages
         raise APIError(400, f"the model's chat template refused the messages: {exc}", param="messages") from None
-    return server.tokenizer.encode(text, add_special_tokens=False)
+    check_size(server, text, "messages")
+    ids = server.tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise APIError(400, "the messages render to an empty prompt (no tokens) with this model's chat template",
+                       param="messages")
+    return ids
 
 
 async def submit(server, body, adapter: str | None, prompts: list[list[int]], max_tokens: int | None,
-                 explicit_max: bool) -> list[Job]:
+                 explicit_max: bool, tenant: str = "") -> Jobs:
     ctx = server.context_length
     n = body.n or 1
     limits = []
@@ -80,9 +129,7 @@ async def submit(server, body, adapter: str | None, prompts: list[list[int]], ma
                   for limit in limits for j in range(n)]
     except OrtloraError as exc:
         raise APIError(400, str(exc)) from None
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
-    sink = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)  # noqa: E731 - called on the engine thread
+    events = JobEvents()
     leases = []
     try:
         for _ in params:
@@ -92,10 +139,8 @@ async def submit(server, body, adapter: str | None, prompts: list[list[int]], ma
             server.release(lease)
         raise
     arrival = time.monotonic()
-    jobs = [Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter, params=p, sink=sink,
-                arrival=arrival) for i, p in enumerate(params)]
-    for job in jobs:
-        job.queue = queue
+    jobs = Jobs([Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter, params=p,
+                     sink=events.sink, tenant=tenant, arrival=arrival) for i, p in enumerate(params)], events)
     try:
         server.scheduler.submit(jobs)  # QueueFull -> 429, ShuttingDown -> 503
     except BaseException:
@@ -105,11 +150,11 @@ async def submit(server, body, adapter: str | None, prompts: list[list[int]], ma
     return jobs
 
 
-async def _events(jobs: list[Job]) -> AsyncIterator[Event]:
+async def _events(jobs: Jobs) -> AsyncIterator[Event]:
     """Every job's events in arrival order, until each has finished."""
-    queue, left = jobs[0].queue, len(jobs)
+    left = len(jobs)
     while left:
-        ev = await queue.get()
+        ev = await jobs.events.get()
         if ev.error is not None:
             raise ev.error
         if ev.finish_reason is not None:
@@ -163,7 +208,30 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def stream(jobs: list[Job], chunks: AsyncIterator[dict]) -> StreamingResponse:
+async def _first_event(request: Request, jobs: Jobs) -> None:
+    """Wait for the jobs' first event (the request is out of the queue and prefilled) before the response's status
+    goes out, so that a request refused while queued or failed at its first step gets its own status code."""
+    first = asyncio.ensure_future(jobs.events.peek())
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            raise APIError(499, "client disconnected")
+        ev = first.result()
+        if ev.error is not None:
+            raise ev.error
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+    finally:
+        watcher.cancel()
+        first.cancel()
+
+
+async def stream(request: Request, jobs: Jobs, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    await _first_event(request, jobs)
+
     async def body():
         try:
             async for chunk in chunks:

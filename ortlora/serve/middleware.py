@@ -8,9 +8,13 @@ import json
 from ortlora.serve.errors import BodyTooLarge, error_response
 
 
+CONTROL_LIMIT = 64 << 10  # a JSON request that manages adapters is a name and a path
+
+
 class Outermost:
-    """Answers 413 to bodies over the limit (adapter uploads have their own), declared or streamed, and counts
-    answers per route and status."""
+    """Answers 413 to bodies over the limit, declared (before the app reads a byte) or streamed/chunked (as soon
+    as the count passes it: the app then sees the client gone and its own answer is dropped), and counts answers
+    per route and status. Adapter uploads (multipart) have their own limit; JSON adapter requests a small one."""
 
     def __init__(self, app, limit: int, upload_limit: int, metrics):
         self.app, self.limit, self.upload_limit, self.metrics = app, limit, upload_limit, metrics
@@ -25,26 +29,43 @@ class Outermost:
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.requests.inc(endpoint=route, status=str(status or 500))
 
+    def _limit(self, scope) -> int:
+        headers = dict(scope.get("headers") or [])
+        if scope["path"] == "/v1/adapters" and scope.get("method") == "POST":
+            multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+            return self.upload_limit if multipart else min(self.limit, CONTROL_LIMIT)
+        return self.limit
+
     async def _limited(self, scope, receive, send) -> int:
-        limit = self.upload_limit if scope["path"] == "/v1/adapters" else self.limit
+        limit = self._limit(scope)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._reject(send, limit)
             return 413
         seen = 0
         started = 0
+        rejected = False
 
         async def counting_receive():
-            nonlocal seen
+            nonlocal seen, rejected, started
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge(limit)
+                    if started:  # the answer is under way (a streamed upload read late): nothing else to say
+                        raise BodyTooLarge(limit)
+                    rejected = True
+                    started = 413
+                    await self._reject(send, limit)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if rejected:
+                return  # the client has its 413: whatever the app says after is dropped
             if message["type"] == "http.response.start":
                 started = message["status"]
             await send(message)
@@ -55,6 +76,9 @@ class Outermost:
             if not started:
                 await self._reject(send, limit)
                 return 413
+        except Exception:
+            if not rejected:
+                raise
         return started
 
     @staticmethod

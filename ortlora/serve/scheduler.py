@@ -1,15 +1,16 @@
 """The engine thread: continuous batching for the server over the runtime's `Batch` (ortlora.runtime.generation).
 
-    HTTP handlers ── submit(jobs) ──> inbox (bounded: QueueFull -> 429) ──┐
-                                                                          ▼
-    engine thread:  loop { forget unloaded adapters; drop cancelled jobs; move inbox -> Batch while KV slots
-                           are free; Batch.step() (prefill new rows, then one decode step for every running row,
-                           each row with its own adapter); send each job's text to its sink }
-                                                                          │
-    HTTP handlers <── sink(Event) (loop.call_soon_threadsafe) <───────────┘
+    HTTP handlers ── submit(jobs) ──> FairQueue (one FIFO per tenant; bounded: QueueFull -> 429) ──┐
+                                                                                                  ▼
+    engine thread:  loop { forget unloaded adapters; drop cancelled jobs; move jobs round-robin across tenants
+                           into the Batch while slots are free; Batch.step() (prefill in chunks, one decode step
+                           for every running row, each row with its own adapter); send each job its events }
+                                                                                                  │
+    HTTP handlers <── job.sink(Event) ────────────────────────────────────────────────────────────┘
 
-The runtime's Batch is single-threaded, so everything that touches the engine (steps, cancellations, dropping an
-unloaded adapter's cached tensors) happens on this thread; other threads only queue work and set flags.
+The runtime's Batch is single-threaded, so everything that touches it (steps, cancellations, dropping an unloaded
+adapter's cached tensors) happens on this thread; other threads only queue work and set flags. The scheduler
+talks to the Batch alone; the HTTP side hears of a job only through its sink.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from ortlora.errors import OrtloraError
-from ortlora.runtime.adapter_store import Adapter
+from ortlora.runtime.adapters import Adapter
 from ortlora.runtime.generation import Batch, Request
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.serve.errors import QueueFull, ShuttingDown
@@ -43,15 +44,16 @@ class Event:
 
 @dataclass(eq=False)
 class Job:
-    """One choice of one HTTP request: a prompt, an adapter held for it, sampling settings, and where events go."""
+    """One choice of one HTTP request: a prompt, an adapter held for it, sampling settings, and where events go
+    (`sink`, called on the engine thread or, for a job refused while queued, on the submitting thread)."""
     index: int
     prompt_ids: list[int]
     adapter: Adapter | None
     adapter_name: str | None
     params: SamplingParams
     sink: Callable[[Event], None]
+    tenant: str = ""
     arrival: float = field(default_factory=time.monotonic)
-    queue: Any = None  # the HTTP side's asyncio.Queue (sink's target)
     cancelled: bool = False
     request: Request | None = None  # the runtime's request, once on the engine thread
     first_token: float | None = None
@@ -62,8 +64,71 @@ class Job:
         self.cancelled = True
 
 
+class FairQueue:
+    """Jobs waiting for a batch slot: one FIFO per tenant, taken round-robin, so a tenant that floods the queue
+    delays itself, not the others. When the queue is full, a tenant holding more waiting jobs than the newcomer
+    would gives up its newest ones (refused with QueueFull) to make room: 429s go to the flooding tenant first.
+    Not thread-safe: the scheduler's lock guards it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._by_tenant: OrderedDict[str, deque[Job]] = OrderedDict()  # round-robin order: next tenant first
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def held(self, tenant: str) -> int:
+        return len(self._by_tenant.get(tenant, ()))
+
+    def put(self, jobs: list[Job], tenant: str) -> list[Job]:
+        """Queue `jobs` (all or none); returns the other tenants' jobs pushed out to make room."""
+        need = self._count + len(jobs) - self.limit
+        evicted: list[Job] = []
+        if need > 0:
+            counts = {t: len(q) for t, q in self._by_tenant.items() if t != tenant}
+            mine = self.held(tenant) + len(jobs)
+            plan: list[str] = []
+            while len(plan) < need:
+                biggest = max(counts, key=counts.get, default=None)
+                if biggest is None or counts[biggest] <= mine:
+                    raise QueueFull(f"too many requests waiting ({self._count} queued, limit {self.limit}); "
+                                    "retry later")
+                counts[biggest] -= 1
+                plan.append(biggest)
+            for t in plan:
+                evicted.append(self._by_tenant[t].pop())
+                self._count -= 1
+        queue = self._by_tenant.setdefault(tenant, deque())
+        queue.extend(jobs)
+        self._count += len(jobs)
+        return evicted
+
+    def take(self) -> Job | None:
+        """The next job, round-robin across tenants."""
+        for tenant in list(self._by_tenant):
+            queue = self._by_tenant[tenant]
+            self._by_tenant.move_to_end(tenant)
+            if queue:
+                self._count -= 1
+                return queue.popleft()
+        return None
+
+    def remove(self, pred: Callable[[Job], bool]) -> list[Job]:
+        gone = []
+        for tenant, queue in self._by_tenant.items():
+            keep = deque(j for j in queue if not pred(j))
+            gone += [j for j in queue if pred(j)]
+            self._by_tenant[tenant] = keep
+        self._count -= len(gone)
+        return gone
+
+    def clear(self) -> list[Job]:
+        return self.remove(lambda job: True)
+
+
 class Scheduler:
-    """Owns the engine (through a runtime Batch) on one thread; `submit` from any thread."""
+    """Owns the runtime Batch on one thread; `submit` from any thread."""
 
     def __init__(self, batch: Batch, tokenizer, eos_ids: frozenset[int], metrics: Metrics, max_queue: int = 256,
                  release: Callable[[Adapter | None], None] | None = None, base_label: str = "base"):
@@ -73,8 +138,8 @@ class Scheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.base_label = base_label  # the adapter label of base-model requests in the metrics
-        self._release = release or (lambda adapter: None)
-        self._inbox: deque[Job] = deque()
+        self._release = release or (lambda adapter: None)  # for jobs that end before reaching the batch
+        self._inbox = FairQueue(max_queue)
         self._jobs: dict[Request, Job] = {}
         self._forget: deque[Adapter] = deque()
         self._cond = threading.Condition()
@@ -96,7 +161,10 @@ class Scheduler:
         return len(self._jobs)
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue `jobs` (all or none): QueueFull when --max-queue jobs already wait, ShuttingDown when draining."""
+        """Queue `jobs` of one tenant (all or none): QueueFull when the queue is full of this tenant's share,
+        ShuttingDown when draining. Jobs of a flooding tenant may be pushed out to make room (their sinks hear
+        QueueFull)."""
+        tenant = jobs[0].tenant if jobs else ""
         with self._cond:
             if self.draining or self._stop:
                 self.metrics.rejected.inc(reason="shutting_down")
@@ -104,18 +172,23 @@ class Scheduler:
             if len(jobs) > self.max_queue:
                 raise OrtloraError(f"the request asks for {len(jobs)} choices; the queue holds {self.max_queue} "
                                    "(--max-queue): ask for fewer")
-            if len(self._inbox) + len(jobs) > self.max_queue:
+            try:
+                evicted = self._inbox.put(jobs, tenant)
+            except QueueFull:
                 self.metrics.rejected.inc(reason="queue_full")
-                raise QueueFull(f"too many requests waiting ({len(self._inbox)} queued, limit {self.max_queue}); "
-                                "retry later")
-            self._inbox.extend(jobs)
+                raise
             self.metrics.queue_depth.set(len(self._inbox))
             for job in jobs:
                 self.metrics.adapter_requests.inc(adapter=job.adapter_name or self.base_label)
             self._cond.notify()
+        for job in evicted:
+            self.metrics.rejected.inc(reason="queue_full")
+            job.sink(Event(job.index, error=QueueFull("too many requests waiting, most of them this tenant's; "
+                                                      "retry later")))
+            self._finish(job, None)
 
     def forget_adapter(self, adapter: Adapter) -> None:
-        """The store unloaded `adapter` (any thread): the engine drops its cached tensors before its next step."""
+        """The adapters let `adapter` go (any thread): the batch drops its cached tensors before its next step."""
         with self._cond:
             self._forget.append(adapter)
             self._cond.notify()
@@ -157,22 +230,20 @@ class Scheduler:
                 forget = list(self._forget)
                 self._forget.clear()
             for adapter in forget:
-                self.batch.engine.forget_adapter(adapter)
+                self.batch.forget_adapter(adapter)
             self._drop_cancelled()
             self._admit()
             if self.batch:
                 try:
                     self._step()
-                except Exception as exc:  # an engine failure ends the jobs of this batch, not the server
+                except Exception as exc:  # a bug, not a request's input (the batch ends those alone)
                     log.exception("engine step failed")
                     self._fail_all(exc)
         self._fail_all(ShuttingDown("the server stopped before this request finished"))
 
     def _drop_cancelled(self) -> None:
         with self._cond:
-            gone = [j for j in self._inbox if j.cancelled]
-            for job in gone:
-                self._inbox.remove(job)
+            gone = self._inbox.remove(lambda job: job.cancelled)
         for job in gone:
             self.metrics.finished.inc(reason="cancelled")
             self._finish(job, None)
@@ -183,12 +254,12 @@ class Scheduler:
                 self._finish(job, req)
 
     def _admit(self) -> None:
-        """Move queued jobs into the batch while KV slots are free (the batch prefills them next step)."""
-        free = self.batch.engine.free_slots - len(self.batch.waiting)
+        """Move queued jobs into the batch, round-robin across tenants, while KV slots are free."""
+        free = self.batch.free_slots
         admitted = []
         with self._cond:
-            while free > 0 and self._inbox:
-                admitted.append(self._inbox.popleft())
+            while free > 0 and (job := self._inbox.take()) is not None:
+                admitted.append(job)
                 free -= 1
             self.metrics.queue_depth.set(len(self._inbox))
         for job in admitted:
@@ -197,15 +268,14 @@ class Scheduler:
             job.request = req
             self._jobs[req] = job
             self.batch.add(req)
+        if admitted:
+            self.metrics.prefills.inc(len(admitted))
+            self.metrics.prompt_tokens.inc(sum(len(j.prompt_ids) for j in admitted))
         self.metrics.running.set(len(self._jobs))
 
     def _step(self) -> None:
         decoding = list(self.batch.running)
-        prefilling = list(self.batch.waiting)
         events = self.batch.step()
-        if prefilling:
-            self.metrics.prefills.inc(len(prefilling))
-            self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in prefilling))
         if decoding:
             distinct = len({r.adapter.uid if r.adapter is not None else 0 for r in decoding})
             self.metrics.decode_steps.inc()
@@ -221,7 +291,7 @@ class Scheduler:
                 continue
             n = len(chunk.token_ids)
             self.metrics.generation_tokens.inc(n)
-            if job.first_token is None:
+            if job.first_token is None and n:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.arrival)
             if not job.cancelled:
@@ -247,8 +317,7 @@ class Scheduler:
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:
-            queued = list(self._inbox)
-            self._inbox.clear()
+            queued = self._inbox.clear()
         for job in queued:
             job.sink(Event(job.index, error=exc))
             self._finish(job, None)

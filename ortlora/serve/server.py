@@ -1,42 +1,35 @@
-"""The server's parts, wired: the runtime's engine, tokenizer and adapter store; the adapter registry; tenants;
-metrics; the scheduler. `Server` is what the HTTP app (`create_app`) talks to.
-
-Adapters are loaded on first use (memory-mapped, through the runtime's AdapterStore, an LRU of
-`--max-loaded-adapters`). Each HTTP choice holds its adapter until it ends; unloading an adapter that running
-requests hold (DELETE, or a replacement under the same name) only takes it out of the registry at once, and
-the store lets it go when the last of them ends.
+"""The server's parts, wired: the runtime's engine, tokenizer and adapters (`ortlora.runtime.adapters.Adapters`,
+the one owner of every adapter's life); tenants; metrics; the scheduler. `Server` is what the HTTP app
+(`create_app`) talks to: it maps API names onto the adapters and nothing more.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from pathlib import Path
 
 from ortlora import __version__
-from ortlora.errors import AdapterError
-from ortlora.runtime.adapter_store import Adapter, AdapterStore
-from ortlora.runtime.engine import Engine
+from ortlora.runtime.adapters import Adapter, Adapters
+from ortlora.runtime.engine import Engine, ModelInfo
 from ortlora.runtime.generation import Batch
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError
 from ortlora.serve.metrics import Metrics
-from ortlora.serve.registry import AdapterRegistry
 from ortlora.serve.scheduler import Scheduler
 from ortlora.serve.tenants import Tenants
 
 DEFAULT_MAX_LEN = 4096
-MIN_TEMPERATURE = 1e-5  # KV cache per slot: [slots, kv_heads, max_len, head_dim] per layer, allocated up front
+MIN_TEMPERATURE = 1e-5
 
 
 class Server:
     def __init__(self, model: str | Path, *, adapters: str | Path | None = None, tenants: Tenants | None = None,
                  max_batch: int = 16, max_loaded_adapters: int = 64, max_queue: int = 256,
                  max_model_len: int | None = None, model_name: str | None = None, threads: int | None = None,
-                 max_body_bytes: int = 16 << 20, max_upload_bytes: int = 1 << 30, max_choices: int = 64):
+                 max_body_bytes: int = 16 << 20, max_upload_bytes: int = 1 << 30, max_choices: int = 64,
+                 prefill_chunk: int | None = None):
         problems = [f"{flag} must be at least 1, got {v}" for flag, v in (
             ("--max-batch", max_batch), ("--max-loaded-adapters", max_loaded_adapters), ("--max-queue", max_queue))
             if v < 1]
@@ -46,120 +39,75 @@ class Server:
         self.folder = Path(model)
         self.model_name = model_name or self.folder.resolve().name
         self.created = int(time.time())
-        self.engine = Engine(model, slots=max_batch, threads=threads,
-                             max_len=max_model_len or min(DEFAULT_MAX_LEN, _context(model)))
+        # KV cache: [slots, kv_heads, max_len, head_dim] per layer, reserved up front, touched as it fills
+        max_len = max_model_len or min(DEFAULT_MAX_LEN, ModelInfo.read(model).context_length)
+        self.engine = Engine(model, slots=max_batch, threads=threads, max_len=max_len)
         self.tokenizer = Tokenizer(model)
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)
         self.context_length = self.engine.max_len
+        self.max_token_chars = self.tokenizer.max_token_chars()  # prompts longer than context x this: refused untokenized
         self.vocab_size = self.engine.info.vocab_size
         self.max_body_bytes, self.max_upload_bytes, self.max_choices = max_body_bytes, max_upload_bytes, max_choices
         self.tenants = tenants or Tenants.open()
         self.metrics = Metrics(max_batch)
-        self.registry = AdapterRegistry(adapters, self.engine.lora_inputs or None, reserved=(self.model_name,))
-        self.store = AdapterStore(self.engine.lora_inputs, capacity=max_loaded_adapters)
-        self.store.on_unload(self._unloaded)
-        self.scheduler = Scheduler(Batch(self.engine, self), self.tokenizer, self.eos_ids, self.metrics,
-                                   max_queue=max_queue, release=self.release, base_label=self.model_name)
-        self._lock = threading.RLock()
-        self._keys: dict[str, str] = {}  # registered name -> store key (a new key for each registration)
-        self._versions = itertools.count(1)
-        self._pending: set[str] = set()  # store keys to unload when their last holder releases them
+        self.adapters = Adapters.for_engine(self.engine, capacity=max_loaded_adapters, directory=adapters,
+                                            reserved=(self.model_name,))
+        self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=prefill_chunk), self.tokenizer,
+                                   self.eos_ids, self.metrics, max_queue=max_queue, release=self.adapters.release,
+                                   base_label=self.model_name)
+        self.adapters.on_unload(self._unloaded)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        # the mixed-adapter session takes seconds to build: at start-up, not in the first mixed batch
-        build = getattr(self.engine, "build_mixed", None)  # when the runtime offers it
-        if build is not None and self.engine.lora_inputs:
-            build()
+        self.engine.build_mixed()  # it takes seconds: at start-up, not in the first mixed batch
+        self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
         self.scheduler.start()
 
     def stop(self, timeout: float | None = 30.0) -> bool:
         return self.scheduler.shutdown(timeout)
 
-    # -- adapters -----------------------------------------------------------------------------------------------
-    def _key(self, name: str) -> str:
-        if name not in self._keys:
-            self._keys[name] = f"{name}@{next(self._versions)}"
-        return self._keys[name]
-
+    # -- adapters: API names onto the runtime's Adapters --------------------------------------------------------
     def acquire(self, name: str | None) -> Adapter | None:
-        """Hold adapter `name` for one choice (loading it on first use); None = the base model."""
+        """Hold adapter `name` for one choice (loaded on first use); None = the base model."""
         if name is None:
             return None
-        with self._lock:
-            key = self._key(name)
-            if key in self.store:
-                self.metrics.adapter_cache_hits.inc()
-                return self.store.acquire(key)
-            path = self.registry.path(name)
-            try:
-                self.store.load(path, key, checked=self.registry.take_checked(name))
-            except AdapterError as exc:
-                if "are in use" in str(exc):  # every loaded adapter is held by a running request
-                    raise APIError(429, f"cannot load adapter {name!r} now: {exc}") from None
-                raise
+        loads = self.adapters.loads
+        adapter = self.adapters.acquire(name)
+        if self.adapters.loads == loads:
+            self.metrics.adapter_cache_hits.inc()
+        else:
             self.metrics.adapter_loads.inc()
-            self.metrics.loaded_adapters.set(len(self.store))
-            return self.store.acquire(key)
+            self.metrics.loaded_adapters.set(len(self.adapters))
+        return adapter
 
     def release(self, adapter: Adapter | None) -> None:
-        """A choice ended (engine thread, or the HTTP side if it never ran). The Batch calls this too."""
-        if adapter is None:
-            return
-        with self._lock:
-            self.store.release(adapter)
-            if adapter.name in self._pending and adapter.refs == 0:
-                self._pending.discard(adapter.name)
-                if adapter.name in self.store:
-                    self.store.unload(adapter.name)
+        self.adapters.release(adapter)
 
     def _unloaded(self, adapter: Adapter) -> None:
+        """(any thread, the adapters' lock held) The engine drops its cached tensors on its own thread."""
         self.metrics.adapter_evictions.inc()
-        self.metrics.loaded_adapters.set(len(self.store))
-        self.scheduler.forget_adapter(adapter)  # the engine drops its cached tensors on its own thread
+        self.metrics.loaded_adapters.set(len(self.adapters))
+        self.scheduler.forget_adapter(adapter)
+
+    def adapter_names(self) -> list[str]:
+        self.adapters.refresh()  # files dropped into the folder since: listed too
+        return self.adapters.names()
+
+    def has_adapter(self, name: str) -> bool:
+        return name != self.model_name and name in self.adapters
 
     def add_adapter_path(self, name: str, path: str) -> None:
-        with self._lock:
-            self.registry.add_path(name, path)
-            self._retire(name)
-            self._preload(name)
+        self.adapters.register(name, path)
 
     def add_adapter_upload(self, name: str, stream) -> None:
-        with self._lock:
-            self.registry.add_upload(name, stream, self.max_upload_bytes)
-            self._retire(name)
-            self._preload(name)
-
-    def _preload(self, name: str) -> None:
-        try:
-            self.release(self.acquire(name))
-        except APIError:  # the store is full of running adapters: it loads on first use instead
-            pass
-        finally:  # what registration parsed is for this load only: never left for a later file of that name
-            self.registry.take_checked(name)
+        self.adapters.upload(name, stream, self.max_upload_bytes)
 
     def remove_adapter(self, name: str) -> None:
-        with self._lock:
-            self.registry.remove(name)
-            self._retire(name)
-
-    def _retire(self, name: str) -> None:
-        """Forget the store key of `name`; unload it now, or when the requests holding it end."""
-        key = self._keys.pop(name, None)
-        if key is None or key not in self.store:
-            return
-        if self.store.get(key).refs:
-            self._pending.add(key)
-        else:
-            self.store.unload(key)
+        self.adapters.unregister(name)
 
     def adapter_info(self, name: str) -> P.AdapterInfo:
-        with self._lock:
-            path = self.registry.path(name)
-            key = self._keys.get(name)
-            loaded = key is not None and key in self.store
-        root = self.registry.root
-        return P.AdapterInfo(name=name, loaded=loaded, path=str(path.relative_to(root)) if root else None)
+        info = self.adapters.info(name)
+        return P.AdapterInfo(name=info.name, loaded=info.loaded, path=info.path)
 
     # -- requests -----------------------------------------------------------------------------------------------
     def sampling_params(self, body, max_new_tokens: int, seed: int | None) -> SamplingParams:
@@ -172,9 +120,3 @@ class Server:
             repetition_penalty=body.repetition_penalty, seed=seed, stop=tuple(body.stop_list()),
             ignore_eos=body.ignore_eos, min_new_tokens=min(body.min_tokens, max_new_tokens),
             stop_token_ids=tuple(body.stop_token_ids or ()))
-
-
-def _context(model: str | Path) -> int:
-    from ortlora.runtime.engine import ModelInfo
-
-    return ModelInfo.read(model).context_length

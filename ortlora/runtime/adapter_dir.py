@@ -1,0 +1,181 @@
+"""An adapters directory: names -> `.onnx_adapter` files inside one folder, every path confined to it.
+
+Files are registered by file stem (`acme-support.onnx_adapter` -> `acme-support`) without being opened, so
+thousands cost nothing until used; a file dropped into the folder later is found on first use. Names are a
+conservative charset with no separators, and a path (given by a caller or found by discovery) must resolve,
+symlinks followed, to a regular file inside the folder. This class only names and places files: what an adapter
+is, loads and holds is `ortlora.runtime.adapters.Adapters`' business (its only user).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from ortlora.adapters.onnx_adapter import SUFFIX
+from ortlora.errors import AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
+from ortlora.fileutil import atomic_file
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+def check_name(name: object) -> str:
+    """`name` if it is a valid adapter name, else AdapterInvalid saying why."""
+    if not isinstance(name, str) or not NAME.match(name) or name.endswith(SUFFIX):
+        raise AdapterInvalid(f"invalid adapter name {str(name)[:140]!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                             f"starting with a letter or digit, without the {SUFFIX} suffix")
+    return name
+
+
+class AdapterDirectory:
+    """Thread-safe map of adapter names to files inside `root`."""
+
+    def __init__(self, root: str | Path, reserved: tuple[str, ...] = ()):
+        try:
+            self.root = Path(root).resolve(strict=True)
+        except OSError:
+            raise AdapterError(f"adapters directory {root}: no such folder") from None
+        if not self.root.is_dir():
+            raise AdapterError(f"adapters directory {root}: not a folder")
+        self.reserved = set(reserved)  # e.g. the base model's name
+        self._paths: dict[str, Path] = {}
+        self._hidden: set[str] = set()  # unregistered by a caller: not rediscovered from the folder
+        self._owned: set[str] = set()  # written by `upload`: deleted with the registration
+        self._added: set[str] = set()  # registered by a caller (kept by refresh)
+        self._lock = threading.Lock()
+        self.skipped: list[str] = []
+        self._discover()
+
+    def _discover(self) -> None:
+        found, skipped = {}, []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
+                    continue
+                name = entry.name[: -len(SUFFIX)]
+                try:
+                    check_name(name)
+                    if name in self.reserved:
+                        raise AdapterInvalid(f"{name!r} is the base model's name")
+                    found[name] = self._inside(Path(entry.path))
+                except AdapterError as exc:
+                    skipped.append(f"{entry.name}: {exc}")
+        self._paths.update(found)
+        self.skipped = skipped
+
+    def refresh(self) -> None:
+        """Rescan the folder: files added since are registered, files gone are forgotten (names unregistered by a
+        caller stay hidden; names registered by a caller under another file are kept)."""
+        with self._lock:
+            own = {n: p for n, p in self._paths.items() if n in self._added}
+            self._paths = {}
+            self._discover()
+            for name in self._hidden:
+                self._paths.pop(name, None)
+            self._paths.update(own)
+
+    def _inside(self, path: Path) -> Path:
+        """`path` resolved (symlinks followed); AdapterInvalid unless it is a regular file inside the root."""
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise AdapterInvalid(f"{path.name}: no such file in the adapters directory") from None
+        if not real.is_relative_to(self.root):
+            raise AdapterInvalid(f"{path.name}: resolves outside the adapters directory")
+        if not real.is_file():
+            raise AdapterInvalid(f"{path.name}: not a regular file")
+        return real
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def path(self, name: str) -> Path:
+        """The file of adapter `name`, checked again now (it may have been replaced by a symlink since)."""
+        with self._lock:
+            path = self._paths.get(name)
+            if path is None and name not in self._hidden and NAME.match(name) and name not in self.reserved:
+                try:  # dropped into the folder after start-up
+                    path = self._paths[name] = self._inside(self.root / f"{name}{SUFFIX}")
+                except AdapterInvalid:
+                    pass
+            if path is None:
+                raise AdapterNotFound(f"adapter {name!r} does not exist")
+        try:
+            return self._inside(path)
+        except AdapterInvalid:
+            raise AdapterNotFound(f"adapter {name!r} does not exist") from None
+
+    def resolve(self, path: str) -> Path:
+        """A caller's `path` (relative to, or absolute inside, the folder) as a checked `.onnx_adapter` file."""
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise AdapterInvalid("path must be a non-empty string")
+        real = self._inside(self.root / path)  # an absolute `path` replaces root: still checked to lie inside
+        if not real.name.endswith(SUFFIX):
+            raise AdapterInvalid(f"{Path(path).name}: not an {SUFFIX} file")
+        return real
+
+    def claim(self, name: str) -> None:
+        """Raise unless `name` is free to register (valid, not reserved, not taken)."""
+        check_name(name)
+        if name in self.reserved:
+            raise AdapterExists(f"{name!r} is the base model's name")
+        with self._lock:
+            if name in self._paths:
+                raise AdapterExists(f"adapter {name!r} already exists (DELETE it first)")
+
+    def add(self, name: str, path: Path) -> None:
+        """Register checked file `path` as `name` (the caller claimed the name and checked the file)."""
+        with self._lock:
+            self._paths[name] = path
+            self._hidden.discard(name)
+            self._added.add(name)
+
+    def upload(self, name: str, stream: BinaryIO, max_bytes: int, check) -> Path:
+        """Write `stream` as `<name>.onnx_adapter` in the folder: written to a temporary file, `check(tmp)` (raises
+        to refuse), then renamed into place. On any failure nothing is left: no file, no name."""
+        self.claim(name)
+        target = self.root / f"{name}{SUFFIX}"
+        if target.exists() or target.is_symlink():
+            raise AdapterExists(f"adapter {name!r} already exists in the adapters directory")
+        with atomic_file(target) as tmp:
+            size = 0
+            with open(tmp, "wb") as f:
+                while chunk := stream.read(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise AdapterInvalid(f"upload exceeds the {max_bytes}-byte limit")
+                    f.write(chunk)
+            check(tmp)
+            with self._lock:  # the name may have been taken while the file was written
+                if name in self._paths:
+                    raise AdapterExists(f"adapter {name!r} already exists (DELETE it first)")
+                self._paths[name] = target  # before the rename: a lookup never sees a file without its entry
+                self._hidden.discard(name)
+                self._owned.add(name)
+                self._added.add(name)
+        return target
+
+    def remove(self, name: str) -> None:
+        """Unregister `name`; a file uploaded through `upload` is deleted, one placed by hand stays (hidden)."""
+        self.path(name)  # AdapterNotFound
+        with self._lock:
+            self._paths.pop(name, None)
+            self._hidden.add(name)
+            self._added.discard(name)
+            if name in self._owned:
+                self._owned.discard(name)
+                (self.root / f"{name}{SUFFIX}").unlink(missing_ok=True)  # loaded copies are private: requests finish

@@ -1,0 +1,360 @@
+"""`Adapters`: the one owner of every adapter's life in a process.
+
+    register ──> check (parse, fit the model, finite, probe step) ──> loaded (private copy; LRU of `capacity`)
+        │                                                                 │ acquire / release (refcounts)
+        │                                                                 ▼
+        └── unregister / re-register: the old version retires;     pool slot (mixed batches; the pool's LRU)
+            it is dropped when its last holder releases it                │
+                                                                          ▼ evicted / dropped: on_unload callbacks
+
+A name maps to its current version; each (re-)registration is a new `Adapter` with its own uid, so a request holds
+exactly the weights it started with. A registration either fully succeeds or leaves nothing behind (no file, no
+name). Loaded weights are private copies: rewriting a file in place (as `cp` does) cannot reach a running request.
+Registered sources are files; with a `directory`, every `.onnx_adapter` in it is registered by stem without being
+opened and loaded on first use.
+
+Failures are typed (ortlora.errors): AdapterNotFound, AdapterExists, AdapterInvalid, AdapterBusy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+
+from ortlora import naming
+from ortlora.adapters.onnx_adapter import SUFFIX, open_onnx_adapter
+from ortlora.adapters.validate import LoraInput, model_feeds
+from ortlora.errors import AdapterBusy, AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
+from ortlora.runtime.adapter_dir import AdapterDirectory
+from ortlora.runtime.multi_lora import AdapterPool
+
+_uids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Adapter:
+    """One loaded version of a named adapter."""
+    name: str
+    params: dict[str, np.ndarray]  # graph input name -> private array in the model's dtype: A [in, r], B [r, out]
+    path: Path | None = None
+    uid: int = field(default_factory=lambda: next(_uids))
+    refs: int = 0
+    retired: bool = False  # unregistered or replaced: dropped when the last holder releases it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.params.values())
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[1] for k, a in self.params.items() if naming.is_lora_a(k)), default=0)
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.name!r}, uid={self.uid}, rank={self.rank}, tensors={len(self.params)})"
+
+
+class AdapterLeases(Protocol):
+    """What a running batch needs from the adapters' owner: to give back what a request held."""
+
+    def release(self, adapter: Adapter | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    loaded: bool
+    path: str | None  # relative to the adapters directory (never a server path)
+
+
+class Adapters:
+    """Thread-safe. `probe(params) -> logits` runs one short input through the model with an adapter's tensors;
+    `pool` holds the adapters of mixed batches (placed through `place`, on the engine's thread)."""
+
+    def __init__(self, lora_inputs: Mapping[str, LoraInput], *, capacity: int | None = None,
+                 directory: str | Path | None = None, reserved: tuple[str, ...] = (),
+                 probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+                 pool: AdapterPool | None = None):
+        if capacity is not None and capacity < 1:
+            raise AdapterError(f"adapter capacity must be at least 1, got {capacity}")
+        self.lora_inputs = dict(lora_inputs)
+        self.capacity = capacity
+        self.directory = AdapterDirectory(directory, reserved) if directory is not None else None
+        self.reserved = set(reserved)
+        self.probe = probe
+        self.pool = pool
+        self._files: dict[str, Path] = {}  # registered by path, outside any directory
+        self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # current versions, least recently used first
+        self._retiring: dict[int, Adapter] = {}  # uid -> replaced or unregistered version still held
+        self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (file stat, why): a bad file is not re-read
+        self._cond = threading.Condition()
+        self.loads = self.evictions = 0  # counts, for metrics
+        self._on_unload: list[Callable[[Adapter], None]] = []
+
+    @classmethod
+    def for_engine(cls, engine, **kw) -> "Adapters":
+        """The adapters of `engine`'s model: checked against its LoRA inputs, probed on it, and owning the pool
+        its mixed runs use."""
+        pool = AdapterPool(engine.lora_inputs, engine.slots, engine.dtype) if engine.lora_inputs else None
+        engine.pool = pool
+        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, **kw)
+
+    def on_unload(self, callback: Callable[[Adapter], None]) -> None:
+        """Call `callback(adapter)` when a loaded version goes (evicted, replaced or unregistered, and released):
+        caches keyed on its uid (bindings, pool slots) drop it."""
+        self._on_unload.append(callback)
+
+    # -- registration --------------------------------------------------------------------------------------------
+    def load(self, path: str | Path, name: str | None = None) -> Adapter:
+        """Register file `path` as `name` (default: its stem) and load it now, replacing an earlier registration
+        of that name (requests holding the old version finish on it)."""
+        path = Path(path)
+        name = name or path.name.removesuffix(SUFFIX)
+        adapter = self._read(path, name, label=str(path))
+        with self._cond:
+            self._install(adapter)  # AdapterBusy when every loaded adapter is held: then nothing changed
+            self._files[name] = path
+        return adapter
+
+    def register(self, name: str, path: str) -> Adapter:
+        """Register `path` (inside the adapters directory) as a new name; checked and loaded now."""
+        directory = self._need_directory()
+        directory.claim(name)
+        real = directory.resolve(path)
+        adapter = self._read(real, name)
+        with self._cond:
+            directory.claim(name)  # still free?
+            directory.add(name, real)
+            self._install_if_room(adapter)
+        return adapter
+
+    def upload(self, name: str, stream: BinaryIO, max_bytes: int) -> Adapter:
+        """Write an uploaded `.onnx_adapter` into the adapters directory as `<name>.onnx_adapter`; checked before
+        it is renamed into place, so a refused upload leaves no file and no name."""
+        directory = self._need_directory()
+        read: list[Adapter] = []
+        directory.upload(name, stream, max_bytes, check=lambda tmp: read.append(self._read(tmp, name)))
+        adapter = read[0]
+        adapter.path = directory.path(name)
+        with self._cond:
+            self._install_if_room(adapter)
+        return adapter
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` now; its loaded version is dropped when the requests holding it end."""
+        with self._cond:
+            if name in self._files:
+                del self._files[name]
+            elif self.directory is not None:
+                self.directory.remove(name)  # AdapterNotFound
+            else:
+                raise AdapterNotFound(f"adapter {name!r} does not exist")
+            self._failed.pop(name, None)
+            old = self._loaded.pop(name, None)
+            if old is not None:
+                self._retire(old)
+
+    def unload(self, name: str, wait: bool | float = False) -> None:
+        """Unregister `name`, first waiting for running generations to release it (`wait`: True or seconds) or,
+        without `wait`, raising AdapterBusy if any hold it."""
+        deadline = None if wait is True else time.monotonic() + float(wait) if wait else 0.0
+        with self._cond:
+            while (held := self._loaded.get(name)) is not None and held.refs:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise AdapterBusy(f"cannot unload adapter {name!r}: {held.refs} running generation(s) use it "
+                                      "(let them finish, or unload with wait=True)")
+                self._cond.wait(left)
+            self.unregister(name)
+
+    def _need_directory(self) -> AdapterDirectory:
+        if self.directory is None:
+            raise AdapterInvalid("there is no adapters directory (start the server with --adapters DIR)")
+        return self.directory
+
+    def _read(self, path: Path, name: str, label: str | None = None) -> Adapter:
+        """Parse, check against the model, copy and probe `path`; every refusal is AdapterInvalid naming `label`
+        (default: the adapter's name, so that no server path reaches a client)."""
+        label = label or f"adapter {name!r}"
+        try:
+            params = open_onnx_adapter(path).params
+            feeds = model_feeds(params, self.lora_inputs, label)
+        except AdapterError as exc:
+            message = str(exc).replace(str(path), label)
+            raise (exc if isinstance(exc, AdapterInvalid) and message == str(exc) else AdapterInvalid(message)) \
+                from None
+        # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
+        feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
+        del params
+        bad = [k for k, v in feeds.items() if not np.isfinite(v).all()]
+        if bad:
+            raise AdapterInvalid(f"{label}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+                                 "infinite values")
+        if self.probe is not None and feeds:
+            logits = self.probe(feeds)
+            if not np.isfinite(logits).all():
+                raise AdapterInvalid(f"{label} makes the model's logits NaN or infinite (its weights are too large "
+                                     "for this model): refused")
+        return Adapter(name, feeds, path)
+
+    def _install(self, adapter: Adapter) -> None:
+        """Make `adapter` the loaded current version of its name (lock held); AdapterBusy, with nothing changed,
+        when it needs room and every loaded adapter is held."""
+        if adapter.name not in self._loaded:
+            self._make_room(for_name=adapter.name)
+        old = self._loaded.pop(adapter.name, None)
+        if old is not None:
+            self._retire(old)
+        self._failed.pop(adapter.name, None)
+        self._loaded[adapter.name] = adapter
+        self.loads += 1
+
+    def _install_if_room(self, adapter: Adapter) -> None:
+        """A registration stands even when there is no room to keep it loaded: it loads on first use."""
+        try:
+            self._install(adapter)
+        except AdapterBusy:
+            old = self._loaded.pop(adapter.name, None)
+            if old is not None:
+                self._retire(old)
+
+    def _retire(self, adapter: Adapter) -> None:
+        adapter.retired = True
+        if adapter.refs:
+            self._retiring[adapter.uid] = adapter
+        else:
+            self._drop(adapter)
+
+    def _drop(self, adapter: Adapter) -> None:
+        """(lock held) Callbacks must not block: they queue work for the engine's thread."""
+        self.evictions += 1
+        self._retiring.pop(adapter.uid, None)
+        for callback in self._on_unload:
+            callback(adapter)
+
+    def _make_room(self, for_name: str) -> None:
+        if self.capacity is None or len(self._loaded) < self.capacity:
+            return
+        idle = next((a for a in self._loaded.values() if not a.refs), None)
+        if idle is None:
+            raise AdapterBusy(f"cannot load adapter {for_name!r} now: all {self.capacity} loaded adapters are in use "
+                              f"by running generations; retry when one ends (or raise the capacity)")
+        del self._loaded[idle.name]
+        self._drop(idle)  # still registered: loaded again on its next use
+
+    # -- use ------------------------------------------------------------------------------------------------
+    def _source(self, name: str) -> Path:
+        if name in self._files:
+            return self._files[name]
+        if self.directory is not None:
+            return self.directory.path(name)
+        raise AdapterNotFound(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._loaded) or 'none'})")
+
+    def get(self, name: str) -> Adapter:
+        """The current version of `name`, loaded now if it is not."""
+        with self._cond:
+            adapter = self._loaded.get(name)
+            if adapter is not None:
+                return adapter
+            path = self._source(name)
+            failed = self._failed.get(name)
+        stat = _stat(path)
+        if failed is not None and failed[0] == stat:
+            raise AdapterInvalid(failed[1])
+        try:
+            adapter = self._read(path, name, label=str(path) if name in self._files else None)
+        except AdapterInvalid as exc:
+            with self._cond:
+                self._failed[name] = (stat, str(exc))
+            raise
+        with self._cond:
+            current = self._loaded.get(name)
+            if current is not None:  # another thread loaded it meanwhile
+                return current
+            if self._source(name) != path:  # unregistered or re-registered meanwhile
+                raise AdapterBusy(f"adapter {name!r} changed while it was loading: retry")
+            self._install(adapter)
+            return adapter
+
+    def acquire(self, name: str | None) -> Adapter | None:
+        """Hold adapter `name` (None = the base model) for a generation; pair with `release`."""
+        if name is None:
+            return None
+        for _ in range(8):
+            adapter = self.get(name)
+            with self._cond:
+                if self._loaded.get(name) is adapter:  # not evicted or replaced since
+                    adapter.refs += 1
+                    self._loaded.move_to_end(name)
+                    return adapter
+        raise AdapterBusy(f"adapter {name!r} keeps being evicted by other loads: retry")
+
+    def release(self, adapter: Adapter | None) -> None:
+        if adapter is None:
+            return
+        with self._cond:
+            adapter.refs -= 1
+            if adapter.retired and adapter.refs == 0 and adapter.uid in self._retiring:
+                self._drop(adapter)
+            self._cond.notify_all()
+
+    def place(self, adapters: Mapping[int, Adapter]) -> dict[int, int]:
+        """Pool slots for the adapters of a mixed run (uid -> slot); on the engine's thread."""
+        return self.pool.place(adapters)
+
+    # -- listing ------------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Every registered name (loaded or not)."""
+        with self._cond:
+            found = set(self._files) | set(self._loaded)
+        if self.directory is not None:
+            found |= set(self.directory.names())
+        return sorted(found)
+
+    def loaded(self) -> list[str]:
+        """The names whose current version is in memory, least recently used first."""
+        with self._cond:
+            return list(self._loaded)
+
+    def info(self, name: str) -> AdapterInfo:
+        path = self._source(name)
+        relative = self.directory.relative(path) if self.directory is not None and name not in self._files else None
+        return AdapterInfo(name, name in self._loaded, relative)
+
+    def refresh(self) -> None:
+        if self.directory is not None:
+            self.directory.refresh()
+
+    def held(self) -> int:
+        """Generations holding an adapter right now (all versions)."""
+        with self._cond:
+            return sum(a.refs for a in self._loaded.values()) + sum(a.refs for a in self._retiring.values())
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            with self._cond:
+                self._source(name)
+        except AdapterError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._loaded)
+
+    def __iter__(self) -> Iterator[Adapter]:
+        with self._cond:
+            return iter(list(self._loaded.values()) + list(self._retiring.values()))
+
+
+def _stat(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
