@@ -200,7 +200,9 @@ def test_adapter_steers_quantized_model_like_fp32(trained, tmp_path, precision, 
     assert json.loads((out / "ortlora.json").read_text())["precision"] == precision
     assert json.loads((out / "genai_config.json").read_text()) == json.loads((folder / "genai_config.json").read_text())
 
-    # The adapter changes greedy tokens, and changes them the same way on the quantized model.
+    # The adapter changes greedy tokens, and changes them the same way on the quantized model: along fp32+adapter's
+    # greedy text, the quantized model + adapter picks the same next token. (Teacher-forced: a free-running
+    # comparison compounds one early near-tie into a different text, which says nothing about later steps.)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = tok.encode(trained["text"]).ids
     feeds = load_adapter(adapter)
@@ -209,15 +211,15 @@ def test_adapter_steers_quantized_model_like_fp32(trained, tmp_path, precision, 
     for start in (0, 40, 80):
         prompt = ids[start:start + 8]
         want = np.array(_greedy(ref_s, prompt, GREEDY_TOKENS, feeds))
-        got = np.array(_greedy(q_s, prompt, GREEDY_TOKENS, feeds))
-        base = np.array(_greedy(ref_s, prompt, GREEDY_TOKENS, {}))
+        got = _logits(q_s, prompt + want[:-1].tolist(), feeds)[len(prompt) - 1:].argmax(-1)
+        base = _logits(ref_s, prompt + want[:-1].tolist(), {})[len(prompt) - 1:].argmax(-1)
         agree += int((want == got).sum())
         changed += int((want != base).sum())
         total += GREEDY_TOKENS
-    print(f"{precision} {algorithm}: greedy tokens with the adapter agree with fp32+adapter on {agree}/{total}; "
-          f"the adapter changes {changed}/{total} of fp32's base tokens")
-    assert changed >= 0.8 * total  # measured: 93/96 fp32 tokens differ from the base's
-    assert agree >= 0.9 * total  # measured: 96/96 for every setting here
+    print(f"{precision} {algorithm}: next tokens with the adapter agree with fp32+adapter on {agree}/{total}; "
+          f"the adapter changes {changed}/{total} of fp32's base next tokens")
+    assert changed >= 0.5 * total  # the adapter steers: without it, the model picks other tokens on this text
+    assert agree >= 0.9 * total
 
     report = json.loads((out / REPORT).read_text())
     assert [r["adapter"] for r in report["results"]] == [None, str(adapter)]

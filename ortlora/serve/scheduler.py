@@ -257,17 +257,16 @@ class Scheduler:
         """Move queued jobs into the batch, round-robin across tenants, while KV slots are free."""
         free = self.batch.free_slots
         admitted = []
-        with self._cond:
+        with self._cond:  # out of the queue and into the books at once: shutdown never sees it in neither
             while free > 0 and (job := self._inbox.take()) is not None:
+                job.request = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter, eos_ids=self.eos_ids,
+                                      label=job.adapter_name)
+                self._jobs[job.request] = job
                 admitted.append(job)
                 free -= 1
             self.metrics.queue_depth.set(len(self._inbox))
         for job in admitted:
-            req = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter, eos_ids=self.eos_ids,
-                          label=job.adapter_name)
-            job.request = req
-            self._jobs[req] = job
-            self.batch.add(req)
+            self.batch.add(job.request)
         if admitted:
             self.metrics.prefills.inc(len(admitted))
             self.metrics.prompt_tokens.inc(sum(len(j.prompt_ids) for j in admitted))

@@ -1,0 +1,246 @@
+"""Unit tests of the runtime's and the scheduler's pure pieces, no model run: the adapter pool (grouping, LRU, rank
+growth), the mixed-adapter graph against a plain numpy evaluation, stop-string scanning, the scheduler's fair
+queue, and the scheduler driven with a fake batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from ortlora.adapters.validate import LoraInput
+from ortlora.runtime.multi_lora import GATHER, GROUP_SHAPE, SCATTER, UNGROUP_SHAPE, AdapterPool, mixed_adapter_model
+
+M = "model.layers.0.mlp.up_proj"
+A, B = f"{M}.lora_A.weight", f"{M}.lora_B.weight"
+IN, OUT = 6, 5
+LORA = {A: LoraInput(A, np.dtype(np.float32), (IN, f"{M}.lora_r")),
+        B: LoraInput(B, np.dtype(np.float32), (f"{M}.lora_r", OUT))}
+
+
+def _adapter(uid, rank, seed):
+    rng = np.random.default_rng(seed)
+    return SimpleNamespace(uid=uid, rank=rank, name=f"x{uid}", params={
+        A: rng.standard_normal((IN, rank)).astype(np.float32), B: rng.standard_normal((rank, OUT)).astype(np.float32)})
+
+
+# -- the adapter pool --------------------------------------------------------------------------------------------
+def test_pool_groups_rows_by_slot_and_scatters_them_back():
+    g = AdapterPool.groups([3, 1, 3, 0, 1, 3])  # rows -> slots: slot 0 (no adapter) only when a row has none
+    assert (g.first, g.count) == (0, 4)  # slots 0..3 bound
+    width = 3  # slot 3 has the most rows
+    gather, scatter = g.feeds[GATHER], g.feeds[SCATTER]
+    assert len(gather) == 4 * width
+    rows = np.arange(6) * 10
+    grouped = rows[gather]  # [S·G]: each slot's rows, padded with copies of row 0
+    for slot, members in {0: [3], 1: [1, 4], 2: [], 3: [0, 2, 5]}.items():
+        block = grouped[slot * width:(slot + 1) * width]
+        assert list(block[:len(members)]) == [rows[m] for m in members]
+    assert list(grouped[scatter]) == list(rows)  # every row back in its place
+    assert list(g.feeds[GROUP_SHAPE]) == [4, -1, 0] and list(g.feeds[UNGROUP_SHAPE]) == [4 * width, -1, 0]
+    only = AdapterPool.groups([2, 2])
+    assert (only.first, only.count) == (2, 1)  # no row without an adapter: slot 0 is not bound
+
+
+def test_pool_places_each_adapter_once_evicts_lru_and_grows_rank():
+    pool = AdapterPool(LORA, capacity=2, dtype=np.float32)
+    a, b, c = _adapter(1, 2, 0), _adapter(2, 4, 1), _adapter(3, 3, 2)
+    slots = pool.place({1: a, 2: b})
+    assert sorted(slots.values()) == [1, 2] and pool.rank == 4 and pool.generation == 1
+    np.testing.assert_array_equal(pool.buffers[A][slots[1]][:, :2], a.params[A])
+    assert not pool.buffers[A][slots[1]][:, 2:].any()  # rank padded with zeros: exact
+    assert not pool.buffers[A][0].any() and not pool.buffers[B][0].any()  # slot 0 stays zero
+    pool.place({1: a})  # a used more recently than b
+    slots = pool.place({1: a, 3: c})  # needs a slot: b (least recently used, not needed) goes
+    assert 2 not in pool.where and pool.where[3] == slots[3] and pool.generation == 1  # rank 3 fits in 4
+    np.testing.assert_array_equal(pool.buffers[B][slots[3]][:3], c.params[B])
+    big = _adapter(4, 8, 3)
+    before = dict(pool.where)
+    slots = pool.place({4: big, 3: c})
+    assert pool.rank == 8 and pool.generation == 2  # rebuilt: bindings of the old buffers must go
+    assert pool.where[3] == before[3]  # a placed adapter keeps its slot across the rebuild
+    np.testing.assert_array_equal(pool.views(slots[3], 1)[A][0][:, :3], c.params[A])
+    with pytest.raises(Exception, match="3 adapters in one batch, but the pool has 2 slots"):
+        pool.place({1: a, 3: c, 4: big})
+    pool.forget(c)
+    assert 3 not in pool.where
+
+
+# -- the mixed-adapter graph ---------------------------------------------------------------------------------------
+def _toy_model(path):
+    """y = x @ W + (x @ A) @ B: the exported graph's shape of a LoRA module."""
+    w = helper.make_tensor("W", TensorProto.FLOAT, [IN, OUT], np.random.default_rng(9).standard_normal(IN * OUT))
+    zeros_a = helper.make_tensor(A, TensorProto.FLOAT, [IN, 0], [])
+    zeros_b = helper.make_tensor(B, TensorProto.FLOAT, [0, OUT], [])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["base"]), helper.make_node("MatMul", ["x", A], ["xa"]),
+             helper.make_node("MatMul", ["xa", B], ["delta"]), helper.make_node("Add", ["base", "delta"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "seq", IN]),
+                       helper.make_tensor_value_info(A, TensorProto.FLOAT, [IN, f"{M}.lora_r"]),
+                       helper.make_tensor_value_info(B, TensorProto.FLOAT, [f"{M}.lora_r", OUT])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", "seq", OUT])], [w, zeros_a, zeros_b])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return onnx.numpy_helper.to_array(w)
+
+
+def test_mixed_adapter_graph_gives_each_row_its_own_slot(tmp_path):
+    """y[b] = x[b] @ W + (x[b] @ A[slot[b]]) @ B[slot[b]], for rows in any order over pool slots."""
+    import onnxruntime as ort
+
+    w = _toy_model(tmp_path / "toy.onnx")
+    proto = mixed_adapter_model(tmp_path / "toy.onnx", LORA)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    pool = AdapterPool(LORA, capacity=3, dtype=np.float32)
+    adapters = [_adapter(1, 2, 0), _adapter(2, 3, 1), _adapter(3, 1, 2)]
+    slot_of = pool.place({a.uid: a for a in adapters})
+    row_adapters = [adapters[1], None, adapters[0], adapters[1], adapters[2]]
+    groups = pool.groups([slot_of[a.uid] if a else 0 for a in row_adapters])
+    x = np.random.default_rng(4).standard_normal((5, 2, IN)).astype(np.float32)
+    y = sess.run(["y"], {"x": x, **pool.views(groups.first, groups.count), **groups.feeds})[0]
+    for b, adapter in enumerate(row_adapters):
+        want = x[b] @ w + (x[b] @ adapter.params[A] @ adapter.params[B] if adapter else 0)
+        np.testing.assert_allclose(y[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapter_graph_refuses_unknown_uses(tmp_path):
+    from ortlora.errors import ModelError
+
+    _toy_model(tmp_path / "toy.onnx")
+    proto = onnx.load(str(tmp_path / "toy.onnx"))
+    proto.graph.node.append(helper.make_node("Add", [A, A], ["odd"]))
+    onnx.save(proto, str(tmp_path / "odd.onnx"))
+    with pytest.raises(ModelError, match="uses LoRA input .* in a way the mixed-adapter graph does not know"):
+        mixed_adapter_model(tmp_path / "odd.onnx", LORA)
+
+
+# -- stop strings --------------------------------------------------------------------------------------------------
+class _CharTokenizer:
+    """One token per character (ids = code points): stop-string scanning without a model."""
+
+    def stream(self):
+        return SimpleNamespace(add=chr, flush=lambda: "")
+
+
+@pytest.mark.parametrize("stops,pieces,want_text,want_hit", [
+    (["END"], ["a", "b", "E", "N", "D", "x"], "ab", True),  # held back until the match completes
+    (["END"], ["a", "E", "N", "x"], "aENx", False),  # a false start is released
+    (["xy", "yz"], ["a", "y", "z"], "a", True),  # the earliest match wins
+    (["ab"], ["a"], "a", False),  # the end of the text releases what was held
+])
+def test_stop_string_scan(stops, pieces, want_text, want_hit):
+    from ortlora.runtime.generation import Request
+    from ortlora.runtime.sampling import SamplingParams
+
+    req = Request([1], SamplingParams(stop=tuple(stops), max_new_tokens=len(pieces)), _CharTokenizer())
+    out, hit = "", False
+    for i, p in enumerate(pieces):
+        text, hit = req._scan(p, final=i == len(pieces) - 1)
+        out += text
+        if hit:
+            break
+    assert (out, hit) == (want_text, want_hit)
+
+
+# -- the scheduler's fair queue, and the scheduler over a fake batch ---------------------------------------------------
+def _job(tenant, i=0, sink=None):
+    from ortlora.runtime.sampling import SamplingParams
+    from ortlora.serve.scheduler import Job
+
+    return Job(index=i, prompt_ids=[1, 2], adapter=None, adapter_name=None, params=SamplingParams(max_new_tokens=2),
+               sink=sink or (lambda ev: None), tenant=tenant)
+
+
+def test_fair_queue_round_robin_and_flooder_gives_way():
+    from ortlora.serve.errors import QueueFull
+    from ortlora.serve.scheduler import FairQueue
+
+    q = FairQueue(limit=6)
+    flood = [_job("a", i) for i in range(5)]
+    for j in flood:
+        q.put([j], "a")
+    q.put([_job("b", 0)], "b")
+    assert len(q) == 6
+    evicted = q.put([_job("b", 1)], "b")  # full: the tenant holding the most gives up its newest
+    assert evicted == [flood[-1]] and len(q) == 6
+    with pytest.raises(QueueFull):
+        q.put([_job("a", 9)], "a")  # the flooder itself is refused
+    order = [q.take().tenant for _ in range(6)]
+    assert order == ["a", "b", "a", "b", "a", "a"]  # round-robin while both wait
+    assert q.take() is None and len(q) == 0
+
+
+class FakeBatch:
+    """A batch whose requests each take `steps` steps, then finish; records what it ran."""
+
+    def __init__(self, slots: int, steps: int = 3):
+        self.slots, self.steps = slots, steps
+        self.running, self.waiting = [], []
+        self.order = []
+        self.forgotten = []
+
+    @property
+    def free_slots(self):
+        return self.slots - len(self.running) - len(self.waiting)
+
+    def __bool__(self):
+        return bool(self.running or self.waiting)
+
+    def add(self, req):
+        self.waiting.append(req)
+        self.order.append(req)
+
+    def forget_adapter(self, adapter):
+        self.forgotten.append(adapter)
+
+    def cancel(self, req):
+        for group in (self.running, self.waiting):
+            if req in group:
+                group.remove(req)
+
+    def step(self):
+        from ortlora.runtime.generation import Chunk
+
+        self.running += self.waiting
+        self.waiting = []
+        events = []
+        for req in list(self.running):
+            req.token_ids.append(7)
+            done = len(req.token_ids) >= self.steps
+            if done:
+                req.finish_reason = "length"
+                self.running.remove(req)
+            events.append((req, Chunk("x", [7], "length" if done else None)))
+        time.sleep(0.001)
+        return events
+
+
+def test_scheduler_over_a_fake_batch_admits_fairly_and_finishes_everything():
+    from ortlora.serve.metrics import Metrics
+    from ortlora.serve.scheduler import Scheduler
+
+    batch = FakeBatch(slots=2)
+    tokenizer = SimpleNamespace(stream=lambda: None)
+    sched = Scheduler(batch, tokenizer, frozenset(), Metrics(2), max_queue=64)
+    events, lock = [], threading.Lock()
+
+    def sink(tenant):
+        return lambda ev: (lock.acquire(), events.append((tenant, ev)), lock.release())
+
+    flood = [_job("a", 0, sink("a")) for _ in range(20)]
+    for j in flood:
+        sched.submit([j])
+    few = [_job("b", 0, sink("b")) for _ in range(3)]
+    for j in few:
+        sched.submit([j])
+    sched.start()
+    assert sched.shutdown(timeout=10)
+    finished = [(t, ev) for t, ev in events if ev.finish_reason == "length"]
+    assert len(finished) == 23 and all(j.done for j in flood + few)
+    tenant_of = {j.request: j.tenant for j in flood + few}
+    tenants = [tenant_of[r] for r in batch.order]
+    assert tenants[:6] == ["a", "b", "a", "b", "a", "b"]  # b's three do not wait behind a's twenty
