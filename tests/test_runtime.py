@@ -288,3 +288,35 @@ def test_similar_prompts_are_prefilled_together(model, monkeypatch):
     assert calls == []  # one prompt at a time: nothing to batch
     assert [c.token_ids for c in model.complete(prompts, adapters, max_new_tokens=N, min_new_tokens=N)] == singles
     assert calls == [3]
+
+
+def test_chunked_prefill_and_preemption_keep_every_rows_tokens(model):
+    """A prompt prefilled in pieces of 3 tokens between the decode steps of running rows, and rows preempted
+    mid-generation then resumed (prompt + output prefilled again), give the tokens of uninterrupted single runs,
+    greedy and seeded-sampled."""
+    from ortlora.runtime.generation import Batch, Request
+
+    long_prompt = PROMPTS[2] + PROMPTS[0]
+    prompts, names = [PROMPTS[0], PROMPTS[1], long_prompt], ["a1", None, "a2"]
+    for kw in (dict(max_new_tokens=8, min_new_tokens=8), dict(max_new_tokens=8, temperature=1.0, seed=3)):
+        singles = [model.complete([p], [a], **kw)[0].token_ids for p, a in zip(prompts, names)]
+        reqs = [Request(p, model._params(None, dict(kw)), model.tokenizer, model.adapters.acquire(a),
+                        eos_ids=model.eos_ids)
+                for p, a in zip(prompts, names)]
+        batch = Batch(model.engine, model.adapters, prefill_chunk=3)
+        for r in reqs[:2]:
+            batch.add(r)
+        batch.step()  # the first two are running ...
+        batch.add(reqs[2])  # ... when the long one arrives: 19 tokens in pieces of 3 between their steps
+        steps = 0
+        while batch.prefilling or batch.waiting:
+            batch.step()
+            steps += 1
+            if steps == 2:
+                batch.preempt(reqs[0])  # out of its slot, then back: recomputed, not restarted
+                batch.add(reqs[0])
+        assert steps >= 6  # ceil(19 / 3) pieces, one per step
+        while batch:
+            batch.step()
+        assert [r.token_ids for r in reqs] == singles
+        assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)

@@ -147,21 +147,45 @@ def _p99(latencies):
     return ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
 
 
+FLOOD = """
+import asyncio, sys, httpx
+url, key, model, n, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+async def main():
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300,
+                                 limits=httpx.Limits(max_connections=n)) as client:
+        async def one(i):
+            r = await client.post("/v1/completions", json={"model": model, "prompt": "flood %d" % i,
+                                  "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+            return r.status_code
+        print(sorted(set(await asyncio.gather(*(one(i) for i in range(n))))))
+asyncio.run(main())
+"""
+
+
 def test_a_flooding_tenant_does_not_starve_another(server):
-    """Tenant beta sends 200 requests at once, tenant acme 10: acme's 10 all succeed with a p99 latency within
-    2x of running alone (admission is round-robin across tenants)."""
-    alone = asyncio.run(_timed_requests(server.url, ACME, "a1", 10))
+    """Tenant beta sends 200 requests at once (from its own process, as another client would), tenant acme 10
+    a moment later: acme's 10 all succeed with a p99 latency within 2x of running alone (the least-served
+    tenant is admitted first and may take slots from a far more served one)."""
+    import subprocess
+    import sys
+
+    tokens = 32
+    alone = asyncio.run(_timed_requests(server.url, ACME, "a1", 10, tokens))
     assert all(status == 200 for status, _ in alone)
-
-    async def both():
-        flood = asyncio.ensure_future(_timed_requests(server.url, BETA, "a3", 200))
-        await asyncio.sleep(0.5)  # the flood is queued first
-        few = await _timed_requests(server.url, ACME, "a1", 10)
-        return few, await flood
-
-    few, flood = asyncio.run(both())
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, server.url, BETA, "a3", "200", str(tokens)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while _client(server).get("/health").json()["waiting"] < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the flood is queued first
+        few = asyncio.run(_timed_requests(server.url, ACME, "a1", 10, tokens))
+        out, _ = flood.communicate(timeout=300)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
     assert all(status == 200 for status, _ in few), few
-    assert {status for status, _ in flood} <= {200, 429}
-    ratio = _p99([t for _, t in few]) / _p99([t for _, t in alone])
-    print(f"acme p99 alone {_p99([t for _, t in alone]):.3f}s, next to beta's flood {_p99([t for _, t in few]):.3f}s")
-    assert ratio <= 2.0, ratio
+    assert set(eval(out)) <= {200, 429}, out  # noqa: S307 - our own subprocess's printed list
+    p99_alone, p99_few = _p99([t for _, t in alone]), _p99([t for _, t in few])
+    print(f"acme p99 alone {p99_alone:.3f}s, next to beta's flood {p99_few:.3f}s")
+    assert p99_few <= 2.0 * p99_alone, (p99_alone, p99_few)

@@ -198,6 +198,9 @@ class FakeBatch:
         self.forgotten.append(adapter)
 
     def cancel(self, req):
+        self.preempt(req)
+
+    def preempt(self, req):
         for group in (self.running, self.waiting):
             if req in group:
                 group.remove(req)
@@ -243,4 +246,31 @@ def test_scheduler_over_a_fake_batch_admits_fairly_and_finishes_everything():
     assert len(finished) == 23 and all(j.done for j in flood + few)
     tenant_of = {j.request: j.tenant for j in flood + few}
     tenants = [tenant_of[r] for r in batch.order]
-    assert tenants[:6] == ["a", "b", "a", "b", "a", "b"]  # b's three do not wait behind a's twenty
+    assert tenants[:3] == ["b", "b", "b"]  # a's own backlog counts against it: b's three go before a's twenty
+
+
+def test_scheduler_preempts_a_tenant_over_its_share_for_one_below_it():
+    """Tenant a holds all 4 slots with long jobs; b's 2 jobs arrive: a gives up 2 slots at once (fair share 4/2),
+    b's jobs finish long before a's, and a's preempted jobs resume and finish with all their tokens."""
+    from ortlora.serve.metrics import Metrics
+    from ortlora.serve.scheduler import Scheduler
+
+    batch = FakeBatch(slots=4, steps=40)
+    sched = Scheduler(batch, SimpleNamespace(stream=lambda: None), frozenset(), Metrics(4), max_queue=64)
+    done: dict[int, float] = {}
+    jobs = [_job("a", 0) for _ in range(4)]
+    for j in jobs:
+        j.sink = lambda ev, j=j: done.setdefault(id(j), time.monotonic()) if ev.finish_reason else None
+        sched.submit([j])
+    sched.start()
+    deadline = time.monotonic() + 5
+    while len(batch.running) < 4 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    late = [_job("b", 0) for _ in range(2)]
+    for j in late:
+        j.sink = lambda ev, j=j: done.setdefault(id(j), time.monotonic()) if ev.finish_reason else None
+        sched.submit([j])
+    assert sched.shutdown(timeout=20)
+    assert sched.metrics.preemptions.get() == 2
+    assert all(len(j.request.token_ids) == 40 and j.request.finish_reason == "length" for j in jobs + late)
+    assert max(done[id(j)] for j in late) < max(done[id(j)] for j in jobs)

@@ -172,6 +172,10 @@ class Batch:
         return bool(self.waiting or self.prefilling or self.running)
 
     @property
+    def slots(self) -> int:
+        return self.engine.slots
+
+    @property
     def free_slots(self) -> int:
         """Slots for requests not yet admitted (those waiting already claim theirs)."""
         return self.engine.free_slots - sum(1 for r in self.waiting if r.lease is None)
@@ -240,9 +244,22 @@ class Batch:
                 req.reused = self._fed[req] = common
             self.prefilling.append(req)
 
+    def preempt(self, req: Request) -> None:
+        """Take `req` out of its slot (for another request), keeping its adapter and all it generated: `add` it
+        again to resume; its prompt and output are prefilled again (recompute), then it decodes on as before."""
+        if req.lease is not None:
+            raise OrtloraError("a request on a conversation's slot cannot be preempted")
+        for group in (self.running, self.prefilling):
+            if req in group:
+                group.remove(req)
+        self._fed.pop(req, None)
+        if req.slot is not None:
+            self.engine.release_slot(req.slot)
+            req.slot = None
+
     def _prefill(self, budget: int | None, events: list) -> None:
         """Spend up to `budget` prompt tokens (None: no limit) on prefilling requests, oldest first."""
-        fresh = [r for r in self.prefilling if self._fed[r] == 0 and r.lease is None]
+        fresh = [r for r in self.prefilling if self._fed[r] == 0 and r.lease is None and not r.token_ids]
         if len(fresh) > 1 and _worth_batching(fresh) and (budget is None or sum(map(_left, fresh)) <= budget):
             try:
                 logits = self._timed_prefill([Row(r.slot, r.prompt_ids, r.adapter) for r in fresh], batched=True)
@@ -256,8 +273,8 @@ class Batch:
         for req in list(self.prefilling):
             if budget is not None and budget <= 0:
                 break
-            done = self._fed[req]
-            piece = req.prompt_ids[done:] if budget is None else req.prompt_ids[done:done + budget]
+            done, context = self._fed[req], _context(req)
+            piece = context[done:] if budget is None else context[done:done + budget]
             try:
                 logits = self._timed_prefill([Row(req.slot, piece, req.adapter)])
             except Exception as exc:  # noqa: BLE001 - the engine failed on this request's input
@@ -269,11 +286,12 @@ class Batch:
 
     def _prefilled(self, req: Request, fed: int, logits: np.ndarray, events: list) -> None:
         self._fed[req] = fed
-        if fed == len(req.prompt_ids):  # the whole prompt is in: its first token
+        if fed == len(_context(req)):  # the whole prompt is in: its first token (a resumed one has it)
             self.prefilling.remove(req)
             del self._fed[req]
             self.running.append(req)
-            events.append((req, req.feed(logits, self._full(req))))
+            if not req.token_ids:
+                events.append((req, req.feed(logits, self._full(req))))
 
     def _decode(self, decoding: list[Request], events: list) -> None:
         rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
@@ -341,6 +359,12 @@ class Batch:
 
 def _left(req: Request) -> int:
     return len(req.prompt_ids)
+
+
+def _context(req: Request) -> list[int]:
+    """What a request's slot must hold before it decodes: its prompt, and for one resumed after preemption also
+    its output but the last token (which its next decode step feeds)."""
+    return req.prompt_ids + req.token_ids[:-1] if req.token_ids else req.prompt_ids
 
 
 def _average(mean: float, x: float) -> float:

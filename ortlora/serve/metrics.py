@@ -153,6 +153,8 @@ class Metrics:
         self.finished = Counter("ortlora_requests_finished", "generation requests finished", ("reason",))
         self.decode_steps = Counter("ortlora_decode_steps", "batched decode steps run")
         self.prefills = Counter("ortlora_prefill_steps", "prefill steps run")
+        self.preemptions = Counter("ortlora_preemptions", "running requests paused for a tenant below its fair share "
+                                   "of slots (resumed later by recomputing their prefix)")
         self.queue_depth = Gauge("ortlora_queue_depth", "requests waiting for a batch slot")
         self.running = Gauge("ortlora_running_requests", "requests in the decode batch")
         self.loaded_adapters = Gauge("ortlora_loaded_adapters", "adapters held by the store")

@@ -16,11 +16,12 @@ talks to the Batch alone; the HTTP side hears of a job only through its sink.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from ortlora.errors import OrtloraError
 from ortlora.runtime.adapters import Adapter
@@ -58,10 +59,38 @@ class Job:
     request: Request | None = None  # the runtime's request, once on the engine thread
     first_token: float | None = None
     done: bool = False
+    queued: bool = True  # waiting in the queue (at first, or again after preemption)
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the job before its next step (no-op once it finished)."""
         self.cancelled = True
+
+
+class Usage:
+    """Tokens each tenant was served lately (prompt tokens at admission, each generated token), decaying with a
+    time constant of `tau` seconds: the least-served tenant goes first."""
+
+    def __init__(self, tau: float = 10.0):
+        self.tau = tau
+        self._tokens: dict[str, float] = {}
+        self._at = time.monotonic()
+
+    def _decay(self) -> None:
+        now = time.monotonic()
+        factor = math.exp(-(now - self._at) / self.tau)
+        self._at = now
+        for tenant in list(self._tokens):
+            self._tokens[tenant] *= factor
+            if self._tokens[tenant] < 1e-3:
+                del self._tokens[tenant]
+
+    def add(self, tenant: str, tokens: float) -> None:
+        self._decay()
+        self._tokens[tenant] = self._tokens.get(tenant, 0.0) + tokens
+
+    def snapshot(self) -> dict[str, float]:
+        self._decay()
+        return dict(self._tokens)
 
 
 class FairQueue:
@@ -81,12 +110,17 @@ class FairQueue:
     def held(self, tenant: str) -> int:
         return len(self._by_tenant.get(tenant, ()))
 
+    def backlog(self) -> dict[str, int]:
+        """Prompt tokens waiting, per tenant."""
+        return {t: sum(len(j.prompt_ids) for j in q) for t, q in self._by_tenant.items() if q}
+
     def put(self, jobs: list[Job], tenant: str) -> list[Job]:
         """Queue `jobs` (all or none); returns the other tenants' jobs pushed out to make room."""
         need = self._count + len(jobs) - self.limit
         evicted: list[Job] = []
         if need > 0:
-            counts = {t: len(q) for t, q in self._by_tenant.items() if t != tenant}
+            # preempted jobs (at the front, already begun) are never pushed out
+            counts = {t: sum(j.request is None for j in q) for t, q in self._by_tenant.items() if t != tenant}
             mine = self.held(tenant) + len(jobs)
             plan: list[str] = []
             while len(plan) < need:
@@ -104,15 +138,27 @@ class FairQueue:
         self._count += len(jobs)
         return evicted
 
-    def take(self) -> Job | None:
-        """The next job, round-robin across tenants."""
-        for tenant in list(self._by_tenant):
-            queue = self._by_tenant[tenant]
-            self._by_tenant.move_to_end(tenant)
-            if queue:
-                self._count -= 1
-                return queue.popleft()
-        return None
+    def put_back(self, job: Job) -> None:
+        """A preempted job: first in its tenant's line, outside the limit (it was admitted once)."""
+        self._by_tenant.setdefault(job.tenant, deque()).appendleft(job)
+        self._count += 1
+
+    def peek(self, tenant: str) -> Job:
+        return self._by_tenant[tenant][0]
+
+    def waiting_tenants(self) -> list[str]:
+        return [t for t, q in self._by_tenant.items() if q]
+
+    def take(self, served: Mapping[str, float] | None = None) -> Job | None:
+        """The next job: of the waiting tenant least `served`, round-robin among equals."""
+        served = served or {}
+        waiting = self.waiting_tenants()
+        if not waiting:
+            return None
+        tenant = min(waiting, key=lambda t: served.get(t, 0))  # min keeps the first of equals: round-robin order
+        self._by_tenant.move_to_end(tenant)
+        self._count -= 1
+        return self._by_tenant[tenant].popleft()
 
     def remove(self, pred: Callable[[Job], bool]) -> list[Job]:
         gone = []
@@ -140,6 +186,7 @@ class Scheduler:
         self.base_label = base_label  # the adapter label of base-model requests in the metrics
         self._release = release or (lambda adapter: None)  # for jobs that end before reaching the batch
         self._inbox = FairQueue(max_queue)
+        self.usage = Usage()
         self._jobs: dict[Request, Job] = {}
         self._forget: deque[Adapter] = deque()
         self._cond = threading.Condition()
@@ -245,8 +292,10 @@ class Scheduler:
         with self._cond:
             gone = self._inbox.remove(lambda job: job.cancelled)
         for job in gone:
+            if job.request is not None:  # preempted: it still holds its adapter
+                self.batch.cancel(job.request)
             self.metrics.finished.inc(reason="cancelled")
-            self._finish(job, None)
+            self._finish(job, job.request)
         for req, job in list(self._jobs.items()):
             if job.cancelled:
                 self.batch.cancel(req)  # frees the KV slot and releases the adapter
@@ -254,23 +303,62 @@ class Scheduler:
                 self._finish(job, req)
 
     def _admit(self) -> None:
-        """Move queued jobs into the batch, round-robin across tenants, while KV slots are free."""
-        free = self.batch.free_slots
+        """Move queued jobs into the batch while KV slots are free, least-served tenant first (`Usage`); with no
+        slot free, a waiting tenant served far less than a running one takes slots from it (preempted jobs
+        resume later, first in their tenant's line)."""
         admitted = []
         with self._cond:  # out of the queue and into the books at once: shutdown never sees it in neither
-            while free > 0 and (job := self._inbox.take()) is not None:
-                job.request = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter, eos_ids=self.eos_ids,
-                                      label=job.adapter_name)
-                self._jobs[job.request] = job
+            served = self._demand()
+            self._preempt_for_fairness(served)
+            free = self.batch.free_slots
+            while free > 0 and (job := self._inbox.take(served)) is not None:
+                if job.request is None:
+                    job.request = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter,
+                                          eos_ids=self.eos_ids, label=job.adapter_name)
+                    self._jobs[job.request] = job
+                    self.metrics.prefills.inc()
+                    self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+                    self.usage.add(job.tenant, len(job.prompt_ids))
+                served[job.tenant] = served.get(job.tenant, 0) + len(job.prompt_ids)
+                job.queued = False
                 admitted.append(job)
                 free -= 1
             self.metrics.queue_depth.set(len(self._inbox))
         for job in admitted:
             self.batch.add(job.request)
-        if admitted:
-            self.metrics.prefills.inc(len(admitted))
-            self.metrics.prompt_tokens.inc(sum(len(j.prompt_ids) for j in admitted))
         self.metrics.running.set(len(self._jobs))
+
+    def _demand(self) -> dict[str, float]:
+        """Per tenant: tokens served lately plus prompt tokens waiting. Lowest goes first, so a tenant's own
+        backlog counts against it: a flood waits behind a few requests of another tenant, not the reverse."""
+        demand = self.usage.snapshot()
+        for tenant, tokens in self._inbox.backlog().items():
+            demand[tenant] = demand.get(tenant, 0.0) + tokens
+        return demand
+
+    def _preempt_for_fairness(self, served: dict[str, float]) -> None:
+        """(lock held) With no slot free, while the least-served waiting tenant has been served less than half of
+        what the most-served running tenant has, the latter's most recently admitted job gives up its slot."""
+        if self.batch.free_slots or not len(self._inbox):
+            return
+        running = [j for j in self._jobs.values() if not j.queued]
+        promised: dict[str, int] = {}
+        for _ in range(self.batch.slots):
+            waiting = [t for t in self._inbox.waiting_tenants() if self._inbox.held(t) > promised.get(t, 0)]
+            if not waiting or not running:
+                return
+            tenant = min(waiting, key=lambda t: served.get(t, 0))
+            over = max({j.tenant for j in running} - {tenant}, key=lambda t: served.get(t, 0), default=None)
+            if over is None or served.get(tenant, 0) >= 0.5 * served.get(over, 0):
+                return
+            victim = next(j for j in reversed(running) if j.tenant == over)
+            running.remove(victim)
+            self.batch.preempt(victim.request)
+            victim.queued = True
+            self._inbox.put_back(victim)
+            promised[tenant] = promised.get(tenant, 0) + 1
+            served[tenant] = served.get(tenant, 0) + len(self._inbox.peek(tenant).prompt_ids)
+            self.metrics.preemptions.inc()
 
     def _step(self) -> None:
         decoding = list(self.batch.running)
@@ -290,6 +378,7 @@ class Scheduler:
                 continue
             n = len(chunk.token_ids)
             self.metrics.generation_tokens.inc(n)
+            self.usage.add(job.tenant, n)
             if job.first_token is None and n:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.arrival)
@@ -318,8 +407,10 @@ class Scheduler:
         with self._cond:
             queued = self._inbox.clear()
         for job in queued:
+            if job.request is not None:
+                self.batch.cancel(job.request)
             job.sink(Event(job.index, error=exc))
-            self._finish(job, None)
+            self._finish(job, job.request)
         for req, job in list(self._jobs.items()):
             try:
                 self.batch.cancel(req)
