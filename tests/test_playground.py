@@ -169,7 +169,7 @@ def test_page_streams_base_and_two_adapters_as_the_api_answers(server, browser):
         assert marks == [texts[a][at:], texts[b][at:]]
     if logprobs_offered(server.url):
         strips = compare.find_elements(By.CSS_SELECTOR, ".tokens")
-        assert ["".join(t.get_attribute("textContent") for t in s.find_elements(By.CSS_SELECTOR, ".tok"))
+        assert ["".join(t.get_attribute("textContent") for t in s.find_elements(By.CSS_SELECTOR, ".tok .t"))
                 for s in strips] == [texts[0], texts[2]]
     else:
         assert "logprobs" in compare.find_element(By.CSS_SELECTOR, ".note").text
@@ -242,6 +242,7 @@ def main(argv: list[str]) -> int:
     found = chromium()
     if found is None:
         raise SystemExit("no chromium + chromedriver: run scripts/setup-browser.sh")
+    out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".server.log")
     srv = ServerProcess(folder, "--adapters", str(folder), log=log)
     driver = start_browser(*found, width=1280, height=1000)
@@ -251,9 +252,10 @@ def main(argv: list[str]) -> int:
         driver.find_element(By.ID, "run").click()
         panels_after_run(driver)
         Select(driver.find_element(By.ID, "cmp-b")).select_by_index(len(models) - 1)
+        driver.execute_script("document.activeElement.blur()")
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1280, height + 20)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the whole page, not the window
+                               {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
         driver.save_screenshot(str(out))
     finally:
         driver.quit()

@@ -261,6 +261,8 @@ function fillCompareChoices() {
   renderCompare();
 }
 
+const quote = (c) => (c === undefined ? "the end" : JSON.stringify(c));  // shows a space or newline too
+
 function commonPrefix(a, b) {
   let i = 0;
   while (i < a.length && i < b.length && a[i] === b[i]) i++;
@@ -279,7 +281,8 @@ function renderCompare() {
   const same = ca.length === cb.length && at === ca.length;
   out.dataset.divergeAt = same ? "" : String(at);
   const summary = same ? `${a.model} and ${b.model} wrote the same text (${ca.length} characters).`
-    : `${a.model} and ${b.model} agree on the first ${at} characters, then diverge.`;
+    : `${a.model} and ${b.model} agree on ${at} character${at === 1 ? "" : "s"}, then diverge at character ${at + 1}: `
+      + `${quote(ca[at])} against ${quote(cb[at])}.`;
   const side = (r, chars) => el("div", { class: "side" }, el("h3", { text: r.model }),
     el("pre", { class: "text" }, el("span", { class: "same", text: chars.slice(0, at).join("") }),
        el("mark", { text: chars.slice(at).join("") })));
@@ -296,11 +299,12 @@ function probabilities(a, b) {
   const strip = (r) => el("p", { class: "tokens", "aria-label": `tokens of ${r.model} with their probabilities` },
     ...r.tokens.map((t, i) => {
       const p = Math.exp(t.logprob);
-      const span = el("span", { class: i === k ? "tok diverge" : "tok", title: `p = ${p.toFixed(3)}` }, t.token);
+      const span = el("span", { class: i === k ? "tok diverge" : "tok" }, el("span", { class: "t", text: t.token }),
+                      el("small", { text: p.toFixed(2) }));
       span.style.setProperty("--p", p.toFixed(3));  // through CSSOM: the page's CSP forbids style attributes
       return span;
     }));
-  const items = [el("h3", { text: "Probability of each chosen token (darker = more likely)" }),
+  const items = [el("h3", { class: "probs", text: "Probability of each chosen token" }),
                  el("div", { class: "side" }, el("h4", { text: a.model }), strip(a)),
                  el("div", { class: "side" }, el("h4", { text: b.model }), strip(b))];
   const ta = a.tokens[k], tb = b.tokens[k];
