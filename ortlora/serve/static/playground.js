@@ -286,17 +286,20 @@ function renderCompare() {
   const side = (r, chars) => el("div", { class: "side" }, el("h3", { text: r.model }),
     el("pre", { class: "text" }, el("span", { class: "same", text: chars.slice(0, at).join("") }),
        el("mark", { text: chars.slice(at).join("") })));
-  out.replaceChildren(el("p", { class: "summary", text: summary }), el("div", { class: "diff" }, side(a, ca), side(b, cb)));
+  out.replaceChildren(el("p", { class: "summary", text: summary }),
+                      el("div", { class: "diff" }, side(a, ca), side(b, cb)));
   out.append(...probabilities(a, b));
 }
 
 function probabilities(a, b) {
   if (state.logprobs === false) {
-    return [el("p", { class: "note", text: "Token probabilities are unavailable: this server does not offer logprobs." })];
+    return [el("p", { class: "note",
+                      text: "Token probabilities are unavailable: this server does not offer logprobs." })];
   }
   if (!a.tokens.length || !b.tokens.length) return [];
   const k = commonPrefix(a.tokens.map((t) => t.token), b.tokens.map((t) => t.token));
-  const strip = (r) => el("p", { class: "tokens", "aria-label": `tokens of ${r.model} with their probabilities` },
+  const strip = (r) => el("div", { class: "tokens", role: "group",
+                                   "aria-label": `tokens of ${r.model} with their probabilities` },
     ...r.tokens.map((t, i) => {
       const p = Math.exp(t.logprob);
       const span = el("span", { class: i === k ? "tok diverge" : "tok" }, el("span", { class: "t", text: t.token }),
@@ -310,7 +313,8 @@ function probabilities(a, b) {
   const ta = a.tokens[k], tb = b.tokens[k];
   if (ta && tb) {
     const fmt = (t) => `${JSON.stringify(t.token)} (p = ${Math.exp(t.logprob).toFixed(3)})`;
-    items.push(el("p", { class: "summary", text: `At token ${k + 1}, ${a.model} chose ${fmt(ta)} and ${b.model} chose ${fmt(tb)}.` }));
+    items.push(el("p", { class: "summary",
+                         text: `At token ${k + 1}, ${a.model} chose ${fmt(ta)} and ${b.model} chose ${fmt(tb)}.` }));
   }
   return items;
 }
