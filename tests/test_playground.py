@@ -78,9 +78,8 @@ def open_page(driver, url: str, key: str) -> list[str]:
     box = driver.find_element(By.ID, "key")
     box.clear()
     box.send_keys(key, Keys.ENTER)
-    wait_for(driver, f"return document.getElementById('status').textContent.includes('models')"
-                     f" && !document.getElementById('status').textContent.startsWith('Loading')"
-                     f" && document.getElementById('key').value === {json.dumps(key)}", "models listed")
+    wait_for(driver, "return document.getElementById('models').dataset.state === 'listed' && "
+                     f"document.getElementById('key').value === {json.dumps(key)}", "models listed")
     return models_shown(driver)
 
 
@@ -103,7 +102,7 @@ def choose(driver, models: list[str], prompt: str, mode: str = "completion", max
 
 def panels_after_run(driver) -> list[dict]:
     """Wait (bounded) until every panel has finished; each panel's model, state, text and stats."""
-    wait_for(driver, "return document.getElementById('run').disabled === false && "
+    wait_for(driver, "return document.getElementById('run').getAttribute('aria-disabled') === 'false' && "
                      "document.querySelectorAll('.panel').length > 0 && "
                      "[...document.querySelectorAll('.panel')].every(p => p.dataset.state !== 'running')",
              "every panel finished")
@@ -209,7 +208,8 @@ def test_a_key_sees_only_its_models_and_runs_with_them(server, browser):
     browser.find_element(By.ID, "key").clear()
     browser.find_element(By.ID, "key").send_keys("wrong-key")
     browser.find_element(By.ID, "load").click()
-    wait_for(browser, "return document.getElementById('status').textContent.includes('API key')", "401 shown")
+    wait_for(browser, "return document.getElementById('models').dataset.state === 'failed'", "401 shown")
+    assert "API key" in browser.find_element(By.ID, "status").text
     assert models_shown(browser) == []
     # a model the key may not use (another tenant's adapter), asked for by hand: the panel shows the API's 404
     open_page(browser, server.url + "/", ACME)

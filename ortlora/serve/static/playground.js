@@ -53,24 +53,31 @@ async function loadModels(force = false) {
   if (!force && key === state.listedKey) return;
   state.listedKey = key;
   const load = ++state.loads;
+  $("models").dataset.state = "loading";
   setStatus("Loading models…");
   let response, models;
   try {
     response = await fetch("v1/models", { headers: headers() });
     models = response.ok ? (await response.json()).data : null;
   } catch (e) {
-    if (load === state.loads) setStatus(`Cannot reach the server: ${e.message}`, true);
+    if (load === state.loads) listed("failed", `Cannot reach the server: ${e.message}`);
     return;
   }
   if (load !== state.loads) return;  // a newer key was typed meanwhile
   if (!response.ok) {
     const err = await errorOf(response);
     renderModels([]);
-    setStatus(response.status === 401 ? "This server needs an API key: type yours above." : err.message, true);
+    listed("failed", response.status === 401 ? "This server needs an API key: type yours above." : err.message);
     return;
   }
   renderModels(models);
-  setStatus(models.length ? `${models.length} models available to this key.` : "This key may use no models.");
+  const n = models.length;
+  listed("listed", n ? `${n} model${n === 1 ? "" : "s"} available to this key.` : "This key may use no models.");
+}
+
+function listed(outcome, message) {
+  $("models").dataset.state = outcome;
+  setStatus(message, outcome === "failed");
 }
 
 function renderModels(models) {
@@ -130,17 +137,21 @@ async function run() {
   state.controller = new AbortController();
   state.runs = models.map((model) => newPanel(model));
   $("panels").replaceChildren(...state.runs.map((r) => r.panel));
-  $("run").disabled = true;
-  $("stop").disabled = false;
+  running(true);
   setStatus(`Running ${models.length} model${models.length > 1 ? "s" : ""}…`);
   const signal = state.controller.signal;
   await Promise.all(state.runs.map((r) => runOne(r, s, signal)));  // all at once: they share decode batches
   state.controller = null;
-  $("run").disabled = false;
-  $("stop").disabled = true;
+  running(false);
   const failed = state.runs.filter((r) => r.state === "error").length;
   setStatus(failed ? `Done; ${failed} of ${state.runs.length} failed.` : "Done.", failed > 0);
   fillCompareChoices();
+}
+
+// aria-disabled, not disabled: a button disabled under the keyboard's focus would drop the focus to the page
+function running(on) {
+  $("run").setAttribute("aria-disabled", String(on));
+  $("stop").setAttribute("aria-disabled", String(!on));
 }
 
 async function runOne(r, s, signal) {
