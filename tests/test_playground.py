@@ -154,6 +154,9 @@ def test_page_streams_base_and_two_adapters_as_the_api_answers(server, browser):
         stats = re.fullmatch(r"first token (\d+) ms · (\d+) tokens? in ([\d.]+) s · ([\d.]+) tok/s · finish: (\w+)",
                              p["stats"])
         assert stats and int(stats[2]) == api.usage.completion_tokens and float(stats[4]) > 0, p
+    # the page sent its requests at once: they decoded together (3 here every time; 2 allows a busy machine)
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    assert float(re.search(r"^ortlora_decode_batch_adapters_max (\S+)$", metrics, re.M)[1]) >= 2, metrics
     texts = [p["text"] for p in panels]
     assert len(set(texts)) == len(texts) and all(texts)  # each adapter changes the output: equality means something
 
