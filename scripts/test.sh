@@ -4,5 +4,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$root/scripts/setup.sh"
+"$root/scripts/setup-browser.sh"  # Chromium for the playground's browser test
 cd "$root"
 exec python -m pytest -q "$@"

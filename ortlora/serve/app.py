@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ortlora.errors import AdapterNotFound, OrtloraError
 from ortlora.serve import jobs as jobs_
+from ortlora.serve import playground
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError, error_response, status_of, validation_message
 from ortlora.serve.metrics import CONTENT_TYPE
@@ -193,6 +194,7 @@ def create_app(server) -> FastAPI:
     def metrics(tenant: Tenant = Depends(admin)):
         return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE)
 
+    playground.install(app)
     _trim_openapi(app)
     return app
 
