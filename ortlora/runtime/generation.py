@@ -372,8 +372,8 @@ def _average(mean: float, x: float) -> float:
 
 
 def _worth_batching(requests: Sequence[Request]) -> bool:
-    """Right-padded batched prefill: 4 prompts of 32 tokens took 0.59 s instead of 0.84 s one by one (fp32
-    Qwen2.5-0.5B shape, 2 cores); at 512 tokens it gained nothing, and padding is wasted work."""
+    """Right-padded batched prefill pays for short prompts of similar length only: padding is wasted work, and
+    long prompts gain nothing from it (benchmarks/NOTES.md#batched-prefill)."""
     lengths = [len(r.prompt_ids) for r in requests]
     return len(lengths) > 1 and max(lengths) <= 256 and max(lengths) * len(lengths) <= 1.25 * sum(lengths)
 

@@ -11,12 +11,15 @@ one batched MatMul, which reads the weights where they lie:
                            Gather(adapter_scatter) <─ Reshape(adapter_ungroup_shape) <──────┘
                            [B,T,out]: each row back from its group
 
-Slot 0 is all zeros: rows without an adapter go there. Each step reads every slot in use once and multiplies each
-row by its own slot alone. (Two designs were measured against it on Qwen2.5-0.5B, 16 rows over 8 rank-16
-adapters: a per-row Gather of stacked adapters copies each adapter once per row that uses it, 0.56 GB a step, and
-lost 21% of the decode rate; all slots side by side with a 0/1 mask per row reads each slot once but multiplies
-every row by every slot, 2.2 GFLOP a step, and lost 16%.) Slots are the first axis of one buffer per input, so a
-run of slots is a contiguous view: a step binds only the slots in use, and placing an adapter copies it alone.
+What each row b (adapter slot s[b]; slot 0 is all zeros, for rows without an adapter) reads and writes, in every
+LoRA module:
+
+    y[b] = x[b] @ W + (x[b] @ lora_A[s[b]]) @ lora_B[s[b]]        lora_A [slots, in, R], lora_B [slots, R, out]
+
+Each step reads every slot in use once and multiplies each row by its own slot alone (the designs measured against
+this one: benchmarks/NOTES.md#mixed-adapters). Slots are the first axis of one buffer per input, so a run of slots
+is a contiguous view: a step binds only the slots in use, and placing an adapter copies it alone. Which adapter
+sits in which slot is decided by the adapters' owner (ortlora.runtime.adapters.Adapters), through the pool.
 
 The weights stay in the folder's external data file: the derived graph is handed to onnxruntime as bytes with the
 folder as the external data path, so the folder itself is unchanged (and still loads in onnxruntime-genai).

@@ -23,6 +23,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (KV cache slots)")
     p.add_argument("--max-loaded-adapters", type=int, default=64, help="adapters held in memory (LRU)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per step while other requests decode (default: sized from measured "
+                        "step times, so running streams keep their pace)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="tokens per sequence (prompt + output); default min(context length, 4096)")
     p.add_argument("--tenants", default=None, help="TOML file: API key hashes -> tenants -> adapters")
@@ -37,13 +40,14 @@ def main(args: argparse.Namespace) -> int:
     return serve(model=args.model, adapters=args.adapters, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_loaded_adapters=args.max_loaded_adapters, max_queue=args.max_queue,
                  max_model_len=args.max_model_len, tenants=args.tenants, model_name=args.model_name,
-                 threads=args.threads, insecure_no_auth=args.insecure_no_auth, log_level=args.log_level)
+                 threads=args.threads, insecure_no_auth=args.insecure_no_auth, log_level=args.log_level,
+                 prefill_chunk=args.prefill_chunk)
 
 
 def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 16, max_loaded_adapters: int = 64, max_queue: int = 256, max_model_len: int | None = None,
           tenants: str | Path | None = None, model_name: str | None = None, threads: int | None = None,
-          insecure_no_auth: bool = False, log_level: str = "info") -> int:
+          insecure_no_auth: bool = False, log_level: str = "info", prefill_chunk: int | None = None) -> int:
     """Build the server and run it until SIGINT/SIGTERM (which drain: in-flight requests finish first)."""
     import uvicorn
 
@@ -57,7 +61,7 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = Server(model, adapters=adapters, tenants=Tenants.load(tenants) if tenants else None,
                     max_batch=max_batch, max_loaded_adapters=max_loaded_adapters, max_queue=max_queue,
-                    max_model_len=max_model_len, model_name=model_name, threads=threads)
+                    max_model_len=max_model_len, model_name=model_name, threads=threads, prefill_chunk=prefill_chunk)
     log = logging.getLogger("ortlora.serve")
     directory = server.adapters.directory
     for skipped in directory.skipped if directory else ():

@@ -31,8 +31,8 @@ class Server:
                  max_body_bytes: int = 16 << 20, max_upload_bytes: int = 1 << 30, max_choices: int = 64,
                  prefill_chunk: int | None = None):
         problems = [f"{flag} must be at least 1, got {v}" for flag, v in (
-            ("--max-batch", max_batch), ("--max-loaded-adapters", max_loaded_adapters), ("--max-queue", max_queue))
-            if v < 1]
+            ("--max-batch", max_batch), ("--max-loaded-adapters", max_loaded_adapters), ("--max-queue", max_queue),
+            ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk)) if v < 1]
         if problems:
             raise APIError(400, "; ".join(problems))  # a CLI error (OrtloraError) before anything is loaded
         self.version = __version__
