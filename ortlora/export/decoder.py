@@ -172,16 +172,11 @@ class DecoderBuilder:
             if len(lin.splits) == 1:
                 out[lin.splits[0]] = y
             else:
-                sizes = [self.split_size(s) for s in lin.splits]
+                sizes = [self.arch.split_size(self.args, s) for s in lin.splits]
                 parts = self.g.op("Split", [y, self.g.const(sizes)], f"{module}/split", axis=-1,
                                   outputs=len(sizes))
                 out.update(zip(lin.splits, parts))
         return out
-
-    def split_size(self, part: str) -> int:
-        a = self.args
-        return {"q": a.num_attention_heads * a.head_dim, "k": a.num_key_value_heads * a.head_dim,
-                "v": a.num_key_value_heads * a.head_dim, "gate": a.intermediate_size, "up": a.intermediate_size}[part]
 
     def linear(self, module: str, x: str, bias: bool) -> str:
         """y = x·W (+ b) (+ (x·A)·B when `module` is a LoRA target).

@@ -26,66 +26,13 @@ import onnxruntime as ort
 
 from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
+from ortlora.model_folder import ModelInfo
 from ortlora.runtime import hugepages, multi_lora
 from ortlora.runtime.adapter_store import Adapter
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
 BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the runtime needs from `genai_config.json` (onnxruntime-genai's layout, written by export)."""
-    folder: Path
-    filename: str
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    context_length: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
-    threads: int | None
-    past_key: str = "past_key_values.%d.key"
-    past_value: str = "past_key_values.%d.value"
-    present_key: str = "present.%d.key"
-    present_value: str = "present.%d.value"
-
-    @classmethod
-    def read(cls, folder: str | Path) -> "ModelInfo":
-        folder = Path(folder)
-        path = folder / "genai_config.json"
-        if not folder.is_dir():
-            raise ModelError(f"{folder}: no such model folder (export one with `ortlora export`)")
-        if not path.is_file():
-            raise ModelError(f"{folder} has no genai_config.json: not an exported model folder")
-        try:
-            model = json.loads(path.read_text())["model"]
-            dec = model["decoder"]
-            eos = model.get("eos_token_id", [])
-            ins, outs = dec.get("inputs", {}), dec.get("outputs", {})
-            info = cls(
-                folder=folder, filename=dec.get("filename", "model.onnx"), num_layers=int(dec["num_hidden_layers"]),
-                kv_heads=int(dec["num_key_value_heads"]), head_dim=int(dec["head_size"]),
-                vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
-                eos_ids=tuple([eos] if isinstance(eos, int) else eos), pad_id=int(model.get("pad_token_id", 0)),
-                threads=dec.get("session_options", {}).get("intra_op_num_threads"),
-                past_key=ins.get("past_key_names", cls.past_key),
-                past_value=ins.get("past_value_names", cls.past_value),
-                present_key=outs.get("present_key_names", cls.present_key),
-                present_value=outs.get("present_value_names", cls.present_value),
-            )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path} is not a valid genai_config.json: {type(exc).__name__}: {exc}") from None
-        if not (folder / info.filename).is_file():
-            raise ModelError(f"{folder} has no {info.filename} (named in genai_config.json)")
-        return info
-
-    def kv_names(self) -> list[tuple[str, str]]:
-        """(past input, present output) pairs, keys then values per layer."""
-        return [(pat_in % i, pat_out % i) for i in range(self.num_layers)
-                for pat_in, pat_out in ((self.past_key, self.present_key), (self.past_value, self.present_value))]
 
 
 @dataclass
