@@ -4,10 +4,8 @@ A decode step reads every weight once; with 4 KB pages that is a TLB miss every 
 pre-packed weights with plain malloc, and with the common THP mode `madvise` such memory never gets huge pages by
 itself. `MADV_COLLAPSE` (Linux 6.1+) turns resident pages into huge pages in place, contents unchanged.
 
-Measured on a random Qwen2.5-0.5B (2-core Zen 2, THP `madvise`; 64-token decodes, best of 4 before and best of 4
-after collapsing, in one process; three such runs): int4 48.9-50.3 -> 51.7-52.2 tok/s (311 MB collapsed in 0.4 s,
-once); fp32 gained nothing (two runs: 12.7-12.8 -> 11.9-13.0 tok/s, 1.9 GB in 2.5 s), so the engine asks for it on
-int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
+int4 decoding gains a few percent from it and fp32 nothing (benchmarks/NOTES.md#huge-pages), so the engine asks
+for it on int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
 
     before = anonymous_regions()
     session = ort.InferenceSession(...)     # pre-packs the weights into new anonymous memory
