@@ -169,7 +169,7 @@ def load_config(model_dir: str | Path) -> tuple[ModelArgs, dict[str, Any]]:
 
 
 def eos_token_ids(model_dir: str | Path, args: ModelArgs) -> list[int]:
-    """The EOS ids of a Hugging Face folder: `generation_config.json`'s (what generate() stops on), else config.json's."""
+    """The EOS ids of a Hugging Face folder: generation_config.json's (what generate() stops on), else config.json's."""
     gen = Path(model_dir) / "generation_config.json"
     if gen.is_file():
         try:

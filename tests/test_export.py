@@ -185,6 +185,10 @@ def test_bad_flags(tiny, tmp_path):
         export(model, tmp_path / "out", lora_targets=["qkv_proj"])
     with pytest.raises(OrtloraError, match="block size 48"):
         export(model, tmp_path / "out", precision="int4", block_size=48)
+    with pytest.raises(OrtloraError, match="--context-length must be a positive integer, got -5"):
+        export(model, tmp_path / "out", context_length=-5)
+    with pytest.raises(OrtloraError, match="--threads must be a positive integer, got 0"):
+        export(model, tmp_path / "out", threads=0)
     assert not (tmp_path / "out").exists()
 
 

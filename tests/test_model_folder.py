@@ -170,7 +170,8 @@ def test_remove_stale_temps(tmp_path):
 
     removed = remove_stale_temps(folder, grace=3600)
     assert sorted(p.name for p in removed) == sorted([*left, ".model.old-12345"])
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*keep, ".link.abcdefgh.tmp", "sub", ".busy.abcdefgh.tmp"])
+    stay = [*keep, ".link.abcdefgh.tmp", "sub", ".busy.abcdefgh.tmp"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(stay)
     assert (outside / "precious").read_text() == "p" and (folder / "sub" / ".z.abcdefgh.tmp").exists()
     assert remove_stale_temps(folder, grace=3600) == []
     # within the grace period nothing goes, however it is named

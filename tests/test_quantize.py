@@ -292,6 +292,13 @@ def test_bad_options_are_listed_together(tiny, tmp_path):
     with pytest.raises(OrtloraError, match="is the input folder or inside it"):
         quantize(folder, folder / "q")
     assert not (tmp_path / "q").exists() and _leftovers(tmp_path) == [] and not (folder / "q").exists()
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for out, text in (("file", "is a file"), ("mine", "holds other files")):
+        with pytest.raises(OrtloraError, match=text):
+            quantize(folder, tmp_path / out)
+    assert (tmp_path / "file").read_text() == (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_already_quantized_models_are_refused(tiny, tmp_path):

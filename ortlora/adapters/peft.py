@@ -1,8 +1,9 @@
 """Read a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) without torch.
 
 `read_peft` reads any LoRA folder (DoRA too, for `inspect`); `read_lora` and `peft_params` are for what is fed to
-an exported model, and refuse DoRA. The parameters are in ONNX layout, ready to feed or to write: A as [in, r] and B as [r, out] with the LoRA scale
-(alpha / r, or alpha / sqrt(r) for rsLoRA, per module through `rank_pattern` / `alpha_pattern`) folded into a copy.
+an exported model, and refuse DoRA. The parameters are in ONNX layout, ready to feed or to write: A as [in, r] and
+B as [r, out] with the LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA, per module through `rank_pattern` /
+`alpha_pattern`) folded into a copy.
 """
 
 from __future__ import annotations
