@@ -56,6 +56,26 @@ def test_logits_match_transformers_and_peft(tiny, arch):
     assert onnx_vs_reference(folder, peft_ref, read_peft(adapter).onnx_tensors()) <= ATOL
 
 
+def test_every_bias_of_the_checkpoint_is_used(tiny, tmp_path):
+    """Llama with attention_bias (q, k, v and o_proj) and mlp_bias (gate, up, down): random biases (transformers
+    initializes them to zero, which would hide a dropped one) give the same logits as transformers, with and
+    without an adapter on the biased layers."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "biased"
+    shutil.copytree(tiny.model("llama", attention_bias=True, mlp_bias=True), model)
+    weights = load_file(model / "model.safetensors")
+    rng = np.random.default_rng(0)
+    biases = [k for k in weights if k.endswith(".bias")]
+    assert len(biases) == 2 * 7  # q, k, v, o, gate, up, down of 2 layers
+    save_file({k: rng.normal(0, 0.5, v.shape).astype(v.dtype) if k in biases else v for k, v in weights.items()},
+              model / "model.safetensors", metadata={"format": "pt"})
+    adapter = tiny.adapter(model, "biased", target_modules=["o_proj", "gate_proj", "down_proj"])
+    folder = export(model, tmp_path / "out", adapter_path=[adapter], progress=False)
+    assert onnx_vs_reference(folder, hf_logits(model, FULL)) <= ATOL
+    assert onnx_vs_reference(folder, hf_logits(model, FULL, adapter), read_peft(adapter).onnx_tensors()) <= ATOL
+
+
 def test_bf16_checkpoint(tiny):
     model = tiny.model("llama", dtype="bfloat16")
     folder = tiny.export(model)

@@ -141,7 +141,7 @@ class DecoderBuilder:
         )[0]
         shape = ["batch_size", a.num_key_value_heads, "total_sequence_length", a.head_dim]
         self.presents += [helper.make_tensor_value_info(name, self.onnx_type, shape) for name in present]
-        return self.linear(f"{p}.self_attn.o_proj", out, bias=False)
+        return self.linear(f"{p}.self_attn.o_proj", out, bias=arch.o_proj_bias(a))
 
     def head_norm(self, module: str, x: str) -> str:
         """RMSNorm over each head: [B, S, heads * D] ─Reshape─> [B, S, heads, D] ─RMSNorm─Reshape─> [B, S, heads * D]"""
@@ -168,7 +168,7 @@ class DecoderBuilder:
         out: dict[str, str] = {}
         for lin in linears:
             module = f"{prefix}.{lin.module}"
-            y = self.linear(module, x, bias=bias and lin.module.startswith("self_attn"))
+            y = self.linear(module, x, bias=bias)
             if len(lin.splits) == 1:
                 out[lin.splits[0]] = y
             else:

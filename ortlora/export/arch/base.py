@@ -33,6 +33,9 @@ class Arch:
     def qkv_bias(self, args: ModelArgs) -> bool:
         return args.attention_bias
 
+    def o_proj_bias(self, args: ModelArgs) -> bool:
+        return args.attention_bias
+
     def attention_linears(self, args: ModelArgs) -> list[Linear]:
         return [Linear("self_attn.q_proj", ("q",)), Linear("self_attn.k_proj", ("k",)), Linear("self_attn.v_proj", ("v",))]
 
@@ -63,8 +66,8 @@ class Arch:
     def tensor_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
         """Every checkpoint tensor the decoder reads (the LM head aside: tied or not) -> the shape `args` implies.
 
-        Linear weights are Hugging Face [out, in]; biases as the decoder reads them (q, k, v with `qkv_bias`,
-        down_proj with `mlp_bias`)."""
+        Linear weights are Hugging Face [out, in]; biases where the architecture has them (`qkv_bias`,
+        `o_proj_bias`, `mlp_bias`)."""
         h, d = args.hidden_size, args.head_dim
         norms = ["input_layernorm", "post_attention_layernorm"]
         if self.sandwich_norm:
@@ -82,8 +85,13 @@ class Arch:
             if self.qk_norm:
                 shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (d,)
             shapes[f"{p}.self_attn.o_proj.weight"] = (h, args.num_attention_heads * d)
+            if self.o_proj_bias(args):
+                shapes[f"{p}.self_attn.o_proj.bias"] = (h,)
             for lin in self.mlp_linears(args):
-                shapes[f"{p}.{lin.module}.weight"] = (sum(self.split_size(args, s) for s in lin.splits), h)
+                out = sum(self.split_size(args, s) for s in lin.splits)
+                shapes[f"{p}.{lin.module}.weight"] = (out, h)
+                if args.mlp_bias:
+                    shapes[f"{p}.{lin.module}.bias"] = (out,)
             shapes[f"{p}.mlp.down_proj.weight"] = (h, args.intermediate_size)
             if args.mlp_bias:
                 shapes[f"{p}.mlp.down_proj.bias"] = (h,)
