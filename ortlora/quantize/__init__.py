@@ -33,7 +33,8 @@ from ortlora.quantize.data import load_text, token_windows
 from ortlora.quantize.rewrite import Settings, SourceModel, find_targets, rewrite
 
 REPORT = "quantize_report.json"
-_MODEL_FILES = {model_folder.MODEL_FILE, model_folder.MODEL_FILE + ".data", MANIFEST, REPORT}
+_WEIGHT_FILES = (model_folder.MODEL_FILE, model_folder.MODEL_FILE + ".data")
+_MODEL_FILES = {*_WEIGHT_FILES, MANIFEST, REPORT}
 
 
 def quantize(model: str | Path, output: str | Path, *, precision: str = "int4", block_size: int = 32,
@@ -248,5 +249,5 @@ def _manifest_update(settings: Settings) -> dict:
 
 
 def _sizes(before: int, folder: Path) -> dict:
-    after = sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (folder / f).is_file())
+    after = sum((folder / f).stat().st_size for f in _WEIGHT_FILES if (folder / f).is_file())
     return {"before": before, "after": after, "ratio": round(before / after, 3)}
