@@ -179,3 +179,13 @@ def test_remove_stale_temps(tmp_path):
         tmp.write_text("being written")
         assert remove_stale_temps(folder, grace=60) == [] and tmp.exists()
     assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_cli_output_into_a_closed_pipe(exported):
+    """`ortlora inspect FOLDER | head -0`: the reader is gone before anything is printed; no traceback."""
+    _, _, folder = exported
+    proc = subprocess.Popen([sys.executable, "-m", "ortlora.cli", "inspect", str(folder)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # before the child has even imported ortlora
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
