@@ -237,7 +237,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, peft_dir, folders, adapters = prepare(work, a.precisions)
     threads = len(os.sched_getaffinity(0))
-    from ortlora.runtime.engine import ModelInfo
+    from ortlora.model_folder import ModelInfo
 
     table, extra = [], []
     for precision in a.precisions:

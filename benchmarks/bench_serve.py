@@ -330,7 +330,7 @@ def cold_load_ms(folder: Path, adapters: Path) -> tuple[float, float]:
     adapter pool, which a mixed batch does the first time it meets that adapter)."""
     import numpy as np
 
-    from ortlora.adapters.validate import model_lora_inputs
+    from ortlora.model_folder import model_lora_inputs
     from ortlora.runtime import multi_lora
     from ortlora.runtime.adapter_store import AdapterStore
 
@@ -370,7 +370,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     source.mkdir(parents=True, exist_ok=True)
     model_dir, peft, folders, adapter_dirs = prepare(source, work, a.precisions)
-    from ortlora.runtime.engine import ModelInfo
+    from ortlora.model_folder import ModelInfo
 
     cores = len(os.sched_getaffinity(0))
     report = []

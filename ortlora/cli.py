@@ -1,14 +1,19 @@
 """The `ortlora` command: one entry point, each subcommand a module imported only when it runs.
 
 Each command module exposes `configure_parser(parser)` and `main(args)`; `main` only unpacks the parsed flags and
-calls a plain keyword-argument function that tests and the server call directly.
+calls a plain keyword-argument function that tests and the server call directly. SIGTERM stops a command as Ctrl-C
+does (an exception), so the temporaries of atomic writes are removed either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from ortlora import __version__
 from ortlora.errors import OrtloraError
@@ -26,6 +31,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # Olive's names for the same commands, so its command lines work unchanged.
 ALIASES = {"auto-opt": "export", "capture-onnx-graph": "export"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same `except` / `finally` blocks clean up."""
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a repeated SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can own handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -50,15 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     args = parser.parse_args(argv)
-    module = importlib.import_module(args._module)
     try:
-        result = module.main(args)
+        with _sigterm_raises():
+            result = importlib.import_module(args._module).main(args)
     except OrtloraError as exc:
         print(f"ortlora {command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"ortlora {command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"ortlora {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`ortlora inspect ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 128 + signal.SIGPIPE
     return int(result or 0)
 
 

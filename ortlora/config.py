@@ -90,10 +90,14 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        self._check_sizes()
         if self.num_key_value_heads is None:
             put("num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             put("head_dim", self.hidden_size // self.num_attention_heads)
+            if self.head_dim < 1:
+                raise ModelError(f"config.json: hidden_size={self.hidden_size} over num_attention_heads="
+                                 f"{self.num_attention_heads} leaves no head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -113,6 +117,19 @@ class ModelArgs:
             kind = "sliding_attention" if window else "full_attention"
             put("layer_types", tuple([kind] * self.num_hidden_layers))
 
+    def _check_sizes(self) -> None:
+        """Every size must be a positive integer: one error listing each that is not (before anything divides)."""
+        bad = []
+        for name in _SIZES:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_SIZES:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad.append(f"{name}={value!r}")
+        if bad:
+            raise ModelError(f"config.json: {', '.join(bad)}: {'each' if len(bad) > 1 else 'it'} must be a "
+                             "positive integer")
+
     @property
     def activation(self) -> str:
         return self.hidden_activation or self.hidden_act
@@ -125,6 +142,11 @@ class ModelArgs:
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer` in tokens, or None for full attention."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+          "num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")  # derived when absent
 
 
 def load_config(model_dir: str | Path) -> tuple[ModelArgs, dict[str, Any]]:
@@ -144,3 +166,16 @@ def load_config(model_dir: str | Path) -> tuple[ModelArgs, dict[str, Any]]:
     if "text_config" in raw and "hidden_size" not in raw:
         raise ModelError(f"{path} describes a multimodal model ({raw['model_type']}); only text decoders are supported")
     return ModelArgs.from_dict(raw), raw
+
+
+def eos_token_ids(model_dir: str | Path, args: ModelArgs) -> list[int]:
+    """The EOS ids of a Hugging Face folder: generation_config.json's (what generate() stops on), else config.json's."""
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelError(f"{gen} cannot be read as a JSON object: {exc}") from None
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return args.eos_token_ids

@@ -1,13 +1,31 @@
-"""Atomic outputs: write into a temporary sibling, rename into place only when complete."""
+"""Atomic outputs: write into a temporary sibling, rename into place only when complete.
+
+Temporary names are `.<target name>.<random>.tmp` (files and folders) and `.<target name>.old-<pid>` (a folder
+being replaced); `remove_stale_temps` removes what an interrupted process left under those names.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+TEMP_SUFFIX = ".tmp"
+# tempfile's random part is 8 characters of [a-z0-9_]; the `.old-<pid>` folder is atomic_dir's previous target
+_TEMP_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|old-\d+)$")
+
+
+def temp_dir(target: str | Path) -> Path:
+    """A new empty folder beside `target`, named so that `remove_stale_temps` recognizes it."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
 
 
 @contextlib.contextmanager
@@ -18,8 +36,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise FileExistsError(f"{target} exists and is not a folder")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = temp_dir(target)
     try:
         yield tmp
         if target.exists():
@@ -39,7 +56,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success it is renamed onto `target`, on any error removed."""
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -48,3 +65,49 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """`data` as indented JSON, atomically (values JSON does not know, such as paths, are written as text)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def remove_stale_temps(folder: str | Path, grace: float = 3600.0) -> list[Path]:
+    """Remove the temporary files and folders that `atomic_file` / `atomic_dir` leave in `folder` when the process
+    writing them is killed, if nothing in them changed for `grace` seconds (a write still running keeps touching
+    its temporary). Nothing else is touched: other names, symlinks and subfolders' contents stay. Returns what was
+    removed."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name) or entry.is_symlink():
+            continue
+        path = Path(entry.path)
+        try:
+            if now - _newest_mtime(path) < grace:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # its writer finished (renamed it) or removed it meanwhile
+            continue
+        removed.append(path)
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of `path` and, for a folder, of everything below it (without following links)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest

@@ -43,12 +43,12 @@ def describe(path: str | Path) -> dict:
 
 
 def _model(path: Path) -> dict:
-    from ortlora.adapters.validate import load_model_proto, model_lora_inputs
+    from ortlora.model_folder import load_model_proto, model_lora_inputs, read_genai_config, read_manifest
 
     folder = path if path.is_dir() else path.parent
     proto = load_model_proto(path)
-    manifest = _json(folder / "ortlora.json")
-    genai = _json(folder / "genai_config.json")
+    manifest = read_manifest(folder)
+    genai = read_genai_config(folder)
     lora = model_lora_inputs(proto)
     modules = sorted({naming.parse_input_name(k)[0] for k in lora})
     params = 0
@@ -136,14 +136,6 @@ def _lora_summary(shapes: dict[str, tuple]) -> dict:
         "ranks": {t: sorted(r) for t, r in sorted(ranks.items())},
         **({"other_tensors": sorted(other)} if other else {}),
     }
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _size(n: int) -> str:

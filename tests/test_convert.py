@@ -17,7 +17,8 @@ from ortlora import naming
 from ortlora.adapters.convert import convert_adapter, convert_adapters
 from ortlora.adapters.onnx_adapter import open_onnx_adapter, read_onnx_adapter, write_onnx_adapter
 from ortlora.adapters.peft import read_peft
-from ortlora.adapters.validate import LoraInput, check_adapter, model_feeds, model_lora_inputs
+from ortlora.adapters.validate import check_adapter, model_feeds
+from ortlora.model_folder import LoraInput, model_lora_inputs
 from ortlora.errors import AdapterError
 from ortlora.inspect import describe, inspect
 from reference import OnnxDecoder, hf_greedy, hf_logits, targets_for
@@ -368,9 +369,16 @@ def test_non_lora_and_dora_adapters_are_refused(tiny, tmp_path):
     with pytest.raises(AdapterError, match="PEFT type IA3 is not supported"):
         convert_adapter(tmp_path / "ia3", tmp_path / "x.onnx_adapter")
     dora = tiny.adapter(model, "dora", use_dora=True)
-    with pytest.raises(AdapterError, match="DoRA adapters .* are not supported.*merge_and_unload"):
-        convert_adapter(dora, tmp_path / "x.onnx_adapter")
-    assert _no_output(tmp_path)
+    # one message wherever a DoRA adapter would be fed to a model: convert, export, quantize
+    from ortlora.export import export
+    from ortlora.quantize import quantize
+
+    for run in (lambda: convert_adapter(dora, tmp_path / "x.onnx_adapter"),
+                lambda: export(model, tmp_path / "x", adapter_path=[dora], progress=False),
+                lambda: quantize(tiny.export(model), tmp_path / "x", adapter_path=[dora], progress=False)):
+        with pytest.raises(AdapterError, match=r"DoRA adapters \(use_dora\) are not supported.*merge_and_unload"):
+            run()
+    assert _no_output(tmp_path) and not (tmp_path / "x").exists()
 
 
 def test_several_adapters_one_bad_writes_nothing(tiny, llama, tmp_path):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -50,6 +54,26 @@ def test_logits_match_transformers_and_peft(tiny, arch):
 
     assert onnx_vs_reference(folder, base_ref) <= ATOL  # no adapter inputs fed: the rank-0 defaults = base model
     assert onnx_vs_reference(folder, peft_ref, read_peft(adapter).onnx_tensors()) <= ATOL
+
+
+def test_every_bias_of_the_checkpoint_is_used(tiny, tmp_path):
+    """Llama with attention_bias (q, k, v and o_proj) and mlp_bias (gate, up, down): random biases (transformers
+    initializes them to zero, which would hide a dropped one) give the same logits as transformers, with and
+    without an adapter on the biased layers."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "biased"
+    shutil.copytree(tiny.model("llama", attention_bias=True, mlp_bias=True), model)
+    weights = load_file(model / "model.safetensors")
+    rng = np.random.default_rng(0)
+    biases = [k for k in weights if k.endswith(".bias")]
+    assert len(biases) == 2 * 7  # q, k, v, o, gate, up, down of 2 layers
+    save_file({k: rng.normal(0, 0.5, v.shape).astype(v.dtype) if k in biases else v for k, v in weights.items()},
+              model / "model.safetensors", metadata={"format": "pt"})
+    adapter = tiny.adapter(model, "biased", target_modules=["o_proj", "gate_proj", "down_proj"])
+    folder = export(model, tmp_path / "out", adapter_path=[adapter], progress=False)
+    assert onnx_vs_reference(folder, hf_logits(model, FULL)) <= ATOL
+    assert onnx_vs_reference(folder, hf_logits(model, FULL, adapter), read_peft(adapter).onnx_tensors()) <= ATOL
 
 
 def test_bf16_checkpoint(tiny):
@@ -181,6 +205,10 @@ def test_bad_flags(tiny, tmp_path):
         export(model, tmp_path / "out", lora_targets=["qkv_proj"])
     with pytest.raises(OrtloraError, match="block size 48"):
         export(model, tmp_path / "out", precision="int4", block_size=48)
+    with pytest.raises(OrtloraError, match="--context-length must be a positive integer, got -5"):
+        export(model, tmp_path / "out", context_length=-5)
+    with pytest.raises(OrtloraError, match="--threads must be a positive integer, got 0"):
+        export(model, tmp_path / "out", threads=0)
     assert not (tmp_path / "out").exists()
 
 
@@ -213,3 +241,106 @@ def test_cli_accepts_olive_auto_opt_flags(tiny, tmp_path):
     res = subprocess.run([sys.executable, "-m", "ortlora.cli", "export", "-m", str(tmp_path / "nope"), "-o",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert res.returncode == 1 and "no such folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "ortlora.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_output_that_is_a_file_or_a_foreign_folder(tiny, tmp_path):
+    model = tiny.model("llama")
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    res = _cli("export", "-m", str(model), "-o", str(file), "--no-progress")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"{file} is a file" in res.stderr and file.read_text() == "keep me"
+    foreign = tmp_path / "home"
+    (foreign / "docs").mkdir(parents=True)
+    (foreign / "a.txt").write_text("mine")
+    with pytest.raises(OrtloraError, match="holds other files .*refusing to replace it"):
+        export(model, foreign, progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["a.txt", "docs"] and _leftovers(tmp_path) == []
+
+
+def _with_config(tiny, tmp_path, **changes):
+    bad = tmp_path / "bad-config"
+    shutil.copytree(tiny.model("llama"), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return bad
+
+
+def test_config_with_non_positive_sizes(tiny, tmp_path):
+    bad = _with_config(tiny, tmp_path, hidden_size=0, num_attention_heads=-4, vocab_size=None)
+    res = _cli("export", "-m", str(bad), "-o", str(tmp_path / "out"), "--no-progress")
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "hidden_size=0, num_attention_heads=-4, vocab_size=None: each must be a positive integer" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_that_disagrees_with_the_tensors(tiny, tmp_path):
+    """num_attention_heads 8 over 4-head weights (head_dim 16 in the config): q_proj and o_proj are half as wide as
+    the config implies; every mismatched tensor is listed, nothing is written."""
+    bad = _with_config(tiny, tmp_path, num_attention_heads=8)
+    with pytest.raises(ModelError) as err:
+        export(bad, tmp_path / "out", progress=False)
+    msg = str(err.value)
+    assert "does not match its config.json" in msg and "4 problems" in msg, msg
+    for layer in (0, 1):
+        p = f"mis-shaped: model.layers.{layer}.self_attn"
+        assert f"{p}.q_proj.weight is [64, 64], config.json implies [128, 64]" in msg
+        assert f"{p}.o_proj.weight is [64, 64], config.json implies [64, 128]" in msg
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    # sizes that change every matrix, and a tensor the config needs that is missing: all listed in one error
+    bad = _with_config(tiny, tmp_path / "2", intermediate_size=96, num_hidden_layers=3)
+    with pytest.raises(ModelError) as err:
+        export(bad, tmp_path / "out", progress=False)
+    msg = str(err.value)
+    assert msg.count("mis-shaped: ") == 6 and "missing: model.layers.2.mlp.down_proj.weight" in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+_SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+from ortlora.export import graph
+
+save = graph.GraphBuilder.save
+
+def save_then_wait(self):  # the model is written into the temporary folder; wait there for the signal
+    save(self)
+    Path(sys.argv[1]).write_text("saved")
+    time.sleep(120)
+
+graph.GraphBuilder.save = save_then_wait
+from ortlora.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_export_leaves_nothing(tiny, tmp_path, sig, code):
+    """A real `ortlora export` process signalled while its temporary folder holds a written model: it exits with
+    128 + signal, without a traceback, leaving no temporary and the previous output as it was."""
+    model = tiny.model("llama")
+    out = export(model, tmp_path / "out", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(ready), "export", "-m", str(model), "-o", str(out),
+                             "--lora-targets", "q_proj", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".tmp")]
+        assert len(temps) == 1 and (temps[0] / "model.onnx").is_file()  # mid-export: the temporary folder is there
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert _leftovers(tmp_path) == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,25 @@ def test_errors_are_one_line(lora, capsys, tmp_path):
     assert "genai_config.json" in capsys.readouterr().err
     assert cli(["generate", "-m", str(folder), "-a", str(tmp_path / "none.onnx_adapter"), "-p", "x"]) == 1
     assert "no such adapter file" in capsys.readouterr().err
+
+
+
+def test_bad_sampling_settings_are_one_line(lora, capsys):
+    """Non-finite or out-of-range sampling settings: one error naming the setting, exit 1, no traceback."""
+    _, folder, _, _ = lora
+    res = subprocess.run([sys.executable, "-m", "ortlora.cli", "generate", "-m", str(folder), "-p", "x",
+                          "--temperature", "nan"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "temperature must be a finite number >= 0, got nan" in res.stderr
+    for flags, text in [(["--temperature", "inf"], "temperature must be a finite number"),
+                        (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1"),
+                        (["--temperature", "1e-30"], "too small to sample with"),
+                        (["--temperature", "0.5", "--top-p", "nan"], "top_p must be in (0, 1], got nan"),
+                        (["--seed", "-3"], "seed must be an integer >= 0"),
+                        (["--max-new-tokens", "0"], "max_new_tokens must be at least 1")]:
+        assert cli(["generate", "-m", str(folder), "-p", "x", *flags]) == 1, flags
+        assert text in capsys.readouterr().err, flags
 
 
 def test_example_app(lora, model):

@@ -16,8 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from ortlora.adapters import read_params
 from ortlora.errors import AdapterError, ModelError, OrtloraError
-from ortlora.quantize import REPORT, load_adapter, quantize
+from ortlora.quantize import REPORT, quantize
 from ortlora.quantize.algorithms import gptq, rtn
 from ortlora.quantize.data import load_text
 
@@ -205,7 +206,7 @@ def test_adapter_steers_quantized_model_like_fp32(trained, tmp_path, precision, 
     # comparison compounds one early near-tie into a different text, which says nothing about later steps.)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ids = tok.encode(trained["text"]).ids
-    feeds = load_adapter(adapter)
+    feeds = read_params(adapter)
     ref_s, q_s = _session(folder), _session(out)
     agree = changed = total = 0
     for start in (0, 40, 80):
@@ -234,13 +235,13 @@ def test_onnxruntime_genai_generates_with_and_without_adapter(trained, tmp_path)
     from ortlora.adapters.onnx_adapter import write_onnx_adapter
 
     out = quantize(trained["folder"], tmp_path / "q", eval_samples=0, progress=False)
-    adapter_file = write_onnx_adapter(tmp_path / "a.onnx_adapter", load_adapter(trained["adapter"]))
+    adapter_file = write_onnx_adapter(tmp_path / "a.onnx_adapter", read_params(trained["adapter"]))
     m = og.Model(str(out))
     adapters = og.Adapters(m)
     adapters.load(str(adapter_file), "a")
     prompt = [int(t) for t in og.Tokenizer(m).encode(trained["text"][:30])]
     q_s = _session(out)
-    for name, feeds in ((None, {}), ("a", load_adapter(trained["adapter"]))):
+    for name, feeds in ((None, {}), ("a", read_params(trained["adapter"]))):
         params = og.GeneratorParams(m)
         params.set_search_options(min_length=len(prompt) + 16, max_length=len(prompt) + 16, do_sample=False)
         gen = og.Generator(m, params)
@@ -293,6 +294,13 @@ def test_bad_options_are_listed_together(tiny, tmp_path):
     with pytest.raises(OrtloraError, match="is the input folder or inside it"):
         quantize(folder, folder / "q")
     assert not (tmp_path / "q").exists() and _leftovers(tmp_path) == [] and not (folder / "q").exists()
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for out, text in (("file", "is a file"), ("mine", "holds other files")):
+        with pytest.raises(OrtloraError, match=text):
+            quantize(folder, tmp_path / out)
+    assert (tmp_path / "file").read_text() == (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_already_quantized_models_are_refused(tiny, tmp_path):

@@ -1,1 +1,49 @@
-"""Adapters: PEFT checkpoints in, `.onnx_adapter` files out, and the check that an adapter fits a model."""
+"""Adapters: PEFT checkpoints in, `.onnx_adapter` files out, and the check that an adapter fits a model.
+
+    read_params("peft_dir" or "a.onnx_adapter")          -> {input name: array}, A [in, r], B [r, out]
+    adapter_feeds(path, model_lora_inputs(folder))       -> checked, cast, keyed for InferenceSession.run
+
+One reader per format (`peft.py`, `onnx_adapter.py`); this module only dispatches on what the path is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ortlora.model_folder import LoraInput
+
+
+def adapter_kind(path: str | Path) -> str | None:
+    """'peft' (a PEFT adapter folder), 'onnx_adapter' (a `.onnx_adapter` file) or None (neither)."""
+    from ortlora.adapters.onnx_adapter import SUFFIX
+
+    path = Path(path)
+    if path.is_dir():
+        return "peft"
+    return "onnx_adapter" if path.is_file() and path.name.endswith(SUFFIX) else None
+
+
+def read_params(path: str | Path, dtype="float32") -> dict[str, "np.ndarray"]:
+    """An adapter's parameters by ONNX input name: a PEFT folder (`dtype`, DoRA refused) or an `.onnx_adapter` file
+    (as stored, memory-mapped)."""
+    from ortlora.adapters.onnx_adapter import SUFFIX, read_onnx_adapter
+    from ortlora.adapters.peft import peft_params
+    from ortlora.errors import AdapterError
+
+    kind = adapter_kind(path)
+    if kind == "peft":
+        return peft_params(path, dtype)
+    if kind == "onnx_adapter":
+        return read_onnx_adapter(path)
+    raise AdapterError(f"{path}: not a PEFT adapter folder or {SUFFIX} file")
+
+
+def adapter_feeds(path: str | Path, lora_inputs: Mapping[str, "LoraInput"]) -> dict[str, "np.ndarray"]:
+    """The adapter at `path` checked against a model's LoRA inputs and keyed / cast for `InferenceSession.run`."""
+    from ortlora.adapters.validate import model_feeds
+
+    return model_feeds(read_params(path), lora_inputs, str(path))

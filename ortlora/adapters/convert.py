@@ -11,26 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from ortlora.adapters.onnx_adapter import SUFFIX, write_onnx_adapter
-from ortlora.adapters.peft import read_peft
-from ortlora.adapters.validate import check_adapter, model_lora_inputs
+from ortlora.adapters.peft import peft_params
+from ortlora.adapters.validate import check_adapter
 from ortlora.errors import AdapterError, OrtloraError
+from ortlora.model_folder import model_lora_inputs
 
 DTYPES = ("float32", "float16")
-
-
-def peft_params(adapter_path: str | Path, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """The `.onnx_adapter` parameters of a PEFT LoRA folder: A [in, r], B [r, out] with the scale folded in."""
-    adapter = read_peft(adapter_path)
-    if adapter.is_dora:
-        raise AdapterError(
-            f"{adapter_path}: DoRA adapters (use_dora) are not supported: DoRA rescales each output column by "
-            "magnitude / ||W + BA||, which needs the base weights' column norms inside the graph. Train a plain LoRA "
-            "adapter (`ortlora finetune --method lora`), or merge this one into the base weights with PEFT's "
-            "merge_and_unload() and export the merged model")
-    return adapter.onnx_tensors(np.dtype(dtype))
 
 
 def convert_adapter(adapter_path: str | Path, output_path: str | Path, dtype: str | None = None,

@@ -1,7 +1,9 @@
 """Read a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) without torch.
 
-The result is in ONNX layout, ready to feed or to write: A as [in, r] and B as [r, out] with the LoRA scale
-(alpha / r, or alpha / sqrt(r) for rsLoRA, per module through `rank_pattern` / `alpha_pattern`) folded into a copy.
+`read_peft` reads any LoRA folder (DoRA too, for `inspect`); `read_lora` and `peft_params` are for what is fed to
+an exported model, and refuse DoRA. The parameters are in ONNX layout, ready to feed or to write: A as [in, r] and
+B as [r, out] with the LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA, per module through `rank_pattern` /
+`alpha_pattern`) folded into a copy.
 """
 
 from __future__ import annotations
@@ -152,3 +154,20 @@ def read_peft(path: str | Path) -> PeftAdapter:
     if not adapter.modules:
         raise AdapterError(f"{path}: the adapter holds no LoRA weights")
     return adapter
+
+
+def read_lora(path: str | Path) -> PeftAdapter:
+    """`read_peft`, refusing an adapter an exported model cannot run (DoRA): the one place that decides it."""
+    adapter = read_peft(path)
+    if adapter.is_dora:
+        raise AdapterError(
+            f"{path}: DoRA adapters (use_dora) are not supported: DoRA rescales each output column by "
+            "magnitude / ||W + BA||, which needs the base weights' column norms inside the graph. Train a plain LoRA "
+            "adapter (`ortlora finetune --method lora`), or merge this one into the base weights with PEFT's "
+            "merge_and_unload() and export the merged model")
+    return adapter
+
+
+def peft_params(path: str | Path, dtype="float32") -> dict[str, np.ndarray]:
+    """The `.onnx_adapter` parameters / model inputs of a PEFT LoRA folder: A [in, r], B [r, out], scale folded in."""
+    return read_lora(path).onnx_tensors(np.dtype(dtype))

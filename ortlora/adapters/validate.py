@@ -1,4 +1,4 @@
-"""Does an adapter fit a model? The LoRA inputs of an exported model, and one check that lists every misfit at once.
+"""Does an adapter fit a model? One check that lists every misfit at once, and the feeds of an adapter that fits.
 
 An adapter may target a subset of the model's LoRA modules (the others keep their rank-0 defaults, i.e. act as
 zero), but every tensor it holds must be a LoRA input of the model with the model's dtype and inner dimensions:
@@ -7,58 +7,14 @@ A [in, r] and B [r, out] with `in`/`out` equal to the model's and the same r for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from ortlora import naming
-from ortlora.errors import AdapterError, ModelError
-
-Dim = int | str | None
-
-
-@dataclass(frozen=True)
-class LoraInput:
-    name: str  # the graph input's own name (what to feed); dict keys are ortlora's spelling of it
-    dtype: np.dtype
-    shape: tuple[Dim, ...]  # e.g. (64, "<module>.lora_r") for A, ("<module>.lora_r", 128) for B
-
-
-def load_model_proto(model):
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.is_file():
-        raise ModelError(f"{model}: no model.onnx (an exported ortlora / onnxruntime-genai folder was expected)")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends
-        raise ModelError(f"{path}: cannot read the ONNX model: {exc}") from None
-
-
-def model_lora_inputs(model) -> dict[str, LoraInput]:
-    """The LoRA inputs (`<module>.lora_A|B.weight`) of `model`: a folder, a model.onnx path or an onnx.ModelProto.
-
-    Only the graph's input declarations are read; the weights (external data) are never loaded.
-    """
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    proto = load_model_proto(model)
-    out = {}
-    for vi in proto.graph.input:
-        key = naming.from_genai_spelling(vi.name)
-        if naming.parse_input_name(key) is None:
-            continue
-        tt = vi.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        out[key] = LoraInput(vi.name, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
-    return out
+from ortlora.errors import AdapterError
+# the model folder's format lives in model_folder; these names stay importable from here for the runtime's callers
+from ortlora.model_folder import Dim, LoraInput, load_model_proto, model_lora_inputs  # noqa: F401
 
 
 def check_adapter(params: Mapping[str, np.ndarray], lora_inputs: Mapping[str, LoraInput], source: str,

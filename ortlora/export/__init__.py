@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -13,10 +14,10 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from ortlora import model_folder
 from ortlora.checkpoint import Checkpoint
-from ortlora.config import ModelArgs, load_config
+from ortlora.config import ModelArgs, eos_token_ids, load_config
 from ortlora.errors import AdapterError, ModelError, OrtloraError
-from ortlora.export import genai_config as files
 from ortlora.export.arch import get_arch
 from ortlora.export.arch.base import Arch
 from ortlora.export.decoder import DecoderBuilder
@@ -27,6 +28,26 @@ from ortlora.fileutil import atomic_dir
 
 PRECISIONS = ("fp32", "fp16", "int4")
 _UNSUPPORTED_TARGETS = ("lm_head", "embed_tokens")
+
+
+def check_checkpoint(args: ModelArgs, arch: Arch, ckpt: Checkpoint) -> None:
+    """Refuse, listing every mismatch at once, a checkpoint whose tensors are missing or disagree in shape with
+    config.json (e.g. num_attention_heads 8 over 4-head weights): the graph would be built from the config and
+    fail at run time."""
+    shapes = arch.tensor_shapes(args)
+    if not args.tie_word_embeddings and "lm_head.weight" in ckpt:
+        shapes["lm_head.weight"] = (args.vocab_size, args.hidden_size)
+    problems = []
+    for name, want in shapes.items():
+        if name not in ckpt:
+            problems.append(f"missing: {name} (config.json implies {list(want)})")
+        elif tuple(ckpt.shape(name)) != want:
+            problems.append(f"mis-shaped: {name} is {list(ckpt.shape(name))}, config.json implies {list(want)}")
+    if problems:
+        sizes = ", ".join(f"{k} {getattr(args, k)}" for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                               "num_key_value_heads", "head_dim", "vocab_size"))
+        raise ModelError(f"{ckpt.dir}: the checkpoint does not match its config.json ({sizes}); "
+                         f"{len(problems)} problem{'s' if len(problems) != 1 else ''}:\n  " + "\n  ".join(problems))
 
 
 def model_linears(args: ModelArgs, arch: Arch, ckpt: Checkpoint) -> dict[str, tuple[int, int]]:
@@ -43,7 +64,7 @@ def model_linears(args: ModelArgs, arch: Arch, ckpt: Checkpoint) -> dict[str, tu
 def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Sequence[str | Path],
                          lora_targets: Sequence[str] | None) -> dict[str, tuple[int, int]]:
     """The union of the adapters' modules and the `--lora-targets` names; every misfit is reported at once."""
-    from ortlora.adapters.peft import read_peft
+    from ortlora.adapters.peft import read_lora
 
     chosen: set[str] = set()
     problems: list[str] = []
@@ -63,9 +84,11 @@ def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Seq
                             f"(choose from {', '.join(suffixes)}, or all-linear)")
         chosen.update(hits)
     for path in adapter_paths:
-        adapter = read_peft(path)
-        if adapter.is_dora:
-            problems.append(f"{path}: DoRA adapters are not supported by export (use a LoRA adapter)")
+        try:
+            adapter = read_lora(path)
+        except AdapterError as exc:
+            problems.append(str(exc))
+            continue
         for module, m in adapter.modules.items():
             if module.rsplit(".", 1)[-1] in _UNSUPPORTED_TARGETS:
                 problems.append(f"{path}: LoRA on {module} is not supported (the LM head and embeddings stay frozen)")
@@ -95,6 +118,10 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
         raise OrtloraError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     if precision == "int4":
         check_block_size(block_size)
+    for flag, value in (("--context-length", context_length), ("--threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise OrtloraError(f"{flag} must be a positive integer, got {value!r}")
+    model_folder.check_output_folder(output)
     model_dir = Path(model)
     if not model_dir.exists():
         raise ModelError(f"{model}: no such folder. Hub names are not downloaded by export: download the model "
@@ -102,12 +129,14 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
     args, _ = load_config(model_dir)
     arch = get_arch(args)
     ckpt = Checkpoint(model_dir)
+    check_checkpoint(args, arch, ckpt)
     lora = resolve_lora_targets(model_linears(args, arch, ckpt), adapter_path, lora_targets)
     context = context_length or default_context_length(args)
+    eos = eos_token_ids(model_dir, args)
     io_dtype = np.float16 if precision == "fp16" or (precision == "int4" and device == "gpu") else np.float32
     bar = tqdm(total=args.num_hidden_layers, desc="export", unit="layer", disable=not progress)
     with atomic_dir(output) as tmp:
-        g = GraphBuilder(tmp / "model.onnx")
+        g = GraphBuilder(tmp / model_folder.MODEL_FILE)
         try:
             DecoderBuilder(
                 g, args, arch, ckpt, io_dtype=io_dtype, int4_block_size=block_size if precision == "int4" else None,
@@ -117,12 +146,16 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
         finally:
             g.close()
             bar.close()
-        eos = files.eos_ids(model_dir, args)
-        files.write_json(tmp / "genai_config.json", files.genai_config(
-            args, arch.genai_type, eos=eos, context_length=context, provider=files.provider_name(provider, device),
-            threads=threads or files.default_threads()))
-        files.copy_tokenizer(model_dir, tmp)
-        files.write_json(tmp / files.MANIFEST, files.manifest(
+        model_folder.write_genai_config(tmp, model_folder.genai_config(
+            args, arch.genai_type, eos=eos, context_length=context,
+            provider=model_folder.provider_name(provider, device), threads=threads or _cores()))
+        model_folder.copy_tokenizer(model_dir, tmp)
+        model_folder.write_manifest(tmp, model_folder.manifest(
             args, precision=precision, io_dtype=np.dtype(io_dtype).name, lora=lora, context_length=context,
             block_size=block_size if precision == "int4" else None, source=str(model_dir)))
     return Path(output)
+
+
+def _cores() -> int:
+    """onnxruntime-genai runs on one core without `intra_op_num_threads`: write this machine's cores."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

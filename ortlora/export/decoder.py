@@ -141,7 +141,7 @@ class DecoderBuilder:
         )[0]
         shape = ["batch_size", a.num_key_value_heads, "total_sequence_length", a.head_dim]
         self.presents += [helper.make_tensor_value_info(name, self.onnx_type, shape) for name in present]
-        return self.linear(f"{p}.self_attn.o_proj", out, bias=False)
+        return self.linear(f"{p}.self_attn.o_proj", out, bias=arch.o_proj_bias(a))
 
     def head_norm(self, module: str, x: str) -> str:
         """RMSNorm over each head: [B, S, heads * D] ─Reshape─> [B, S, heads, D] ─RMSNorm─Reshape─> [B, S, heads * D]"""
@@ -168,20 +168,15 @@ class DecoderBuilder:
         out: dict[str, str] = {}
         for lin in linears:
             module = f"{prefix}.{lin.module}"
-            y = self.linear(module, x, bias=bias and lin.module.startswith("self_attn"))
+            y = self.linear(module, x, bias=bias)
             if len(lin.splits) == 1:
                 out[lin.splits[0]] = y
             else:
-                sizes = [self.split_size(s) for s in lin.splits]
+                sizes = [self.arch.split_size(self.args, s) for s in lin.splits]
                 parts = self.g.op("Split", [y, self.g.const(sizes)], f"{module}/split", axis=-1,
                                   outputs=len(sizes))
                 out.update(zip(lin.splits, parts))
         return out
-
-    def split_size(self, part: str) -> int:
-        a = self.args
-        return {"q": a.num_attention_heads * a.head_dim, "k": a.num_key_value_heads * a.head_dim,
-                "v": a.num_key_value_heads * a.head_dim, "gate": a.intermediate_size, "up": a.intermediate_size}[part]
 
     def linear(self, module: str, x: str, bias: bool) -> str:
         """y = x·W (+ b) (+ (x·A)·B when `module` is a LoRA target).

@@ -8,7 +8,9 @@ from ortlora.errors import OrtloraError
 
 
 def check_block_size(block_size: int) -> None:
-    if block_size < 16 or block_size & (block_size - 1):
+    """MatMulNBits' block size (int4 and int8): a power of two of at least 16. Export's and quantize's one check."""
+    ok = isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 16
+    if not ok or block_size & (block_size - 1):
         raise OrtloraError(f"block size {block_size} is invalid: it must be a power of two of at least 16")
 
 

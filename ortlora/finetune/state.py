@@ -18,10 +18,10 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from ortlora.errors import OrtloraError
-from ortlora.fileutil import atomic_dir, atomic_file
+from ortlora.fileutil import atomic_dir, atomic_file, temp_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.json"
@@ -30,11 +30,6 @@ METRICS = "metrics.json"
 PLOT = "loss.png"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -111,7 +106,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, state: dict,
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        write_json(tmp / "state.json", state)
     if limit:
         for _, old in checkpoints(out)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -136,9 +131,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
 
 def write_adapter(out: Path, model) -> None:
     """The final adapter files into `out`, each replaced atomically (checkpoints share the folder)."""
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=out))
+    tmp = temp_dir(out / "adapter")
     try:
         model.save_pretrained(tmp)
         for name in ADAPTER_FILES:
@@ -174,16 +167,19 @@ def plot_loss(path: Path, log_history: list[dict]) -> None:
 
 @contextlib.contextmanager
 def defer_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, so an optimizer update is never left half-applied.
-    Only the main thread can own signal handlers; elsewhere the block runs unprotected."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so an optimizer update is never left half-applied;
+    a signal that came meanwhile is then delivered to the handler it would have reached. Only the main thread can
+    own signal handlers; elsewhere the block runs unprotected."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if pending:
-        raise KeyboardInterrupt
+        signal.raise_signal(pending[0])

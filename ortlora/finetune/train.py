@@ -19,6 +19,7 @@ from ortlora.errors import ModelError, OrtloraError
 from ortlora.finetune import FinetuneArgs, FinetuneResult
 from ortlora.finetune import state as files
 from ortlora.finetune.data import IGNORE, Example, collate, load_examples
+from ortlora.fileutil import write_json
 
 CAUSAL_SUFFIXES = ("ForCausalLM",)
 
@@ -354,7 +355,7 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
         last = None
         if step > 0 and step not in saved_steps:
             last = files.save_checkpoint(out, step, model, optimizer, scaler, snapshot(), args.save_total_limit)
-        files.write_json(out / files.TRAINER_STATE, {**snapshot(), "interrupted": True})
+        write_json(out / files.TRAINER_STATE, {**snapshot(), "interrupted": True})
         last = last or (files.checkpoints(out)[-1][1] if files.checkpoints(out) else None)
         print(f"interrupted at step {step}; " + (f"checkpoint {last}; continue with --resume" if last else
                                                  "no checkpoint yet"), file=sys.stderr)
@@ -371,8 +372,8 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     if evals:
         metrics.update(eval_loss=evals[-1], eval_loss_initial=evals[0], eval_rows=len(eval_ex),
                        eval_truncated=eval_stats["truncated"])
-    files.write_json(out / files.TRAINER_STATE, {**snapshot(), "interrupted": False})
-    files.write_json(out / files.METRICS, metrics)
+    write_json(out / files.TRAINER_STATE, {**snapshot(), "interrupted": False})
+    write_json(out / files.METRICS, metrics)
     files.plot_loss(out / files.PLOT, history)
     say(f"adapter written to {out}" + (f"; eval loss {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else ""))
     return FinetuneResult(out, metrics, history)

@@ -15,23 +15,26 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from tqdm import tqdm
 
-from ortlora.errors import AdapterError, ModelError, OrtloraError
-from ortlora.fileutil import atomic_dir
+from ortlora import model_folder
+from ortlora.adapters import adapter_kind
+from ortlora.adapters.onnx_adapter import SUFFIX
+from ortlora.errors import ModelError, OrtloraError
+from ortlora.export.int4 import check_block_size
+from ortlora.fileutil import atomic_dir, temp_dir, write_json
+from ortlora.model_folder import MANIFEST, model_lora_inputs
 from ortlora.quantize.algorithms import ALGORITHMS, BITS
 from ortlora.quantize.data import load_text, token_windows
 from ortlora.quantize.rewrite import Settings, SourceModel, find_targets, rewrite
 
-MANIFEST = "ortlora.json"
 REPORT = "quantize_report.json"
-_MODEL_FILES = {"model.onnx", "model.onnx.data", MANIFEST, REPORT}
+_WEIGHT_FILES = (model_folder.MODEL_FILE, model_folder.MODEL_FILE + ".data")
+_MODEL_FILES = {*_WEIGHT_FILES, MANIFEST, REPORT}
 
 
 def quantize(model: str | Path, output: str | Path, *, precision: str = "int4", block_size: int = 32,
@@ -64,7 +67,7 @@ def quantize(model: str | Path, output: str | Path, *, precision: str = "int4", 
                    data_name=str(data) if data else "built-in text", has_data=data is not None, progress=progress)
     if kind == "onnx":
         return _quantize_folder(model_dir, out, settings, text, adapter_path, source=model_dir, **options)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
+    scratch = temp_dir(out)  # the fp32 export, removed at the end; named as fileutil's temporaries
     try:
         from ortlora.export import export
 
@@ -82,8 +85,10 @@ def _check_options(precision, block_size, algorithm, symmetric, embeddings, data
         problems.append(f"precision {precision!r} is not supported; choose one of {', '.join(BITS)}")
     if algorithm not in ALGORITHMS:
         problems.append(f"algorithm {algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        problems.append(f"block size {block_size} is invalid: it must be a power of two of at least 16")
+    try:
+        check_block_size(block_size)
+    except OrtloraError as exc:
+        problems.append(str(exc))
     if algorithm == "hqq":
         if precision == "int8":
             problems.append("hqq makes float zero points, which MatMulNBits on CPU supports for int4 only")
@@ -96,9 +101,8 @@ def _check_options(precision, block_size, algorithm, symmetric, embeddings, data
     if embeddings and precision == "int8":
         problems.append("embedding quantization (GatherBlockQuantized) is int4 only: drop --quantize_embeddings")
     for p in adapter_path:
-        p = Path(p)
-        if not (p.is_dir() or (p.is_file() and p.suffix == ".onnx_adapter")):
-            problems.append(f"adapter {p}: not a PEFT adapter folder or .onnx_adapter file")
+        if adapter_kind(p) is None:
+            problems.append(f"adapter {p}: not a PEFT adapter folder or {SUFFIX} file")
     return problems
 
 
@@ -110,12 +114,16 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
     src, dst = model_dir.resolve(), out.absolute().resolve()
     if dst == src or src in dst.parents:
         problems.append(f"output {out} is the input folder or inside it: choose another output folder")
-    manifest = model_dir / MANIFEST
-    if (model_dir / "model.onnx").is_file():
+    else:
         try:
-            precision = json.loads(manifest.read_text()).get("precision") if manifest.is_file() else None
-        except (OSError, ValueError, AttributeError) as exc:
-            problems.append(f"{manifest} is not a valid manifest: {exc}")
+            model_folder.check_output_folder(out)
+        except OrtloraError as exc:
+            problems.append(str(exc))
+    if (model_dir / model_folder.MODEL_FILE).is_file():
+        try:
+            precision = model_folder.read_manifest(model_dir).get("precision")
+        except ModelError as exc:
+            problems.append(str(exc))
             return None
         if precision in BITS:
             problems.append(f"{model_dir} is already quantized ({precision}, says {MANIFEST}): quantize the fp32 "
@@ -148,21 +156,6 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
     return None
 
 
-def load_adapter(path: str | Path) -> dict[str, np.ndarray]:
-    """LoRA tensors by ONNX input name from a PEFT folder or an `.onnx_adapter` file."""
-    path = Path(path)
-    if path.is_dir():
-        from ortlora.adapters.peft import read_peft
-
-        adapter = read_peft(path)
-        if adapter.is_dora:
-            raise AdapterError(f"{path}: DoRA adapters cannot be fed to an exported model (use a LoRA adapter)")
-        return adapter.onnx_tensors(np.float32)
-    from ortlora.adapters.onnx_adapter import read_onnx_adapter
-
-    return read_onnx_adapter(path)
-
-
 def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapter_path: Sequence[str | Path], *,
                      source: Path, seq_len: int, calib_samples: int, eval_samples: int, data_name: str,
                      has_data: bool, progress: bool) -> Path:
@@ -178,7 +171,7 @@ def _quantize_folder(ref: Path, out: Path, settings: Settings, text: str, adapte
 def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
                      adapter_path: Sequence[str | Path], *, source: Path, seq_len: int, calib_samples: int,
                      eval_samples: int, data_name: str, has_data: bool, progress: bool) -> Path:
-    from ortlora.adapters.validate import model_feeds, model_lora_inputs
+    from ortlora.adapters import adapter_feeds
     from ortlora.quantize.evaluate import Hessians, Runner, compare
 
     ref = src.folder
@@ -186,7 +179,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     if not any(t.kind == "matmul" for t in targets):
         raise ModelError(f"{ref}/model.onnx has no base MatMul weights (`*.MatMul.weight` initializers): "
                          "is it an ortlora export?")
-    manifest = json.loads((ref / MANIFEST).read_text()) if (ref / MANIFEST).is_file() else {}
+    manifest = model_folder.read_manifest(ref)
     seq_len = min(seq_len, int(manifest.get("context_length") or seq_len))
     # With data, its first `calib_samples` windows are kept for calibration whatever the algorithm, so every
     # algorithm is scored on the same held-out windows that follow them (all windows when the text is too short).
@@ -196,7 +189,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     held_out = len(windows) > reserved
     evals = (windows[reserved:] if held_out else windows)[:eval_samples]
     lora_inputs = model_lora_inputs(src.proto)
-    adapters = {str(p): model_feeds(load_adapter(p), lora_inputs, str(p)) for p in adapter_path}
+    adapters = {str(p): adapter_feeds(p, lora_inputs) for p in adapter_path}
 
     t0 = time.perf_counter()
     hessians = None
@@ -215,7 +208,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
             if f.is_file() and f.name not in skip and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
         seconds_quantize = time.perf_counter() - t0
-        _write_json(tmp / MANIFEST, {**manifest, **_manifest_update(settings)})
+        model_folder.write_manifest(tmp, {**manifest, **_manifest_update(settings)})
         t1 = time.perf_counter()
         results = []
         if evals:  # both models in onnxruntime at once: the report's memory is about the two models
@@ -234,7 +227,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
             "results": results,
             "seconds": {"quantize": round(seconds_quantize, 2), "evaluate": round(time.perf_counter() - t1, 2)},
         }
-        _write_json(tmp / REPORT, report)
+        write_json(tmp / REPORT, report)
     return out
 
 
@@ -256,9 +249,5 @@ def _manifest_update(settings: Settings) -> dict:
 
 
 def _sizes(before: int, folder: Path) -> dict:
-    after = sum((folder / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (folder / f).is_file())
+    after = sum((folder / f).stat().st_size for f in _WEIGHT_FILES if (folder / f).is_file())
     return {"before": before, "after": after, "ratio": round(before / after, 3)}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -25,6 +25,7 @@ def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: in
     import torch
 
     from ortlora.adapters.convert import convert_adapter
+    from ortlora.adapters.onnx_adapter import SUFFIX
     from ortlora.export import export
     from ortlora.finetune import finetune
     from ortlora.quickstart.base import build_base
@@ -54,7 +55,7 @@ def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: in
                          progress=False) for p in PRECISIONS}
 
     stage(4, "convert adapters to .onnx_adapter, checked against each model")
-    files = {(p, t): convert_adapter(peft_dirs[t], work / "onnx" / p / f"{t}.onnx_adapter", model=folders[p])
+    files = {(p, t): convert_adapter(peft_dirs[t], work / "onnx" / p / f"{t}{SUFFIX}", model=folders[p])
              for p in PRECISIONS for t in tasks.ADAPTER_TASKS}
 
     stage(5, f"generating on {n_eval} held-out prompts per task, base and adapters in mixed batches")

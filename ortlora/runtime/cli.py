@@ -43,9 +43,11 @@ def main(args: argparse.Namespace) -> None:
 
 def adapter_names(paths: Sequence[str | Path]) -> list[str]:
     """`a1.onnx_adapter` -> `a1`; repeated stems get `-2`, `-3`, ..."""
+    from ortlora.adapters.onnx_adapter import SUFFIX
+
     names: list[str] = []
     for path in paths:
-        stem = Path(path).name.removesuffix(".onnx_adapter")
+        stem = Path(path).name.removesuffix(SUFFIX)
         name, n = stem, 1
         while name in names:
             n += 1
@@ -67,7 +69,8 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
     out = out or sys.stdout
     if prompt is None and not chat:
         raise OrtloraError("give a prompt with -p (or start an interactive session with --chat)")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=max(temperature, 0.0),
+    # greedy (temperature 0) ignores top-p/top-k; SamplingParams refuses what is out of range or not finite
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 0,
                             seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
     names = adapter_names(adapters) or [BASE]

@@ -21,7 +21,6 @@ active adapters.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,66 +32,13 @@ import onnxruntime as ort
 
 from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
+from ortlora.model_folder import ModelInfo
 from ortlora.runtime import hugepages, multi_lora
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
 BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
 PROBE_TOKENS = (1, 2, 3, 4)  # any short input shows an adapter that makes the logits non-finite
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the runtime needs from `genai_config.json` (onnxruntime-genai's layout, written by export)."""
-    folder: Path
-    filename: str
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    context_length: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
-    threads: int | None
-    past_key: str = "past_key_values.%d.key"
-    past_value: str = "past_key_values.%d.value"
-    present_key: str = "present.%d.key"
-    present_value: str = "present.%d.value"
-
-    @classmethod
-    def read(cls, folder: str | Path) -> "ModelInfo":
-        folder = Path(folder)
-        path = folder / "genai_config.json"
-        if not folder.is_dir():
-            raise ModelError(f"{folder}: no such model folder (export one with `ortlora export`)")
-        if not path.is_file():
-            raise ModelError(f"{folder} has no genai_config.json: not an exported model folder")
-        try:
-            model = json.loads(path.read_text())["model"]
-            dec = model["decoder"]
-            eos = model.get("eos_token_id", [])
-            ins, outs = dec.get("inputs", {}), dec.get("outputs", {})
-            info = cls(
-                folder=folder, filename=dec.get("filename", "model.onnx"), num_layers=int(dec["num_hidden_layers"]),
-                kv_heads=int(dec["num_key_value_heads"]), head_dim=int(dec["head_size"]),
-                vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
-                eos_ids=tuple([eos] if isinstance(eos, int) else eos), pad_id=int(model.get("pad_token_id", 0)),
-                threads=dec.get("session_options", {}).get("intra_op_num_threads"),
-                past_key=ins.get("past_key_names", cls.past_key),
-                past_value=ins.get("past_value_names", cls.past_value),
-                present_key=outs.get("present_key_names", cls.present_key),
-                present_value=outs.get("present_value_names", cls.present_value),
-            )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{path} is not a valid genai_config.json: {type(exc).__name__}: {exc}") from None
-        if not (folder / info.filename).is_file():
-            raise ModelError(f"{folder} has no {info.filename} (named in genai_config.json)")
-        return info
-
-    def kv_names(self) -> list[tuple[str, str]]:
-        """(past input, present output) pairs, keys then values per layer."""
-        return [(pat_in % i, pat_out % i) for i in range(self.num_layers)
-                for pat_in, pat_out in ((self.past_key, self.present_key), (self.past_value, self.present_value))]
 
 
 @dataclass
@@ -333,7 +279,7 @@ class Engine:
         self.lengths[slots] += 1
         self.lengths[full] = self.max_len - 1
         if logits.dtype == np.float32 and slots == list(range(hi)):
-            return logits[:, -1]  # a view: a fresh copy a step costs page faults (benchmarks/NOTES.md#decode)
+            return logits[:, -1]  # a view: a fresh copy a step costs page faults (benchmarks/NOTES.md#engine-step-costs)
         return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
 
     def _check_decode(self, rows: Sequence[Row]) -> list[int]:
@@ -445,7 +391,7 @@ class Engine:
             proto = multi_lora.mixed_adapter_model(self.model_path, self.lora_inputs)
             so = session_options(self.threads)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
-            # pre-packing stays on although it copies the float weights (benchmarks/NOTES.md#mixed-adapters)
+            # pre-packing stays on although it copies the float weights (benchmarks/NOTES.md#mixed-adapter-graph)
             self._mixed = _Graph(self._session(proto.SerializeToString(), so))
         return self._mixed
 

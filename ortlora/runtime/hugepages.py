@@ -4,8 +4,8 @@ A decode step reads every weight once; with 4 KB pages that is a TLB miss every 
 pre-packed weights with plain malloc, and with the common THP mode `madvise` such memory never gets huge pages by
 itself. `MADV_COLLAPSE` (Linux 6.1+) turns resident pages into huge pages in place, contents unchanged.
 
-int4 decode gains from it and fp32 does not (benchmarks/NOTES.md#huge-pages), so the engine asks for it on int4
-(MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
+int4 decoding gains a few percent from it and fp32 nothing (benchmarks/NOTES.md#huge-pages), so the engine asks
+for it on int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
 
     before = anonymous_regions()
     session = ort.InferenceSession(...)     # pre-packs the weights into new anonymous memory

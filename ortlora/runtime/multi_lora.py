@@ -17,7 +17,7 @@ LoRA module:
     y[b] = x[b] @ W + (x[b] @ lora_A[s[b]]) @ lora_B[s[b]]        lora_A [slots, in, R], lora_B [slots, R, out]
 
 Each step reads every slot in use once and multiplies each row by its own slot alone (the designs measured against
-this one: benchmarks/NOTES.md#mixed-adapters). Slots are the first axis of one buffer per input, so a run of slots
+this one: benchmarks/NOTES.md#mixed-adapter-graph). Slots are the first axis of one buffer per input, so a run of slots
 is a contiguous view: a step binds only the slots in use, and placing an adapter copies it alone. Which adapter
 sits in which slot is decided by the adapters' owner (ortlora.runtime.adapters.Adapters), through the pool.
 

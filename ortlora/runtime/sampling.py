@@ -6,6 +6,7 @@ runs in the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,6 +16,7 @@ from ortlora.errors import GenerationError, OrtloraError
 
 _NAN = ("the model's logits hold NaN or infinity, so no token can be chosen (an adapter with huge weights "
         "or a numeric overflow in the model)")
+_MIN_TEMPERATURE = 1e-6
 _CANDIDATES = 512  # top-p/min-p look at the best few hundred tokens first, the whole vocabulary only if needed
 
 
@@ -36,16 +38,21 @@ class SamplingParams:
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails every comparison
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
+        elif 0 < self.temperature < _MIN_TEMPERATURE:  # logits / temperature would overflow float32
+            problems.append(f"temperature {self.temperature} is too small to sample with: use 0 for greedy or at "
+                            f"least {_MIN_TEMPERATURE}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             problems.append(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            problems.append(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            problems.append(f"seed must be an integer >= 0, got {self.seed}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):

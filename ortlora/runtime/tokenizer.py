@@ -14,18 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ortlora.errors import ModelError
+from ortlora.model_folder import read_genai_config, read_json
 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder yields for an incomplete UTF-8 sequence
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} cannot be read as JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _token_text(value) -> str | None:
@@ -53,9 +44,9 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise ModelError(f"{path} cannot be loaded by the tokenizers package: {exc}") from None
-        config = _read_json(folder / "tokenizer_config.json")
-        generation = _read_json(folder / "generation_config.json")
-        genai = _read_json(folder / "genai_config.json").get("model", {})
+        config = read_json(folder / "tokenizer_config.json")
+        generation = read_json(folder / "generation_config.json")
+        genai = read_genai_config(folder).get("model", {})
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = self._find_template(folder, config)
@@ -71,7 +62,7 @@ class Tokenizer:
         jinja = folder / "chat_template.jinja"  # transformers >= 4.47 saves it on its own
         if jinja.is_file():
             return jinja.read_text(encoding="utf-8")
-        template = config.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
+        template = config.get("chat_template") or read_json(folder / "chat_template.json").get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)

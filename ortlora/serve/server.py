@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ortlora import __version__
 from ortlora.runtime.adapters import Adapter, Adapters
-from ortlora.runtime.engine import Engine, ModelInfo
+from ortlora.model_folder import ModelInfo
+from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
