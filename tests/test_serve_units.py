@@ -119,6 +119,27 @@ def test_directory_discovers_by_stem_and_confines_paths(tmp_path):
     assert "late" not in reg and (root / "late.onnx_adapter").exists()
 
 
+def test_directory_removes_uploads_a_killed_server_left(tmp_path):
+    """At start-up, half-written uploads older than a few minutes go; a fresh one (an upload of another process in
+    progress) and everything else stay."""
+    import os
+    import time
+
+    root = tmp_path / "adapters"
+    root.mkdir()
+    keep = _adapter(root / "keep.onnx_adapter")
+    stale = root / ".up.onnx_adapter.abcd1234.tmp"
+    stale.write_bytes(b"\x00" * 1000)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = root / ".other.onnx_adapter.efgh5678.tmp"
+    fresh.write_bytes(b"\x00" * 10)
+    os.utime(keep, (old, old))
+    reg = Adapters(LORA, directory=root)
+    assert not stale.exists() and fresh.exists() and keep.exists()
+    assert [p.name for p in reg.directory.removed] == [stale.name] and reg.names() == ["keep"]
+
+
 def test_directory_holds_thousands_and_refreshes(tmp_path):
     import time
 

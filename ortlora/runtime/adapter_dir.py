@@ -17,10 +17,11 @@ from typing import BinaryIO, Iterator
 
 from ortlora.adapters.onnx_adapter import SUFFIX
 from ortlora.errors import AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
-from ortlora.fileutil import atomic_file
+from ortlora.fileutil import atomic_file, remove_stale_temps
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
+STALE_UPLOAD_S = 300.0
 
 
 def check_name(name: object) -> str:
@@ -48,6 +49,8 @@ class AdapterDirectory:
         self._added: set[str] = set()  # registered by a caller (kept by refresh)
         self._lock = threading.Lock()
         self.skipped: list[str] = []
+        # uploads a killed process left half-written (another process's upload in progress keeps touching its own)
+        self.removed = remove_stale_temps(self.root, grace=STALE_UPLOAD_S)
         self._discover()
 
     def _discover(self) -> None:

@@ -66,6 +66,8 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
     directory = server.adapters.directory
     for skipped in directory.skipped if directory else ():
         log.warning("adapter skipped: %s", skipped)
+    for removed in directory.removed if directory else ():
+        log.warning("removed %s: left by an interrupted upload", removed.name)
     log.info("model %s (%s), %d adapters registered, batch %d, context %d", server.model_name, model,
              len(server.adapters.names()), max_batch, server.context_length)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
