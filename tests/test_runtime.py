@@ -9,6 +9,7 @@ import pytest
 from ortlora.adapters.convert import convert_adapter
 from ortlora.adapters.peft import read_peft
 from ortlora.runtime.engine import Engine, Row
+from ortlora.runtime.sampling import SamplingParams
 from reference import OnnxDecoder, hf_greedy
 
 N = 8  # new tokens per greedy comparison
@@ -44,6 +45,20 @@ def model(lora):
 
 def greedy(m, prompt, adapter=None, n=N):
     return m.complete([prompt], [adapter], max_new_tokens=n, min_new_tokens=n)[0].token_ids
+
+
+def assert_batch_equals_singles(m, prompts, adapters, singles=None, n=N, **sampling):
+    """The scenario check: every row of one batch (each with its own adapter) gets the tokens it gets alone, and
+    nothing stays held afterwards. Greedy unless `sampling` says otherwise (seeded rows draw from their own
+    generator, so a batch changes nothing for them either)."""
+    kw = sampling or dict(max_new_tokens=n, min_new_tokens=n)
+    if singles is None:
+        singles = [m.complete([p], [a], **kw)[0].token_ids for p, a in zip(prompts, adapters)]
+    batch = m.complete(prompts, adapters, **kw)
+    assert [c.token_ids for c in batch] == singles
+    assert [c.adapter for c in batch] == list(adapters)
+    assert m.engine.free_slots == m.engine.slots and not any(a.refs for a in m.adapters)
+    return singles
 
 
 def genai_greedy(folder, prompt, adapter_file=None, n=N):
@@ -107,14 +122,9 @@ def test_model_without_lora_inputs(tiny, lora, model):
 
 def test_mixed_batch_equals_single_rows(model):
     adapters = ["a1", "a2", None, "a1"]
-    singles = [greedy(model, p, a) for p, a in zip(PROMPTS, adapters)]
-    batch = model.complete(PROMPTS, adapters, max_new_tokens=N, min_new_tokens=N)
-    assert [c.token_ids for c in batch] == singles
-    assert [c.adapter for c in batch] == adapters
-    # seeded sampling draws from each request's own generator: a batch gives each row its lone result
-    kw = dict(max_new_tokens=N, temperature=1.0, top_p=0.95, seed=5)
-    alone = [model.complete([p], [a], **kw)[0].token_ids for p, a in zip(PROMPTS, adapters)]
-    assert [c.token_ids for c in model.complete(PROMPTS, adapters, **kw)] == alone
+    singles = assert_batch_equals_singles(model, PROMPTS, adapters)
+    assert len({tuple(s) for s in singles}) == 4  # the rows differ: a mix-up would show
+    assert_batch_equals_singles(model, PROMPTS, adapters, max_new_tokens=N, temperature=1.0, top_p=0.95, seed=5)
 
 
 def test_adapter_pool_churn_equals_single_rows(tiny, lora):
@@ -132,8 +142,7 @@ def test_adapter_pool_churn_equals_single_rows(tiny, lora):
     adapters = ["a1", "a2", "a3", None, "a2", "a3"]
     singles = [greedy(m, p, a, n=4) for p, a in zip(prompts, adapters)]
     assert len({tuple(s) for s in singles[:3]}) == 3  # the three adapters give three different texts
-    out = m.complete(prompts, adapters, max_new_tokens=4, min_new_tokens=4)
-    assert [c.token_ids for c in out] == singles
+    assert_batch_equals_singles(m, prompts, adapters, singles, n=4)
     pool = m.adapters.pool
     assert pool.rank == 16 and pool.generation == 2 and pool.capacity == 2  # rank 8 first, then 16
 
@@ -156,9 +165,7 @@ def test_adapter_with_nan_or_huge_weights_is_refused_at_registration(tmp_path, l
     assert "bad" not in model.adapters and "huge" not in model.adapters
     assert sorted(model.adapters.names()) == ["a1", "a2"]
     assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
-    singles = [greedy(model, p, a, n=3) for p, a in zip(PROMPTS[:2], ["a1", "a2"])]
-    assert [c.token_ids for c in model.complete(PROMPTS[:2], ["a1", "a2"], max_new_tokens=3,
-                                                min_new_tokens=3)] == singles
+    assert_batch_equals_singles(model, PROMPTS[:2], ["a1", "a2"], n=3)
 
 
 def test_a_row_whose_logits_turn_nan_ends_alone(lora, model):
@@ -177,8 +184,8 @@ def test_a_row_whose_logits_turn_nan_ends_alone(lora, model):
     store = model.adapters
     for sampled in (False, True):
         names = ["a2", "huge", None, "a1"]
-        sp = model._params(None, dict(max_new_tokens=4, min_new_tokens=4))
-        hot = model._params(None, dict(max_new_tokens=4, temperature=1.0, seed=1)) if sampled else sp
+        sp = SamplingParams(max_new_tokens=4, min_new_tokens=4)
+        hot = SamplingParams(max_new_tokens=4, temperature=1.0, seed=1) if sampled else sp
         reqs = [Request(p, hot if n == "huge" else sp, model.tokenizer,
                         huge if n == "huge" else store.acquire(n) if n else None)
                 for p, n in zip([PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[2]], names)]
@@ -200,10 +207,7 @@ def test_a_row_whose_logits_turn_nan_ends_alone(lora, model):
 def test_more_prompts_than_slots(lora, model):
     prompts = PROMPTS + PROMPTS[:3]  # 7 requests through 4 slots: rows leave, waiting ones take their slots
     adapters = ["a1", "a2", None, "a1", None, "a2", "a1"]
-    singles = [greedy(model, p, a, n=5) for p, a in zip(prompts, adapters)]
-    out = model.complete(prompts, adapters, max_new_tokens=5, min_new_tokens=5)
-    assert [c.token_ids for c in out] == singles
-    assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
+    assert_batch_equals_singles(model, prompts, adapters, n=5)
 
 
 def test_engine_logits_static_buffer(lora):
@@ -280,14 +284,16 @@ def test_engine_batched_prefill_equals_per_row(lora):
 
 def test_similar_prompts_are_prefilled_together(model, monkeypatch):
     calls = []
-    batch = model.engine._prefill_batch
-    monkeypatch.setattr(model.engine, "_prefill_batch", lambda rows: (calls.append(len(rows)), batch(rows))[1])
+    prefill = model.engine.prefill
+    monkeypatch.setattr(model.engine, "prefill",
+                        lambda rows, batched=False: (calls.append((len(rows), batched)), prefill(rows, batched))[1])
     prompts = [PROMPTS[2][:10], PROMPTS[2][1:10], PROMPTS[0] + PROMPTS[1][:3]]  # 10, 9, 10 tokens
     adapters = ["a2", None, "a1"]
     singles = [greedy(model, p, a) for p, a in zip(prompts, adapters)]
-    assert calls == []  # one prompt at a time: nothing to batch
-    assert [c.token_ids for c in model.complete(prompts, adapters, max_new_tokens=N, min_new_tokens=N)] == singles
-    assert calls == [3]
+    assert all(n == 1 for n, _ in calls)  # one prompt at a time: nothing to batch
+    calls.clear()
+    assert_batch_equals_singles(model, prompts, adapters, singles)
+    assert calls == [(3, True)]
 
 
 def test_chunked_prefill_and_preemption_keep_every_rows_tokens(model):
@@ -300,7 +306,7 @@ def test_chunked_prefill_and_preemption_keep_every_rows_tokens(model):
     prompts, names = [PROMPTS[0], PROMPTS[1], long_prompt], ["a1", None, "a2"]
     for kw in (dict(max_new_tokens=8, min_new_tokens=8), dict(max_new_tokens=8, temperature=1.0, seed=3)):
         singles = [model.complete([p], [a], **kw)[0].token_ids for p, a in zip(prompts, names)]
-        reqs = [Request(p, model._params(None, dict(kw)), model.tokenizer, model.adapters.acquire(a),
+        reqs = [Request(p, SamplingParams(**kw), model.tokenizer, model.adapters.acquire(a),
                         eos_ids=model.eos_ids)
                 for p, a in zip(prompts, names)]
         batch = Batch(model.engine, model.adapters, prefill_chunk=3)
