@@ -28,6 +28,7 @@ from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.runtime import hugepages, multi_lora
 from ortlora.runtime.adapter_store import Adapter
+from ortlora.runtime.providers import session_providers
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
@@ -122,7 +123,9 @@ class _Graph:
 
 
 class Engine:
-    def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None):
+    def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
+                 provider: str | None = None):
+        self.provider = provider  # None: genai_config.json's (see providers.py)
         self.info = ModelInfo.read(folder)
         self.folder = self.info.folder
         if slots < 1:
@@ -139,7 +142,7 @@ class Engine:
         before = hugepages.anonymous_regions() if self._huge_pages else set()
         try:
             session = ort.InferenceSession(str(self.model_path), session_options(self.threads),
-                                           providers=["CPUExecutionProvider"])
+                                           providers=session_providers(self.folder, self.provider))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{self.model_path}: onnxruntime cannot load it: {exc}") from None
         if self._huge_pages:
@@ -383,7 +386,8 @@ class Engine:
             # Pre-packing stays on although it gives this session its own copy of the float weights: without it
             # a 4-row fp32 decode step ran 2.5x slower (B re-packed every call) and an int4 one 25x slower.
             before = hugepages.anonymous_regions() if self._huge_pages else set()
-            session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(proto.SerializeToString(), so,
+                                           providers=session_providers(self.folder, self.provider))
             if self._huge_pages:
                 hugepages.collapse_new_regions(before)
             self._mixed = _Graph(session)
