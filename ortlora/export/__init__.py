@@ -126,3 +126,12 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
             args, precision=precision, io_dtype=np.dtype(io_dtype).name, lora=lora, context_length=context,
             block_size=block_size if precision == "int4" else None, source=str(model_dir)))
     return Path(output)
+
+
+def __getattr__(name: str):
+    # generate-adapter's work function, imported on first use (bundle.py calls export)
+    if name == "generate_adapter":
+        from ortlora.export.bundle import generate_adapter
+
+        return generate_adapter
+    raise AttributeError(f"module 'ortlora.export' has no attribute {name!r}")
