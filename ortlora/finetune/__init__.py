@@ -106,6 +106,7 @@ class FinetuneResult:
     output_path: Path
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a data-parallel run (process 0 wrote the folder)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

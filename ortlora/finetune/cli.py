@@ -13,6 +13,7 @@ print that they have no effect. Data-parallel: `accelerate launch --num_processe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ortlora import olive
@@ -210,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
         kwargs["output_path"] = "finetuned-adapter"  # Olive's default
     unset = [k for k in DIFFERENT_DEFAULTS if k not in kwargs and k not in from_file
              and not (k == "lr_scheduler_type" and "warmup_ratio" in kwargs)]
-    if unset:
+    if unset and os.environ.get("RANK", "0") == "0":  # once per data-parallel run
         olive.note("finetune", "defaults that differ from olive finetune's: " + "; ".join(
             f"{k} {DIFFERENT_DEFAULTS[k][0]} (Olive: {DIFFERENT_DEFAULTS[k][1]})" for k in unset))
     if given.get("dry_run"):
@@ -220,6 +221,8 @@ def main(args: argparse.Namespace) -> None:
         print("dry run: arguments accepted; nothing trained")
         return
     result = finetune(**kwargs)
+    if not result.main_process:
+        return
     m = result.metrics
     summary = f"adapter: {result.output_path}  steps: {m['global_step']}  train loss: {m['train_loss']:.4f}"
     if "eval_loss" in m:

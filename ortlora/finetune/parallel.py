@@ -1,6 +1,7 @@
 """Data-parallel training: which process this is, and the two sums the loop needs (gradients, figures).
 
-`accelerate launch --num_processes N -m ortlora.cli finetune ...` (or torchrun) starts N copies of the command;
+`accelerate launch --multi_gpu --num_processes N -m ortlora.cli finetune ...` (also on CPUs; accelerate's `--cpu`
+launches one process) or `torchrun --nproc_per_node N -m ortlora.cli finetune ...` starts N copies of the command;
 accelerate's PartialState joins them into one torch.distributed group (gloo on CPU, nccl on CUDA). Without such a
 launch there is one process and nothing here communicates.
 """
@@ -13,13 +14,13 @@ import os
 class Processes:
     """This process's place among the data-parallel processes (rank 0 of 1 when not launched with several)."""
 
-    def __init__(self):
+    def __init__(self, cpu: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self.local_rank = 0, 0
         if self.world > 1:
             from accelerate import PartialState  # initializes torch.distributed (gloo on CPU, nccl on CUDA)
 
-            state = PartialState()
+            state = PartialState(cpu=cpu)  # without cpu=True it leaves CPU processes ungrouped
             self.rank, self.local_rank = state.process_index, state.local_process_index
 
     @property

@@ -314,7 +314,7 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     """Every check first (arguments, output folder, QLoRA support, model, tokenizer, data), then training."""
     import torch
 
-    procs = Processes()
+    procs = Processes(cpu=args.device == "cpu" or not torch.cuda.is_available())
     progress = progress and procs.main
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out = Path(args.output_path)
@@ -437,7 +437,8 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     runtime = time.perf_counter() - start_time
     if not procs.main:  # process 0 writes the folder; the others end once it has
         procs.barrier()
-        return FinetuneResult(out, {"global_step": step, "train_loss": train_loss_sum / max(step, 1)}, history)
+        return FinetuneResult(out, {"global_step": step, "train_loss": train_loss_sum / max(step, 1)}, history,
+                              main_process=False)
     files.write_adapter(out, model)
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     metrics = {"train_loss": train_loss_sum / max(step, 1), "global_step": step, "train_runtime_s": round(runtime, 3),
