@@ -73,11 +73,15 @@ def add_input_model(p: argparse.ArgumentParser, *, task: bool = True, test: bool
             no_effect(p, flag, reason=SCRIPT[1])
 
 
+def parse_bool(text: str) -> bool:
+    """Olive's `type=bool` flags take a value (`--add_special_tokens False`); unlike bool(), "False" is false."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def note(command: str, text: str) -> None:
     """One line on stderr: where ortlora's behaviour deliberately differs from Olive's default."""
     print(f"ortlora {command}: note: {text}", file=sys.stderr)
-
-
-def given(args: argparse.Namespace, name: str, default=None) -> bool:
-    """Whether option `name` was given (its value differs from the parser's default, which callers pass)."""
-    return getattr(args, name, default) != default

@@ -13,12 +13,6 @@ from ortlora import olive
 BUILDER = "ortlora builds the graph itself from the weights; no torch exporter or Model Builder runs"
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -30,13 +24,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=["fp16", "fp32", "int4", "bf16"],
                    help="default: fp16 with --use_model_builder (Olive's default there), else fp32 (what Olive's "
                         "torch capture of a float32 checkpoint gives)")
-    p.add_argument("--torch_dtype", default=None, help="float32 or float16: the precision when --precision is not given")
+    p.add_argument("--torch_dtype", default=None,
+                   help="float32 or float16: the precision when --precision is not given")
     p.add_argument("--int4_block_size", type=int, default=None, choices=[16, 32, 64, 128, 256],
                    help="int4 block size (default 32)")
     p.add_argument("--use_model_builder", action="store_true", help="only changes the default precision to fp16")
     p.add_argument("--use_ort_genai", action="store_true", help=argparse.SUPPRESS)  # the folder is always one
-    p.add_argument("--exclude_embeds", type=_bool, default=False, help="must stay false: the runtime feeds token ids")
-    p.add_argument("--exclude_lm_head", type=_bool, default=False, help="must stay false: the runtime samples logits")
+    p.add_argument("--exclude_embeds", type=olive.parse_bool, default=False,
+                   help="must stay false: the runtime feeds token ids")
+    p.add_argument("--exclude_lm_head", type=olive.parse_bool, default=False,
+                   help="must stay false: the runtime samples logits")
     p.add_argument("--trust_remote_code", action="store_true", help="accepted; the export reads no model code")
     p.add_argument("--no-progress", action="store_true")
     olive.add_input_model(p)
@@ -49,7 +46,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     olive.no_effect(p, "--target_opset", type=int, reason="the graph uses a fixed opset with onnxruntime's contrib ops")
     olive.no_effect(p, "--int4_accuracy_level", reason="int4 MatMulNBits use accuracy_level 4 (int8 activations "
                     "on CPU); ortlora quantize --accuracy_level sets another")
-    olive.no_effect(p, "--enable_cuda_graph", type=_bool, reason="CUDA graphs are not used by ortlora's runtime")
+    olive.no_effect(p, "--enable_cuda_graph", type=olive.parse_bool,
+                    reason="CUDA graphs are not used by ortlora's runtime")
     olive.no_effect(p, "--extra_mb_options", reason="there is no Model Builder to pass options to")
     olive.add_common(p)
 

@@ -52,7 +52,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     d.add_argument("--use_chat_template", action="store_true",
                    help="rows are chat `messages` rendered with the tokenizer's chat template")
     d.add_argument("--max_samples", type=int, help="use the first N rows of each split (default: all; Olive: 256)")
-    d.add_argument("--add_special_tokens", type=_bool,
+    d.add_argument("--add_special_tokens", type=olive.parse_bool,
                    help="true/false: the tokenizer adds its special tokens (BOS) to each row (default: yes for "
                         "text rows, no for chat rows, whose template has them)")
     d.add_argument("--text_template", type=unescape,
@@ -96,12 +96,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     olive.add_common(p)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 IGNORED = ("use_ort_genai", "clean", "precision", "tempdir", "no_progress", "config", "command", "dry_run")

@@ -43,7 +43,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "input its target modules also become LoRA inputs")
     p.add_argument("--lora-targets", "--lora_targets", default=None,
                    help="Hugging Face input only: comma-separated modules that get LoRA inputs (or all-linear)")
-    p.add_argument("--seq_len", "--seq-len", "--max_seq_len", type=int, default=256, help="tokens per text window (default 256)")
+    p.add_argument("--seq_len", "--seq-len", "--max_seq_len", type=int, default=256,
+                   help="tokens per text window (default 256)")
     p.add_argument("--calib_samples", "--calib-samples", "--max_samples", type=int, default=32,
                    help="gptq calibration windows (default 32)")
     p.add_argument("--eval_samples", "--eval-samples", type=int, default=8,
