@@ -440,6 +440,7 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
         return FinetuneResult(out, {"global_step": step, "train_loss": train_loss_sum / max(step, 1)}, history,
                               main_process=False)
     files.write_adapter(out, model)
+    files.write_olive_layout(out, args.model_name_or_path)
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     metrics = {"train_loss": train_loss_sum / max(step, 1), "global_step": step, "train_runtime_s": round(runtime, 3),
                "train_tokens": tokens_seen, "train_rows": len(train_ex), "train_truncated": train_stats["truncated"],
