@@ -35,6 +35,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude_lm_head", type=olive.parse_bool, default=False,
                    help="must stay false: the runtime samples logits")
     p.add_argument("--trust_remote_code", action="store_true", help="accepted; the export reads no model code")
+    # ortlora export's own options (capture-onnx-graph was an alias of export)
+    p.add_argument("--lora-targets", "--lora_targets", default=None,
+                   help="comma-separated module names to give LoRA inputs (q_proj,v_proj,... or all-linear)")
+    p.add_argument("--context-length", type=int, default=None, help="maximum total tokens (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="intra_op_num_threads written to genai_config.json")
     p.add_argument("--no-progress", action="store_true")
     olive.add_input_model(p)
     olive.no_effect(p, "--model_variant", reason="it selects a diffusers pipeline; ortlora exports causal LMs")
@@ -73,5 +78,6 @@ def main(args: argparse.Namespace) -> None:
         return
     out = generate_adapter(args.model_name_or_path, args.output_path, adapter_path=args.adapter_path,
                            precision=precision, block_size=args.int4_block_size or 32,
-                           progress=not args.no_progress)
+                           lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
+                           context_length=args.context_length, threads=args.threads, progress=not args.no_progress)
     print(f"exported {out} ({precision})")
