@@ -13,8 +13,6 @@ from ortlora import olive
 BUILDER = "ortlora builds the graph itself from the weights; no torch exporter or Model Builder runs"
 
 
-
-
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model_name_or_path", "--model", required=True, help="Hugging Face model folder")
     p.add_argument("-o", "--output_path", "--output", default="onnx-model",

@@ -96,8 +96,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     olive.add_common(p)
 
 
-
-
 IGNORED = ("use_ort_genai", "clean", "precision", "tempdir", "no_progress", "config", "command", "dry_run")
 # Where ortlora's defaults deliberately differ from `olive finetune`'s: flag -> (ours, Olive's)
 DIFFERENT_DEFAULTS = {
