@@ -26,10 +26,10 @@ from typing import Any, Callable, Sequence
 from ortlora.errors import OrtloraError
 
 METHODS = ("lora", "qlora", "dora")
-# ours (constant/linear/cosine after a linear warmup that starts at lr/warmup) and the rest of transformers' names
-# (their own schedules, computed by transformers.get_scheduler)
+# ours (constant/linear/cosine after a linear warmup that starts at lr/warmup) and transformers' other schedules
+# that need no lr_scheduler_kwargs (computed by transformers.get_scheduler)
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+              "inverse_sqrt")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
 STRATEGIES = ("no", "steps", "epoch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
