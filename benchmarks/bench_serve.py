@@ -300,11 +300,11 @@ def bench_peft(model_dir: Path, peft: list[Path], concurrency: list[int], vocab:
 # -- the engine alone; cold load -------------------------------------------------------------------------------------
 def bench_engine(folder: Path, adapters: Path, concurrency: list[int], vocab: int) -> dict:
     """Decode tok/s of the runtime engine, no HTTP: base, one adapter for all rows, a different adapter per row."""
-    from ortlora.runtime.adapter_store import AdapterStore
+    from ortlora.runtime.adapters import Adapters
     from ortlora.runtime.engine import Engine, Row
 
     engine = Engine(folder, slots=max(concurrency), max_len=PROMPT + NEW + 8)
-    store = AdapterStore(engine.lora_inputs)
+    store = Adapters.for_engine(engine)
     held = [store.load(adapters / f"a{i}.onnx_adapter", f"a{i}") for i in range(N_ADAPTERS)]
     out = {}
     for n in concurrency:
@@ -326,22 +326,23 @@ def bench_engine(folder: Path, adapters: Path, concurrency: list[int], vocab: in
 
 
 def cold_load_ms(folder: Path, adapters: Path) -> tuple[float, float]:
-    """(median ms to load one rank-16 adapter into a fresh AdapterStore, median ms to place one in the engine's
-    adapter pool, which a mixed batch does the first time it meets that adapter)."""
+    """(median ms to load one rank-16 adapter into fresh Adapters: parse, check, private copy, finite check; not the
+    probe step, which is one short prefill; median ms to place one in the adapter pool, which a mixed batch does
+    the first time it meets that adapter)."""
     import numpy as np
 
     from ortlora.model_folder import model_lora_inputs
     from ortlora.runtime import multi_lora
-    from ortlora.runtime.adapter_store import AdapterStore
+    from ortlora.runtime.adapters import Adapters
 
     lora_inputs = model_lora_inputs(folder)
     times = []
     for k in range(7):
-        store = AdapterStore(lora_inputs)
+        store = Adapters(lora_inputs)
         t0 = time.perf_counter()
         store.load(adapters / f"a{k % N_ADAPTERS}.onnx_adapter", "x")
         times.append((time.perf_counter() - t0) * 1000)
-    held = [AdapterStore(lora_inputs).load(adapters / f"a{i}.onnx_adapter", "x") for i in range(N_ADAPTERS)]
+    held = [Adapters(lora_inputs).load(adapters / f"a{i}.onnx_adapter", "x") for i in range(N_ADAPTERS)]
     dtype = next(iter(held[0].params.values())).dtype
     pool = multi_lora.AdapterPool(lora_inputs, N_ADAPTERS, np.dtype(dtype))
     pool.place({held[0].uid: held[0]})  # allocates the buffers

@@ -1,8 +1,14 @@
 """The `ortlora` command: one entry point, each subcommand a module imported only when it runs.
 
-Each command module exposes `configure_parser(parser)` and `main(args)`; `main` only unpacks the parsed flags and
-calls a plain keyword-argument function that tests and the server call directly. SIGTERM stops a command as Ctrl-C
-does (an exception), so the temporaries of atomic writes are removed either way.
+Where things live, the same for every command:
+- the command's CLI module is `ortlora/<package>/cli.py` (`<package>/<command>_cli.py` where one package serves two
+  commands) and holds only `configure_parser(parser)` and `main(args)`; `main` unpacks the parsed flags and calls
+- the command's work function, a plain keyword-argument function exported by the package:
+  `from ortlora.<package> import <function>` (table below), which tests and the server call directly.
+A CLI module that sets `PASSTHROUGH = True` gets the flags its parser does not know in `args._extra` (finetune:
+Hugging Face TrainingArguments flags, as `olive finetune` passes them through).
+SIGTERM stops a command as Ctrl-C does (an exception), so the temporaries of atomic writes are removed either
+way.
 """
 
 from __future__ import annotations
@@ -18,19 +24,30 @@ import threading
 from ortlora import __version__
 from ortlora.errors import OrtloraError
 
-# command -> (module, one-line help)
+# command -> (CLI module, one-line help); the work function of each is in WORK
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("ortlora.quickstart.cli", "the whole path on a built-in tiny model (no download)"),
     "export": ("ortlora.export.cli", "Hugging Face checkpoint -> ONNX decoder with LoRA inputs"),
+    "capture-onnx-graph": ("ortlora.export.capture_cli", "Olive's capture-onnx-graph: export, flags of Olive's"),
+    "generate-adapter": ("ortlora.export.generate_adapter_cli",
+                         "a model folder with LoRA inputs plus one .onnx_adapter per PEFT adapter"),
     "convert-adapters": ("ortlora.adapters.cli", "PEFT adapter -> .onnx_adapter, checked against a model"),
-    "inspect": ("ortlora.inspect", "show what a model folder or adapter file holds"),
+    "inspect": ("ortlora.inspect.cli", "show what a model folder or adapter file holds"),
     "quantize": ("ortlora.quantize.cli", "int4/int8 weight-only quantization that keeps LoRA inputs float"),
     "finetune": ("ortlora.finetune.cli", "train LoRA / QLoRA / DoRA adapters with PEFT from local data"),
-    "generate": ("ortlora.runtime.cli", "generate text with the base model and each adapter, streaming"),
+    "generate": ("ortlora.generate.cli", "generate text with the base model and each adapter, streaming"),
     "serve": ("ortlora.serve.cli", "OpenAI-compatible server batching requests for different adapters together"),
 }
+# command -> its work function, `package:function` (tests/test_olive_flags.py checks each resolves)
+WORK: dict[str, str] = {
+    "quickstart": "ortlora.quickstart:quickstart", "export": "ortlora.export:export",
+    "capture-onnx-graph": "ortlora.export:generate_adapter", "generate-adapter": "ortlora.export:generate_adapter",
+    "convert-adapters": "ortlora.adapters:convert_adapters", "inspect": "ortlora.inspect:inspect",
+    "quantize": "ortlora.quantize:quantize", "finetune": "ortlora.finetune:finetune",
+    "generate": "ortlora.generate:generate", "serve": "ortlora.serve:serve",
+}
 # Olive's names for the same commands, so its command lines work unchanged.
-ALIASES = {"auto-opt": "export", "capture-onnx-graph": "export"}
+ALIASES = {"auto-opt": "export"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -75,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[command][0])
+    if getattr(module, "PASSTHROUGH", False):
+        args, args._extra = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
     try:
         with _sigterm_raises():
             result = importlib.import_module(args._module).main(args)

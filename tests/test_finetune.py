@@ -197,6 +197,70 @@ def test_resume_after_interruption_reaches_the_same_weights(model, data, tmp_pat
     assert losses(b) == losses(tmp_path / "a") == losses(killed) and len(losses(b)) == 6
 
 
+def test_two_processes_give_the_one_process_adapter(model, data, tmp_path):
+    """Data-parallel on CPU (gloo): `accelerate launch` with 2 processes x batch 4 reaches the adapter of 1 process x
+    batch 8 (the same global batch), up to float summation order; the checkpoint of the 2-process run resumes."""
+    from safetensors.numpy import load_file
+
+    argv = ["finetune", "-m", str(model), "-d", str(data), "--train_split", "train[:64]", "--text_template", TEMPLATE,
+            "--max_steps", "3", "--lora_r", "4", "--lora_dropout", "0", "--target_modules", "all-linear",
+            "--learning_rate", "5e-3", "--max_seq_len", "32", "--no-progress", "--logging_steps", "1"]
+    assert cli_main([*argv, "--per_device_train_batch_size", "8", "-o", str(tmp_path / "one")]) == 0
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                        "-m", "ortlora.cli", *argv, "--per_device_train_batch_size", "4", "-o", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("adapter:") == 1  # process 0 alone reports and writes
+    one, two = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6, err_msg=k)
+    assert max(float(np.abs(v).max()) for k, v in one.items() if "lora_B" in k) > 1e-3  # training moved B off 0
+    logs = [json.loads((tmp_path / d / "trainer_state.json").read_text())["log_history"] for d in ("one", "two")]
+    np.testing.assert_allclose([h["loss"] for h in logs[1]], [h["loss"] for h in logs[0]], rtol=1e-5)
+    assert json.loads((tmp_path / "two" / "run_config.json").read_text())["processes"] == 2
+
+
+def test_olive_finetune_flags_have_their_meaning(model, tmp_path, capsys):
+    """Olive's data options and the TrainingArguments it passes through reach the run: --max_samples caps the rows,
+    --use_chat_template needs chat rows, --bf16 sets the dtype, --optim/--lr_scheduler_type/--save_strategy apply;
+    a flag of neither Olive nor transformers is an error; one without meaning here warns."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", addition_rows(40))
+    base = ["finetune", "-m", str(model), "-d", str(rows), "--text_template", TEMPLATE, "--max_steps", "2",
+            "--lora_r", "4", "--max_seq_len", "32", "--no-progress", "--per_device_train_batch_size", "4"]
+    out = tmp_path / "o"
+    assert cli_main([*base, "-o", str(out), "--max_samples", "12", "--optim", "sgd", "--lr_scheduler_type",
+                     "cosine_with_restarts", "--save_strategy", "no", "--save_steps", "1", "--report_to", "none",
+                     "--dataloader_num_workers", "0", "--account_name", "acct", "--batch_size", "3",
+                     "--add_special_tokens", "false"]) == 0
+    err = capsys.readouterr().err
+    assert "--account_name has no effect" in err and "--batch_size has no effect" in err
+    assert "--dataloader_num_workers has no effect" in err and "--report_to" not in err
+    run = json.loads((out / "run_config.json").read_text())
+    assert (run["max_samples"], run["optim"], run["lr_scheduler_type"], run["save_strategy"]) == (
+        12, "sgd", "cosine_with_restarts", "no")
+    assert run["add_special_tokens"] is False
+    assert json.loads((out / "metrics.json").read_text())["train_rows"] == 12
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    assert cli_main([*base, "-o", str(tmp_path / "x"), "--no_such_flag", "1"]) == 1
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    assert cli_main([*base, "-o", str(tmp_path / "y"), "--use_chat_template"]) == 1
+    assert "exclude each other" in capsys.readouterr().err
+    no_template = [a for a in base if a not in ("--text_template", TEMPLATE)]
+    assert cli_main([*no_template, "-o", str(tmp_path / "z"), "--use_chat_template"]) == 1
+    assert "--use_chat_template needs chat rows in a `messages` column" in capsys.readouterr().err
+    from ortlora.finetune.cli import finetune_kwargs
+
+    parsed = build_parser("finetune").parse_known_args(["finetune", "--bf16", "--evaluation_strategy", "no"])
+    ns = parsed[0]
+    ns._extra = parsed[1]
+    kw = finetune_kwargs(ns)
+    assert kw["torch_dtype"] == "bfloat16" and kw["eval_strategy"] == "no"
+
+
 def test_resume_refuses_changed_arguments(model, data, tmp_path):
     kw = dict(model_name_or_path=str(model), data_name=str(data), train_split="train[:16]", max_steps=2, **FAST)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ortlora.cli import main as cli
-from ortlora.runtime.cli import generate
+from ortlora.generate import generate
 from test_runtime import lora, model  # noqa: F401  (module fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,3 +47,12 @@ def adapter_feeds(path: str | Path, lora_inputs: Mapping[str, "LoraInput"]) -> d
     from ortlora.adapters.validate import model_feeds
 
     return model_feeds(read_params(path), lora_inputs, str(path))
+
+
+def __getattr__(name: str):
+    # the command's work function, imported on first use (convert imports this package's modules)
+    if name == "convert_adapters":
+        from ortlora.adapters.convert import convert_adapters
+
+        return convert_adapters
+    raise AttributeError(f"module 'ortlora.adapters' has no attribute {name!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ortlora import olive
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-a", "--adapter_path", "--adapter", action="append", required=True,
@@ -17,18 +19,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="exported model folder (or model.onnx): check that the adapter fits it before writing")
     p.add_argument("--adapter_version", type=int, default=1, help="adapter version stored in the file")
     p.add_argument("--model_version", type=int, default=1, help="model version stored in the file")
-    p.add_argument("--adapter_format", default="onnx_adapter", choices=["onnx_adapter"], help=argparse.SUPPRESS)
-    p.add_argument("--log_level", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--quantize_int4", action="store_true", help=argparse.SUPPRESS)  # Olive's; refused in main
+    p.add_argument("--adapter_format", default="onnx_adapter", choices=["pt", "numpy", "safetensors", "onnx_adapter"],
+                   help="onnx_adapter (only; the format onnxruntime and onnxruntime-genai load)")
+    # Olive's int4 adapters feed MatMulNBits LoRA nodes; ortlora's LoRA inputs are float, so they are refused in main
+    p.add_argument("--quantize_int4", action="store_true", help="refused: ortlora's LoRA inputs are float")
+    p.add_argument("--int4_block_size", type=int, default=32, choices=[16, 32, 64, 128, 256], help=argparse.SUPPRESS)
+    p.add_argument("--int4_quantization_mode", default="symmetric", choices=["symmetric", "asymmetric"],
+                   help=argparse.SUPPRESS)
+    olive.add_common(p, cache=False, save_config=False, dry_run=False)
 
 
 def main(args: argparse.Namespace) -> None:
-    from ortlora.adapters.convert import convert_adapters
+    from ortlora.adapters import convert_adapters
     from ortlora.errors import OrtloraError
 
     if args.quantize_int4:
         raise OrtloraError("--quantize_int4 is not supported: LoRA inputs of ortlora models are float; convert "
                            "without it (an adapter is small next to the model, so int4 saves little)")
+    if args.adapter_format != "onnx_adapter":
+        raise OrtloraError(f"--adapter_format {args.adapter_format}: ortlora writes .onnx_adapter files only (the "
+                           "format onnxruntime and onnxruntime-genai load)")
     written = convert_adapters(args.adapter_path, args.output_path, dtype=args.dtype, model=args.model,
                                adapter_version=args.adapter_version, model_version=args.model_version)
     for path in written:

@@ -159,3 +159,12 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
 def _cores() -> int:
     """onnxruntime-genai runs on one core without `intra_op_num_threads`: write this machine's cores."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def __getattr__(name: str):
+    # generate-adapter's work function, imported on first use (bundle.py calls export)
+    if name == "generate_adapter":
+        from ortlora.export.bundle import generate_adapter
+
+        return generate_adapter
+    raise AttributeError(f"module 'ortlora.export' has no attribute {name!r}")

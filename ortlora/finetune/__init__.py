@@ -26,7 +26,12 @@ from typing import Any, Callable, Sequence
 from ortlora.errors import OrtloraError
 
 METHODS = ("lora", "qlora", "dora")
-SCHEDULERS = ("constant", "linear", "cosine")
+# ours (constant/linear/cosine after a linear warmup that starts at lr/warmup) and transformers' other schedules
+# that need no lr_scheduler_kwargs (computed by transformers.get_scheduler)
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
+              "inverse_sqrt")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
+STRATEGIES = ("no", "steps", "epoch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -41,10 +46,15 @@ class FinetuneArgs:
     data_files: list[str] | None = None
     train_split: str = "train"
     eval_split: str | None = None
+    train_subset: str | None = None  # a datasets configuration name (Olive's --train_subset)
+    eval_subset: str | None = None  # default: train_subset
     text_template: str | None = None
     text_field: str | None = None
+    use_chat_template: bool = False  # rows must be chat `messages` (without it they are chat when that column exists)
     completion_only: bool = False
     max_seq_len: int = 1024
+    max_samples: int | None = None  # the first N rows of each split (Olive's --max_samples)
+    add_special_tokens: bool | None = None  # the tokenizer's BOS etc.: None = yes for text rows, no for chat rows
     # LoRA
     lora_r: int = 64
     lora_alpha: float = 16.0
@@ -53,6 +63,10 @@ class FinetuneArgs:
     # optimization (transformers TrainingArguments names)
     learning_rate: float = 2e-4
     lr_scheduler_type: str = "constant"
+    optim: str = "adamw_torch"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     warmup_ratio: float = 0.03
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -69,6 +83,8 @@ class FinetuneArgs:
     eval_steps: int | None = None  # default: logging_steps
     save_steps: int = 100
     save_total_limit: int | None = 3
+    save_strategy: str = "steps"  # no / steps (every save_steps) / epoch
+    eval_strategy: str = "steps"  # no / steps (every eval_steps) / epoch
     resume: bool | str = False  # True: the last checkpoint in output_path; a path: that checkpoint
     overwrite: bool = False
     # model loading
@@ -79,7 +95,7 @@ class FinetuneArgs:
     # Arguments that may change between a run and its `resume` without changing the trained weights.
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
         "resume", "overwrite", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-        "per_device_eval_batch_size", "device")
+        "per_device_eval_batch_size", "device", "save_strategy", "eval_strategy")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +106,7 @@ class FinetuneResult:
     output_path: Path
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a data-parallel run (process 0 wrote the folder)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -173,7 +190,9 @@ def _validate(a: FinetuneArgs) -> None:
         if not getattr(a, name):
             p.append(f"{name} ({flag}) is required")
     for name, value, choices in (("method", a.method, METHODS), ("lr_scheduler_type", a.lr_scheduler_type, SCHEDULERS),
-                                 ("torch_dtype", a.torch_dtype, DTYPES), ("device", a.device, DEVICES)):
+                                 ("torch_dtype", a.torch_dtype, DTYPES), ("device", a.device, DEVICES),
+                                 ("optim", a.optim, OPTIMIZERS), ("save_strategy", a.save_strategy, STRATEGIES),
+                                 ("eval_strategy", a.eval_strategy, STRATEGIES)):
         if value not in choices:
             p.append(f"{name} {value!r}: choose one of {', '.join(choices)}")
     for name in ("lora_r", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -194,8 +213,10 @@ def _validate(a: FinetuneArgs) -> None:
         p.append("warmup_ratio must be in [0, 1) and warmup_steps at least 0")
     if a.max_steps <= 0 and a.num_train_epochs <= 0:
         p.append("set max_steps or num_train_epochs to a positive number")
-    if a.text_template is not None and a.text_field is not None:
-        p.append("text_template and text_field exclude each other: pass one")
+    if sum(x for x in (a.text_template is not None, a.text_field is not None, a.use_chat_template)) > 1:
+        p.append("text_template, text_field and use_chat_template exclude each other: pass one")
+    if a.max_samples is not None and a.max_samples < 1:
+        p.append(f"max_samples must be at least 1, got {a.max_samples}")
     if a.resume and a.overwrite:
         p.append("resume and overwrite exclude each other")
     if p:

@@ -53,19 +53,25 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).suffix.lower() in FILE_BUILDERS or "\\" in name
 
 
-def load_splits(data: str | Path, data_files: Sequence[str] | None = None):
+def load_splits(data: str | Path, data_files: Sequence[str] | None = None, subset: str | None = None):
     """All splits of `data` as a `datasets.DatasetDict`: a file, a folder of files, a `save_to_disk` folder,
-    a `datasets` builder name with `data_files` (Olive's `-d json --data_files a.jsonl`), or a hub name."""
+    a `datasets` builder name with `data_files` (Olive's `-d json --data_files a.jsonl`), or a hub name.
+    `subset` is a dataset configuration name (Olive's --train_subset), for builders and hub datasets."""
     import datasets
 
     name = str(data)
     path = Path(name).expanduser()
     try:
+        if subset is not None and (path.is_file() or any((path / m).is_file() for m in DISK_MARKERS)):
+            raise DataError(f"subset {subset!r}: {name} is a single dataset; subsets (configurations) are for "
+                            "datasets builders and hub datasets")
         if data_files:
             missing = [f for f in data_files if not Path(f).expanduser().exists()]
             if missing:
                 raise DataError(f"--data_files: no such file: {', '.join(missing)}")
-            return _as_dict(datasets.load_dataset(name, data_files=list(data_files)))
+            return _as_dict(datasets.load_dataset(name, subset, data_files=list(data_files)))
+        if subset is not None:
+            return _as_dict(datasets.load_dataset(name, subset))
         if path.is_file():
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
@@ -128,7 +134,13 @@ class TextSource:
     chat: bool = False
 
     @classmethod
-    def choose(cls, columns: Sequence[str], template: str | None, field: str | None) -> "TextSource":
+    def choose(cls, columns: Sequence[str], template: str | None, field: str | None,
+               chat: bool = False) -> "TextSource":
+        if chat:
+            if "messages" not in columns:
+                raise DataError(f"--use_chat_template needs chat rows in a `messages` column; the data has "
+                                f"{', '.join(columns)}")
+            return cls(chat=True)
         if template is not None:
             return cls(template=template)
         if field is not None:
@@ -224,16 +236,18 @@ def _render_chat(messages, tokenizer, completion_only: bool) -> tuple[str, list[
 # ---------------------------------------------------------------------------------------------------------- tokens
 
 def tokenize(ds, source: TextSource, tokenizer, *, max_seq_len: int, completion_only: bool,
-             split: str) -> tuple[list[Example], dict[str, int]]:
+             split: str, add_special_tokens: bool | None = None) -> tuple[list[Example], dict[str, int]]:
     """Rows -> Examples (+ counts of truncated and dropped rows). Template/text rows get EOS appended (trained),
-    so the model learns to stop; chat templates carry their own end-of-turn tokens."""
+    so the model learns to stop; chat templates carry their own end-of-turn tokens. The tokenizer adds its special
+    tokens (BOS) to text rows, not to chat rows (their template does), unless `add_special_tokens` says."""
     texts, spans = [], []
     for row in ds:
         t, s = render(row, source, tokenizer, completion_only)
         texts.append(t)
         spans.append(s)
     eos = tokenizer.eos_token_id if not source.chat else None
-    enc = tokenizer(texts, add_special_tokens=not source.chat, return_offsets_mapping=completion_only,
+    special = (not source.chat) if add_special_tokens is None else add_special_tokens
+    enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=completion_only,
                     return_attention_mask=False)
     examples, truncated, dropped = [], 0, 0
     for i, ids in enumerate(enc["input_ids"]):
@@ -261,17 +275,21 @@ def tokenize(ds, source: TextSource, tokenizer, *, max_seq_len: int, completion_
 
 
 def load_examples(data, split: str, tokenizer, *, data_files=None, text_template=None, text_field=None,
-                  completion_only=False, max_seq_len=1024, splits=None):
-    """Load + check + tokenize one split; `splits` reuses already loaded data. Returns (examples, stats, splits)."""
-    splits = splits if splits is not None else load_splits(data, data_files)
+                  completion_only=False, max_seq_len=1024, splits=None, subset=None, use_chat_template=False,
+                  max_samples=None, add_special_tokens=None):
+    """Load + check + tokenize one split (its first `max_samples` rows); `splits` reuses already loaded data.
+    Returns (examples, stats, splits)."""
+    splits = splits if splits is not None else load_splits(data, data_files, subset)
     ds = select_split(splits, split, str(data))
-    source = TextSource.choose(ds.column_names, text_template, text_field)
+    if max_samples is not None and len(ds) > max_samples:
+        ds = ds.select(range(max_samples))
+    source = TextSource.choose(ds.column_names, text_template, text_field, use_chat_template)
     if completion_only and source.field is not None:
         raise DataError(f"completion-only training needs a prompt to mask: the text column {source.field!r} has "
                         "none; use --text_template (the last placeholder onward is trained) or chat rows")
     check_rows(ds, source, split)
     examples, stats = tokenize(ds, source, tokenizer, max_seq_len=max_seq_len, completion_only=completion_only,
-                               split=split)
+                               split=split, add_special_tokens=add_special_tokens)
     return examples, stats, splits
 
 

@@ -4,6 +4,9 @@
     OUT/checkpoints/checkpoint-N/             adapter_config.json + adapter_model.safetensors (a usable adapter),
                                               optimizer.pt, state.json (step, log history, tokens seen)
     OUT/adapter_*, trainer_state.json, metrics.json, loss.png    written when the run ends
+    OUT/adapter/, OUT/model                   Olive's layout: the adapter again (hard links), and a link to the
+                                              base model folder, so `auto-opt -m OUT/model --adapter_path OUT/adapter`
+                                              from Olive's docs runs as written
 
 A checkpoint holds everything the run depends on: data order and dropout randomness are functions of
 (seed, step), so step + adapter + optimizer (+ fp16 grad scaler) reproduce an uninterrupted run exactly.
@@ -139,6 +142,26 @@ def write_adapter(out: Path, model) -> None:
                 (tmp / name).replace(out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_olive_layout(out: Path, base_model: str) -> None:
+    """OUT/adapter (hard links to the adapter files) and OUT/model (a symlink to a local base model folder)."""
+    import os
+
+    with atomic_dir(out / "adapter") as tmp:
+        for name in ADAPTER_FILES:
+            if (out / name).is_file():
+                try:
+                    os.link(out / name, tmp / name)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(out / name, tmp / name)
+    base = Path(base_model).expanduser()
+    link = out / "model"
+    if base.is_dir() and not link.exists():
+        try:
+            link.symlink_to(base.resolve(), target_is_directory=True)
+        except OSError:  # no symlinks here (e.g. Windows without the privilege): -m takes the base folder itself
+            pass
 
 
 def plot_loss(path: Path, log_history: list[dict]) -> None:

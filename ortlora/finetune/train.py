@@ -3,7 +3,12 @@
 Why our own: `resume` must reach the same weights as an uninterrupted run. Here every source of randomness is a
 function of (seed, step): the data order of epoch e is a permutation drawn from `seed + e`, and the dropout RNG is
 reseeded from (seed, step) before each step. A checkpoint therefore needs only the step, the adapter weights and the
-optimizer state to continue bit for bit.
+optimizer state to continue bit for bit. (benchmarks/NOTES.md has the measurements behind keeping it.)
+
+Data-parallel: started by `accelerate launch` (or torchrun), N processes share each step. Every process draws the
+same global micro-batch of N x per_device_train_batch_size rows and runs its own slice of it; the loss is normalized
+by the global batch's trained tokens, and the LoRA gradients are summed across processes (one all_reduce), so the
+update equals one process running the whole global batch. Process 0 alone writes the output folder.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ortlora.finetune import FinetuneArgs, FinetuneResult
 from ortlora.finetune import state as files
 from ortlora.finetune.data import IGNORE, Example, collate, load_examples
 from ortlora.fileutil import write_json
+from ortlora.finetune.parallel import Processes
 
 CAUSAL_SUFFIXES = ("ForCausalLM",)
 
@@ -35,18 +41,24 @@ def _torch():
     return torch
 
 
-def resolve_device(args: FinetuneArgs):
+def resolve_device(args: FinetuneArgs, procs: Processes | None = None):
     torch = _torch()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise OrtloraError("--device cuda: no CUDA GPU is available to torch on this machine")
     name = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if name == "cuda" and procs is not None and procs.world > 1:
+        return torch.device("cuda", procs.local_rank), _dtype(args, torch, name)
+    return torch.device(name), _dtype(args, torch, name)
+
+
+def _dtype(args: FinetuneArgs, torch, name: str):
     if args.torch_dtype != "auto":
         dtype = getattr(torch, args.torch_dtype)
     elif name == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         dtype = torch.float32
-    return torch.device(name), dtype
+    return dtype
 
 
 def check_qlora(device) -> None:
@@ -159,6 +171,34 @@ def lr_factor(step: int, max_steps: int, warmup: int, kind: str) -> float:
     return 1.0
 
 
+def lr_schedule(args: FinetuneArgs, max_steps: int, warmup: int) -> Callable[[int], float]:
+    """Update step -> learning-rate multiplier: ours for constant/linear/cosine, transformers' for its other names."""
+    if args.lr_scheduler_type in ("constant", "linear", "cosine"):
+        return lambda step: lr_factor(step, max_steps, warmup, args.lr_scheduler_type)
+    import torch
+    from transformers import get_scheduler
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_scheduler(args.lr_scheduler_type, dummy, num_warmup_steps=warmup, num_training_steps=max_steps)
+    return sched.lr_lambdas[0]
+
+
+def make_optimizer(args: FinetuneArgs, params, device):
+    """transformers' `optim` names: adamw_torch(_fused), sgd, adafactor (a fixed learning rate, as Trainer's)."""
+    import torch
+
+    if args.optim.startswith("adamw"):
+        fused = args.optim == "adamw_torch_fused" and device.type == "cuda"
+        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=fused or None)
+    if args.optim == "sgd":
+        return torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=args.learning_rate, weight_decay=args.weight_decay, scale_parameter=False,
+                     relative_step=False)
+
+
 class Batches:
     """Micro-batch i of the run, as a pure function of (seed, i): epoch e visits the data in the permutation
     drawn from seed + e, in slices of `batch_size` (the last one may be short)."""
@@ -191,14 +231,21 @@ def token_loss_sum(model, batch, pad_id: int, device):
     return loss, int((target != IGNORE).sum()), int(mask.sum())
 
 
-def accumulate_gradients(model, micro_batches: list[list[Example]], scaler, pad_id: int, device, dtype):
+def accumulate_gradients(model, micro_batches: list[list[Example]], scaler, pad_id: int, device, dtype,
+                         procs: Processes | None = None):
     """Backward over one step's micro-batches, the loss normalized by the step's trained-token count (so gradient
-    accumulation equals one big batch). Returns (mean loss per trained token, input tokens)."""
+    accumulation equals one big batch). With several processes each takes its slice of every (global) micro-batch
+    and the count is the global one. Returns (this process's summed loss / trained tokens, its input tokens)."""
     import torch
 
     n_trained = max(1, sum(sum(1 for t in e.labels[1:] if t != IGNORE) for b in micro_batches for e in b))
     total, n_in = 0.0, 0
     for batch in micro_batches:
+        if procs is not None and procs.world > 1:
+            size = math.ceil(len(batch) / procs.world)
+            batch = batch[procs.rank * size:(procs.rank + 1) * size]
+            if not batch:  # a short last micro-batch of an epoch may leave this process nothing
+                continue
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
             loss, _, tokens = token_loss_sum(model, batch, pad_id, device)
         scaler.scale(loss / n_trained).backward()
@@ -218,9 +265,13 @@ def apply_update(optimizer, scaler, params, lr: float, max_grad_norm: float) -> 
     optimizer.zero_grad(set_to_none=True)
 
 
-def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, device,
+             procs: Processes | None = None) -> float:
+    """Mean loss per trained token; with several processes each evaluates every N-th row and the sums are added."""
     import torch
 
+    if procs is not None and procs.world > 1:
+        examples = examples[procs.rank::procs.world]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -229,6 +280,8 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, devic
             loss, n, _ = token_loss_sum(model, examples[i:i + batch_size], pad_id, device)
             total, count = total + float(loss), count + n
     model.train(was_training)
+    if procs is not None:
+        total, count = procs.sum(total, count)
     return total / max(count, 1)
 
 
@@ -262,34 +315,47 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     """Every check first (arguments, output folder, QLoRA support, model, tokenizer, data), then training."""
     import torch
 
+    procs = Processes(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    progress = progress and procs.main
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out = Path(args.output_path)
     record = _normalized(args)
+    if procs.world > 1:  # the global batch, hence the weights, depend on the number of processes
+        record["processes"] = procs.world
     resume_from = files.check_output(out, record, FinetuneArgs.RESUMABLE_CHANGES, args.resume, args.overwrite)
-    device, dtype = resolve_device(args)
+    device, dtype = resolve_device(args, procs)
     if args.method == "qlora":
         check_qlora(device)
     config = check_causal_lm(args.model_name_or_path, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code, args.completion_only)
     data_kw = dict(data_files=args.data_files, text_template=args.text_template, text_field=args.text_field,
-                   completion_only=args.completion_only, max_seq_len=args.max_seq_len)
-    train_ex, train_stats, splits = load_examples(args.data_name, args.train_split, tokenizer, **data_kw)
+                   completion_only=args.completion_only, max_seq_len=args.max_seq_len,
+                   use_chat_template=args.use_chat_template, max_samples=args.max_samples,
+                   add_special_tokens=args.add_special_tokens)
+    train_ex, train_stats, splits = load_examples(args.data_name, args.train_split, tokenizer,
+                                                  subset=args.train_subset, **data_kw)
     eval_ex, eval_stats = [], None
     if args.eval_split:
-        eval_ex, eval_stats, _ = load_examples(args.data_name, args.eval_split, tokenizer, splits=splits, **data_kw)
+        eval_subset = args.eval_subset or args.train_subset
+        eval_ex, eval_stats, _ = load_examples(args.data_name, args.eval_split, tokenizer, subset=eval_subset,
+                                               splits=splits if eval_subset == args.train_subset else None, **data_kw)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     model = load_model(args, config, device, dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args, params, device)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
-    batches = Batches(train_ex, args.per_device_train_batch_size, args.seed)
+    batches = Batches(train_ex, args.per_device_train_batch_size * procs.world, args.seed)
     ga = args.gradient_accumulation_steps
-    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        args.num_train_epochs * max(1, batches.per_epoch // ga))
+    steps_per_epoch = max(1, batches.per_epoch // ga)
+    max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
-    eval_steps = args.eval_steps or args.logging_steps
+    schedule = lr_schedule(args, max_steps, warmup)
+    every = {"no": None, "steps": None, "epoch": steps_per_epoch}
+    eval_steps = every[args.eval_strategy] or (args.eval_steps or args.logging_steps)
+    save_steps = every[args.save_strategy] or args.save_steps
+    eval_ex = eval_ex if args.eval_strategy != "no" else []
 
     step, history, tokens_seen, train_loss_sum = 0, [], 0, 0.0
     if resume_from is not None:
@@ -297,12 +363,14 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
         step, history = saved["step"], saved["log_history"]
         tokens_seen, train_loss_sum = saved["tokens_seen"], saved["train_loss_sum"]
         say(f"resuming from {resume_from} (step {step} of {max_steps})")
-    files.start_output(out, record, args.overwrite, resume_from is not None)
+    if procs.main:
+        files.start_output(out, record, args.overwrite, resume_from is not None)
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     say(f"finetune {args.method}: {len(train_ex)} train rows ({train_stats['truncated']} truncated, "
         f"{train_stats['dropped']} dropped), {len(eval_ex)} eval rows; {trainable:,} trainable parameters of "
-        f"{total:,}; {max_steps} steps on {device.type} ({str(dtype).removeprefix('torch.')})")
+        f"{total:,}; {max_steps} steps on {device.type} ({str(dtype).removeprefix('torch.')})"
+        + (f", {procs.world} processes" if procs.world > 1 else ""))
 
     def snapshot() -> dict:
         return {"step": step, "max_steps": max_steps, "epoch": step * ga / batches.per_epoch,
@@ -311,7 +379,7 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     saved_steps = {s for s, _ in files.checkpoints(out)}
     if eval_ex and step == 0:
         history.append({"step": 0, "epoch": 0.0, "eval_loss": evaluate(model, eval_ex, args.per_device_eval_batch_size,
-                                                                       pad_id, device)})
+                                                                       pad_id, device, procs)})
     from tqdm import tqdm
 
     bar = tqdm(total=max_steps, initial=step, desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)
@@ -322,9 +390,12 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
             t0 = time.perf_counter()
             torch.manual_seed(args.seed * 1_000_003 + step)  # dropout of this step, whatever came before
             loss, n_in = accumulate_gradients(model, [batches[step * ga + j] for j in range(ga)], scaler, pad_id,
-                                              device, dtype)
+                                              device, dtype, procs)
+            procs.sum_gradients(params)
+            loss, n_in = procs.sum(loss, n_in)
+            n_in = int(n_in)
             with files.defer_interrupt():  # the update, the step counter and the records change together
-                lr = args.learning_rate * lr_factor(step, max_steps, warmup, args.lr_scheduler_type)
+                lr = args.learning_rate * schedule(step)
                 apply_update(optimizer, scaler, params, lr, args.max_grad_norm)
                 step += 1
                 tokens_seen += n_in
@@ -341,17 +412,20 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
                                 "learning_rate": lr, "tokens_per_second": round(rate, 1)})
                 window = dict.fromkeys(window, 0)
             if eval_ex and (step % eval_steps == 0 or step == max_steps):
-                event["eval_loss"] = evaluate(model, eval_ex, args.per_device_eval_batch_size, pad_id, device)
+                event["eval_loss"] = evaluate(model, eval_ex, args.per_device_eval_batch_size, pad_id, device, procs)
                 history.append({"step": step, "epoch": epoch, "eval_loss": event["eval_loss"]})
                 if progress:
                     bar.write(f"step {step}: eval loss {event['eval_loss']:.4f}")
-            if step % args.save_steps == 0 and step < max_steps:
-                files.save_checkpoint(out, step, model, optimizer, scaler, snapshot(), args.save_total_limit)
+            if args.save_strategy != "no" and step % save_steps == 0 and step < max_steps:
+                if procs.main:
+                    files.save_checkpoint(out, step, model, optimizer, scaler, snapshot(), args.save_total_limit)
                 saved_steps.add(step)
             for cb in callbacks:
                 cb(event)
     except KeyboardInterrupt:
         bar.close()
+        if not procs.main:
+            raise
         last = None
         if step > 0 and step not in saved_steps:
             last = files.save_checkpoint(out, step, model, optimizer, scaler, snapshot(), args.save_total_limit)
@@ -362,7 +436,12 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
         raise
     bar.close()
     runtime = time.perf_counter() - start_time
+    if not procs.main:  # process 0 writes the folder; the others end once it has
+        procs.barrier()
+        return FinetuneResult(out, {"global_step": step, "train_loss": train_loss_sum / max(step, 1)}, history,
+                              main_process=False)
     files.write_adapter(out, model)
+    files.write_olive_layout(out, args.model_name_or_path)
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     metrics = {"train_loss": train_loss_sum / max(step, 1), "global_step": step, "train_runtime_s": round(runtime, 3),
                "train_tokens": tokens_seen, "train_rows": len(train_ex), "train_truncated": train_stats["truncated"],
@@ -376,6 +455,7 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
     write_json(out / files.METRICS, metrics)
     files.plot_loss(out / files.PLOT, history)
     say(f"adapter written to {out}" + (f"; eval loss {evals[0]:.4f} -> {evals[-1]:.4f}" if evals else ""))
+    procs.barrier()
     return FinetuneResult(out, metrics, history)
 
 

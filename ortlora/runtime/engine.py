@@ -34,6 +34,7 @@ from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
 from ortlora.runtime import hugepages, multi_lora
+from ortlora.runtime.providers import session_providers
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
@@ -134,8 +135,10 @@ class _Graph:
 
 class Engine:
     def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
-                 pool: multi_lora.AdapterPool | None = None):
-        """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given."""
+                 pool: multi_lora.AdapterPool | None = None, provider: str | None = None):
+        """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given.
+        `provider`: the execution provider, None for genai_config.json's (see providers.py)."""
+        self.provider = provider
         self.info = ModelInfo.read(folder)
         self.folder = self.info.folder
         if slots < 1:
@@ -169,7 +172,7 @@ class Engine:
     def _session(self, model: str | bytes, so: ort.SessionOptions) -> ort.InferenceSession:
         before = hugepages.anonymous_regions() if self._huge_pages else set()
         try:
-            session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, so, providers=session_providers(self.folder, self.provider))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{self.model_path}: onnxruntime cannot load it: {exc}") from None
         if self._huge_pages:

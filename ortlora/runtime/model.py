@@ -29,12 +29,12 @@ Prompt = str | Sequence[int]
 
 class Model:
     def __init__(self, folder: str | Path, *, slots: int = 4, max_len: int | None = None, threads: int | None = None,
-                 adapter_capacity: int | None = None):
+                 adapter_capacity: int | None = None, provider: str | None = None):
         """`slots`: rows decoded together (KV cache slots); `max_len`: tokens per slot (default: the model's
         context length; memory is only touched as it fills); `threads`: default genai_config.json's
-        intra_op_num_threads, else every core."""
+        intra_op_num_threads, else every core; `provider`: the execution provider, default genai_config.json's."""
         self.folder = Path(folder)
-        self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads)
+        self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads, provider=provider)
         self.tokenizer = Tokenizer(folder)
         self.adapters = Adapters.for_engine(self.engine, capacity=adapter_capacity)
         self._forgotten: deque[Adapter] = deque()  # let go by the adapters: the engine drops them between steps

@@ -111,8 +111,8 @@ class FairQueue:
         return len(self._by_tenant.get(tenant, ()))
 
     def backlog(self) -> dict[str, int]:
-        """Prompt tokens waiting, per tenant."""
-        return {t: sum(len(j.prompt_ids) for j in q) for t, q in self._by_tenant.items() if q}
+        """The tokens the waiting jobs ask for (prompt + at most max_new_tokens each), per tenant."""
+        return {t: sum(len(j.prompt_ids) + j.params.max_new_tokens for j in q) for t, q in self._by_tenant.items() if q}
 
     def put(self, jobs: list[Job], tenant: str) -> list[Job]:
         """Queue `jobs` (all or none); returns the other tenants' jobs pushed out to make room."""
@@ -329,8 +329,9 @@ class Scheduler:
         self.metrics.running.set(len(self._jobs))
 
     def _demand(self) -> dict[str, float]:
-        """Per tenant: tokens served lately plus prompt tokens waiting. Lowest goes first, so a tenant's own
-        backlog counts against it: a flood waits behind a few requests of another tenant, not the reverse."""
+        """Per tenant: tokens served lately plus the tokens its waiting jobs ask for. Lowest goes first, so a
+        tenant's own backlog counts against it: a flood waits behind a few requests of another tenant, not the
+        reverse."""
         demand = self.usage.snapshot()
         for tenant, tokens in self._inbox.backlog().items():
             demand[tenant] = demand.get(tenant, 0.0) + tokens

@@ -30,7 +30,7 @@ class Server:
                  max_batch: int = 16, max_loaded_adapters: int = 64, max_queue: int = 256,
                  max_model_len: int | None = None, model_name: str | None = None, threads: int | None = None,
                  max_body_bytes: int = 16 << 20, max_upload_bytes: int = 1 << 30, max_choices: int = 64,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, provider: str | None = None):
         problems = [f"{flag} must be at least 1, got {v}" for flag, v in (
             ("--max-batch", max_batch), ("--max-loaded-adapters", max_loaded_adapters), ("--max-queue", max_queue),
             ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk)) if v < 1]
@@ -42,7 +42,7 @@ class Server:
         self.created = int(time.time())
         # KV cache: [slots, kv_heads, max_len, head_dim] per layer, reserved up front, touched as it fills
         max_len = max_model_len or min(DEFAULT_MAX_LEN, ModelInfo.read(model).context_length)
-        self.engine = Engine(model, slots=max_batch, threads=threads, max_len=max_len)
+        self.engine = Engine(model, slots=max_batch, threads=threads, max_len=max_len, provider=provider)
         self.tokenizer = Tokenizer(model)
         self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)
         self.context_length = self.engine.max_len

@@ -1,4 +1,4 @@
-"""`ortlora generate`: the onnxruntime-genai LoRA tutorial's app as a command.
+"""`generate`: the onnxruntime-genai LoRA tutorial's app (the work function of `ortlora generate`).
 
     ortlora generate -m out -a a1.onnx_adapter a2.onnx_adapter -t "<|user|>{input}<|end|><|assistant|>" -p "Hi"
 
@@ -8,37 +8,11 @@ above 0 is given; `--chat` starts an interactive multi-turn session (one convers
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 BASE = "Base"
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, help="exported model folder")
-    p.add_argument("-a", "--adapters", nargs="+", default=[], metavar="FILE",
-                   help=".onnx_adapter files; the output of each is printed in turn")
-    p.add_argument("-t", "--template", default=None,
-                   help="prompt template with {system} and {input} (default: the model's chat template, if any)")
-    p.add_argument("-s", "--system", default=None, help="system prompt")
-    p.add_argument("-p", "--prompt", default=None, help="user prompt (required unless --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="above 0 samples; 0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens (benchmarks)")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn session")
-    p.add_argument("--threads", type=int, default=None, help="default: genai_config.json's, else every core")
-
-
-def main(args: argparse.Namespace) -> None:
-    generate(args.model, adapters=args.adapters, template=args.template, system=args.system, prompt=args.prompt,
-             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-             seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, chat=args.chat, threads=args.threads)
 
 
 def adapter_names(paths: Sequence[str | Path]) -> list[str]:
@@ -60,10 +34,11 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
              system: str | None = None, prompt: str | None = None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: Sequence[str] = (), ignore_eos: bool = False, chat: bool = False, threads: int | None = None,
-             out: TextIO | None = None, read: Callable[[str], str] | None = None) -> dict[str, str]:
-    """Run the app; returns {adapter name or "Base": text} of the last turn."""
+             provider: str | None = None, out: TextIO | None = None,
+             read: Callable[[str], str] | None = None) -> dict[str, str]:
+    """Run the app; returns {adapter name or "Base": text} of the last turn. `provider` overrides the execution
+    provider genai_config.json names (e.g. "cpu")."""
     from ortlora.errors import OrtloraError
-    from ortlora.runtime.model import Model
     from ortlora.runtime.sampling import SamplingParams
 
     out = out or sys.stdout
@@ -73,9 +48,15 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 0,
                             seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    return _run(model, adapters, template, system, prompt, params, chat, threads, provider, out, read)
+
+
+def _run(model, adapters, template, system, prompt, params, chat, threads, provider, out, read) -> dict[str, str]:
+    from ortlora.runtime.model import Model
+
     names = adapter_names(adapters) or [BASE]
     # in a chat each conversation keeps its KV slot, so a turn prefills only what it adds
-    m = Model(model, slots=len(names) if chat else 1, threads=threads)
+    m = Model(model, slots=len(names) if chat else 1, threads=threads, provider=provider)
     for name, path in zip(names, adapters):
         m.adapters.load(path, name=name)
     conversations = {name: Conversation(m, template, system, m.reserve_slot() if chat else None) for name in names}

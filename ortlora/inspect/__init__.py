@@ -5,7 +5,6 @@ Nothing heavy is loaded: a model's graph is read without its weights, an adapter
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -14,15 +13,6 @@ import numpy as np
 
 from ortlora import naming
 from ortlora.errors import OrtloraError
-
-
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="exported model folder (or model.onnx), .onnx_adapter file, or PEFT adapter folder")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-
-def main(args: argparse.Namespace) -> None:
-    print(inspect(args.path, as_json=args.json))
 
 
 def inspect(path: str | Path, as_json: bool = False) -> str:
