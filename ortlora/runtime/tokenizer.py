@@ -77,6 +77,10 @@ class Tokenizer:
             template = named.get("default") or next(iter(named.values()), None)
         return template
 
+    def to_json(self) -> str:
+        """tokenizer.json's text (grammar engines build their own vocabulary view from it)."""
+        return self._tok.to_str()
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
