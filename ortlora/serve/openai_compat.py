@@ -98,10 +98,18 @@ def completion_logprobs(texts: TokenText, token_ids: list[int], lps: list[TokenL
         text = texts(token)[0]
         tokens.append(text)
         values.append(lp.logprob if lp is not None else None)
-        tops.append({texts(t)[0]: v for t, v in lp.top} if lp is not None else None)
+        tops.append(_by_text(texts, lp.top) if lp is not None else None)
         offsets.append(offset)
         offset += len(text)
     return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+
+def _by_text(texts: TokenText, top) -> dict[str, float]:
+    """Completions key alternatives by text: tokens with equal text (parts of one character) keep the best."""
+    out: dict[str, float] = {}
+    for t, v in top:
+        out.setdefault(texts(t)[0], v)
+    return out
 
 
 def echo_scores(server, prompt: list[int], k: int, adapter) -> list[TokenLogprob | None]:
