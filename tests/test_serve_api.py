@@ -219,6 +219,11 @@ def test_fifty_json_schema_requests_in_mixed_adapter_batches_all_validate(server
     results: dict[int, dict] = {}
 
     def one(i):
+        if i >= 50:  # unconstrained rows in the same batches
+            r = _post(server, "/v1/completions", {"model": models[i % len(models)], "prompt": "Hi", "max_tokens": 40,
+                                                  "ignore_eos": True})
+            results[i] = {"status": r.status_code, "body": r.json()}
+            return
         body = {"model": models[i % len(models)], "max_tokens": 400, "temperature": 1.0, "seed": i,
                 "response_format": {"type": "json_schema",
                                     "json_schema": {"name": f"s{i}", "schema": schemas[i], "strict": i % 2 == 0}}}
@@ -233,19 +238,23 @@ def test_fifty_json_schema_requests_in_mixed_adapter_batches_all_validate(server
             results[i] = {"status": r.status_code, "body": r.json(), "text": r.json()["choices"][0]["text"]
                           if r.status_code == 200 else None}
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(60)]
     for t in threads:  # 8 at a time (the batch): every batch mixes adapters, constrained and not
         t.start()
     for t in threads:
         t.join(300)
-    assert len(results) == 50
+    assert len(results) == 60
     for i, res in sorted(results.items()):
         assert res["status"] == 200, res["body"]
+        if i >= 50:
+            assert res["body"]["usage"]["completion_tokens"] == 40
+            continue
         value = json.loads(res["text"])
         jsonschema.validate(value, schemas[i])
         assert res["body"]["choices"][0]["finish_reason"] == "stop"
-    metrics = httpx.get(server.url + "/metrics").text
-    assert "ortlora_batch_adapters" in metrics
+    metrics = dict(line.rsplit(" ", 1) for line in httpx.get(server.url + "/metrics").text.splitlines()
+                   if line and not line.startswith("#"))
+    assert float(metrics["ortlora_decode_batch_adapters_max"]) >= 4  # batches mixed adapters
 
 
 def test_json_object_with_clients_openai_litellm_langchain(server, client, monkeypatch):
@@ -343,7 +352,7 @@ def test_tool_calls_named_required_and_streamed_with_openai_client(server, clien
     assert named.choices[0].message.content is None
     jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
 
-    required = client.chat.completions.create(model="a2", messages=messages, tools=[WEATHER, ADD], max_tokens=200,
+    required = client.chat.completions.create(model="a2", messages=messages, tools=[WEATHER, ADD], max_tokens=100,
                                               tool_choice="required", parallel_tool_calls=False, seed=2,
                                               temperature=0.8)
     calls = required.choices[0].message.tool_calls
@@ -355,7 +364,7 @@ def test_tool_calls_named_required_and_streamed_with_openai_client(server, clien
     # streamed: deltas accumulate into the same kind of call
     for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
         chunks = list(client.chat.completions.create(model="a3", messages=messages, tools=[WEATHER, ADD],
-                                                     tool_choice=choice, max_tokens=200, stream=True, seed=3,
+                                                     tool_choice=choice, max_tokens=100, stream=True, seed=3,
                                                      temperature=0.8))
         args, names, reasons = {}, {}, []
         for ch in chunks:
@@ -392,7 +401,8 @@ def test_langchain_bind_tools_returns_parsed_tool_calls(server):
                      seed=5)
     msg = llm.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "add"
-    assert set(msg.tool_calls[0]["args"]) == {"a", "b"} and all(isinstance(v, int) for v in msg.tool_calls[0]["args"].values())
+    args = msg.tool_calls[0]["args"]  # the schema LangChain sends allows more properties than a and b
+    assert isinstance(args["a"], int) and isinstance(args["b"], int)
     msg = llm.bind_tools([add], tool_choice="any").invoke("What is 2 + 3?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "add"
 

@@ -26,6 +26,7 @@ from ortlora.errors import OrtloraError
 # whitespace for ever; OpenAI's structured outputs are compact too.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 _CACHE_SIZE = 256
+CLOSING_TOKENS = 48  # a JSON value a few levels deep closes in far fewer one-byte tokens
 
 
 class GrammarError(OrtloraError):
@@ -71,6 +72,26 @@ class _Tokenizers:
             return found[1]
 
 
+    def preferences(self, tokenizer, eos_ids: Iterable[int]) -> tuple[np.ndarray, ...]:
+        """Bool masks [vocab] of the tokens a closing value prefers, best first: EOS; only `"]}` bytes; one byte."""
+        ll = self.get(tokenizer, eos_ids)
+        key = ("prefs", id(ll))
+        with self._lock:
+            found = self._by_id.get(key)
+        if found is None:
+            n = tokenizer.vocab_size
+            eos, closers, single = (np.zeros(n, bool) for _ in range(3))
+            eos[[t for t in ll.eos_tokens if t < n]] = True
+            for t in range(n):
+                raw = b"" if ll.is_special_token(t) else ll.decode_bytes([t])
+                closers[t] = bool(raw) and not raw.strip(b'"]}')
+                single[t] = len(raw) == 1
+            found = (ll, (eos, closers, single))
+            with self._lock:
+                self._by_id[key] = found
+        return found[1]
+
+
 _TOKENIZERS = _Tokenizers()
 
 
@@ -114,17 +135,30 @@ def check(grammar: str, tokenizer, eos_ids: Iterable[int] = ()) -> None:
 class Constraint:
     """One request's parser: which tokens may come next, and whether the grammar is complete."""
 
-    def __init__(self, grammar: str, tokenizer, eos_ids: Iterable[int] = ()):
+    def __init__(self, grammar: str, tokenizer, eos_ids: Iterable[int] = (), budget: int | None = None):
         self.matcher = _prototype(grammar, tokenizer, eos_ids).deep_copy()
         self.vocab = tokenizer.vocab_size
+        self._preferences = _TOKENIZERS.preferences(tokenizer, eos_ids)
+        # the last tokens of the budget steer to a close (half the budget at most: a short one is all closing)
+        self.closing_from = None if budget is None else min(CLOSING_TOKENS, budget // 2)
 
-    def allowed(self, width: int) -> np.ndarray:
-        """Bool [width] (the logits' width: ids past the tokenizer's vocabulary are never allowed)."""
+    def allowed(self, width: int, left: int | None = None) -> np.ndarray:
+        """Bool [width] (the logits' width: ids past the tokenizer's vocabulary are never allowed).
+
+        When only `left` tokens of the budget remain (at most CLOSING_TOKENS): of the allowed tokens, prefer EOS, then tokens made only of
+        closing characters (`"`, `]`, `}`), then one-byte tokens, so that the value closes within the budget
+        instead of being cut (a weak model may otherwise write digits or text until max_tokens)."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
-        mask = np.unpackbits(bits, bitorder="little")[:min(width, self.vocab)].astype(bool)
+        mask = np.unpackbits(bits, bitorder="little")[:self.vocab].astype(bool)
+        if left is not None and self.closing_from is not None and left <= self.closing_from:
+            for prefer in self._preferences:
+                narrowed = mask & prefer
+                if narrowed.any():
+                    mask = narrowed
+                    break
         if mask.size < width:
             mask = np.concatenate([mask, np.zeros(width - mask.size, bool)])
-        return mask
+        return mask[:width]
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):

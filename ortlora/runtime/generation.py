@@ -80,7 +80,7 @@ class Request:
         if self.params.grammar is not None:
             from ortlora.runtime.constraints import Constraint  # llguidance only when a request uses a grammar
 
-            self.constraint = Constraint(self.params.grammar, self.tokenizer, self.eos_ids)
+            self.constraint = Constraint(self.params.grammar, self.tokenizer, self.eos_ids, self.params.max_new_tokens)
 
     @property
     def finished(self) -> bool:
@@ -93,7 +93,9 @@ class Request:
         history = self.prompt_ids + self.token_ids if p.repetition_penalty != 1.0 else ()
         banned = self._eos_list if len(self.token_ids) < p.min_new_tokens else ()
         try:
-            allowed = self.constraint.allowed(len(logits)) if self.constraint is not None else None
+            allowed = None
+            if self.constraint is not None:
+                allowed = self.constraint.allowed(len(logits), p.max_new_tokens - len(self.token_ids))
             token = self.sampler(logits, history, banned, generated=self.token_ids, allowed=allowed)
             if self.constraint is not None:
                 self.constraint.advance(token)

@@ -203,7 +203,7 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _text_only(cls, v):
         if v and set(v) != {"text"}:
-            raise ValueError("only the text modality is supported by ortlora")
+            raise ValueError("modalities other than text are not supported by ortlora")
         return v
 
     @model_validator(mode="after")
