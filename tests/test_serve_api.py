@@ -501,3 +501,25 @@ def test_every_response_shape_conforms_to_openais_openapi_document(server):
         for c in chunk["choices"]:
             c["finish_reason"] = c["finish_reason"] or "stop"
         completion.validate(chunk)
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+def test_serve_without_its_extra_says_which_to_install_and_help_shows_defaults(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    block = ("import sys\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('uvicorn', 'fastapi'):\n"
+             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "from ortlora.cli import main\n"
+             "sys.exit(main(['serve', '-m', 'anywhere']))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "pip install ortlora[serve]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "ortlora.cli", "serve", "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "default: 16" in r.stdout and "default: 8000" in r.stdout
