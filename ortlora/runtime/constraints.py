@@ -73,20 +73,25 @@ class _Tokenizers:
 
 
     def preferences(self, tokenizer, eos_ids: Iterable[int]) -> tuple[np.ndarray, ...]:
-        """Bool masks [vocab] of the tokens a closing value prefers, best first: EOS; only `"]}` bytes; one byte."""
+        """Bool masks [vocab] of the tokens a value about to close prefers, best first: EOS; a quote that may end a
+        string (`"`, `"}`, ...); container ends (`]`, `}`); separators (`,`, `:`); then any one-byte token."""
         ll = self.get(tokenizer, eos_ids)
         key = ("prefs", id(ll))
         with self._lock:
             found = self._by_id.get(key)
         if found is None:
             n = tokenizer.vocab_size
-            eos, closers, single = (np.zeros(n, bool) for _ in range(3))
-            eos[[t for t in ll.eos_tokens if t < n]] = True
+            tiers = tuple(np.zeros(n, bool) for _ in range(5))
+            tiers[0][[t for t in ll.eos_tokens if t < n]] = True
             for t in range(n):
                 raw = b"" if ll.is_special_token(t) else ll.decode_bytes([t])
-                closers[t] = bool(raw) and not raw.strip(b'"]}')
-                single[t] = len(raw) == 1
-            found = (ll, (eos, closers, single))
+                if not raw:
+                    continue
+                tiers[1][t] = raw[:1] == b'"' and not raw.strip(b'"]}')
+                tiers[2][t] = not raw.strip(b"]}")
+                tiers[3][t] = not raw.strip(b",:")
+                tiers[4][t] = len(raw) == 1
+            found = (ll, tiers)
             with self._lock:
                 self._by_id[key] = found
         return found[1]
@@ -145,9 +150,10 @@ class Constraint:
     def allowed(self, width: int, left: int | None = None) -> np.ndarray:
         """Bool [width] (the logits' width: ids past the tokenizer's vocabulary are never allowed).
 
-        When only `left` tokens of the budget remain (at most CLOSING_TOKENS): of the allowed tokens, prefer EOS, then tokens made only of
-        closing characters (`"`, `]`, `}`), then one-byte tokens, so that the value closes within the budget
-        instead of being cut (a weak model may otherwise write digits or text until max_tokens)."""
+        When only `left` tokens of the budget remain (at most CLOSING_TOKENS), the allowed tokens narrow to the
+        first tier of `preferences` that has any, so the value closes within the budget instead of being cut (a
+        weak model may otherwise write digits or text until max_tokens): the shortest way out of a string, a
+        number, an object or an array."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[:self.vocab].astype(bool)
         if left is not None and self.closing_from is not None and left <= self.closing_from:
