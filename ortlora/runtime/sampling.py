@@ -98,15 +98,24 @@ class Sampler:
         if bias:
             logits = logits.copy()
             np.add.at(logits, [t for t, _ in bias], np.asarray([b for _, b in bias], np.float32))
-        if len(banned) or allowed is not None:
+        ids = None
+        if len(banned) or allowed is not None:  # draw among the permitted ids only (exp(-inf) is slow, not free)
             keep = np.ones(logits.size, bool) if allowed is None else allowed.copy()
             keep[list(banned)] = False
             if allowed is not None and not keep.any():  # the grammar allows only what is banned (EOS): it wins
                 keep = allowed
-            logits = np.where(keep, logits, np.float32(-np.inf))
+            ids = np.flatnonzero(keep)
+            if not ids.size:
+                raise GenerationError("no token is allowed here (the grammar and the banned tokens exclude all)")
+            logits = logits[ids]
+        token = self._choose(logits)
+        return int(ids[token]) if ids is not None else token
+
+    def _choose(self, logits: np.ndarray) -> int:
+        p = self.params
         if p.greedy:
             token = int(np.argmax(logits))  # argmax stops at the first NaN: one look tells
-            if np.isnan(logits[token]) or (allowed is not None and not np.isfinite(logits[token])):
+            if np.isnan(logits[token]):
                 raise GenerationError(_NAN)
             return token
         if not np.isfinite(logits.max()):  # NaN (the max propagates it) or +inf: no probabilities to draw from
