@@ -33,7 +33,7 @@ def call_id() -> str:
 
 @dataclass
 class ToolPlan:
-    mode: str  # "none" (no tools, or tool_choice none), "auto", "required", "named"
+    mode: str  # "none" (no tools, or tool_choice none: no calls parsed), "auto", "required", "named"
     tools: list[dict] = field(default_factory=list)  # for the chat template: [{"type": "function", "function": ..}]
     name: str | None = None  # the named function
     schema: dict | None = None  # what the output must match (named, required)
@@ -42,8 +42,8 @@ class ToolPlan:
     def of(cls, body: P.ChatCompletionRequest) -> "ToolPlan":
         tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
         choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
-        if not tools or choice == "none":
-            return cls("none")
+        if not tools or choice == "none":  # the template still shows them (as vLLM does): the history may use them
+            return cls("none", tools)
         params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
         if isinstance(choice, P.NamedToolChoice):
             name = choice.function.name
