@@ -180,6 +180,10 @@ def test_unknown_fields_are_ignored_with_a_warning_and_unsupported_ones_say_so(s
         r = _post(server, "/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "hi"}],
                                                    field: value})
         assert r.status_code == 400 and "not supported" in r.json()["error"]["message"], (field, r.text)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    r = _post(server, "/v1/chat/completions", {"model": "a1", "messages": [{"role": "user", "content": "hi"}],
+                                               "response_format": bad})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
 
 
 # -- structured outputs --------------------------------------------------------------------------------------------

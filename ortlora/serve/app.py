@@ -134,10 +134,8 @@ def create_app(server) -> FastAPI:
         compat.warn_ignored(body)
         plan = ToolPlan.of(body)
         prompt = await run_in_threadpool(jobs_.chat_prompt, server, template_messages(body), plan.tools)
-        if plan.schema is not None:  # a required or named tool call: its arguments follow the functions' schemas
-            body._grammar = await run_in_threadpool(compat.grammar_of, server, body, plan.schema, True)
-        else:
-            body._grammar = await run_in_threadpool(compat.grammar_of, server, body)
+        # a required or named tool call follows the functions' schemas, else response_format
+        body._grammar = await run_in_threadpool(compat.grammar_of, server, body, plan.schema)
         explicit = body.max_completion_tokens or body.max_tokens
         jobs = await jobs_.submit(server, body, adapter, [prompt], explicit, explicit_max=explicit is not None)
         texts = compat.token_text(server)

@@ -6,6 +6,7 @@ tool calls parsed from the text, and `system_fingerprint`.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 from ortlora import __version__
@@ -32,23 +33,23 @@ def warn_ignored(body) -> None:
         log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
 
 
-def grammar_of(server, body, schema_override: dict | None = None, use: bool = False) -> str | None:
-    """The llguidance grammar a request's output must follow (None: free text), compiled once here so that a
-    bad schema is a 400 naming the problem."""
+def grammar_of(server, body, tool_schema: dict | None = None) -> str | None:
+    """The llguidance grammar a request's output must follow (None: free text): a required or named tool call's
+    schema, else `response_format`'s. Compiled here (cached for the engine), so a bad schema is a 400."""
     from ortlora.runtime import constraints
 
-    fmt = getattr(body, "response_format", None)
-    if not use:
+    if tool_schema is not None:
+        schema, param = tool_schema, "tools"
+    else:
+        fmt = body.response_format
         if fmt is None or fmt.type == "text":
             return None
-        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
-    else:
-        schema = schema_override
+        schema, param = (fmt.json_schema.schema_ if fmt.type == "json_schema" else None), "response_format"
     try:
         grammar = constraints.json_schema_grammar(schema)
         constraints.check(grammar, server.tokenizer, server.eos_ids)
     except constraints.GrammarError as exc:
-        raise APIError(400, str(exc), param="response_format" if not use else "tools") from None
+        raise APIError(400, str(exc), param=param) from None
     return grammar
 
 
@@ -70,10 +71,14 @@ class TokenText:
         return found
 
 
+_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> TokenText
+_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> PromptScorer (built on first echo)
+
+
 def token_text(server) -> TokenText:
-    if getattr(server, "_token_text", None) is None:
-        server._token_text = TokenText(server.tokenizer)
-    return server._token_text
+    if server not in _TEXTS:
+        _TEXTS[server] = TokenText(server.tokenizer)
+    return _TEXTS[server]
 
 
 def chat_logprobs(texts: TokenText, lps: list[TokenLogprob]) -> P.ChoiceLogprobs:
@@ -114,10 +119,9 @@ def _by_text(texts: TokenText, top) -> dict[str, float]:
 
 def echo_scores(server, prompt: list[int], k: int, adapter) -> list[TokenLogprob | None]:
     """Logprobs of a prompt's own tokens (completions `echo` + `logprobs`), with the adapter the choice uses."""
-    scorer = getattr(server, "_prompt_scorer", None)
-    if scorer is None:
-        scorer = server._prompt_scorer = PromptScorer(server.folder, getattr(server.engine, "threads", None))
-    return scorer.score(prompt, k, adapter.params if adapter is not None else None)
+    if server not in _SCORERS:
+        _SCORERS[server] = PromptScorer(server.folder, getattr(server.engine, "threads", None))
+    return _SCORERS[server].score(prompt, k, adapter.params if adapter is not None else None)
 
 
 # -- responses -----------------------------------------------------------------------------------------------------
