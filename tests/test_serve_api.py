@@ -527,3 +527,37 @@ def test_serve_without_its_extra_says_which_to_install_and_help_shows_defaults(t
     r = subprocess.run([sys.executable, "-m", "ortlora.cli", "serve", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0 and "default: 16" in r.stdout and "default: 8000" in r.stdout
+
+
+def test_auto_tool_calls_stream_as_tool_call_deltas_and_plain_text_as_content():
+    """chat_chunks over scripted engine events: text that opens a <tool_call> block is held back and sent as a
+    tool_calls delta at the end; text that only starts like one is released as content."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ortlora.serve import protocol as P
+    from ortlora.serve.jobs import chat_chunks
+    from ortlora.serve.scheduler import Event
+    from ortlora.serve.tools import ToolPlan
+
+    body = P.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[ADD])
+    plan = ToolPlan.of(body)
+    assert plan.mode == "auto"
+
+    async def run(pieces):
+        queue = asyncio.Queue()
+        for k, text in enumerate(pieces):
+            queue.put_nowait(Event(0, text, 1, "stop" if k == len(pieces) - 1 else None))
+        jobs = [SimpleNamespace(queue=queue, prompt_ids=[1])]
+        return [c async for c in chat_chunks(body, jobs, plan, texts=None)]
+
+    chunks = asyncio.run(run([" <tool", '_call>\n{"name": "add", ', '"arguments": {"a": 1, "b": 2}}\n</tool_call>']))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert not any(d.get("content") for d in deltas)
+    calls = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+    assert len(calls) == 1 and calls[0][0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    chunks = asyncio.run(run(["<to", "day> is", " sunny"]))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == "<today> is sunny" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
