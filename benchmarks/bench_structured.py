@@ -76,7 +76,7 @@ def synthetic_tokenizer(folder: Path, vocab: int = VOCAB, seed: int = 0) -> Path
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable character table (what ByteLevel uses), in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:

@@ -234,8 +234,8 @@ def test_fifty_json_schema_requests_in_mixed_adapter_batches_all_validate(server
         if i % 3:
             body["messages"] = [{"role": "user", "content": "Give me JSON."}]
             r = _post(server, "/v1/chat/completions", body)
-            results[i] = {"status": r.status_code, "body": r.json(), "text": r.json()["choices"][0]["message"]["content"]
-                          if r.status_code == 200 else None}
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
+            results[i] = {"status": r.status_code, "body": r.json(), "text": text}
         else:
             body["prompt"] = "JSON:"
             r = _post(server, "/v1/completions", body)

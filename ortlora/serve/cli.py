@@ -17,15 +17,20 @@ from ortlora.errors import OrtloraError
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="exported model folder (ortlora export)")
-    p.add_argument("--adapters", default=None, help="folder of .onnx_adapter files, each served under its file stem (default: none)")
+    p.add_argument("--adapters", default=None,
+                   help="folder of .onnx_adapter files, each served under its file stem (default: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (KV cache slots; default: %(default)s)")
-    p.add_argument("--max-loaded-adapters", type=int, default=64, help="adapters held in memory (LRU; default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429 (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="rows decoded together (KV cache slots; default: %(default)s)")
+    p.add_argument("--max-loaded-adapters", type=int, default=64,
+                   help="adapters held in memory (LRU; default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="waiting requests before answering 429 (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="tokens per sequence (prompt + output); default min(context length, 4096)")
-    p.add_argument("--tenants", default=None, help="TOML file: API key hashes -> tenants -> adapters (default: none: any key, loopback only)")
+    p.add_argument("--tenants", default=None,
+                   help="TOML file: API key hashes -> tenants -> adapters (default: none: any key, loopback only)")
     p.add_argument("--model-name", default=None, help="the base model's name in the API (default: folder name)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: genai_config)")
     p.add_argument("--insecure-no-auth", action="store_true",

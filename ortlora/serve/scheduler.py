@@ -227,7 +227,8 @@ class Scheduler:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.arrival)
             if not job.cancelled:
-                job.sink(Event(job.index, chunk.text, n, chunk.finish_reason, chunk.error, chunk.token_ids, chunk.logprobs))
+                job.sink(Event(job.index, chunk.text, n, chunk.finish_reason, chunk.error, chunk.token_ids,
+                               chunk.logprobs))
             if chunk.finish_reason is not None:
                 self.metrics.finished.inc(reason=chunk.finish_reason)
                 self.metrics.latency.observe(now - job.arrival)
