@@ -28,6 +28,8 @@ def test_converted_once_per_content_and_equal_to_convert_adapter(tiny, model, tm
     inputs = model_lora_inputs(folder)
     peft = tmp_path / "acme"
     shutil.copytree(tiny.adapter(hf, "qv", target_modules=["q_proj", "v_proj"]), peft)
+    (tmp_path / "not-an-adapter").mkdir()
+    assert cached.peft_folders(tmp_path) == [peft]
     cache = tmp_path / "cache"
     first = convert_cached(peft, inputs, cache)
     expected = read_onnx_adapter(convert_adapter(peft, tmp_path / "ref.onnx_adapter", model=folder))

@@ -28,6 +28,12 @@ def is_peft_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
 
 
+def peft_folders(root: str | Path) -> list[Path]:
+    """The PEFT adapter folders directly inside `root` (what a server given `--adapters root` can convert)."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if is_peft_folder(p)) if root.is_dir() else []
+
+
 def cache_key(peft_dir: str | Path, lora_inputs: Mapping[str, LoraInput]) -> str:
     """sha256 of the adapter's files and the model's LoRA input signature (hex)."""
     h = hashlib.sha256()
