@@ -221,3 +221,31 @@ def test_conversation_lease_reuses_the_cached_prefix(model, monkeypatch):
     finally:
         model.release_slot(lease)
     assert model.engine.free_slots == 4
+
+
+def test_peft_folders_in_an_adapters_directory_are_converted_on_first_use(lora, tmp_path):
+    """A PEFT folder dropped into an adapters directory is served by its folder name: converted once on first use
+    (checked against the model), cached, and its weights equal `convert-adapters`' file."""
+    import shutil
+
+    from ortlora.adapters.onnx_adapter import read_onnx_adapter
+    from ortlora.runtime.adapters import Adapters
+    from ortlora.runtime.engine import Engine
+
+    _, folder, peft, files = lora
+    root = tmp_path / "adapters"
+    root.mkdir()
+    shutil.copytree(peft["a1"], root / "support-bot")
+    engine = Engine(folder, max_len=16)
+    store = Adapters.for_engine(engine, directory=root)
+    assert store.names() == ["support-bot"] and store.loaded() == []
+    got = store.acquire("support-bot")
+    want = read_onnx_adapter(files["a1"])
+    assert sorted(got.params) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(got.params[k], v, rtol=1e-6)
+    cached = list((root / ".ortlora-cache").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("support-bot-")
+    store.release(got)
+    again = Adapters.for_engine(engine, directory=root)  # a restart finds the conversion
+    assert again.acquire("support-bot").rank == got.rank and list((root / ".ortlora-cache").iterdir()) == cached

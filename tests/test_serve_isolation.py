@@ -141,25 +141,26 @@ def _p99(latencies):
 
 
 FLOOD = """
-import asyncio, sys, httpx
+import asyncio, json, sys, time, httpx
 url, key, model, n, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 async def main():
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300,
                                  limits=httpx.Limits(max_connections=n)) as client:
         async def one(i):
+            t0 = time.perf_counter()
             r = await client.post("/v1/completions", json={"model": model, "prompt": "flood %d" % i,
                                   "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
-            return r.status_code
-        print(sorted(set(await asyncio.gather(*(one(i) for i in range(n))))))
+            return r.status_code, time.perf_counter() - t0
+        print(json.dumps(await asyncio.gather(*(one(i) for i in range(n)))))
 asyncio.run(main())
 """
 
 
 def test_a_flooding_tenant_does_not_starve_another(server):
     """Tenant beta sends 200 requests at once (from its own process, as another client would), tenant acme 10 once
-    beta's are queued: acme's 10 all succeed while most of beta's still wait (acme does not queue behind them:
-    the least-served tenant goes first, and may take slots from a far more served one). The latency ratio
-    against acme alone is bench_isolation.py's to measure; printed here."""
+    beta's are queued: acme's 10 all succeed, and each takes less time than most of beta's (acme does not queue
+    behind them: the least-served tenant goes first, and may take slots from a far more served one). The latency
+    ratio against acme alone is bench_isolation.py's to measure; printed here."""
     import subprocess
     import sys
 
@@ -174,13 +175,14 @@ def test_a_flooding_tenant_does_not_starve_another(server):
         while health()["waiting"] < 150 and time.monotonic() < deadline:
             time.sleep(0.05)  # the flood is queued first
         few = asyncio.run(_timed_requests(server.url, ACME, "a1", 10, tokens))
-        still_waiting = health()["waiting"]
         out, _ = flood.communicate(timeout=300)
     finally:
         if flood.poll() is None:
             flood.kill()
             flood.wait()
+    flooded = json.loads(out)
     assert all(status == 200 for status, _ in few), few
-    assert still_waiting >= 100, still_waiting  # acme went ahead of beta's queue
-    assert set(eval(out)) <= {200, 429}, out  # noqa: S307 - our own subprocess's printed list
+    assert {status for status, _ in flooded} <= {200, 429}
+    beta_median = sorted(t for _, t in flooded)[len(flooded) // 2]
+    assert max(t for _, t in few) < beta_median, (few, beta_median)  # acme went ahead of beta's queue
     print(f"acme p99 alone {_p99([t for _, t in alone]):.3f}s, next to beta's flood {_p99([t for _, t in few]):.3f}s")

@@ -1,7 +1,9 @@
-"""An adapters directory: names -> `.onnx_adapter` files inside one folder, every path confined to it.
+"""An adapters directory: names -> `.onnx_adapter` files (or PEFT adapter folders) inside one folder, every path
+confined to it.
 
-Files are registered by file stem (`acme-support.onnx_adapter` -> `acme-support`) without being opened, so
-thousands cost nothing until used; a file dropped into the folder later is found on first use. Names are a
+Files are registered by file stem (`acme-support.onnx_adapter` -> `acme-support`), PEFT folders by folder name,
+without being opened, so thousands cost nothing until used; one dropped into the folder later is found on first
+use. A PEFT folder is converted on first use and cached in `.ortlora-cache/` (see `ortlora.adapters.cached`). Names are a
 conservative charset with no separators, and a path (given by a caller or found by discovery) must resolve,
 symlinks followed, to a regular file inside the folder. This class only names and places files: what an adapter
 is, loads and holds is `ortlora.runtime.adapters.Adapters`' business (its only user).
@@ -15,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from ortlora.adapters.cached import is_peft_folder
 from ortlora.adapters.onnx_adapter import SUFFIX
 from ortlora.errors import AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
 from ortlora.fileutil import atomic_file, remove_stale_temps
@@ -22,6 +25,7 @@ from ortlora.fileutil import atomic_file, remove_stale_temps
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
 STALE_UPLOAD_S = 300.0
+CACHE = ".ortlora-cache"
 
 
 def check_name(name: object) -> str:
@@ -57,9 +61,14 @@ class AdapterDirectory:
         found, skipped = {}, []
         with os.scandir(self.root) as it:
             for entry in it:
-                if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
+                if entry.name.startswith("."):
                     continue
-                name = entry.name[: -len(SUFFIX)]
+                if entry.name.endswith(SUFFIX):
+                    name = entry.name[: -len(SUFFIX)]
+                elif is_peft_folder(entry.path):
+                    name = entry.name
+                else:
+                    continue
                 try:
                     check_name(name)
                     if name in self.reserved:
@@ -89,8 +98,8 @@ class AdapterDirectory:
             raise AdapterInvalid(f"{path.name}: no such file in the adapters directory") from None
         if not real.is_relative_to(self.root):
             raise AdapterInvalid(f"{path.name}: resolves outside the adapters directory")
-        if not real.is_file():
-            raise AdapterInvalid(f"{path.name}: not a regular file")
+        if not (real.is_file() or is_peft_folder(real)):
+            raise AdapterInvalid(f"{path.name}: not a regular file or a PEFT adapter folder")
         return real
 
     def names(self) -> list[str]:
@@ -111,10 +120,12 @@ class AdapterDirectory:
         with self._lock:
             path = self._paths.get(name)
             if path is None and name not in self._hidden and NAME.match(name) and name not in self.reserved:
-                try:  # dropped into the folder after start-up
-                    path = self._paths[name] = self._inside(self.root / f"{name}{SUFFIX}")
-                except AdapterInvalid:
-                    pass
+                for candidate in (self.root / f"{name}{SUFFIX}", self.root / name):  # dropped in after start-up
+                    try:
+                        path = self._paths[name] = self._inside(candidate)
+                        break
+                    except AdapterInvalid:
+                        pass
             if path is None:
                 raise AdapterNotFound(f"adapter {name!r} does not exist")
         try:
@@ -127,9 +138,14 @@ class AdapterDirectory:
         if not isinstance(path, str) or not path or "\x00" in path:
             raise AdapterInvalid("path must be a non-empty string")
         real = self._inside(self.root / path)  # an absolute `path` replaces root: still checked to lie inside
-        if not real.name.endswith(SUFFIX):
-            raise AdapterInvalid(f"{Path(path).name}: not an {SUFFIX} file")
+        if not (real.name.endswith(SUFFIX) or real.is_dir()):
+            raise AdapterInvalid(f"{Path(path).name}: not an {SUFFIX} file or a PEFT adapter folder")
         return real
+
+    @property
+    def cache(self) -> Path:
+        """Where PEFT folders' conversions are kept."""
+        return self.root / CACHE
 
     def claim(self, name: str) -> None:
         """Raise unless `name` is free to register (valid, not reserved, not taken)."""

@@ -32,7 +32,8 @@ from ortlora import naming
 from ortlora.adapters.onnx_adapter import SUFFIX, open_onnx_adapter
 from ortlora.adapters.validate import LoraInput, model_feeds
 from ortlora.errors import AdapterBusy, AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
-from ortlora.runtime.adapter_dir import AdapterDirectory
+from ortlora.adapters.cached import PEFT_FILES, convert_cached
+from ortlora.runtime.adapter_dir import CACHE, AdapterDirectory
 from ortlora.runtime.multi_lora import AdapterPool
 
 _uids = itertools.count(1)
@@ -183,10 +184,15 @@ class Adapters:
         (default: the adapter's name, so that no server path reaches a client)."""
         label = label or f"adapter {name!r}"
         try:
+            if path.is_dir():  # a PEFT folder: converted once, checked against the model, cached
+                cache = self.directory.cache if self.directory is not None else path.parent / CACHE
+                path = convert_cached(path, self.lora_inputs, cache)
             params = open_onnx_adapter(path).params
             feeds = model_feeds(params, self.lora_inputs, label)
         except AdapterError as exc:
             message = str(exc).replace(str(path), label)
+            if self.directory is not None:
+                message = message.replace(str(self.directory.root), "<adapters>")
             raise (exc if isinstance(exc, AdapterInvalid) and message == str(exc) else AdapterInvalid(message)) \
                 from None
         # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
@@ -353,8 +359,12 @@ class Adapters:
 
 
 def _stat(path: Path) -> tuple:
-    try:
-        st = path.stat()
-    except OSError:
-        return ()
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    """What changes when the file (or a PEFT folder's files) is replaced or rewritten."""
+    out = []
+    for p in [path / f for f in PEFT_FILES] if path.is_dir() else [path]:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)

@@ -21,6 +21,7 @@ import numpy as np
 from ortlora.errors import GenerationError, OrtloraError
 from ortlora.runtime.adapters import Adapter, AdapterLeases
 from ortlora.runtime.engine import PREFILL_CHUNK, Engine, Row
+from ortlora.runtime.logprobs import TokenLogprob, token_logprob
 from ortlora.runtime.sampling import Sampler, SamplingParams
 from ortlora.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -32,6 +33,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length" (max tokens or context), "error"
     error: GenerationError | None = None  # why the request ended with "error"; other requests go on
+    logprobs: list[TokenLogprob] | None = None  # one per sampled id, when the request asked for logprobs
 
 
 @dataclass
@@ -75,6 +77,11 @@ class Request:
         self._held = ""  # text that may be the start of a stop string
         self._stop_ids = frozenset(self.params.stop_token_ids)
         self._eos_list = sorted(self.eos_ids)
+        self.constraint = None  # the grammar's parser (structured outputs), built here from params.grammar
+        if self.params.grammar is not None:
+            from ortlora.runtime.constraints import Constraint  # llguidance only when a request uses a grammar
+
+            self.constraint = Constraint(self.params.grammar, self.tokenizer, self.eos_ids, self.params.max_new_tokens)
 
     @property
     def finished(self) -> bool:
@@ -87,25 +94,36 @@ class Request:
         history = self.prompt_ids + self.token_ids if p.repetition_penalty != 1.0 else ()
         banned = self._eos_list if len(self.token_ids) < p.min_new_tokens else ()
         try:
-            token = self.sampler(logits, history, banned)
-        except GenerationError as exc:
+            allowed = None
+            if self.constraint is not None:
+                allowed = self.constraint.allowed(len(logits), p.max_new_tokens - len(self.token_ids))
+            token = self.sampler(logits, history, banned, generated=self.token_ids, allowed=allowed)
+            if self.constraint is not None:
+                self.constraint.advance(token)
+        except OrtloraError as exc:
             label = self.label or (self.adapter.name if self.adapter is not None else None)
             name = f"adapter {label!r}" if label else "the base model"
             self.error = GenerationError(f"generation with {name} stopped after {len(self.token_ids)} tokens: {exc}")
             self.finish_reason = "error"
             return Chunk("", [], "error", self.error)
         self.token_ids.append(token)
+        logprobs = None if p.logprobs is None else [token_logprob(logits, token, p.logprobs)]
         stop_token = token in self._stop_ids or (token in self.eos_ids and not p.ignore_eos)
         if stop_token:  # the EOS / stop token's own text is not part of the output
             piece, _ = self._scan(self.detok.flush(), final=True)
-            return self._finish("stop", piece, [token])
-        piece, hit = self._scan(self.detok.add(token))
-        if hit:
-            return self._finish("stop", piece, [token])
-        if len(self.token_ids) >= p.max_new_tokens or context_full:
-            rest, hit = self._scan(self.detok.flush(), final=True)
-            return self._finish("stop" if hit else "length", piece + rest, [token])
-        return self._emit(piece, [token])
+            chunk = self._finish("stop", piece, [token])
+        else:
+            piece, hit = self._scan(self.detok.add(token))
+            if hit or (self.constraint is not None and self.constraint.finished):  # the grammar's value is closed
+                rest, _ = ("", False) if hit else self._scan(self.detok.flush(), final=True)
+                chunk = self._finish("stop", piece + rest, [token])
+            elif len(self.token_ids) >= p.max_new_tokens or context_full:
+                rest, hit = self._scan(self.detok.flush(), final=True)
+                chunk = self._finish("stop" if hit else "length", piece + rest, [token])
+            else:
+                chunk = self._emit(piece, [token])
+        chunk.logprobs = logprobs
+        return chunk
 
     def _scan(self, new: str, final: bool = False) -> tuple[str, bool]:
         """Append `new`; return (the text now safe to emit, whether a stop string ended it). A suffix that may be

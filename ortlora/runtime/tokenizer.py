@@ -71,7 +71,11 @@ class Tokenizer:
     def max_token_chars(self) -> int:
         """The most characters one token can stand for (at least): bounds the tokens of a text by its length."""
         longest = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
-        return max(longest, 4)  # a byte-level token is one character per byte, a UTF-8 character up to 4
+        return max(longest, 1)
+
+    def to_json(self) -> str:
+        """tokenizer.json's text (grammar engines build their own vocabulary view from it)."""
+        return self._tok.to_str()
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

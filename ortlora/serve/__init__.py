@@ -17,9 +17,12 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
           provider: str | None = None) -> int:
     """Build the server and run it until SIGINT/SIGTERM (which drain: in-flight requests finish first).
     `provider` overrides genai_config.json's execution provider (e.g. "cpu")."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from ortlora.serve.app import create_app
+        from ortlora.serve.app import create_app
+    except ModuleNotFoundError as exc:
+        raise OrtloraError(f"serve needs the serve extra ({exc.name} is missing): pip install ortlora[serve]") from None
     from ortlora.serve.server import Server
     from ortlora.serve.tenants import Tenants
 

@@ -22,12 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ortlora.errors import AdapterNotFound, OrtloraError
 from ortlora.serve import jobs as jobs_
+from ortlora.serve import openai_compat as compat
 from ortlora.serve import playground
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError, error_response, status_of, validation_message
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
 from ortlora.serve.tenants import Tenant
+from ortlora.serve.tools import ToolPlan, template_messages
 
 log = logging.getLogger("ortlora.serve")
 _bearer = HTTPBearer(auto_error=False, description="API key (any, or none, when the server runs without --tenants)")
@@ -99,36 +101,64 @@ def create_app(server) -> FastAPI:
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})
     async def completions(body: P.CompletionRequest, request: Request, tenant: Tenant = Depends(authenticate)):
         adapter = resolve(tenant, body.model)
+        compat.warn_ignored(body)
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of is supported only equal to n", param="best_of")
         prompts = await run_in_threadpool(jobs_.completion_prompts, server, body.prompt)  # tokenizing: off the loop
+        body._grammar = await run_in_threadpool(compat.grammar_of, server, body)
         default_max = 16 if body.max_tokens is None else body.max_tokens
-        jobs = await jobs_.submit(server, body, adapter, prompts, default_max, explicit_max=True, tenant=tenant.name)
+        jobs = await jobs_.submit(server, body, adapter, prompts, default_max, explicit_max=True,
+                                  tenant=tenant.name)
+        n, texts = body.n or 1, compat.token_text(server)
         echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        echo_lps = [None] * len(prompts)
+        if body.echo and body.logprobs is not None:  # the prompt's own logprobs: a separate forward pass
+            try:
+                echo_lps = [await run_in_threadpool(compat.echo_scores, server, p, body.logprobs, jobs[i * n].adapter)
+                            for i, p in enumerate(prompts)]
+            except BaseException:
+                for job in jobs:
+                    job.cancel()
+                raise
         if body.stream:
-            return await jobs_.stream(request, jobs, jobs_.completion_chunks(body, jobs, echo))
-        return await jobs_.collect(request, jobs, lambda texts, reasons, usage: P.CompletionResponse(
-            id=jobs_.new_id("cmpl"), created=int(time.time()), model=body.model, usage=usage,
-            choices=[P.CompletionChoice(index=i, text=echo[i // (body.n or 1)] + texts[i], finish_reason=reasons[i])
-                     for i in range(len(jobs))]))
+            shaped = [compat.completion_logprobs(texts, p, lp) if lp else None for p, lp in zip(prompts, echo_lps)]
+            return await jobs_.stream(request, jobs, jobs_.completion_chunks(body, jobs, echo, texts, shaped))
+        return await jobs_.collect(request, jobs, lambda outs, usage: compat.completion_response(
+            jobs_.new_id("cmpl"), int(time.time()), body, outs, usage, echo, prompts, echo_lps, texts))
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, tags=["openai"],
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})
     async def chat_completions(body: P.ChatCompletionRequest, request: Request,
                                tenant: Tenant = Depends(authenticate)):
         adapter = resolve(tenant, body.model)
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in body.messages]
-        prompt = await run_in_threadpool(jobs_.chat_prompt, server, messages)
+        compat.warn_ignored(body)
+        plan = ToolPlan.of(body)
+        prompt = await run_in_threadpool(jobs_.chat_prompt, server, template_messages(body), plan.tools)
+        # a required or named tool call follows the functions' schemas, else response_format
+        body._grammar = await run_in_threadpool(compat.grammar_of, server, body, plan.schema)
         explicit = body.max_completion_tokens or body.max_tokens
         jobs = await jobs_.submit(server, body, adapter, [prompt], explicit, explicit_max=explicit is not None,
                                   tenant=tenant.name)
+        texts = compat.token_text(server)
         if body.stream:
-            return await jobs_.stream(request, jobs, jobs_.chat_chunks(body, jobs))
-        return await jobs_.collect(request, jobs, lambda texts, reasons, usage: P.ChatCompletionResponse(
-            id=jobs_.new_id("chatcmpl"), created=int(time.time()), model=body.model, usage=usage,
-            choices=[P.ChatChoice(index=i, message=P.AssistantMessage(content=texts[i]), finish_reason=reasons[i])
-                     for i in range(len(jobs))]))
+            return await jobs_.stream(request, jobs, jobs_.chat_chunks(body, jobs, plan, texts))
+        return await jobs_.collect(request, jobs, lambda outs, usage: compat.chat_response(
+            jobs_.new_id("chatcmpl"), int(time.time()), body, outs, usage, plan, texts))
+
+    # -- vLLM's adapter endpoints (aliases, so operators' tools work unchanged) ------------------------------
+    @app.post("/v1/load_lora_adapter", tags=["adapters"], responses={
+        403: {"model": P.ErrorResponse, "description": "not an admin key"},
+        409: {"model": P.ErrorResponse, "description": "name taken"}})
+    async def vllm_load(spec: P.VLLMLoadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
+        await run_in_threadpool(server.add_adapter_path, spec.lora_name, spec.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", tags=["adapters"], responses={404: _ERRORS[404]})
+    def vllm_unload(spec: P.VLLMUnloadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
+        if not tenant.may_use(spec.lora_name):
+            raise AdapterNotFound(f"adapter {spec.lora_name!r} does not exist")
+        server.remove_adapter(spec.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' removed successfully.")
 
     # -- adapters ------------------------------------------------------------------------------------------------
     upload_body = {"required": True, "content": {

@@ -17,6 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ortlora.errors import OrtloraError
 from ortlora.serve import protocol as P
+from ortlora.serve.openai_compat import (FINGERPRINT, Output, TokenText, chat_logprobs_json,
+                                        completion_logprobs)
+from ortlora.serve.tools import OPEN_TAG, ToolPlan, call_id
 from ortlora.serve.errors import APIError, error_response, status_of
 from ortlora.serve.scheduler import Event, Job
 
@@ -89,10 +92,13 @@ def completion_prompts(server, prompt) -> list[list[int]]:
     return out
 
 
-def chat_prompt(server, messages: list[dict]) -> list[int]:
+def chat_prompt(server, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The prompt ids of a conversation; `tools` ([{"type": "function", "function": ...}]) go to the template as
+    transformers' apply_chat_template(tools=...) passes them."""
     check_size(server, "".join(str(m.get("content") or "") for m in messages), "messages")
     try:
-        text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        extra = {"tools": tools} if tools else {}
+        text = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
     except OrtloraError as exc:
         raise APIError(400, str(exc), param="messages") from None
     except Exception as exc:  # jinja2 TemplateError: the template refused these messages
@@ -163,18 +169,21 @@ async def _events(jobs: Jobs) -> AsyncIterator[Event]:
 
 
 async def collect(request: Request, jobs: list[Job], build) -> Any:
-    """Wait for all choices (cancelling them if the client goes away) and build the response body."""
-    texts = [""] * len(jobs)
-    reasons: list[str | None] = [None] * len(jobs)
+    """Wait for all choices (cancelling them if the client goes away) and build the response body from their
+    outputs (`openai_compat.Output`, one per job) and the usage."""
+    outs = [Output() for _ in jobs]
     completion = 0
 
     async def consume():
         nonlocal completion
         async for ev in _events(jobs):
-            texts[ev.index] += ev.text
+            out = outs[ev.index]
+            out.text += ev.text
+            out.token_ids += ev.token_ids
+            out.logprobs += ev.logprobs or ()
             completion += ev.new_tokens
             if ev.finish_reason:
-                reasons[ev.index] = ev.finish_reason
+                out.finish_reason = ev.finish_reason
 
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -189,7 +198,7 @@ async def collect(request: Request, jobs: list[Job], build) -> Any:
         consumer.cancel()
         for job in jobs:
             job.cancel()
-    return build(texts, reasons, _usage(jobs, completion))
+    return build(outs, _usage(jobs, completion))
 
 
 def _usage(jobs: list[Job], completion: int) -> P.Usage:
@@ -247,38 +256,88 @@ async def stream(request: Request, jobs: Jobs, chunks: AsyncIterator[dict]) -> S
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def completion_chunks(body: P.CompletionRequest, jobs: list[Job], echo: list[str]):
+async def completion_chunks(body: P.CompletionRequest, jobs: list[Job], echo: list[str], texts: TokenText,
+                            echo_logprobs: list[P.CompletionLogprobs | None]):
     rid, created, n = new_id("cmpl"), int(time.time()), body.n or 1
-    base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "system_fingerprint": FINGERPRINT}
+    offsets = [0] * len(jobs)
     if body.echo:
         for i in range(len(jobs)):
-            yield {**base, "choices": [{"index": i, "text": echo[i // n], "logprobs": None, "finish_reason": None}]}
+            lp = echo_logprobs[i // n]
+            yield {**base, "choices": [{"index": i, "text": echo[i // n], "logprobs": lp and lp.model_dump(),
+                                        "finish_reason": None}]}
+            offsets[i] = len(echo[i // n])
     completion = 0
     async for ev in _events(jobs):  # one chunk per token, even when its text is held back (half a character)
         completion += ev.new_tokens
-        yield {**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": None,
+        lp = None
+        if ev.logprobs is not None:
+            lp = completion_logprobs(texts, ev.token_ids, ev.logprobs, offsets[ev.index]).model_dump()
+        offsets[ev.index] += len(ev.text)
+        yield {**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
                                     "finish_reason": ev.finish_reason}]}
     if body.stream_options and body.stream_options.include_usage:
         yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
 
 
-async def chat_chunks(body: P.ChatCompletionRequest, jobs: list[Job]):
+async def chat_chunks(body: P.ChatCompletionRequest, jobs: list[Job], plan: ToolPlan, texts: TokenText):
+    """Text as content deltas, or, when the output is a tool call, as tool_calls deltas: a named function's
+    arguments stream as they come; `required` arrays and `auto` calls are parsed once complete."""
     rid, created = new_id("chatcmpl"), int(time.time())
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+            "system_fingerprint": FINGERPRINT}
+
+    def chunk(i, delta, logprobs=None, finish=None):
+        return {**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
     for i in range(len(jobs)):
-        yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}]}
+        yield chunk(i, {"role": "assistant", "content": "" if plan.mode != "named" else None})
+    held = [""] * len(jobs)  # text that may be a tool call (not streamed as content)
+    called = [False] * len(jobs)
     completion = 0
     async for ev in _events(jobs):
         completion += ev.new_tokens
-        if ev.text:
-            yield {**base, "choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": None,
-                                        "finish_reason": None}]}
+        lp = chat_logprobs_json(texts, ev.logprobs) if ev.logprobs is not None else None
+        i, reason = ev.index, ev.finish_reason
+        if plan.mode == "named":
+            if not called[i]:
+                called[i] = True
+                yield chunk(i, {"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
+                                                "function": {"name": plan.name, "arguments": ""}}]})
+            if ev.text or lp:
+                yield chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": ev.text}}]}, lp)
+        elif plan.mode == "required" or (plan.mode == "auto" and _maybe_call(held[i] + ev.text)):
+            held[i] += ev.text
+            if lp:
+                yield chunk(i, {}, lp)
+        else:
+            text, held[i] = held[i] + ev.text, ""  # what looked like a call's start was not
+            if text or lp:
+                yield chunk(i, {"content": text}, lp)
         if ev.finish_reason:
-            yield {**base, "choices": [{"index": ev.index, "delta": {}, "logprobs": None,
-                                        "finish_reason": ev.finish_reason}]}
+            if held[i]:
+                content, calls = plan.parse(held[i])
+                if calls:
+                    called[i] = True
+                    yield chunk(i, {"tool_calls": [{"index": k, "id": c.id, "type": "function",
+                                                    "function": c.function.model_dump()}
+                                                   for k, c in enumerate(calls)]})
+                elif content:
+                    yield chunk(i, {"content": content})
+            yield chunk(i, {}, None, _tool_reason(reason, called[i]))
     if body.stream_options and body.stream_options.include_usage:
         yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
+
+
+def _maybe_call(text: str) -> bool:
+    """Could this output (so far) be an `auto` tool call? Then it is held back, not streamed as content."""
+    start = text.lstrip()
+    return bool(start) and (OPEN_TAG.startswith(start) or start.startswith(OPEN_TAG))
+
+
+def _tool_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 def new_id(prefix: str) -> str:

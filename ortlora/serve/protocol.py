@@ -1,31 +1,62 @@
 """OpenAI's request and response shapes (completions, chat completions, models) plus ortlora's adapter API.
 
-Requests reject unknown fields (as OpenAI does) so a typo is a clear 400, not a silently ignored setting. A few
-extra fields that vLLM also accepts (`ignore_eos`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-`stop_token_ids`) are honoured; OpenAI fields ortlora cannot honour are accepted only at their neutral value.
+Unknown top-level request fields are accepted and ignored with a logged warning (vLLM's behaviour: clients send
+fields of newer API versions); OpenAI fields ortlora cannot honour are a 400 that says "not supported". A few extra
+fields that vLLM also accepts (`ignore_eos`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`stop_token_ids`) are honoured.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 MAX_N = 16
 _Text = Annotated[StrictStr, Field(min_length=1)]
 MAX_STOP = 16
+MAX_LOGPROBS = 20
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _unsupported(name: str, hint: str = ""):
+    """A field OpenAI defines that ortlora cannot honour: a 400 "not supported" when set."""
+    def check(cls, v):
+        if v is not None and v is not False and v != [] and v != "":
+            raise ValueError(f"{name} is not supported by ortlora{hint}")
+        return v
+    return field_validator(name, mode="before")(classmethod(check))
+
+
+class JSONSchemaFormat(_Request):
+    name: StrictStr = Field("response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema (null: any JSON object)")
+    strict: StrictBool | None = Field(None, description="accepted; the output follows the schema either way")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
 class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
-class _Sampling(_Request):
-    """Fields shared by both generation endpoints."""
+class _Sampling(BaseModel):
+    """Fields shared by both generation endpoints; unknown ones are kept in `model_extra` (warned about, ignored)."""
+    model_config = ConfigDict(extra="allow")
     model: StrictStr = Field(description="an adapter name, or the base model's name (see GET /v1/models)")
     temperature: float | None = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float | None = Field(1.0, gt=0, le=1)
@@ -34,10 +65,16 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
-    presence_penalty: float | None = Field(0.0, description="not supported: only 0")
-    frequency_penalty: float | None = Field(0.0, description="not supported: only 0")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=1024, description="token id (as a string) -> bias added to its logit, -100 to 100")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     user: StrictStr | None = None
+    # accepted and ignored (bookkeeping fields of OpenAI's platform)
+    store: StrictBool | None = None
+    metadata: dict[str, StrictStr] | None = None
+    service_tier: StrictStr | None = None
     # Extras (as vLLM accepts them)
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
     top_k: StrictInt = Field(0, ge=-1, description="0 or -1 = off")
@@ -45,19 +82,14 @@ class _Sampling(_Request):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _zero(cls, v):
-        if v:
-            raise ValueError("not supported by ortlora (only 0); use repetition_penalty")
-        return v
+    _grammar: str | None = PrivateAttr(None)  # what the output must follow (response_format, required tools)
 
     @field_validator("logit_bias")
     @classmethod
-    def _empty(cls, v):
-        if v:
-            raise ValueError("not supported by ortlora (only null or {})")
+    def _token_keys(cls, v):
+        bad = [k for k in (v or {}) if not k.isdigit()]
+        if bad:
+            raise ValueError(f"logit_bias keys must be token ids, got {bad[:3]}")
         return v
 
     @field_validator("stop")
@@ -69,6 +101,11 @@ class _Sampling(_Request):
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return v
+
+    def logprobs_k(self) -> int | None:
+        """None = no logprobs; k = the sampled token's logprob and k alternatives."""
+        return self.logprobs if isinstance(self, CompletionRequest) else (
+            (self.top_logprobs or 0) if self.logprobs else None)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -82,23 +119,11 @@ class CompletionRequest(_Sampling):
         description="text, a batch of texts, token ids, or a batch of token-id lists")
     max_tokens: StrictInt | None = Field(16, ge=1, description="new tokens per choice (default 16, as OpenAI)")
     echo: StrictBool | None = Field(False, description="prefix each choice with its prompt")
-    logprobs: None = Field(None, description="not supported: only null")
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                       description="the sampled tokens' logprobs and this many alternatives")
     best_of: StrictInt | None = Field(None, ge=1, le=MAX_N, description="accepted only equal to n")
     suffix: StrictStr | None = Field(None, description="not supported: only null or empty")
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v is not None:
-            raise ValueError("logprobs are not supported by ortlora (only null)")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported by ortlora")
-        return v
+    _suffix = _unsupported("suffix")
 
 
 class TextPart(_Request):
@@ -106,10 +131,24 @@ class TextPart(_Request):
     text: StrictStr
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr = Field(description="a JSON object, as text")
+
+
+class ToolCall(BaseModel):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. `refusal`, `annotations` of a message sent back in history
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: StrictStr | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
         if self.content is None:
@@ -117,19 +156,71 @@ class ChatMessage(_Request):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class FunctionDefinition(_Request):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, description="default: the rest of the context")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="same as max_tokens")
-    logprobs: Literal[False] | None = Field(False, description="not supported: only false")
-    top_logprobs: None = Field(None, description="not supported: only null")
+    logprobs: StrictBool | None = Field(False, description="the sampled tokens' logprobs")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = Field(None, description="default true")
+    # OpenAI fields ortlora cannot honour: 400 "not supported"
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: list[StrictStr] | None = None
+    _audio = _unsupported("audio")
+    _prediction = _unsupported("prediction")
+    _web = _unsupported("web_search_options")
+    _functions = _unsupported("functions", " (the deprecated form of tools: send tools)")
+    _function_call = _unsupported("function_call", " (the deprecated form of tool_choice: send tool_choice)")
 
-    @field_validator("logprobs", "top_logprobs", mode="before")
+    @field_validator("modalities")
     @classmethod
-    def _no_logprobs(cls, v):
-        if v is not None and v is not False:
-            raise ValueError("logprobs are not supported by ortlora")
+    def _text_only(cls, v):
+        if v and set(v) != {"text"}:
+            raise ValueError("modalities other than text are not supported by ortlora")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or ()}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
+                                 f"tools {sorted(names)}")
+        if self.response_format is not None and self.response_format.type != "text" \
+                and self.tool_choice not in (None, "none", "auto") and self.tools:
+            raise ValueError("response_format and a required tool call cannot both constrain the output")
+        return self
 
 
 class Usage(BaseModel):
@@ -138,13 +229,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+_absent = Field(None, exclude_if=lambda v: v is None)  # optional in OpenAI's schema: left out, never null
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="null for the first prompt token (echo)")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -155,18 +254,35 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = _absent
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = _absent
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -177,29 +293,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    logprobs: None = None
-    finish_reason: FinishReason | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = _absent
 
 
 class ModelCard(BaseModel):
@@ -220,6 +314,18 @@ class LoadAdapterRequest(_Request):
     name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     path: StrictStr = Field(min_length=1, max_length=4096,
                             description="an .onnx_adapter file inside the server's adapters directory")
+
+
+class VLLMLoadAdapter(_Request):
+    """vLLM's `POST /v1/load_lora_adapter` body."""
+    lora_name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    lora_path: StrictStr = Field(min_length=1, max_length=4096,
+                                 description="an .onnx_adapter file inside the server's adapters directory")
+
+
+class VLLMUnloadAdapter(_Request):
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = None
 
 
 class AdapterInfo(BaseModel):

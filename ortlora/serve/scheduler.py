@@ -41,6 +41,8 @@ class Event:
     new_tokens: int = 0
     finish_reason: str | None = None
     error: BaseException | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # runtime.logprobs.TokenLogprob per token, when the request asked for them
 
 
 @dataclass(eq=False)
@@ -384,7 +386,8 @@ class Scheduler:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.arrival)
             if not job.cancelled:
-                job.sink(Event(job.index, chunk.text, n, chunk.finish_reason, chunk.error))
+                job.sink(Event(job.index, chunk.text, n, chunk.finish_reason, chunk.error, chunk.token_ids,
+                               chunk.logprobs))
             if chunk.finish_reason is not None:
                 self.metrics.finished.inc(reason=chunk.finish_reason)
                 self.metrics.latency.observe(now - job.arrival)

@@ -120,4 +120,14 @@ class Server:
             top_k=max(body.top_k, 0), top_p=1.0 if body.top_p is None else body.top_p, min_p=body.min_p,
             repetition_penalty=body.repetition_penalty, seed=seed, stop=tuple(body.stop_list()),
             ignore_eos=body.ignore_eos, min_new_tokens=min(body.min_tokens, max_new_tokens),
-            stop_token_ids=tuple(body.stop_token_ids or ()))
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(body.logit_bias), logprobs=body.logprobs_k(), grammar=body._grammar)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        out = tuple((int(k), float(v)) for k, v in (bias or {}).items())
+        bad = [t for t, _ in out if t >= self.vocab_size]
+        if bad:
+            raise APIError(400, f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                           param="logit_bias")
+        return out
