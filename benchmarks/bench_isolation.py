@@ -3,7 +3,7 @@ Not a test: one pass, printed; each scenario side by side with its baseline in t
 
     python benchmarks/bench_isolation.py [--workdir /tmp/ortlora-bench-isolation] [--scenarios gap huge fair]
 
-gap:  4 streams decode (200 new tokens each); after their 20th token a ~1500-token prompt arrives. The streams'
+gap:  4 streams decode (200 new tokens each); after their 20th token a 1500-token prompt arrives. The streams'
       median and largest inter-token gap, and the long prompt's time to first token: with the default chunked
       prefill vs `--prefill-chunk 2048` (the whole prompt in one piece, as before chunking).
 huge: a 15 MB prompt, three times, while a short request runs: the 4xx time, the short request's latency against
@@ -70,8 +70,12 @@ class Server:
             self.proc.wait()
 
 
+def _auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _stream_times(url, key, body, times, ready):
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as c:
+    with httpx.Client(base_url=url, headers=_auth(key), timeout=600) as c:
         with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
@@ -96,7 +100,7 @@ def gap(folder, adapters, work, chunk: str | None) -> dict:
             readies.append(ready)
         for r in readies:
             r.wait(600)
-        long_prompt = " ".join(f"w{i % 97}" for i in range(1500))
+        long_prompt = [10 + (7 * i) % 290 for i in range(1500)]  # token ids: exactly 1500 tokens
         t0 = time.perf_counter()
         r = httpx.post(server.url + "/v1/completions", timeout=600,
                        json={"model": "a4", "prompt": long_prompt, "max_tokens": 1, "temperature": 0})
@@ -113,7 +117,7 @@ def gap(folder, adapters, work, chunk: str | None) -> dict:
 
 
 async def _timed(url, key, model, n, tokens, prompt="question"):
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
+    async with httpx.AsyncClient(base_url=url, headers=_auth(key), timeout=600,
                                  limits=httpx.Limits(max_connections=n)) as c:
         async def one(i):
             t0 = time.perf_counter()

@@ -76,7 +76,8 @@ class AdapterInfo:
 
 class Adapters:
     """Thread-safe. `probe(params) -> logits` runs one short input through the model with an adapter's tensors;
-    `pool` holds the adapters of mixed batches (placed through `place`, on the engine's thread)."""
+    `pool` holds the adapters of mixed batches: the engine places them in it on its own thread, and the unload
+    callbacks (queued to that thread) take them out."""
 
     def __init__(self, lora_inputs: Mapping[str, LoraInput], *, capacity: int | None = None,
                  directory: str | Path | None = None, reserved: tuple[str, ...] = (),
@@ -310,10 +311,6 @@ class Adapters:
                 self._drop(adapter)
             self._cond.notify_all()
 
-    def place(self, adapters: Mapping[int, Adapter]) -> dict[int, int]:
-        """Pool slots for the adapters of a mixed run (uid -> slot); on the engine's thread."""
-        return self.pool.place(adapters)
-
     # -- listing ------------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Every registered name (loaded or not)."""
@@ -329,9 +326,10 @@ class Adapters:
             return list(self._loaded)
 
     def info(self, name: str) -> AdapterInfo:
-        path = self._source(name)
-        relative = self.directory.relative(path) if self.directory is not None and name not in self._files else None
-        return AdapterInfo(name, name in self._loaded, relative)
+        with self._cond:
+            path = self._source(name)
+            relative = self.directory.relative(path) if self.directory is not None and name not in self._files else None
+            return AdapterInfo(name, name in self._loaded, relative)
 
     def refresh(self) -> None:
         if self.directory is not None:
