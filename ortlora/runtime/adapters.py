@@ -146,6 +146,11 @@ class Adapters:
             self._install_if_room(adapter)
         return adapter
 
+    def check(self, path: str | Path, name: str) -> None:
+        """Refuse file `path` as adapter `name` (AdapterInvalid) exactly as a registration would, keeping
+        nothing: for a process that registers files but holds no model to probe them (the Ray ingress)."""
+        self._read(Path(path), name)
+
     def unregister(self, name: str) -> None:
         """Forget `name` now; its loaded version is dropped when the requests holding it end."""
         with self._cond:

@@ -1,0 +1,206 @@
+"""`ortlora serve` on Ray Serve (ortlora.serve.ray): a local Ray instance bound to 127.0.0.1, the tiny model and
+adapters of test_serve.py, 2 engine replicas with 1 thread each, against the single-process server and the
+reference decoder. Requests go through Ray Serve's HTTP proxy like any client's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from test_serve import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, reference, setup  # noqa: F401 (fixtures)
+
+from ortlora.serve.ray import APP_NAME, ENGINE, build_app
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = ["--max-batch", "8", "--max-queue", "16", "--max-loaded-adapters", "5", "--threads", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(pred, what: str, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = pred()
+        if out:
+            return out
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ray_server(setup):
+    # the replicas' processes import ortlora from this checkout
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, object_store_memory=80 << 20,
+             log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model": str(setup["folder"]), "adapters": str(setup["adapters"]),
+                             "tenants": str(setup["tenants"]), "replicas": "2", "threads": 1, "max_batch": 8,
+                             "max_queue": 16, "max_loaded_adapters": 5, "model_name": "base"}), name=APP_NAME)
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _get(url, "/health").status_code == 200, "the ingress to see its replicas")
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    s = ServerProcess(setup["folder"], "--adapters", str(setup["adapters"]), "--tenants", str(setup["tenants"]),
+                      *OPTIONS, log=setup["root"] / "single.log")
+    yield s.url
+    s.stop()
+
+
+def _get(url: str, path: str, key: str | None = ADMIN) -> httpx.Response:
+    try:
+        return httpx.get(url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+    except httpx.TransportError as exc:
+        return httpx.Response(599, text=str(exc))
+
+
+def _post(url: str, path: str, body: dict, key: str | None = ADMIN) -> httpx.Response:
+    return httpx.post(url + path, json=body, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=120)
+
+
+def _greedy(model: str, prompt: str, tokens: int = TOKENS) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
+
+def _replicas() -> list:
+    """Every engine replica's state (pid, loaded adapters, metrics), asked through Ray directly."""
+    handle = serve.get_deployment_handle(ENGINE, APP_NAME)
+    return [s for s in handle.broadcast("state").results(timeout_s=30, return_exceptions=True)
+            if not isinstance(s, Exception)]
+
+
+def _samples(text: str, name: str) -> list[dict[str, str]]:
+    """The label sets of metric `name`'s samples whose value is not 0."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and not line.endswith(" 0"):
+            labels = line[len(name) + 1: line.rindex("}")]
+            out.append(dict(part.split("=", 1) for part in labels.replace('"', "").split(",")))
+    return out
+
+
+def test_ray_equals_single_process_and_keeps_adapters_on_one_replica(ray_server, single, reference):
+    adapters = ["a1", "a2", "a3", "a4"]
+    for name in adapters:  # one request each first: traffic that lets the router learn where each adapter is
+        assert _post(ray_server, "/v1/completions", _greedy(name, PROMPTS[0])).status_code == 200
+    time.sleep(1.0)
+    bodies = [_greedy(adapters[i % 4], PROMPTS[i // 4 % 2], TOKENS + i % 3) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        through_ray = list(pool.map(lambda b: _post(ray_server, "/v1/completions", b), bodies))
+        direct = list(pool.map(lambda b: _post(single, "/v1/completions", b), bodies))
+    for body, r, d in zip(bodies, through_ray, direct):
+        assert r.status_code == d.status_code == 200, (r.text, d.text)
+        assert r.json()["choices"][0]["text"] == d.json()["choices"][0]["text"]
+        assert r.json()["usage"] == d.json()["usage"]
+    assert through_ray[0].json()["choices"][0]["text"] == reference("a1", PROMPTS[0])
+
+    # streamed: the same text, piece by piece, through the proxy
+    r = httpx.post(ray_server + "/v1/completions", json={**_greedy("a2", PROMPTS[1]), "stream": True},
+                   headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
+    pieces = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert len(pieces) == TOKENS and r.text.rstrip().endswith("data: [DONE]")
+    assert "".join(p["choices"][0]["text"] for p in pieces) == reference("a2", PROMPTS[1])
+
+    # each adapter was loaded on one replica only, and all its requests went there (the replicas' metrics)
+    metrics = _get(ray_server, "/metrics").text
+    loaded = _samples(metrics, "ortlora_replica_adapter_loaded")
+    served = _samples(metrics, "ortlora_adapter_requests_total")
+    assert {s["replica"] for s in loaded} == {s.replica for s in _replicas()}  # both replicas took adapters
+    for name in adapters:
+        assert len([s for s in loaded if s["adapter"] == name]) == 1, (name, loaded)
+        assert len({s["replica"] for s in served if s["adapter"] == name}) == 1, (name, served)
+    assert "# TYPE ortlora_requests_total counter" in metrics and 'replica="ingress"' in metrics
+
+
+def test_ray_tenants_answer_as_the_single_process(ray_server, single):
+    cases = [("/v1/completions", _greedy("a1", "hi"), None), ("/v1/completions", _greedy("a1", "hi"), "wrong"),
+             ("/v1/completions", _greedy("a3", "hi"), ACME), ("/v1/completions", _greedy("a1", "hi"), BETA),
+             ("/v1/completions", _greedy("base", "hi"), ACME), ("/v1/completions", _greedy("nope", "hi"), ADMIN),
+             ("/v1/completions", {**_greedy("a1", "hi"), "max_tokens": 10 ** 6}, ADMIN)]
+    for path, body, key in cases:
+        r, d = _post(ray_server, path, body, key), _post(single, path, body, key)
+        assert (r.status_code, r.json()) == (d.status_code, d.json()), (key, body)
+        assert r.status_code in (400, 401, 404)
+    for path, key in (("/v1/models", ACME), ("/v1/adapters", BETA), ("/metrics", ACME), ("/v1/models/a4", ACME)):
+        r, d = _get(ray_server, path, key), _get(single, path, key)
+        assert r.status_code == d.status_code, path
+        if path.startswith("/v1/"):
+            assert r.json() == d.json() or r.status_code != 200 or path == "/v1/adapters" and \
+                [a["name"] for a in r.json()["data"]] == [a["name"] for a in d.json()["data"]]
+
+
+def test_ray_upload_reaches_every_replica_and_delete_unloads_everywhere(ray_server, setup, reference):
+    data = (setup["adapters"] / "a3.onnx_adapter").read_bytes()
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(ray_server + "/v1/adapters", data={"name": "b-up"}, files={"file": ("x", data)}, headers=headers)
+    assert r.status_code == 200, r.text
+    try:
+        body = _greedy("b-up", PROMPTS[0])
+        assert _post(ray_server, "/v1/completions", body, BETA).json()["choices"][0]["text"] == \
+            reference("a3", PROMPTS[0])
+        assert any("b-up" in s.loaded for s in _replicas())
+        bad = httpx.post(ray_server + "/v1/adapters", data={"name": "b-bad"}, files={"file": ("x", b"junk")},
+                         headers=headers)
+        assert bad.status_code == 400 and not (setup["adapters"] / "b-bad.onnx_adapter").exists()
+    finally:
+        assert httpx.delete(ray_server + "/v1/adapters/b-up", headers=headers).status_code == 200
+    assert not (setup["adapters"] / "b-up.onnx_adapter").exists()
+    assert not any("b-up" in s.loaded for s in _replicas())
+    assert _post(ray_server, "/v1/completions", body, BETA).status_code == 404
+
+
+def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(ray_server, reference):
+    long = {**_greedy("a1", PROMPTS[1], 600), "stream": True}
+    states = _replicas()
+    victim = next(s for s in states if "a1" in s.loaded)
+    other = next(s for s in states if s.replica != victim.replica)
+    survivor = next(a for a in ("a2", "a3", "a4") if a in other.loaded)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+
+    def stream(body):
+        with httpx.stream("POST", ray_server + "/v1/completions", json=body, headers=headers, timeout=120) as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 6 and body["model"] == "a1":
+                    os.kill(victim.pid, signal.SIGKILL)  # mid-stream, the headers long gone
+            return r.status_code, lines
+
+    with ThreadPoolExecutor(2) as pool:
+        killed = pool.submit(stream, long)
+        time.sleep(0.5)
+        unaffected = pool.submit(stream, {**_greedy(survivor, PROMPTS[0], 40), "stream": True})
+        status, lines = killed.result(timeout=120)
+        ok_status, ok_lines = unaffected.result(timeout=120)
+    assert status == 200
+    errors = [json.loads(line[6:]) for line in lines if line.startswith('data: {"error"')]
+    assert len(errors) == 1 and errors[0]["error"]["type"] == "service_unavailable", lines[-3:]
+    assert "stopped before it finished" in errors[0]["error"]["message"]
+    assert ok_status == 200 and ok_lines[-2:] == ["", "data: [DONE]"] or ok_lines[-1] == "data: [DONE]"
+
+    # Ray restarts the replica; the deployment serves a1 again, with the same output
+    _wait(lambda: len(_replicas()) == 2 and victim.pid not in {s.pid for s in _replicas()}, "the restarted replica")
+    r = _post(ray_server, "/v1/completions", _greedy("a1", PROMPTS[0]))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("a1", PROMPTS[0])
