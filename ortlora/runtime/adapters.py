@@ -157,7 +157,11 @@ class Adapters:
             if name in self._files:
                 del self._files[name]
             elif self.directory is not None:
-                self.directory.remove(name)  # AdapterNotFound
+                try:
+                    self.directory.remove(name)  # AdapterNotFound
+                except AdapterNotFound:
+                    if name not in self._loaded:  # a loaded one whose file went away (deleted by another
+                        raise  # process sharing the folder) is still let go
             else:
                 raise AdapterNotFound(f"adapter {name!r} does not exist")
             self._failed.pop(name, None)
