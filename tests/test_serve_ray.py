@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +47,7 @@ def _wait(pred, what: str, timeout: float = 90.0):
 def ray_server(setup):
     # the replicas' processes import ortlora from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, object_store_memory=80 << 20,
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, object_store_memory=80 << 20,
              log_to_driver=False)
     try:
         port = _free_port()
@@ -99,6 +101,35 @@ def _samples(text: str, name: str) -> list[dict[str, str]]:
             labels = line[len(name) + 1: line.rindex("}")]
             out.append(dict(part.split("=", 1) for part in labels.replace('"', "").split(",")))
     return out
+
+
+def test_cli_replicas_serves_on_its_own_local_ray_and_stops_on_sigterm(setup, reference):
+    """`ortlora serve --replicas 1`: a private Ray instance, the API on --port, SIGTERM ends it all (exit 0)."""
+    port = _free_port()
+    log = setup["root"] / "cli-ray.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "ortlora.cli", "serve", "-m", str(setup["folder"]),
+                             "--adapters", str(setup["adapters"]), "--replicas", "1", "--threads", "1",
+                             "--port", str(port), "--model-name", "base", "--log-level", "warning"],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: proc.poll() is not None or _get(url, "/health", None).status_code == 200, "the CLI's server",
+              timeout=120)
+        assert proc.poll() is None, log.read_text()
+        r = _post(url, "/v1/completions", _greedy("a4", PROMPTS[1]), None)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("a4", PROMPTS[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert code == 0, log.read_text()[-3000:]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
 
 
 def test_ray_equals_single_process_and_keeps_adapters_on_one_replica(ray_server, single, reference):
@@ -209,3 +240,12 @@ def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(r
     _wait(lambda: len(_replicas()) == 2 and victim.pid not in {s.pid for s in _replicas()}, "the restarted replica")
     r = _post(ray_server, "/v1/completions", _greedy("a1", PROMPTS[0]))
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference("a1", PROMPTS[0])
+
+    # with no replica up, the ingress answers 503 (not a hang) until Ray has restarted one
+    for state in _replicas():
+        os.kill(state.pid, signal.SIGKILL)
+    _wait(lambda: _get(ray_server, "/health").status_code == 503, "/health to say no replica is ready", 30)
+    r = _post(ray_server, "/v1/completions", _greedy("a1", PROMPTS[0]))
+    assert r.status_code == 503 and "no engine replica is ready" in r.json()["error"]["message"]
+    _wait(lambda: _get(ray_server, "/health").status_code == 200, "the replicas to come back")
+    assert _post(ray_server, "/v1/completions", _greedy("a2", PROMPTS[0])).status_code == 200

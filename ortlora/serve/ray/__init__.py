@@ -121,7 +121,7 @@ def serve_ray(args: AppArgs, *, host: str, port: int, ray_address: str | None = 
     if ray_address:
         ray.init(address=ray_address, logging_level=level)
     else:  # a private local instance, reachable only from this machine
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=level)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level=level)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
