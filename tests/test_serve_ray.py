@@ -47,8 +47,8 @@ def _wait(pred, what: str, timeout: float = 90.0):
 def ray_server(setup):
     # the replicas' processes import ortlora from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, object_store_memory=80 << 20,
-             log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4,
+             object_store_memory=80 << 20, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

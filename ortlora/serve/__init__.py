@@ -32,9 +32,9 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
     if replicas is not None or ray_address is not None:
         from ortlora.serve.ray import AppArgs, serve_ray  # ray is imported only here
 
-        args = AppArgs.parse(dict(model=str(model), adapters=adapters and str(adapters), tenants=tenants and str(tenants),
-                                  replicas=replicas or "1", threads=threads, max_batch=max_batch,
-                                  max_loaded_adapters=max_loaded_adapters, max_queue=max_queue,
+        args = AppArgs.parse(dict(model=str(model), adapters=adapters and str(adapters),
+                                  tenants=tenants and str(tenants), replicas=replicas or "1", threads=threads,
+                                  max_batch=max_batch, max_loaded_adapters=max_loaded_adapters, max_queue=max_queue,
                                   max_model_len=max_model_len, model_name=model_name, prefill_chunk=prefill_chunk,
                                   provider=provider))
         return serve_ray(args, host=host, port=port, ray_address=ray_address, log_level=log_level)

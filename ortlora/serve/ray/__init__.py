@@ -109,13 +109,31 @@ def build_app(args: dict):
                                      tenants=absolute["tenants"]))
 
 
+def check(args: AppArgs) -> None:
+    """What would make every replica fail to start, refused before Ray starts: the model folder, the adapters
+    folder, the tenants file."""
+    from ortlora.model_folder import ModelInfo
+    from ortlora.runtime.adapter_dir import AdapterDirectory
+    from ortlora.serve.tenants import Tenants
+
+    ModelInfo.read(args.model)
+    if args.adapters:
+        AdapterDirectory(args.adapters)
+    if args.tenants:
+        Tenants.load(args.tenants)
+
+
 def serve_ray(args: AppArgs, *, host: str, port: int, ray_address: str | None = None,
               log_level: str = "info") -> int:
     """Start (or join, with `ray_address`) Ray, run the application on host:port until SIGINT/SIGTERM, then shut
     Serve down (replicas drain) and leave Ray."""
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise OrtloraError("--replicas needs Ray Serve: pip install 'ortlora[ray]'") from None
 
+    check(args)
     app = build_app(args)
     level = getattr(logging, log_level.upper())
     if ray_address:

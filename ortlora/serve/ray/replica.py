@@ -3,10 +3,10 @@ thread, continuous mixed-adapter batching, the fair queue across tenants), drive
 Serve handle with the adapter's name as the multiplexed model id.
 
     ingress ── handle.options(multiplexed_model_id=NAME, stream=True).generate.remote(Work) ──> replica
-                                                                                                 │ _hold(NAME): multiplexing's LRU
-                                                                                                 │ _sync: the file version the ingress saw
-                                                                                                 ▼ jobs on its Server's scheduler
-    ingress <── lists of Events (errors as Failure) ──────────────────────────────────────────────┘
+                                               _hold(NAME): multiplexing's LRU and routing info │
+                                        _sync: the file version the ingress resolved for NAME │
+                                                        jobs_.start: jobs on its Server's scheduler ▼
+    ingress <── lists of Events (errors as Failure) ─────────────────────────────────────────── replica
 
 Adapters: every replica opens the same adapters directory (shared storage in a cluster) and finds files on first
 use; the ingress owns registrations and sends each request's file and version, and broadcasts deletes (`forget`).
