@@ -21,7 +21,9 @@ from ray import serve
 
 from test_serve import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, reference, setup  # noqa: F401 (fixtures)
 
-from ortlora.serve.ray import APP_NAME, ENGINE, build_app
+from ortlora.errors import OrtloraError
+from ortlora.serve.ray import APP_NAME, ENGINE, AppArgs, build_app
+from ortlora.serve.ray.ingress import merge_expositions
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--max-batch", "8", "--max-queue", "16", "--max-loaded-adapters", "5", "--threads", "1"]
@@ -136,6 +138,7 @@ def test_ray_equals_single_process_and_keeps_adapters_on_one_replica(ray_server,
     adapters = ["a1", "a2", "a3", "a4"]
     for name in adapters:  # one request each first: traffic that lets the router learn where each adapter is
         assert _post(ray_server, "/v1/completions", _greedy(name, PROMPTS[0])).status_code == 200
+        time.sleep(0.3)  # replicas push their adapters to the router every 0.1 s
     time.sleep(1.0)
     bodies = [_greedy(adapters[i % 4], PROMPTS[i // 4 % 2], TOKENS + i % 3) for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
@@ -204,6 +207,17 @@ def test_ray_upload_reaches_every_replica_and_delete_unloads_everywhere(ray_serv
     assert _post(ray_server, "/v1/completions", body, BETA).status_code == 404
 
 
+def test_ray_client_leaving_mid_stream_frees_the_replicas_slot(ray_server):
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.stream("POST", ray_server + "/v1/completions", json={**_greedy("a2", PROMPTS[1], 600), "stream": True},
+                      headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert sum(s.running for s in _replicas()) == 1
+    _wait(lambda: sum(s.running for s in _replicas()) == 0, "the replica to drop the abandoned request", 20)
+
+
 def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(ray_server, reference):
     long = {**_greedy("a1", PROMPTS[1], 600), "stream": True}
     states = _replicas()
@@ -249,3 +263,32 @@ def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(r
     assert r.status_code == 503 and "no engine replica is ready" in r.json()["error"]["message"]
     _wait(lambda: _get(ray_server, "/health").status_code == 200, "the replicas to come back")
     assert _post(ray_server, "/v1/completions", _greedy("a2", PROMPTS[0])).status_code == 200
+
+
+def test_example_config_in_the_docs_is_a_valid_serve_config(setup):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (ROOT / "docs" / "ray.md").read_text()
+    config = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    app = ServeDeploySchema.model_validate(config).applications[0]
+    assert app.import_path == "ortlora.serve.ray:build_app"
+    args = AppArgs.parse(app.args)
+    assert args.scaling() == {"autoscaling_config": {"min_replicas": 2, "max_replicas": 8,
+                                                     "target_ongoing_requests": 16}}
+    with pytest.raises(OrtloraError, match="unknown argument 'replica'.*threads must be an integer"):
+        AppArgs.parse({"model": "m", "replica": 2, "threads": "four"})
+
+
+def test_merged_metrics_label_every_sample_with_its_replica():
+    header = "# HELP x_total x\n# TYPE x_total counter\n"
+    text = merge_expositions([("ingress", header + "x_total 3\n"),
+                              ("r1", header + 'x_total{a="b c"} 1\n# TYPE g gauge\ng 2\n')])
+    assert text.splitlines() == ["# HELP x_total x", "# TYPE x_total counter", 'x_total{replica="ingress"} 3',
+                                 'x_total{replica="r1",a="b c"} 1', "# TYPE g gauge", 'g{replica="r1"} 2']
+
+
+def test_single_process_server_does_not_import_ray():
+    code = ("import sys, ortlora.serve, ortlora.serve.app, ortlora.serve.server, ortlora.serve.cli; "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
