@@ -141,8 +141,11 @@ class EngineReplica:
         s = self.server
         return EngineInfo(s.model_name, s.version, s.created, s.context_length, s.vocab_size, s.max_token_chars)
 
-    def check(self, source: str, name: str) -> Failure | None:
+    async def check(self, source: str, name: str) -> Failure | None:
         """Whether file `source` (in the adapters directory) would be accepted as adapter `name`."""
+        return await run_in_threadpool(self._check, source, name)  # it runs the model: off the replica's loop
+
+    def _check(self, source: str, name: str) -> Failure | None:
         directory = self.server.adapters.directory
         try:
             if directory is None:
