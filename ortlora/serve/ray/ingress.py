@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -37,14 +38,16 @@ START_TIMEOUT_S = 600.0
 POLL_S = 1.0  # how often the ingress asks every replica for its state (readiness, load, loaded adapters)
 
 
-class Frontend:
-    """What app.py's handlers use (the `Server` interface) in the Ray ingress."""
+class Frontend(Server):
+    """What app.py's handlers use in the Ray ingress: a `Server` without an engine. It inherits the translation of a
+    request (sampling parameters), so the two stay one code, and replaces every part that touches an engine or
+    adapter weights (`Server.__init__` is not called: there is no engine here to build)."""
 
-    sampling_params = Server.sampling_params
-
-    def __init__(self, engine, info: EngineInfo, model: str, adapters: str | None, tenants: str | None,
+    def __init__(self, replicas, info: EngineInfo, model: str, adapters: str | None, tenants: str | None,
                  max_body_bytes: int = 16 << 20, max_upload_bytes: int = 1 << 30, max_choices: int = 64):
-        self.engine = engine  # DeploymentHandle of the engine replicas
+        self.replicas = replicas  # DeploymentHandle of the engine replicas
+        self.folder = Path(model)
+        self.eos_ids = info.eos_ids
         self.model_name, self.version, self.created = info.model_name, info.version, info.created
         self.context_length, self.vocab_size, self.max_token_chars = (info.context_length, info.vocab_size,
                                                                       info.max_token_chars)
@@ -70,7 +73,7 @@ class Frontend:
 
     def poll(self) -> list[ReplicaState]:
         """Every live replica's state (a replica that does not answer in time counts as not ready)."""
-        answers = self.engine.broadcast("state").results(timeout_s=5 * POLL_S, return_exceptions=True)
+        answers = self.replicas.broadcast("state").results(timeout_s=5 * POLL_S, return_exceptions=True)
         return sorted((a for a in answers if isinstance(a, ReplicaState)), key=lambda s: s.replica)
 
     def _poll(self) -> None:
@@ -82,6 +85,12 @@ class Frontend:
                 self.states = []
             if self._stop.wait(POLL_S):
                 return
+
+    def acquire(self, name: str | None):
+        raise APIError(400, "this request needs adapter weights in the ingress, which holds none with --replicas")
+
+    def release(self, adapter) -> None:
+        pass
 
     # -- adapters: registrations in the shared directory ----------------------------------------------------------
     def _need_directory(self) -> AdapterDirectory:
@@ -109,7 +118,7 @@ class Frontend:
 
     def _check(self, path, name: str) -> None:
         """Refuse a file as a registration would: parsed, fitted and probed by a replica, which holds the model."""
-        failure = self.engine.check.remote(self.directory.relative(path), name).result(timeout_s=120)
+        failure = self.replicas.check.remote(self.directory.relative(path), name).result(timeout_s=120)
         if failure is not None:
             raise failure.error()
 
@@ -127,7 +136,7 @@ class Frontend:
 
     def remove_adapter(self, name: str) -> None:
         self._need_directory().remove(name)  # hidden here; a file uploaded through the API is deleted
-        answers = self.engine.broadcast("forget", name).results(timeout_s=30, return_exceptions=True)
+        answers = self.replicas.broadcast("forget", name).results(timeout_s=30, return_exceptions=True)
         for answer in answers:
             if isinstance(answer, Exception):  # that replica is gone: its successor never loaded it
                 log.warning("replica did not unload %r: %s", name, answer)
@@ -146,7 +155,7 @@ class Frontend:
         work = Work(adapter, source, version, prompts, n, list(params), tenant)
         events = JobEvents()
         options = {"stream": True} if adapter is None else {"stream": True, "multiplexed_model_id": adapter}
-        stream = RemoteStream(self.engine.options(**options).generate.remote(work), events)
+        stream = RemoteStream(self.replicas.options(**options).generate.remote(work), events)
         return Jobs([RemoteJob(i, prompts[i // n], stream) for i in range(len(params))], events)
 
 
@@ -252,9 +261,9 @@ def _version(path) -> tuple:
 class Ingress:
     """The ingress deployment: app.py's app over a Frontend."""
 
-    async def __init__(self, engine, config: dict):
-        info = await asyncio.wait_for(engine.describe.remote(), START_TIMEOUT_S)  # a first replica is up
-        self.frontend = Frontend(engine, info, **config)
+    async def __init__(self, replicas, config: dict):
+        info = await asyncio.wait_for(replicas.describe.remote(), START_TIMEOUT_S)  # a first replica is up
+        self.frontend = Frontend(replicas, info, **config)
 
     def __serve_build_asgi_app__(self):
         from ortlora.serve.app import create_app

@@ -65,6 +65,7 @@ class EngineInfo:
     context_length: int
     vocab_size: int
     max_token_chars: int
+    eos_ids: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ class EngineReplica:
     # -- control plane (the ingress; broadcast to every replica where it says so) --------------------------------
     def describe(self) -> EngineInfo:
         s = self.server
-        return EngineInfo(s.model_name, s.version, s.created, s.context_length, s.vocab_size, s.max_token_chars)
+        return EngineInfo(s.model_name, s.version, s.created, s.context_length, s.vocab_size, s.max_token_chars,
+                          s.eos_ids)
 
     async def check(self, source: str, name: str) -> Failure | None:
         """Whether file `source` (in the adapters directory) would be accepted as adapter `name`."""
