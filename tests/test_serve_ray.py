@@ -206,6 +206,18 @@ def test_ray_upload_reaches_every_replica_and_delete_unloads_everywhere(ray_serv
     assert not any("b-up" in s.loaded for s in _replicas())
     assert _post(ray_server, "/v1/completions", body, BETA).status_code == 404
 
+    # registered by path under another name: the replica serving it registers that file too; a delete leaves the
+    # file (placed by hand) and its own name alone
+    r = _post(ray_server, "/v1/adapters", {"name": "b-path", "path": "a4.onnx_adapter"})
+    assert r.status_code == 200, r.text
+    body = _greedy("b-path", PROMPTS[1])
+    assert _post(ray_server, "/v1/completions", body, BETA).json()["choices"][0]["text"] == \
+        reference("a4", PROMPTS[1])
+    assert httpx.delete(ray_server + "/v1/adapters/b-path", headers=headers).status_code == 200
+    assert _post(ray_server, "/v1/completions", body, BETA).status_code == 404
+    assert (setup["adapters"] / "a4.onnx_adapter").exists()
+    assert _post(ray_server, "/v1/completions", _greedy("a4", PROMPTS[1]), BETA).status_code == 200
+
 
 def test_ray_client_leaving_mid_stream_frees_the_replicas_slot(ray_server):
     headers = {"Authorization": f"Bearer {ADMIN}"}

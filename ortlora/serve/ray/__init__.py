@@ -125,8 +125,8 @@ def check(args: AppArgs) -> None:
 
 def serve_ray(args: AppArgs, *, host: str, port: int, ray_address: str | None = None,
               log_level: str = "info") -> int:
-    """Start (or join, with `ray_address`) Ray, run the application on host:port until SIGINT/SIGTERM, then shut
-    Serve down (replicas drain) and leave Ray."""
+    """Start (or join, with `ray_address`) Ray, run the application on host:port until SIGINT/SIGTERM, then take
+    it down (replicas drain; on a private instance Serve and Ray stop too)."""
     try:
         import ray
         from ray import serve
@@ -155,7 +155,10 @@ def serve_ray(args: AppArgs, *, host: str, port: int, ray_address: str | None = 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
-            serve.shutdown()
+            if ray_address:  # a shared cluster: only this application goes (its replicas drain)
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
         finally:
             ray.shutdown()
     return 0
