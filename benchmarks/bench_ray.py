@@ -4,13 +4,13 @@ Ray's own overhead, on the random Qwen2.5-0.5B-shaped model of bench_serve.py (f
     python benchmarks/bench_ray.py [--workdir /tmp/ortlora-bench-serve] [--repeats 2]
 
 Every configuration is a real `ortlora serve` process (the Ray ones each start their own local Ray instance):
-    single x2   the single-process server, 2 onnxruntime threads
-    single x1   the same with 1 thread (the baseline of Ray's overhead)
-    ray 1x1     1 engine replica x 1 thread
-    ray 2x1     2 engine replicas x 1 thread
+    single-x2   the single-process server, 2 onnxruntime threads
+    single-x1   the same with 1 thread (the baseline of Ray's overhead)
+    ray-1x1     1 engine replica x 1 thread
+    ray-2x1     2 engine replicas x 1 thread
 Measured: 16 concurrent streamed requests spread over 8 rank-16 adapters (32-token prompts, 64 new tokens, greedy,
 ignore EOS), aggregate tokens/s and time to first token; and the latency of a 1-token request (p50 of 20 in a row,
-one adapter), whose difference between `ray 1x1` and `single x1` is what Ray adds per request.
+one adapter), whose difference between `ray-1x1` and `single-x1` is what Ray adds per request.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench_serve import N_ADAPTERS, NEW, PROMPT, _wave, best, prepare, prompts  
 import bench_serve  # noqa: E402
 
 CONCURRENT = 16
-CONFIGS = {"single x2": [], "single x1": [], "ray 1x1": ["--replicas", "1"], "ray 2x1": ["--replicas", "2"]}
+CONFIGS = {"single-x2": [], "single-x1": [], "ray-1x1": ["--replicas", "1"], "ray-2x1": ["--replicas", "2"]}
 
 
 def start(folder: Path, adapters: Path, name: str, log: Path) -> tuple[subprocess.Popen, str]:
@@ -41,7 +41,7 @@ def start(folder: Path, adapters: Path, name: str, log: Path) -> tuple[subproces
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    threads = "2" if name == "single x2" else "1"
+    threads = "2" if name == "single-x2" else "1"
     proc = subprocess.Popen([sys.executable, "-m", "ortlora.cli", "serve", "-m", str(folder), "--adapters",
                              str(adapters), "--port", str(port), "--max-batch", str(CONCURRENT), "--threads", threads,
                              "--max-model-len", str(PROMPT + NEW + 8), "--log-level", "warning", *CONFIGS[name]],
@@ -111,7 +111,7 @@ def main() -> None:
           f"{PROMPT}-token prompts, {NEW} new tokens")
     print(f"{'config':<10} {'tok/s':>7} {'ttft p50':>9} {'ttft p99':>9} {'1-token req':>12}")
     for name in a.configs:
-        r = bench(folder, adapters, name, vocab, work / f"bench-ray-{name.replace(' ', '-')}.log")
+        r = bench(folder, adapters, name, vocab, work / f"bench-ray-{name}.log")
         print(f"{name:<10} {r['tok/s']:7.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s {r['1tok_ms']:10.1f}ms",
               flush=True)
 
