@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
-from ray import serve
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray's import: Ray listens on 127.0.0.1 only
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
 from test_serve import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, reference, setup  # noqa: F401 (fixtures)
 
@@ -49,7 +51,7 @@ def _wait(pred, what: str, timeout: float = 90.0):
 def ray_server(setup):
     # the replicas' processes import ortlora from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4,
+    ray.init(address="local", include_dashboard=False, num_cpus=4,
              object_store_memory=80 << 20, log_to_driver=False)
     try:
         port = _free_port()
@@ -135,6 +137,7 @@ def test_cli_replicas_serves_on_its_own_local_ray_and_stops_on_sigterm(setup, re
 
 
 def test_ray_equals_single_process_and_keeps_adapters_on_one_replica(ray_server, single, reference):
+    assert ray.util.get_node_ip_address() == "127.0.0.1"  # the local instance is reachable from here only
     adapters = ["a1", "a2", "a3", "a4"]
     for name in adapters:  # one request each first: traffic that lets the router learn where each adapter is
         assert _post(ray_server, "/v1/completions", _greedy(name, PROMPTS[0])).status_code == 200

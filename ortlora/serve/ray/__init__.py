@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 from ortlora.errors import OrtloraError
 
 APP_NAME = "ortlora"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes bind 127.0.0.1 only
 INGRESS, ENGINE = "OrtloraIngress", "OrtloraEngine"
 log = logging.getLogger("ortlora.serve")
 
@@ -127,6 +129,10 @@ def serve_ray(args: AppArgs, *, host: str, port: int, ray_address: str | None = 
               log_level: str = "info") -> int:
     """Start (or join, with `ray_address`) Ray, run the application on host:port until SIGINT/SIGTERM, then take
     it down (replicas drain; on a private instance Serve and Ray stop too)."""
+    if not ray_address:
+        # Ray's single-machine mode: every Ray process listens on 127.0.0.1 (a node address of 127.0.0.1 alone
+        # is swapped for the machine's routable one); read when ray is imported, inherited by its processes
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
         from ray import serve
@@ -139,7 +145,7 @@ def serve_ray(args: AppArgs, *, host: str, port: int, ray_address: str | None = 
     if ray_address:
         ray.init(address=ray_address, logging_level=level)
     else:  # a private local instance, reachable only from this machine
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level=level)
+        ray.init(address="local", include_dashboard=False, logging_level=level)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
