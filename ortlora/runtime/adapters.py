@@ -148,13 +148,22 @@ class Adapters:
             self._install_if_room(adapter)
         return adapter
 
+    def check(self, path: str | Path, name: str) -> None:
+        """Refuse file `path` as adapter `name` (AdapterInvalid) exactly as a registration would, keeping
+        nothing: for a process that registers files but holds no model to probe them (the Ray ingress)."""
+        self._read(Path(path), name)
+
     def unregister(self, name: str) -> None:
         """Forget `name` now; its loaded version is dropped when the requests holding it end."""
         with self._cond:
             if name in self._files:
                 del self._files[name]
             elif self.directory is not None:
-                self.directory.remove(name)  # AdapterNotFound
+                try:
+                    self.directory.remove(name)  # AdapterNotFound
+                except AdapterNotFound:
+                    if name not in self._loaded:  # a loaded one whose file went away (deleted by another
+                        raise  # process sharing the folder) is still let go
             else:
                 raise AdapterNotFound(f"adapter {name!r} does not exist")
             self._failed.pop(name, None)

@@ -37,6 +37,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default=None,
                    help="run on this execution provider (cpu, cuda, dml, ...) instead of the one genai_config.json "
                         "names; --provider cpu runs a GPU-exported folder on the CPU (default: genai_config.json's)")
+    p.add_argument("--replicas", default=None, metavar="N|MIN:MAX",
+                   help="serve on Ray Serve with N engine replicas (MIN:MAX: autoscaled on ongoing requests), each "
+                        "request routed to a replica holding its adapter; needs ortlora[ray]")
+    p.add_argument("--ray-address", default=None,
+                   help="with --replicas: join this Ray cluster (default: start a local Ray instance on 127.0.0.1)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,4 +51,5 @@ def main(args: argparse.Namespace) -> int:
                  max_loaded_adapters=args.max_loaded_adapters, max_queue=args.max_queue,
                  max_model_len=args.max_model_len, tenants=args.tenants, model_name=args.model_name,
                  threads=args.threads, insecure_no_auth=args.insecure_no_auth, log_level=args.log_level,
-                 prefill_chunk=args.prefill_chunk, provider=args.provider)
+                 prefill_chunk=args.prefill_chunk, provider=args.provider,
+                 replicas=args.replicas, ray_address=args.ray_address)

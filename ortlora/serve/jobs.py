@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ortlora.errors import OrtloraError
+from ortlora.runtime.sampling import SamplingParams
 from ortlora.serve import protocol as P
 from ortlora.serve.openai_compat import (FINGERPRINT, Output, TokenText, chat_logprobs_json,
                                         completion_logprobs)
@@ -44,6 +45,14 @@ class JobEvents:
         ev = await self.peek()
         self._head = None
         return ev
+
+    def ready(self) -> list[Event]:
+        """The events already queued, without waiting (after `get`: a replica sends them in one message)."""
+        out = [] if self._head is None else [self._head]
+        self._head = None
+        while not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
 
 
 class Jobs(list):
@@ -135,6 +144,13 @@ async def submit(server, body, adapter: str | None, prompts: list[list[int]], ma
                   for limit in limits for j in range(n)]
     except OrtloraError as exc:
         raise APIError(400, str(exc)) from None
+    # the engine client: this process's scheduler (Server) or a Ray replica (ortlora.serve.ray)
+    return await server.start_jobs(adapter, prompts, n, params, tenant)
+
+
+async def start(server, adapter: str | None, prompts: list[list[int]], n: int, params: list[SamplingParams],
+                tenant: str) -> Jobs:
+    """Queue one job per (prompt, choice) on this process's scheduler, each holding its adapter."""
     events = JobEvents()
     leases = []
     try:

@@ -15,6 +15,7 @@ from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
+from ortlora.serve import jobs as jobs_
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError
 from ortlora.serve.metrics import Metrics
@@ -109,6 +110,12 @@ class Server:
     def adapter_info(self, name: str) -> P.AdapterInfo:
         info = self.adapters.info(name)
         return P.AdapterInfo(name=info.name, loaded=info.loaded, path=info.path)
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    async def start_jobs(self, adapter: str | None, prompts: list[list[int]], n: int, params: list[SamplingParams],
+                         tenant: str):
+        """The engine client's one call (see ortlora.serve.jobs.submit): jobs on this process's scheduler."""
+        return await jobs_.start(self, adapter, prompts, n, params, tenant)
 
     # -- requests -----------------------------------------------------------------------------------------------
     def sampling_params(self, body, max_new_tokens: int, seed: int | None) -> SamplingParams:
