@@ -155,17 +155,16 @@ class Engine:
         self.lora_inputs = model_lora_inputs(proto)
         # int4 decode gains from weights on huge pages, fp32 nothing (benchmarks/NOTES.md#huge-pages)
         self._huge_pages = any(n.op_type == "MatMulNBits" for n in proto.graph.node)
+        # the mixed graph serves every run (one session, one copy of the weights); given as bytes, with the external
+        # data found where the folder's files resolve to (a folder of symlinks loads too)
+        model = combined.engine_model(self.model_path, self.lora_inputs) if self.lora_inputs else proto
         del proto
         so = session_options(self.threads)
-        if self.lora_inputs:  # the mixed graph serves every run: one session, one copy of the weights
-            model = combined.engine_model(self.model_path, self.lora_inputs)
-            data = combined.relocate_external_data(model, self.folder)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
-            # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
-            self._single = _Graph(self._session(model.SerializeToString(), so))
-            del model
-        else:
-            self._single = _Graph(self._session(str(self.model_path), so))
+        data = combined.relocate_external_data(model, self.folder)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
+        # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
+        self._single = _Graph(self._session(model.SerializeToString(), so))
+        del model
         self._one_slot: dict[int, dict[str, np.ndarray]] = {}  # per row count: the index inputs of a one-slot run
         past = {i.name: i for i in self._single.session.get_inputs()}
         first = self.info.kv_names()[0][0]
