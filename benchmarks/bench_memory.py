@@ -6,7 +6,8 @@ mixed-adapter batches, next to the size of model.onnx.data and the KV actually i
 FOLDER: an exported folder with LoRA inputs; ADAPTER_DIR: its .onnx_adapter files (8 are used). Each run is a fresh
 batch: 32-token prompts prefilled, 2 decode steps to warm up, then `--steps` timed decode steps. To compare two
 versions of the code, run it twice with PYTHONPATH pointing at each (the script imports whichever `ortlora` wins).
-Prints one JSON line: rss_mb after load / after each run / peak, tok/s per run, weights_mb, kv_mb per run.
+Prints one JSON line: rss_mb after load / after each run / peak, tok/s per run (wall clock), cpu_ms per step
+(process CPU time: with `--threads 1` it is the step's work, whatever else the machine runs), weights_mb, kv_mb.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 PROMPT = 32
-RUNS = [("single", 1, 1), ("same8", 8, 1), ("mixed8", 8, 8), ("mixed16", 16, 8)]  # name, rows, adapters
+RUNS = [("base", 1, 0), ("single", 1, 1), ("same8", 8, 1), ("mixed8", 8, 8), ("mixed16", 16, 8)]  # rows, adapters
 
 
 def rss_mb() -> float:
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     kv_token = sum(a.nbytes for a in engine.kv.values()) / (engine.slots * engine.max_len)
     rng = np.random.default_rng(0)
     for name, rows, n_adapters in RUNS:
-        held = [model.adapters.acquire(names[i % n_adapters]) for i in range(rows)]
+        held = [model.adapters.acquire(names[i % n_adapters]) if n_adapters else None for i in range(rows)]
         slots = [engine.acquire_slot() for _ in range(rows)]
         try:
             prompts = rng.integers(0, engine.info.vocab_size, (rows, PROMPT)).tolist()
@@ -71,10 +72,10 @@ def main(argv=None) -> None:
             step = [Row(s, [1], a) for s, a in zip(slots, held)]
             for _ in range(2):
                 engine.decode(step)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 engine.decode(step)
-            dt = time.perf_counter() - t
+            dt, cpu = time.perf_counter() - t, time.process_time() - cpu
         finally:
             for s in slots:
                 engine.release_slot(s)
@@ -82,6 +83,7 @@ def main(argv=None) -> None:
                 model.adapters.release(a)
         out[f"{name}_tok_s"] = round(rows * args.steps / dt, 1)
         out[f"{name}_step_ms"] = round(1e3 * dt / args.steps, 1)
+        out[f"{name}_cpu_ms"] = round(1e3 * cpu / args.steps, 2)
         out[f"rss_after_{name}_mb"] = round(rss_mb())
         out[f"kv_{name}_mb"] = round(kv_token * rows * (PROMPT + args.steps + 2) / 1e6, 1)
     out["peak_rss_mb"] = round(peak_mb())

@@ -107,3 +107,15 @@ def test_prefix_cache_keeps_namespaces_apart_and_its_bound(lora):
     m.adapters.unload("a1")
     m.complete([[1, 2]], [None], max_new_tokens=1)  # the engine lets go of unloaded adapters between steps
     assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_tenants_share_prefix_cache_only_when_both_allow_it(tmp_path):
+    from ortlora.serve.tenants import Tenants
+
+    path = tmp_path / "tenants.toml"
+    path.write_text("\n".join(f'[tenants.{n}]\napi_key_sha256 = ["{c * 64}"]\nshare_prefix_cache = {s}\n'
+                              for n, c, s in (("a", "1", "true"), ("b", "2", "true"), ("c", "3", "false"))))
+    tenants = Tenants.load(path)
+    assert tenants.cache_namespace("a") == tenants.cache_namespace("b")
+    assert len({tenants.cache_namespace(t) for t in ("a", "c", "unknown")}) == 3
+    assert Tenants.open().cache_namespace("anonymous") != tenants.cache_namespace("a")
