@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from ortlora.adapters.convert import convert_adapter
@@ -119,3 +120,67 @@ def test_tenants_share_prefix_cache_only_when_both_allow_it(tmp_path):
     assert tenants.cache_namespace("a") == tenants.cache_namespace("b")
     assert len({tenants.cache_namespace(t) for t in ("a", "c", "unknown")}) == 3
     assert Tenants.open().cache_namespace("anonymous") != tenants.cache_namespace("a")
+
+
+# -- longrope past the original context -----------------------------------------------------------------------------
+ORIGINAL = 32
+
+
+def _hf_logits(hf_dir, prompt, feed):
+    """transformers' last-position logits after the prompt and after each fed token (its own KV cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        logits = [out.logits[0, -1].numpy()]
+        for t in feed:
+            out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[0, -1].numpy())
+    return np.stack(logits)
+
+
+def test_longrope_switches_to_the_long_factors_past_the_original_context_as_transformers(tiny, tmp_path):
+    """A phi3 with longrope (original context 32 of 128) exports the full context; the engine's logits equal
+    transformers' below the original length, across it while decoding, and for a prompt already past it, with rows
+    on either side of it decoded in one batch."""
+    from ortlora.runtime.engine import Engine, Row
+    from ortlora.testing import build_model
+
+    rng = np.random.default_rng(3)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": ORIGINAL,
+            "short_factor": [1.0] * 8, "long_factor": rng.uniform(1.0, 6.0, 8).round(3).tolist()}
+    hf = build_model(tmp_path / "phi3-longrope", "phi3", max_position_embeddings=128,
+                     original_max_position_embeddings=ORIGINAL, rope_parameters=rope)
+    folder = tiny.export(hf, "longrope")
+    engine = Engine(folder, slots=2, max_len=128)
+    assert engine.info.context_length == 128
+    short, long = rng.integers(5, 300, 20).tolist(), rng.integers(5, 300, 40).tolist()  # below / past 32
+    feed = rng.integers(5, 300, 24).tolist()  # the short row crosses 32 while decoding
+    want = [_hf_logits(hf, p, feed) for p in (short, long)]
+    got = [np.empty_like(w) for w in want]
+    for slot, prompt in enumerate((short, long)):
+        got[slot][0] = engine.prefill([Row(slot, prompt)])[0]
+    for t, token in enumerate(feed):
+        step = engine.decode([Row(0, [token]), Row(1, [token])])
+        for slot in (0, 1):
+            got[slot][t + 1] = step[slot]
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+    # onnxruntime-genai runs the folder as exported, to the same tokens, across the original length too
+    import onnxruntime_genai as og
+
+    from ortlora import Model
+
+    og_model = og.Model(str(folder))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(short) + 24, min_length=len(short) + 24, do_sample=False)
+    gen = og.Generator(og_model, params)
+    gen.append_tokens([short])
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    ours = Model(folder, slots=1, max_len=128).complete([short], max_new_tokens=24, min_new_tokens=24)[0].token_ids
+    assert ours == theirs
