@@ -1,6 +1,7 @@
 """Decode step of the engine's one session (the mixed-adapter graph; one adapter = a pool of one slot) against a
 plain session of the exported graph (what single-adapter and base runs used before), in one process, steps
-interleaved so that the machine's other load falls on both alike. Not a test: printed.
+interleaved (each session first every other step) so that the machine's other load falls on both alike. Not a test:
+printed.
 
     python benchmarks/bench_one_session.py FOLDER ADAPTER_FILE [--steps 40] [--rows 1 8] [--threads N]
 
@@ -74,19 +75,19 @@ def main(argv=None) -> None:
             step = [Row(s, [1], which) for s in slots]
             times: dict[str, list[float]] = {"one_session": [], "plain": []}
             cpu: dict[str, list[float]] = {"one_session": [], "plain": []}
-            for i in range(args.steps + 2):
-                t, c = time.perf_counter(), time.thread_time()
-                engine.decode(step)
-                t1, c1 = time.perf_counter(), time.thread_time()
-                lengths += 1
+            def run_plain():
+                lengths[:] += 1
                 inputs.fill(np.ones(rows, np.int64), lengths)
                 plain.run_with_iobinding(io)
-                t2, c2 = time.perf_counter(), time.thread_time()
-                if i >= 2:  # warm-up
-                    times["one_session"].append(t1 - t)
-                    times["plain"].append(t2 - t1)
-                    cpu["one_session"].append(c1 - c)
-                    cpu["plain"].append(c2 - c1)
+
+            order = [("plain", run_plain), ("one_session", lambda: engine.decode(step))]
+            for i in range(args.steps + 2):
+                for name, run in order if i % 2 else order[::-1]:  # each first half the time: order effects cancel
+                    t, c = time.perf_counter(), time.thread_time()
+                    run()
+                    if i >= 2:  # warm-up
+                        times[name].append(time.perf_counter() - t)
+                        cpu[name].append(time.thread_time() - c)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             best = {k: min(v) * 1e3 for k, v in times.items()}
             out = {"rows": rows, "adapter": which is not None,
