@@ -85,7 +85,7 @@ class DecoderBuilder:
         half) when its row's sequence reaches past the original context, as transformers decides per forward pass.
 
             attention_mask ─ReduceSum(axis 1)─> T [batch, 1] ─Sub(S)─Max(0)─> first position ─Add(Range(S))─┐
-                             T > original ─Cast─Mul(context) ─────────────────────────────────────────────Add─> [batch, S]
+                             T > original ─Cast─Mul(context) ──────────────────────────────────────Add─> [batch, S]
         (S = new tokens; a right-padded first prompt's rows start at 0)
         """
         g = self.g

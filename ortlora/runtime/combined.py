@@ -29,8 +29,8 @@ from ortlora.runtime import multi_lora
 
 
 def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -> onnx.ModelProto:
-    """For a model with LoRA inputs: the mixed-adapter graph of `model_path` with a rank-0, one-slot default for every pool input (weights
-    external)."""
+    """For a model with LoRA inputs: the mixed-adapter graph of `model_path` with a rank-0, one-slot default for
+    every pool input (weights external)."""
     proto = multi_lora.mixed_adapter_model(model_path, lora_inputs)
     graph = proto.graph
     pool = {li.name for li in lora_inputs.values()}

@@ -12,11 +12,11 @@ A row of a batch is (slot, new tokens, adapter). What each run reads and writes,
 A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
 gets a dummy token written at position len[s] (scratch its next real token overwrites) and its length stays.
 
-A run whose rows all use one adapter (or none) runs the exported graph with that adapter's tensors bound; a run
-that mixes adapters runs the mixed-adapter graph (multi_lora.py) over the adapter pool, whose slots the adapters'
-owner (`ortlora.runtime.adapters.Adapters`) places. Both are the one mixed graph in one session (combined.py): a
-single adapter is a pool of one slot bound to its own tensors, so the weights are held once. Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores RunOptions' active
-adapters.
+Every run goes through one session of the mixed-adapter graph (multi_lora.py, combined.py), so the weights are held
+once: a run whose rows all use one adapter (or none) is a pool of one slot bound to that adapter's own tensors (none:
+rank-0 defaults); a run that mixes adapters binds the adapter pool, whose slots the adapters' owner
+(`ortlora.runtime.adapters.Adapters`) places. Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores
+RunOptions' active adapters.
 """
 
 from __future__ import annotations
