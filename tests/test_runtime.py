@@ -306,6 +306,7 @@ def test_chunked_prefill_and_preemption_keep_every_rows_tokens(model):
     prompts, names = [PROMPTS[0], PROMPTS[1], long_prompt], ["a1", None, "a2"]
     for kw in (dict(max_new_tokens=8, min_new_tokens=8), dict(max_new_tokens=8, temperature=1.0, seed=3)):
         singles = [model.complete([p], [a], **kw)[0].token_ids for p, a in zip(prompts, names)]
+        model.engine.prefix_cache.clear()  # every piece prefilled, none found cached
         reqs = [Request(p, SamplingParams(**kw), model.tokenizer, model.adapters.acquire(a),
                         eos_ids=model.eos_ids)
                 for p, a in zip(prompts, names)]

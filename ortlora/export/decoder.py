@@ -48,7 +48,12 @@ class DecoderBuilder:
         # transformers' meaning: logits for the last k positions, 0 = all. Defaults to 0 (what genai expects).
         keep = g.input("num_logits_to_keep", TensorProto.INT64, [], default=np.array(0, dtype=np.int64))
         self.seqlens_k, self.total_len = self.attention_lengths(mask)
-        cos, sin = rope.caches(a, self.context_length, self.dtype)
+        self.positions = None  # set: rotary outside GroupQueryAttention, at these positions of the caches
+        if rope.switches_factors(a, self.context_length):
+            cos, sin = rope.longrope_caches(a, self.context_length, self.dtype)
+            self.positions = self.rotary_positions(ids, mask, a.rope.original_max_position_embeddings)
+        else:
+            cos, sin = rope.caches(a, self.context_length, self.dtype)
         self.cos, self.sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
         h = self.embed(ids)
@@ -74,6 +79,30 @@ class DecoderBuilder:
         width = g.op("Gather", [g.op("Shape", [mask], "attn_mask/shape"), g.const(1)], "attn_mask/width", axis=0)
         total = g.op("Cast", [width], "attn_mask/total_len", to=TensorProto.INT32)
         return seqlens, total
+
+    def rotary_positions(self, ids: str, mask: str, original: int) -> str:
+        """Each token's row in the two-part longrope cache: its position, plus `context_length` (the long factors'
+        half) when its row's sequence reaches past the original context, as transformers decides per forward pass.
+
+            attention_mask ─ReduceSum(axis 1)─> T [batch, 1] ─Sub(S)─Max(0)─> first position ─Add(Range(S))─┐
+                             T > original ─Cast─Mul(context) ──────────────────────────────────────Add─> [batch, S]
+        (S = new tokens; a right-padded first prompt's rows start at 0)
+        """
+        g = self.g
+        total = g.op("ReduceSum", [mask, g.const([1])], "rotary/total", keepdims=1)
+        s = g.op("Gather", [g.op("Shape", [ids], "rotary/ids_shape"), g.const(1)], "rotary/new", axis=0)
+        first = g.op("Max", [g.op("Sub", [total, s], "rotary/past"), g.const(0)], "rotary/first")
+        pos = g.op("Add", [first, g.op("Range", [g.const(0), s, g.const(1)], "rotary/range")], "rotary/positions")
+        long = g.op("Cast", [g.op("Greater", [total, g.const(original)], "rotary/past_original")], "rotary/is_long",
+                    to=TensorProto.INT64)
+        return g.op("Add", [pos, g.op("Mul", [long, g.const(self.context_length)], "rotary/offset")],
+                    "rotary/cache_rows")
+
+    def rotate(self, name: str, x: str, heads: int) -> str:
+        """com.microsoft RotaryEmbedding of `x` [batch, S, heads * head_dim] at `self.positions`."""
+        a = self.args
+        return self.g.op("RotaryEmbedding", [x, self.positions, self.cos, self.sin], name, domain=MS_DOMAIN,
+                         interleaved=0, num_heads=heads, rotary_embedding_dim=a.rotary_dim)
 
     def embed(self, ids: str) -> str:
         g, a = self.g, self.args
@@ -132,11 +161,16 @@ class DecoderBuilder:
         past_k = g.input(f"past_key_values.{i}.key", self.onnx_type, kv_shape)
         past_v = g.input(f"past_key_values.{i}.value", self.onnx_type, kv_shape)
         present = [f"present.{i}.key", f"present.{i}.value"]
+        rotary = [self.cos, self.sin]
+        if self.positions is not None:  # two-part longrope cache: rotated here, at each row's cache rows
+            q = self.rotate(f"{p}.self_attn/q_rotary", q, a.num_attention_heads)
+            k = self.rotate(f"{p}.self_attn/k_rotary", k, a.num_key_value_heads)
+            rotary = []
         out = g.op(
-            "GroupQueryAttention", [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, self.cos, self.sin],
+            "GroupQueryAttention", [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, *rotary],
             f"{p}.self_attn", outputs=[g.unique(f"{p}.self_attn/out"), *present], domain=MS_DOMAIN,
             num_heads=a.num_attention_heads, kv_num_heads=a.num_key_value_heads, scale=arch.attention_scale(a),
-            softcap=arch.attention_softcap(a), local_window_size=arch.local_window(a, i), do_rotary=1,
+            softcap=arch.attention_softcap(a), local_window_size=arch.local_window(a, i), do_rotary=int(bool(rotary)),
             rotary_interleaved=0,
         )[0]
         shape = ["batch_size", a.num_key_value_heads, "total_sequence_length", a.head_dim]

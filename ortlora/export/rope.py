@@ -1,6 +1,12 @@
 """Rotary embedding caches for GroupQueryAttention (`cos_cache`/`sin_cache`, [context, rotary_dim / 2]).
 
 Computed in float32 the way transformers computes them, so positions match its logits bit for bit where possible.
+
+longrope (Phi-3.5 / Phi-4-mini) past its original context: transformers rotates a forward pass's tokens with the
+short factors while the sequence (cached + new) fits the original context and with the long factors once it does
+not, keys already cached staying as they were. The export keeps both: one cache of 2 x context rows, short factors
+first, long factors from row `context` on (`longrope_caches`), and each row's positions point into the half its
+length selects (decoder.py, `rotary_positions`).
 """
 
 from __future__ import annotations
@@ -43,15 +49,27 @@ def inv_freq(args: ModelArgs, context_length: int) -> tuple[np.ndarray, float]:
 
 
 def default_context_length(args: ModelArgs) -> int:
-    """longrope switches factors past the original context; stopping there keeps one exact cache."""
-    if args.rope.rope_type == "longrope" and args.rope.original_max_position_embeddings:
-        return args.rope.original_max_position_embeddings
     return args.max_position_embeddings
 
 
-def caches(args: ModelArgs, context_length: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def switches_factors(args: ModelArgs, context_length: int) -> bool:
+    """Does a sequence of `context_length` tokens reach past longrope's original context (two caches needed)?"""
+    old = args.rope.original_max_position_embeddings
+    return args.rope.rope_type == "longrope" and bool(old) and context_length > old
+
+
+def longrope_caches(args: ModelArgs, context_length: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """[2 x context, rotary_dim / 2]: the short factors' cache, then the long factors'."""
+    old = args.rope.original_max_position_embeddings
+    short, long = caches(args, old, dtype, context_length), caches(args, context_length, dtype)
+    return tuple(np.concatenate([s, lo]) for s, lo in zip(short, long))
+
+
+def caches(args: ModelArgs, context_length: int, dtype=np.float32,
+           rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The caches for sequences of `context_length` tokens (longrope: its factors), `rows` positions (default all)."""
     freq, attn = inv_freq(args, context_length)
-    angles = np.arange(context_length, dtype=np.float32)[:, None] * freq[None, :]  # [context, rotary_dim / 2]
+    angles = np.arange(rows or context_length, dtype=np.float32)[:, None] * freq[None, :]  # [rows, rotary_dim / 2]
     cos = (np.cos(angles) * np.float32(attn)).astype(dtype)
     sin = (np.sin(angles) * np.float32(attn)).astype(dtype)
     return cos, sin

@@ -12,11 +12,11 @@ A row of a batch is (slot, new tokens, adapter). What each run reads and writes,
 A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
 gets a dummy token written at position len[s] (scratch its next real token overwrites) and its length stays.
 
-A run whose rows all use one adapter (or none) runs the exported graph with that adapter's tensors bound; a run
-that mixes adapters runs the mixed-adapter graph (multi_lora.py) over the adapter pool, whose slots the adapters'
-owner (`ortlora.runtime.adapters.Adapters`) places; both graphs are built the first time they are needed (or up
-front by `build_mixed()`). Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores RunOptions'
-active adapters.
+Every run goes through one session of the mixed-adapter graph (multi_lora.py, combined.py), so the weights are held
+once: a run whose rows all use one adapter (or none) is a pool of one slot bound to that adapter's own tensors (none:
+rank-0 defaults); a run that mixes adapters binds the adapter pool, whose slots the adapters' owner
+(`ortlora.runtime.adapters.Adapters`) places. Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores
+RunOptions' active adapters.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ import onnxruntime as ort
 from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
-from ortlora.runtime import hugepages, multi_lora
+from ortlora.runtime import combined, hugepages, multi_lora
+from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
 
 KEEP = "num_logits_to_keep"
 PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
 BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
 PROBE_TOKENS = (1, 2, 3, 4)  # any short input shows an adapter that makes the logits non-finite
+PREFIX_CACHE_BYTES = 512 << 20  # default bound of the prefix cache (Qwen2.5-0.5B fp32: ~21k tokens)
 
 
 @dataclass
@@ -135,9 +137,11 @@ class _Graph:
 
 class Engine:
     def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
-                 pool: multi_lora.AdapterPool | None = None, provider: str | None = None):
+                 pool: multi_lora.AdapterPool | None = None, provider: str | None = None,
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given.
-        `provider`: the execution provider, None for genai_config.json's (see providers.py)."""
+        `provider`: the execution provider, None for genai_config.json's (see providers.py). `prefix_cache_bytes`:
+        the bound of the prompt prefixes' KV kept for later requests (prefix_cache.py); 0 turns it off."""
         self.provider = provider
         self.info = ModelInfo.read(folder)
         self.folder = self.info.folder
@@ -151,9 +155,17 @@ class Engine:
         self.lora_inputs = model_lora_inputs(proto)
         # int4 decode gains from weights on huge pages, fp32 nothing (benchmarks/NOTES.md#huge-pages)
         self._huge_pages = any(n.op_type == "MatMulNBits" for n in proto.graph.node)
+        # the mixed graph serves every run (one session, one copy of the weights); given as bytes, with the external
+        # data found where the folder's files resolve to (a folder of symlinks loads too)
+        model = combined.engine_model(self.model_path, self.lora_inputs) if self.lora_inputs else proto
         del proto
-        self._single = _Graph(self._session(str(self.model_path), session_options(self.threads)))
-        self._mixed: _Graph | None = None
+        so = session_options(self.threads)
+        data = combined.relocate_external_data(model, self.folder)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
+        # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
+        self._single = _Graph(self._session(model.SerializeToString(), so))
+        del model
+        self._one_slot: dict[int, dict[str, np.ndarray]] = {}  # per row count: the index inputs of a one-slot run
         past = {i.name: i for i in self._single.session.get_inputs()}
         first = self.info.kv_names()[0][0]
         if first not in past:
@@ -168,6 +180,7 @@ class Engine:
         self.pool = pool
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
         self._decode_inputs: dict[int, DecodeInputs] = {}  # per hi
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     def _session(self, model: str | bytes, so: ort.SessionOptions) -> ort.InferenceSession:
         before = hugepages.anonymous_regions() if self._huge_pages else set()
@@ -300,7 +313,9 @@ class Engine:
         """Last-position logits [vocab] of `tokens` with adapter tensors `params` (input name -> array), from an
         empty cache of its own: touches no slot, binding or pool, so any thread may call it while steps run."""
         ids = np.asarray([[t % self.info.vocab_size for t in tokens]], np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **params}
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if self.lora_inputs:  # a pool of one slot (see _lora)
+            feeds.update(self._one_slot_inputs(1), **{name: arr[None] for name, arr in params.items()})
         empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), self.dtype)
         feeds.update({past_name: empty for past_name, _ in self.info.kv_names()})
         if self.has_keep:
@@ -343,10 +358,14 @@ class Engine:
             return LoraRun(graph, PoolKey(pool.generation, groups.first, groups.count),
                            lambda: pool.views(groups.first, groups.count), groups.feeds)
         adapter = next(iter(distinct.values()), None)
-        # only the adapter's own tensors are bound: the others keep their rank-0 defaults, and every bound input
-        # costs onnxruntime time on each run
+        if not self.lora_inputs:
+            return LoraRun(self._single, 0, dict, {})
+        # a pool of one slot: the adapter's own tensors, bound once with the binding; the others keep their rank-0
+        # defaults (every bound input costs onnxruntime time on each run)
+        fixed = self._one_slot_inputs(len(adapters))
+        own = adapter.params if adapter is not None else {}
         return LoraRun(self._single, adapter.uid if adapter is not None else 0,
-                       lambda: adapter.params if adapter is not None else {}, {})
+                       lambda: {**fixed, **{name: arr[None] for name, arr in own.items()}}, {})
 
     def _binding(self, lora: LoraRun, key: BindingKey) -> Binding:
         """The IOBinding for slots [lo, hi) and one adapter (or pool range): the KV slices bound as past and
@@ -382,21 +401,19 @@ class Engine:
         return found
 
     def build_mixed(self) -> None:
-        """Build the mixed-adapter session now (a server does it at start-up rather than on its first mixed
-        batch); a model without LoRA inputs has none to build."""
-        if self.lora_inputs:
-            self._mixed_graph()
+        """Kept for callers: the mixed-adapter graph is the engine's one graph, built at load."""
 
     def _mixed_graph(self) -> _Graph:
-        if self._mixed is None:
-            if not self.lora_inputs:
-                raise OrtloraError("the model has no LoRA inputs, so a batch cannot mix adapters")
-            proto = multi_lora.mixed_adapter_model(self.model_path, self.lora_inputs)
-            so = session_options(self.threads)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
-            # pre-packing stays on although it copies the float weights (benchmarks/NOTES.md#mixed-adapter-graph)
-            self._mixed = _Graph(self._session(proto.SerializeToString(), so))
-        return self._mixed
+        if not self.lora_inputs:
+            raise OrtloraError("the model has no LoRA inputs, so a batch cannot mix adapters")
+        return self._single
+
+    def _one_slot_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        """The index inputs of a run whose `rows` rows all meet one pool slot (made once per row count)."""
+        found = self._one_slot.get(rows)
+        if found is None:
+            found = self._one_slot[rows] = multi_lora.AdapterPool.groups([1] * rows).feeds
+        return found
 
     def _adapter_pool(self) -> multi_lora.AdapterPool:
         """The pool mixed runs use: the adapters' owner's, or (an engine used alone) one of its own."""
@@ -409,5 +426,7 @@ class Engine:
         when it unloads it)."""
         if self.pool is not None:
             self.pool.forget(adapter)
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(adapter.uid)
         for key in [k for k in self._single.bindings if k.lora == adapter.uid]:
             del self._single.bindings[key]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -70,6 +70,7 @@ class Request:
     reused: int = 0  # prompt tokens whose KV came from the lease
     error: GenerationError | None = None
     label: str | None = None  # the adapter's name in messages (a server's store key differs); default its name
+    cache_namespace: Hashable = None  # prompt prefixes' KV is reused only within one namespace (a server: tenant)
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
@@ -245,7 +246,9 @@ class Batch:
                 continue
             if req.lease is None:
                 req.slot = self.engine.acquire_slot()
-                self._fed[req] = 0
+                cache = self.engine.prefix_cache
+                hit = cache.load(self.engine, req.slot, req.cache_namespace, _uid(req), _context(req)) if cache else 0
+                req.reused = self._fed[req] = hit
             elif req.lease.busy:
                 events.append((req, self._fail(req, f"KV slot {req.lease.slot} is already generating for this "
                                                     "conversation")))
@@ -305,6 +308,7 @@ class Batch:
     def _prefilled(self, req: Request, fed: int, logits: np.ndarray, events: list) -> None:
         self._fed[req] = fed
         if fed == len(_context(req)):  # the whole prompt is in: its first token (a resumed one has it)
+            self._keep(req, _context(req))
             self.prefilling.remove(req)
             del self._fed[req]
             self.running.append(req)
@@ -336,6 +340,11 @@ class Batch:
             self._prefill_s = _average(self._prefill_s, (time.perf_counter() - t0) / tokens)
         return logits
 
+    def _keep(self, req: Request, tokens: list[int]) -> None:
+        """Offer the KV `req`'s slot holds for `tokens` to the prefix cache."""
+        if self.engine.prefix_cache is not None:
+            self.engine.prefix_cache.keep(self.engine, req.slot, req.cache_namespace, _uid(req), tokens)
+
     def _fail(self, req: Request, why: Exception | str) -> Chunk:
         """End `req` alone with finish_reason "error"."""
         label = req.label or (req.adapter.name if req.adapter is not None else None)
@@ -364,6 +373,8 @@ class Batch:
             self.prefilling.remove(req)
         self._fed.pop(req, None)
         if req.slot is not None:
+            if req.error is None:  # what it generated too: a conversation's next prompt starts with it
+                self._keep(req, req.prompt_ids + req.token_ids)
             if req.lease is None:
                 self.engine.release_slot(req.slot)
             else:  # the slot holds the keys and values of every token fed so far
@@ -373,6 +384,10 @@ class Batch:
         if self.adapters is not None and req.adapter is not None and not req.released:
             self.adapters.release(req.adapter)
             req.released = True
+
+
+def _uid(req: Request) -> int:
+    return req.adapter.uid if req.adapter is not None else 0
 
 
 def _left(req: Request) -> int:

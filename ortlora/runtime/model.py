@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 from ortlora.errors import OrtloraError
 from ortlora.runtime.adapters import Adapter, Adapters
-from ortlora.runtime.engine import Engine
+from ortlora.runtime.engine import PREFIX_CACHE_BYTES, Engine
 from ortlora.runtime.generation import Batch, Chunk, Completion, Request, SlotLease, run_to_end
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
@@ -29,12 +29,15 @@ Prompt = str | Sequence[int]
 
 class Model:
     def __init__(self, folder: str | Path, *, slots: int = 4, max_len: int | None = None, threads: int | None = None,
-                 adapter_capacity: int | None = None, provider: str | None = None):
+                 adapter_capacity: int | None = None, provider: str | None = None,
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         """`slots`: rows decoded together (KV cache slots); `max_len`: tokens per slot (default: the model's
         context length; memory is only touched as it fills); `threads`: default genai_config.json's
-        intra_op_num_threads, else every core; `provider`: the execution provider, default genai_config.json's."""
+        intra_op_num_threads, else every core; `provider`: the execution provider, default genai_config.json's;
+        `prefix_cache_bytes`: KV of prompt prefixes kept for reuse per adapter (0: none; see prefix_cache.py)."""
         self.folder = Path(folder)
-        self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads, provider=provider)
+        self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads, provider=provider,
+                             prefix_cache_bytes=prefix_cache_bytes)
         self.tokenizer = Tokenizer(folder)
         self.adapters = Adapters.for_engine(self.engine, capacity=adapter_capacity)
         self._forgotten: deque[Adapter] = deque()  # let go by the adapters: the engine drops them between steps

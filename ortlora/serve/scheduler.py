@@ -179,13 +179,15 @@ class Scheduler:
     """Owns the runtime Batch on one thread; `submit` from any thread."""
 
     def __init__(self, batch: Batch, tokenizer, eos_ids: frozenset[int], metrics: Metrics, max_queue: int = 256,
-                 release: Callable[[Adapter | None], None] | None = None, base_label: str = "base"):
+                 release: Callable[[Adapter | None], None] | None = None, base_label: str = "base",
+                 cache_namespace: Callable[[str], object] = lambda tenant: ("tenant", tenant)):
         self.batch = batch
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.metrics = metrics
         self.max_queue = max_queue
         self.base_label = base_label  # the adapter label of base-model requests in the metrics
+        self.cache_namespace = cache_namespace  # tenant -> the prefix-cache namespace of its requests
         self._release = release or (lambda adapter: None)  # for jobs that end before reaching the batch
         self._inbox = FairQueue(max_queue)
         self.usage = Usage()
@@ -316,7 +318,8 @@ class Scheduler:
             while free > 0 and (job := self._inbox.take(served)) is not None:
                 if job.request is None:
                     job.request = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter,
-                                          eos_ids=self.eos_ids, label=job.adapter_name)
+                                          eos_ids=self.eos_ids, label=job.adapter_name,
+                                          cache_namespace=self.cache_namespace(job.tenant))
                     self._jobs[job.request] = job
                     self.metrics.prefills.inc()
                     self.metrics.prompt_tokens.inc(len(job.prompt_ids))

@@ -56,7 +56,7 @@ class Server:
                                             reserved=(self.model_name,))
         self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=prefill_chunk), self.tokenizer,
                                    self.eos_ids, self.metrics, max_queue=max_queue, release=self.adapters.release,
-                                   base_label=self.model_name)
+                                   base_label=self.model_name, cache_namespace=self.tenants.cache_namespace)
         self.adapters.on_unload(self._unloaded)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     adapters = ["acme-support", "acme-*"]  # adapter names or shell-style patterns; "*" = every adapter
     base_model = true                      # may it call the base model (default true)
     admin = false                          # may it load, upload and delete adapters (default false)
+    share_prefix_cache = false             # may its prompts' cached KV serve other sharing tenants (default false)
 
 A request without a valid key gets 401. An adapter a tenant may not use looks exactly like a missing one (same
 404, same message), and `/v1/models` lists only what the caller may use. Without a tenants file every caller is
@@ -29,7 +30,7 @@ else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
 _HEX64 = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
-_TENANT_KEYS = {"api_key_sha256", "adapters", "base_model", "admin"}
+_TENANT_KEYS = {"api_key_sha256", "adapters", "base_model", "admin", "share_prefix_cache"}
 
 
 class TenantsError(OrtloraError):
@@ -42,6 +43,7 @@ class Tenant:
     adapters: tuple[str, ...] = ("*",)
     base_model: bool = True
     admin: bool = False
+    share_prefix_cache: bool = False  # the KV of a prompt reveals it: kept to the tenant unless both sides allow it
     _exact: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def may_use(self, adapter: str) -> bool:
@@ -72,6 +74,11 @@ class Tenants:
     @property
     def enabled(self) -> bool:
         return self._by_hash is not None
+
+    def cache_namespace(self, tenant: str) -> tuple[str, ...]:
+        """The prefix-cache namespace of `tenant`'s requests: its own, or the one tenants that share use."""
+        found = next((t for t in (self._by_hash or {}).values() if t.name == tenant), None)
+        return ("shared",) if found is not None and found.share_prefix_cache else ("tenant", tenant)
 
     @property
     def tenants(self) -> list[Tenant]:
@@ -134,14 +141,14 @@ def _parse(data: dict, source: str) -> dict[str, Tenant]:
             problems.append(f"{where}: adapters must be a list of names or patterns")
             adapters = []
         flags = {}
-        for flag, default in (("base_model", True), ("admin", False)):
+        for flag, default in (("base_model", True), ("admin", False), ("share_prefix_cache", False)):
             value = t.get(flag, default)
             if not isinstance(value, bool):
                 problems.append(f"{where}: {flag} must be true or false, got {value!r}")
                 value = default
             flags[flag] = value
         exact = frozenset(a for a in adapters if not any(c in a for c in "*?["))
-        tenant = Tenant(name, tuple(adapters), flags["base_model"], flags["admin"], exact)
+        tenant = Tenant(name, tuple(adapters), flags["base_model"], flags["admin"], flags["share_prefix_cache"], exact)
         for k in keys:
             m = _HEX64.match(k) if isinstance(k, str) else None
             if not m:

@@ -1,0 +1,89 @@
+"""The one model the engine loads: the mixed-adapter graph (multi_lora.py) serves every run, so that one session
+holds one copy of the weights whatever mixes of adapters run.
+
+Two sessions over one folder (the exported graph for single-adapter runs, the mixed graph for mixed ones) each
+pre-pack their own copy of the weights (benchmarks/NOTES.md#one-session). In the mixed graph a run with one adapter
+is a pool of one slot, bound straight to the adapter's own tensors (a [1, in, r] view, no copy), and a run without
+one binds nothing: every pool input gets a rank-0 default here ([1, in, 0] / [1, 0, out]), as the exported graph's
+LoRA inputs have (binding all of them each run costs time, benchmarks/NOTES.md#engine-step-costs).
+
+The model goes to onnxruntime as bytes, its external data found from the folder the data files really lie in
+(`relocate_external_data`): a folder of symlinks (the Hugging Face cache's layout) loads too, and the folder on disk
+stays as exported (onnxruntime-genai loads it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ortlora.errors import ModelError
+from ortlora.model_folder import LoraInput
+from ortlora.naming import is_lora_a
+from ortlora.runtime import multi_lora
+
+
+def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -> onnx.ModelProto:
+    """For a model with LoRA inputs: the mixed-adapter graph of `model_path` with a rank-0, one-slot default for
+    every pool input (weights external)."""
+    proto = multi_lora.mixed_adapter_model(model_path, lora_inputs)
+    graph = proto.graph
+    pool = {li.name for li in lora_inputs.values()}
+    # each module's rank keeps its own symbol, as in the exported graph: a one-slot run binds the adapter's rank
+    # where it has the module and rank 0 elsewhere (one shared symbol lets onnxruntime reuse a buffer sized for another)
+    rank_axis = {li.name: (2, li.shape[1]) if is_lora_a(key) else (1, li.shape[0]) for key, li in lora_inputs.items()}
+    for vi in graph.input:
+        axis, symbol = rank_axis.get(vi.name, (None, None))
+        if isinstance(symbol, str):
+            vi.type.tensor_type.shape.dim[axis].dim_param = symbol
+    have = {t.name for t in graph.initializer}
+    graph.initializer.extend(numpy_helper.from_array(_empty(vi), vi.name) for vi in graph.input
+                             if vi.name in pool and vi.name not in have)
+    return proto
+
+
+def _empty(vi: onnx.ValueInfoProto) -> np.ndarray:
+    """[1, in, 0] for [slots, in, R], [1, 0, out] for [slots, R, out]."""
+    tt = vi.type.tensor_type
+    shape = [1] + [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim[1:]]
+    return np.zeros(shape, helper.tensor_dtype_to_np_dtype(tt.elem_type))
+
+
+def relocate_external_data(proto: onnx.ModelProto, folder: Path) -> Path:
+    """Point `proto`'s external data at the files the folder's entries resolve to, relative to the directory that
+    holds them all, and return that directory (onnxruntime refuses, for a model given as bytes, a data path that
+    leaves the folder it is told, and a symlink's target does)."""
+    tensors = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not tensors:
+        return folder.resolve()
+    targets = {}
+    for t in tensors:
+        entry = next((e for e in t.external_data if e.key == "location"), None)
+        if entry is None:
+            raise ModelError(f"{folder}: weight {t.name} is external but names no file")
+        if entry.value not in targets:
+            path = (folder / entry.value).resolve()
+            if not path.is_file():
+                raise ModelError(f"{folder}: weight {t.name}'s data file {entry.value} is missing")
+            targets[entry.value] = path
+    root = Path(os.path.commonpath([p.parent for p in targets.values()]))
+    for t in tensors:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = targets[e.value].relative_to(root).as_posix()
+    return root
+
+
+def _tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            for sub in [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs:
+                yield from _tensors(sub)
