@@ -169,8 +169,8 @@ def fair(folder, adapters, work) -> dict:
     from ortlora.serve.tenants import hash_key
 
     tenants = work / "tenants.toml"
-    tenants.write_text(f'[tenants.acme]\napi_key_sha256 = ["{hash_key(ACME)}"]\n'
-                       f'[tenants.beta]\napi_key_sha256 = ["{hash_key(BETA)}"]\n')
+    tenants.write_text(f'[tenants.acme]\napi_key_sha256 = ["{hash_key(ACME)}"]\nadapters = ["*"]\n'
+                       f'[tenants.beta]\napi_key_sha256 = ["{hash_key(BETA)}"]\nadapters = ["*"]\n')
     server = Server(folder, adapters, work / "fair.log", "--tenants", str(tenants))
     try:
         p99 = lambda xs: sorted(xs)[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]  # noqa: E731

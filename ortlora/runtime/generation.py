@@ -21,6 +21,8 @@ import numpy as np
 from ortlora.errors import GenerationError, OrtloraError
 from ortlora.runtime.adapters import Adapter, AdapterLeases
 from ortlora.runtime.engine import PREFILL_CHUNK, Engine, Row
+
+MIN_CHUNK = 8
 from ortlora.runtime.logprobs import TokenLogprob, token_logprob
 from ortlora.runtime.sampling import Sampler, SamplingParams
 from ortlora.runtime.tokenizer import StreamDecoder, Tokenizer
@@ -184,8 +186,11 @@ class Batch:
         self.prefilling: list[Request] = []  # holding a slot, prompt partly in the cache
         self.running: list[Request] = []  # decoding
         self._fed: dict[Request, int] = {}  # prompt tokens in the cache, per prefilling request
-        self._decode_s = 0.0  # moving averages: seconds per decode step, per prefilled token
-        self._prefill_s = 0.0
+        self._decode_s = 0.0  # moving average: seconds per decode step
+        # a prefill run of n tokens takes about fixed + n * per_token seconds: the fixed part is a pass over the
+        # weights, as a decode step is, so small chunks cost far more per token than one piece
+        self._prefill_fixed = 0.0
+        self._prefill_token = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -221,21 +226,27 @@ class Batch:
         return events
 
     def prefill_budget(self) -> int:
-        """Prompt tokens to prefill in a step that also decodes: fixed (`prefill_chunk`), or sized so that the
-        chunk takes about 1.5 decode steps (a stream's gap while a long prompt comes in stays within ~2.5 of its
-        usual), at least 32 tokens; everything at once until both times have been measured (`calibrate`)."""
+        """Prompt tokens to prefill in a step that also decodes: fixed (`prefill_chunk`), or sized from measured
+        times so that the chunk's run takes about two decode steps (a running stream's gap while a long prompt
+        comes in stays within ~3x its usual); everything at once until the times are known (`calibrate`)."""
         if self.prefill_chunk is not None:
             return self.prefill_chunk
-        if not (self._decode_s and self._prefill_s):
+        if not (self._decode_s and self._prefill_token):
             return PREFILL_CHUNK
-        return max(32, min(PREFILL_CHUNK, int(1.5 * self._decode_s / self._prefill_s)))
+        room = 2 * self._decode_s - self._prefill_fixed
+        return max(MIN_CHUNK, min(PREFILL_CHUNK, int(room / self._prefill_token)))
 
-    def calibrate(self, tokens: int = 128) -> None:
-        """Measure the prefill time per token on `tokens` tokens (no slot used), so that the first long prompt
-        is already prefilled in chunks."""
-        t0 = time.perf_counter()
-        self.engine.probe({}, list(range(1, tokens + 1)))
-        self._prefill_s = (time.perf_counter() - t0) / tokens
+    def calibrate(self, small: int = 16, large: int = 144) -> None:
+        """Measure a prefill run's fixed and per-token time (two runs, no slot used), so that the first long prompt
+        is already prefilled in chunks of the right size."""
+        times = []
+        for n in (small, large, small, large):
+            t0 = time.perf_counter()
+            self.engine.probe({}, [1 + k % 255 for k in range(n)])
+            times.append(time.perf_counter() - t0)
+        t_small, t_large = min(times[0::2]), min(times[1::2])
+        self._prefill_token = max((t_large - t_small) / (large - small), 1e-6)
+        self._prefill_fixed = max(t_small - small * self._prefill_token, 0.0)
 
     def _admit(self, events: list) -> None:
         """Waiting requests take a slot (or their lease's) while slots are free."""
@@ -336,8 +347,9 @@ class Batch:
         t0 = time.perf_counter()
         logits = self.engine.prefill(rows, batched=batched)
         tokens = sum(len(r.tokens) for r in rows)
-        if tokens >= 64:  # shorter runs are dominated by fixed costs
-            self._prefill_s = _average(self._prefill_s, (time.perf_counter() - t0) / tokens)
+        if self._prefill_token and tokens >= MIN_CHUNK:  # the per-token part grows with the context attended to
+            per_token = (time.perf_counter() - t0 - self._prefill_fixed) / tokens
+            self._prefill_token = _average(self._prefill_token, max(per_token, 1e-6))
         return logits
 
     def _keep(self, req: Request, tokens: list[int]) -> None:
