@@ -6,7 +6,8 @@ A row of a batch is (slot, new tokens, adapter). What each run reads and writes,
     kv[layer][s, :, len[s]:len[s]+T]    written in place: the T new tokens' keys/values (past and present are one
                                         buffer bound twice, so GroupQueryAttention appends without a copy)
     logits[b] = decoder(tokens[b] | kv[s]) with  y = x @ W + (x @ A[b]) @ B[b]  in every LoRA module, where
-                A[b], B[b] are row b's adapter's tensors (zeros: the base model)
+                A[b], B[b] are row b's adapter's tensors (zeros: the base model); a model with DoRA inputs
+                also multiplies y by row b's adapter's dora_scale (ones: LoRA adapters and the base model)
     len[s] += T
 
 A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
@@ -339,7 +340,7 @@ class Engine:
             slot_of = pool.place(distinct)
             if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
                 graph.bindings.clear()
-            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters])
+            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
             return LoraRun(graph, PoolKey(pool.generation, groups.first, groups.count),
                            lambda: pool.views(groups.first, groups.count), groups.feeds)
         adapter = next(iter(distinct.values()), None)
