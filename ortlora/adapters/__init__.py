@@ -60,9 +60,13 @@ def base_weights(model: str | Path):
 
 
 def __getattr__(name: str):
-    # the command's work function, imported on first use (convert imports this package's modules)
+    # the commands' work functions, imported on first use (convert imports this package's modules)
     if name == "convert_adapters":
         from ortlora.adapters.convert import convert_adapters
 
         return convert_adapters
+    if name == "merge_adapters":
+        from ortlora.adapters.merge import merge_adapters
+
+        return merge_adapters
     raise AttributeError(f"module 'ortlora.adapters' has no attribute {name!r}")
