@@ -54,6 +54,13 @@ class Recipe:
     @classmethod
     def of(cls, spec: AdapterSpec, scale: float = 1.0) -> "Recipe | None":
         """The recipe `spec` at `scale`; None for the base model (no adapter, or every weight 0)."""
+        try:
+            return cls._of(spec, scale)
+        except AdapterError as exc:
+            raise (exc if isinstance(exc, AdapterInvalid) else AdapterInvalid(str(exc))) from None
+
+    @classmethod
+    def _of(cls, spec: AdapterSpec, scale: float) -> "Recipe | None":
         (scale,) = check_weights([scale])
         if spec is None:
             return None

@@ -19,6 +19,7 @@ from ortlora.errors import OrtloraError
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError, error_response, status_of
 from ortlora.serve.scheduler import Event, Job
+from ortlora.serve.server import adapter_label
 
 
 class JobEvents:
@@ -139,7 +140,7 @@ async def submit(server, body, adapter: str | None, prompts: list[list[int]], ma
             server.release(lease)
         raise
     arrival = time.monotonic()
-    jobs = Jobs([Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter, params=p,
+    jobs = Jobs([Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter_label(adapter), params=p,
                      sink=events.sink, tenant=tenant, arrival=arrival) for i, p in enumerate(params)], events)
     try:
         server.scheduler.submit(jobs)  # QueueFull -> 429, ShuttingDown -> 503

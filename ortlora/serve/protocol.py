@@ -3,6 +3,7 @@
 Requests reject unknown fields (as OpenAI does) so a typo is a clear 400, not a silently ignored setting. A few
 extra fields that vLLM also accepts (`ignore_eos`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `stop_token_ids`) are honoured; OpenAI fields ortlora cannot honour are accepted only at their neutral value.
+ortlora's own extras: `adapter_scale` (the adapter's strength) and `adapters` (an exact weighted combination).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
+
+
+MAX_COMBINED = 8  # adapters in one weighted combination
+
+
+class AdapterWeight(_Request):
+    name: StrictStr = Field(description="an adapter the API key may use")
+    weight: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
 
 
 class _Sampling(_Request):
@@ -45,6 +54,12 @@ class _Sampling(_Request):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
+    # ortlora extras: adapter strength and combinations (exact; derived adapters are cached by recipe)
+    adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
+                                 description="multiplies the adapter's delta (0 = the base model)")
+    adapters: list[AdapterWeight] | None = Field(
+        None, min_length=1, max_length=MAX_COMBINED,
+        description="run sum(weight * adapter) instead of the adapter `model` names (names must be distinct)")
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod

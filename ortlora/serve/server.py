@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from ortlora import __version__
-from ortlora.runtime.adapters import Adapter, Adapters
+from dataclasses import dataclass
+
+from ortlora.runtime.adapters import Adapter, Adapters, AdapterSpec, Recipe
 from ortlora.model_folder import ModelInfo
 from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch
@@ -68,12 +70,14 @@ class Server:
         return self.scheduler.shutdown(timeout)
 
     # -- adapters: API names onto the runtime's Adapters --------------------------------------------------------
-    def acquire(self, name: str | None) -> Adapter | None:
-        """Hold adapter `name` for one choice (loaded on first use); None = the base model."""
+    def acquire(self, name: "str | AdapterChoice | None") -> Adapter | None:
+        """Hold adapter `name` (or a scaled / combined choice) for one choice (loaded on first use); None = the
+        base model."""
         if name is None:
             return None
         loads = self.adapters.loads
-        adapter = self.adapters.acquire(name)
+        choice = name if isinstance(name, AdapterChoice) else AdapterChoice(name)
+        adapter = self.adapters.acquire(choice.spec, scale=choice.scale)
         if self.adapters.loads == loads:
             self.metrics.adapter_cache_hits.inc()
         else:
@@ -121,3 +125,20 @@ class Server:
             repetition_penalty=body.repetition_penalty, seed=seed, stop=tuple(body.stop_list()),
             ignore_eos=body.ignore_eos, min_new_tokens=min(body.min_tokens, max_new_tokens),
             stop_token_ids=tuple(body.stop_token_ids or ()))
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What one request asks for: an adapter name or {name: weight}, at `scale` (resolved by the app)."""
+    spec: AdapterSpec
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str | None:
+        """Its name in metrics and messages: the adapter's name, or the recipe's (`a1*0.5`, `a1*0.7+a2*0.3`)."""
+        recipe = Recipe.of(self.spec, self.scale)
+        return None if recipe is None else recipe.parts[0][0] if recipe.plain else recipe.label
+
+
+def adapter_label(adapter: "str | AdapterChoice | None") -> str | None:
+    return adapter.label if isinstance(adapter, AdapterChoice) else adapter
