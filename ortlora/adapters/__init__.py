@@ -31,13 +31,14 @@ def read_params(path: str | Path, dtype="float32", model: str | Path | None = No
     """An adapter's parameters by ONNX input name: a PEFT folder (`dtype`; a DoRA one needs `model`, the exported
     folder whose base weights its factors are computed against) or an `.onnx_adapter` file (as stored,
     memory-mapped)."""
+    from ortlora.adapters.base_weights import BaseWeights
     from ortlora.adapters.onnx_adapter import SUFFIX, read_onnx_adapter
     from ortlora.adapters.peft import peft_params
     from ortlora.errors import AdapterError
 
     kind = adapter_kind(path)
     if kind == "peft":
-        return peft_params(path, dtype, base_weights(model) if model is not None else None)
+        return peft_params(path, dtype, BaseWeights(model) if model is not None else None)
     if kind == "onnx_adapter":
         return read_onnx_adapter(path)
     raise AdapterError(f"{path}: not a PEFT adapter folder or {SUFFIX} file")
@@ -51,12 +52,6 @@ def adapter_feeds(path: str | Path, lora_inputs: Mapping[str, "LoraInput"],
 
     return model_feeds(read_params(path, model=model), lora_inputs, str(path))
 
-
-def base_weights(model: str | Path):
-    """module -> base weight [out, in] float32 of an exported folder, read on demand (DoRA's norms)."""
-    from ortlora.adapters.base_weights import BaseWeights
-
-    return BaseWeights(model)
 
 
 def __getattr__(name: str):
