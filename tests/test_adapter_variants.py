@@ -178,18 +178,25 @@ def test_dora_on_an_int4_base_equals_peft_on_the_dequantized_weights(tiny, setup
 
 # -- scale and combinations -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.0, 2.0])
-def test_scale_equals_peft_with_its_scaling_multiplied(setup, model, scale):
-    held = model.adapters.acquire("l2", scale=scale)
+@pytest.mark.parametrize("name", ["l2", "dora"])
+def test_scale_equals_peft_with_its_scaling_multiplied(setup, model, name, scale):
+    """LoRA and DoRA (its factor m / ||W + c·s·B·A|| recomputed from the base weights) at scale c = PEFT with
+    every scaling multiplied by c. Scale 0 is the base model (for DoRA that is "off": PEFT's scaling 0 would still
+    rescale the weights by m / ||W||)."""
+    held = model.adapters.acquire(name, scale=scale)
     try:
         params = held.params if held is not None else {}
         assert (held is None) == (scale == 0.0)  # scale 0 is the base model itself
         ours, _ = OnnxDecoder(setup["folder"], params).run(PROMPTS[:1], [[]])
     finally:
         model.adapters.release(held)
-    ref = torch_logits(peft_model(setup["hf"], setup["peft"]["l2"], scale), PROMPTS[:1])[0]
-    np.testing.assert_allclose(ours[0], ref, atol=ATOL)
-    assert greedy(model, PROMPTS[1], "l2", adapter_scale=scale) == \
-        torch_greedy(peft_model(setup["hf"], setup["peft"]["l2"], scale), PROMPTS[1])
+    if scale == 0.0:
+        np.testing.assert_allclose(ours[0], hf_logits(setup["hf"], PROMPTS[:1])[0], atol=ATOL)
+        assert greedy(model, PROMPTS[1], name, adapter_scale=0.0) == hf_greedy(setup["hf"], PROMPTS[1], N)
+        return
+    peft = peft_model(setup["hf"], setup["peft"][name], scale)
+    np.testing.assert_allclose(ours[0], torch_logits(peft, PROMPTS[:1])[0], atol=ATOL)
+    assert greedy(model, PROMPTS[1], name, adapter_scale=scale) == torch_greedy(peft, PROMPTS[1])
 
 
 def test_rows_with_different_scales_share_a_batch(model):
@@ -202,8 +209,12 @@ def test_rows_with_different_scales_share_a_batch(model):
     batch = model.complete(prompts, ["l1"] * 4, adapter_scale=scales, max_new_tokens=N, min_new_tokens=N)
     assert [c.token_ids for c in batch] == singles
     assert_batch_equals_singles(model, prompts[:2], ["dora", "l1"])  # nothing held after the scaled rows
-    with pytest.raises(AdapterInvalid, match="'dora' is a DoRA adapter.*scale 1 alone"):
-        model.adapters.acquire("dora", scale=0.5)
+    rows = ["dora", "dora", "l1", None]
+    dora_scales = [0.5, 2.0, 0.5, 1.0]
+    want = [greedy(model, PROMPTS[0], a, adapter_scale=s) for a, s in zip(rows, dora_scales)]
+    assert want[0] != want[1] != greedy(model, PROMPTS[0], "dora")
+    batch = model.complete([PROMPTS[0]] * 4, rows, adapter_scale=dora_scales, max_new_tokens=N, min_new_tokens=N)
+    assert [c.token_ids for c in batch] == want and model.adapters.held() == 0
 
 
 def _delta(adapter_dir) -> dict[str, np.ndarray]:
@@ -258,7 +269,7 @@ def test_combination_equals_transformers_with_merged_weights(setup, model, tmp_p
 
 
 def test_combination_refusals(setup, model, tmp_path):
-    with pytest.raises(AdapterInvalid, match="'dora' is a DoRA adapter"):
+    with pytest.raises(AdapterInvalid, match="'dora' is a DoRA adapter: a sum of DoRA adapters is not one"):
         model.adapters.acquire({"dora": 0.5, "l1": 0.5})
     with pytest.raises(AdapterInvalid, match="finite number"):
         model.adapters.acquire({"l1": float("nan")})
@@ -269,6 +280,23 @@ def test_combination_refusals(setup, model, tmp_path):
                           str(setup["files"]["l2"]), "--weights", "0.7", "-o", str(tmp_path / "x.onnx_adapter")],
                          capture_output=True, text=True)
     assert run.returncode == 1 and "2 adapters but 1 --weights" in run.stderr and "Traceback" not in run.stderr
+    # a DoRA file at another scale needs the model's weights; with them it is the runtime's scaled adapter
+    dora = [sys.executable, "-m", "ortlora.cli", "merge-adapters", str(setup["files"]["dora"]), "-w", "0.5", "-o",
+            str(tmp_path / "d.onnx_adapter")]
+    run = subprocess.run(dora, capture_output=True, text=True)
+    assert run.returncode == 1 and "base weights, which are not at hand" in run.stderr
+    run = subprocess.run(dora + ["--model", str(setup["folder"])], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from ortlora.adapters import read_params
+
+    held = model.adapters.acquire("dora", scale=0.5)
+    try:
+        written = read_params(tmp_path / "d.onnx_adapter")
+        assert written.keys() == held.params.keys()
+        for k, v in written.items():
+            np.testing.assert_allclose(v, held.params[k], rtol=1e-6, atol=1e-7)
+    finally:
+        model.adapters.release(held)
 
 
 def test_replacing_a_component_rebuilds_its_combinations(setup, model):

@@ -91,8 +91,9 @@ def test_adapter_scale_in_the_extra_body(setup, server, local):
     assert got == [_local(local, a, s).text for a, s in asks]
     import openai
 
-    with pytest.raises(openai.BadRequestError, match="DoRA adapter"):
-        _text(client, "dora", adapter_scale=0.5)
+    assert _text(client, "dora", adapter_scale=0.5) == _local(local, "dora", 0.5).text
+    with pytest.raises(openai.BadRequestError, match="DoRA adapters are not combined"):
+        _text(client, "base", adapters=[{"name": "dora", "weight": 0.5}, {"name": "l1", "weight": 0.5}])
 
 
 def test_weighted_combination_in_the_extra_body(setup, server, local):

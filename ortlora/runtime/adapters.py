@@ -34,7 +34,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
 import numpy as np
 
 from ortlora import naming
-from ortlora.adapters.merge import check_weights, combine
+from ortlora.adapters.merge import AdapterSpec, Recipe, combine  # noqa: F401 (AdapterSpec: for callers)
 from ortlora.adapters.onnx_adapter import SUFFIX, open_onnx_adapter
 from ortlora.adapters.validate import LoraInput, model_feeds
 from ortlora.errors import AdapterBusy, AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
@@ -43,48 +43,6 @@ from ortlora.runtime.multi_lora import AdapterPool
 
 _uids = itertools.count(1)
 DERIVED_CAPACITY = 16  # derived adapters kept while idle (rebuilt from their components on a later use)
-AdapterSpec = str | Mapping[str, float] | None  # a name, {name: weight}, or None (the base model)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A derived adapter: sum_i weight_i · adapter_i (names sorted; a single part is a scaled adapter)."""
-    parts: tuple[tuple[str, float], ...]
-
-    @classmethod
-    def of(cls, spec: AdapterSpec, scale: float = 1.0) -> "Recipe | None":
-        """The recipe `spec` at `scale`; None for the base model (no adapter, or every weight 0)."""
-        try:
-            return cls._of(spec, scale)
-        except AdapterError as exc:
-            raise (exc if isinstance(exc, AdapterInvalid) else AdapterInvalid(str(exc))) from None
-
-    @classmethod
-    def _of(cls, spec: AdapterSpec, scale: float) -> "Recipe | None":
-        (scale,) = check_weights([scale])
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            items = [(spec, 1.0)]
-        elif isinstance(spec, Mapping):
-            if not spec:
-                raise AdapterInvalid("an adapter combination needs at least one adapter")
-            bad = [k for k in spec if not isinstance(k, str)]
-            if bad:
-                raise AdapterInvalid(f"adapter names must be strings, got {bad[0]!r}")
-            items = sorted(zip(spec, check_weights(list(spec.values()))))
-        else:
-            raise AdapterInvalid(f"an adapter is a name or {{name: weight}}, got {type(spec).__name__}")
-        parts = tuple((name, w * scale) for name, w in items if w * scale != 0.0)
-        return cls(parts) if parts else None
-
-    @property
-    def plain(self) -> bool:
-        return len(self.parts) == 1 and self.parts[0][1] == 1.0
-
-    @property
-    def label(self) -> str:
-        return "+".join(f"{name}*{w:g}" for name, w in self.parts)
 
 
 @dataclass(eq=False)
@@ -112,43 +70,6 @@ class Adapter:
 class AdapterLeases(Protocol):
     """What a running batch needs from the adapters' owner: to give back what a request held."""
 
-    def _acquire_derived(self, recipe: Recipe) -> Adapter:
-        """The cached derived adapter of `recipe` over its components' current versions, else built now (the
-        components are held while it is built, so none goes away half-way)."""
-        components: list[Adapter] = []
-        try:
-            for name, _ in recipe.parts:
-                components.append(self._acquire_named(name))
-            key = (recipe, tuple(c.uid for c in components))
-            with self._cond:
-                found = self._derived.get(key)
-                if found is not None:
-                    found.refs += 1
-                    self._derived.move_to_end(key)
-                    return found
-            try:
-                params = combine([c.params for c in components], [w for _, w in recipe.parts],
-                                 [f"adapter {c.name!r}" for c in components])
-            except AdapterError as exc:
-                raise AdapterInvalid(str(exc)) from None
-            adapter = Adapter(recipe.label, params)
-            self._check_finite(adapter.params, f"adapter {recipe.label!r}")
-            with self._cond:
-                found = self._derived.get(key)  # another thread built it meanwhile
-                if found is None:
-                    found = self._derived[key] = adapter
-                found.refs += 1
-                self._derived.move_to_end(key)
-                while len(self._derived) > DERIVED_CAPACITY:  # the least recently used idle ones go
-                    idle = next((k for k, a in self._derived.items() if not a.refs), None)
-                    if idle is None:
-                        break
-                    self._retire(self._derived.pop(idle))
-                return found
-        finally:
-            for c in components:
-                self.release(c)
-
     def release(self, adapter: Adapter | None) -> None: ...
 
 
@@ -166,7 +87,7 @@ class Adapters:
     def __init__(self, lora_inputs: Mapping[str, LoraInput], *, capacity: int | None = None,
                  directory: str | Path | None = None, reserved: tuple[str, ...] = (),
                  probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
-                 pool: AdapterPool | None = None):
+                 pool: AdapterPool | None = None, base: Callable[[str], np.ndarray] | None = None):
         if capacity is not None and capacity < 1:
             raise AdapterError(f"adapter capacity must be at least 1, got {capacity}")
         self.lora_inputs = dict(lora_inputs)
@@ -175,6 +96,7 @@ class Adapters:
         self.reserved = set(reserved)
         self.probe = probe
         self.pool = pool
+        self.base = base  # module -> base weight [out, in]: what scaling a DoRA adapter needs
         self._files: dict[str, Path] = {}  # registered by path, outside any directory
         self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # current versions, least recently used first
         self._retiring: dict[int, Adapter] = {}  # uid -> replaced or unregistered version still held
@@ -191,7 +113,7 @@ class Adapters:
         its mixed runs use."""
         pool = AdapterPool(engine.lora_inputs, engine.slots, engine.dtype) if engine.lora_inputs else None
         engine.pool = pool
-        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, **kw)
+        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, base=_lazy_base(engine.folder), **kw)
 
     def on_unload(self, callback: Callable[[Adapter], None]) -> None:
         """Call `callback(adapter)` when a loaded version goes (evicted, replaced or unregistered, and released):
@@ -412,7 +334,7 @@ class Adapters:
                     return found
             try:
                 params = combine([c.params for c in components], [w for _, w in recipe.parts],
-                                 [f"adapter {c.name!r}" for c in components])
+                                 [f"adapter {c.name!r}" for c in components], self.base)
             except AdapterError as exc:
                 raise AdapterInvalid(str(exc)) from None
             adapter = Adapter(recipe.label, params)
@@ -489,6 +411,20 @@ class Adapters:
     def __iter__(self) -> Iterator[Adapter]:
         with self._cond:
             return iter(list(self._loaded.values()) + list(self._retiring.values()))
+
+
+def _lazy_base(folder: Path) -> Callable[[str], np.ndarray]:
+    """The model's base weights, read only when a scaled DoRA adapter first needs them."""
+    held: list = []
+
+    def weight(module: str) -> np.ndarray:
+        if not held:
+            from ortlora.adapters.base_weights import BaseWeights
+
+            held.append(BaseWeights(folder))
+        return held[0](module)
+
+    return weight
 
 
 def _stat(path: Path) -> tuple:
