@@ -384,3 +384,40 @@ def test_exact_fields_have_parity(tiny, tmp_path):
 
         ours, _ = OnnxDecoder(folder, read_params(f)).run(PROMPTS[:1], [[]])
         np.testing.assert_allclose(ours[0], hf_logits(model, PROMPTS[:1], peft)[0], atol=ATOL, err_msg=name)
+
+
+def test_pool_keeps_ones_for_rows_without_a_dora_factor():
+    """The pool's DoRA buffer: ones in slot 0 and for a LoRA adapter's slot, the file's factor for a DoRA one; each
+    row's slot (relative to the bound ones) is fed as adapter_row_slot."""
+    from ortlora.model_folder import LoraInput
+    from ortlora.runtime.adapters import Adapter
+    from ortlora.runtime.multi_lora import ROW_SLOT, AdapterPool
+
+    f32 = np.dtype(np.float32)
+    inputs = {"m.lora_A.weight": LoraInput("m.lora_A.weight", f32, (3, "r")),
+              "m.lora_B.weight": LoraInput("m.lora_B.weight", f32, ("r", 2)),
+              "m.dora_scale": LoraInput("m.dora_scale", f32, (2,))}
+    pool = AdapterPool(inputs, 3, f32)
+    ab = {"m.lora_A.weight": np.ones((3, 1), f32), "m.lora_B.weight": np.ones((1, 2), f32)}
+    lora, dora = Adapter("l", dict(ab)), Adapter("d", {**ab, "m.dora_scale": np.array([2.0, 3.0], f32)})
+    slots = pool.place({lora.uid: lora, dora.uid: dora})
+    np.testing.assert_array_equal(pool.buffers["m.dora_scale"][[0, slots[lora.uid], slots[dora.uid]]],
+                                  [[1, 1], [1, 1], [2, 3]])
+    g = AdapterPool.groups([slots[dora.uid], 0, slots[lora.uid]], dora=pool.dora)
+    assert g.first == 0 and g.feeds[ROW_SLOT].tolist() == [slots[dora.uid], 0, slots[lora.uid]]
+    assert ROW_SLOT not in AdapterPool.groups([1, 2]).feeds
+
+
+def test_generate_adapter_with_adapter_type_dora(setup, tmp_path):
+    from ortlora.adapters import read_params
+    from ortlora.export import generate_adapter
+    from ortlora.model_folder import model_lora_inputs
+
+    out = generate_adapter(setup["hf"], tmp_path / "out", adapter_path=[setup["peft"]["dora"]], adapter_type="dora",
+                           progress=False)
+    inputs = model_lora_inputs(out)
+    assert sum(k.endswith(".dora_scale") for k in inputs) == 6
+    (file,) = (out / "adapters").glob("*.onnx_adapter")
+    ours, _ = OnnxDecoder(out, read_params(file)).run(PROMPTS[:1], [[]])
+    np.testing.assert_allclose(ours[0], torch_logits(peft_model(setup["hf"], setup["peft"]["dora"]), PROMPTS[:1])[0],
+                               atol=ATOL)
