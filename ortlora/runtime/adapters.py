@@ -409,8 +409,9 @@ class Adapters:
         return len(self._loaded)
 
     def __iter__(self) -> Iterator[Adapter]:
+        """Every adapter in memory: loaded, derived (scales, combinations) and retired-but-held versions."""
         with self._cond:
-            return iter(list(self._loaded.values()) + list(self._retiring.values()))
+            return iter(list(self._loaded.values()) + list(self._derived.values()) + list(self._retiring.values()))
 
 
 def _lazy_base(folder: Path) -> Callable[[str], np.ndarray]:
