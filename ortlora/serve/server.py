@@ -135,9 +135,10 @@ class AdapterChoice:
 
     @property
     def label(self) -> str | None:
-        """Its name in metrics and messages: the adapter's name, or the recipe's (`a1*0.5`, `a1*0.7+a2*0.3`)."""
+        """Its name in metrics and messages: the adapters' names (`a1`, `a1+a2`), without the weights, so that
+        clients choosing scales cannot grow the metrics' label sets without bound."""
         recipe = Recipe.of(self.spec, self.scale)
-        return None if recipe is None else recipe.parts[0][0] if recipe.plain else recipe.label
+        return None if recipe is None else "+".join(name for name, _ in recipe.parts)
 
 
 def adapter_label(adapter: "str | AdapterChoice | None") -> str | None:
