@@ -421,3 +421,22 @@ def test_generate_adapter_with_adapter_type_dora(setup, tmp_path):
     ours, _ = OnnxDecoder(out, read_params(file)).run(PROMPTS[:1], [[]])
     np.testing.assert_allclose(ours[0], torch_logits(peft_model(setup["hf"], setup["peft"]["dora"]), PROMPTS[:1])[0],
                                atol=ATOL)
+
+
+def test_export_dora_flag_adds_the_inputs_without_a_dora_adapter(setup, tmp_path):
+    """`export --dora`: DoRA inputs on every LoRA module (a DoRA adapter converted later fits), factors default
+    to ones (the base model and LoRA adapters are unchanged)."""
+    run = subprocess.run([sys.executable, "-m", "ortlora.cli", "export", "-m", str(setup["hf"]), "-o",
+                          str(tmp_path / "m"), "--lora-targets", "q_proj,v_proj,down_proj", "--dora", "--no-progress"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    from ortlora.adapters import read_params
+    from ortlora.model_folder import model_lora_inputs
+
+    assert sum(k.endswith(".dora_scale") for k in model_lora_inputs(tmp_path / "m")) == 6
+    f = convert_adapter(setup["peft"]["dora"], tmp_path / "d.onnx_adapter", model=tmp_path / "m")
+    ours, _ = OnnxDecoder(tmp_path / "m", read_params(f)).run(PROMPTS[:1], [[]])
+    np.testing.assert_allclose(ours[0], torch_logits(peft_model(setup["hf"], setup["peft"]["dora"]), PROMPTS[:1])[0],
+                               atol=ATOL)
+    base, _ = OnnxDecoder(tmp_path / "m").run(PROMPTS[:1], [[]])
+    np.testing.assert_allclose(base[0], hf_logits(setup["hf"], PROMPTS[:1])[0], atol=ATOL)
