@@ -17,6 +17,7 @@ Decode tok/s = rows x (new - 1) / (time of a run with `new` tokens - time of a r
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 import time
@@ -52,16 +53,22 @@ def dora_adapters(model: Path, work: Path, n: int) -> list[Path]:
     return out
 
 
+REPEATS = 2  # --repeats: the best of a few runs (a shared machine is noisy)
+
+
 def decode_tps(m, adapters: list, scales: list[float] | None = None, seed: int = 0) -> float:
     rows = prompts(len(adapters), m.engine.info.vocab_size, seed)
     kw = dict(ignore_eos=True, adapter_scale=scales or 1.0)
-    m.complete(rows, adapters, max_new_tokens=2, **kw)  # warm: sessions, bindings, pool slots
-    t0 = time.perf_counter()
-    m.complete(rows, adapters, max_new_tokens=1, **kw)
-    t1 = time.perf_counter()
-    m.complete(rows, adapters, max_new_tokens=NEW, **kw)
-    t2 = time.perf_counter()
-    return len(rows) * (NEW - 1) / ((t2 - t1) - (t1 - t0))
+    m.complete(rows, adapters, max_new_tokens=4, **kw)  # warm: sessions, bindings, pool slots
+    best = 0.0
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        m.complete(rows, adapters, max_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        m.complete(rows, adapters, max_new_tokens=NEW, **kw)
+        t2 = time.perf_counter()
+        best = max(best, len(rows) * (NEW - 1) / ((t2 - t1) - (t1 - t0)))
+    return best
 
 
 def main() -> None:
@@ -69,7 +76,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/ortlora-bench-adapters")
     ap.add_argument("--source", default="/tmp/ortlora-bench-generate", help="checkpoint + plain export (shared)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=REPEATS)
     args = ap.parse_args()
+    globals()["REPEATS"] = args.repeats
     from ortlora import Model
     from ortlora.adapters.convert import convert_adapter
     from ortlora.export import export
@@ -100,6 +109,7 @@ def main() -> None:
         "lora-scaled": decode_tps(m, ["l0"] * b, [0.25 + 0.25 * i for i in range(b)]),
     }
     del m
+    gc.collect()  # the first model's sessions go before the second's are made (memory)
     plain = Model(folders["fp32"], slots=b, max_len=PROMPT + NEW + 8, adapter_capacity=b + 1)
     for i in range(len(peft)):
         plain.adapters.load(adapter_dirs["fp32"] / f"a{i}.onnx_adapter", name=f"l{i}")
