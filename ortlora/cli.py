@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate-adapter": ("ortlora.export.generate_adapter_cli",
                          "a model folder with LoRA inputs plus one .onnx_adapter per PEFT adapter"),
     "convert-adapters": ("ortlora.adapters.cli", "PEFT adapter -> .onnx_adapter, checked against a model"),
+    "merge-adapters": ("ortlora.adapters.merge_cli", "a weighted combination of adapters as one .onnx_adapter"),
     "inspect": ("ortlora.inspect.cli", "show what a model folder or adapter file holds"),
     "quantize": ("ortlora.quantize.cli", "int4/int8 weight-only quantization that keeps LoRA inputs float"),
     "finetune": ("ortlora.finetune.cli", "train LoRA / QLoRA / DoRA adapters with PEFT from local data"),
@@ -42,7 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 WORK: dict[str, str] = {
     "quickstart": "ortlora.quickstart:quickstart", "export": "ortlora.export:export",
     "capture-onnx-graph": "ortlora.export:generate_adapter", "generate-adapter": "ortlora.export:generate_adapter",
-    "convert-adapters": "ortlora.adapters:convert_adapters", "inspect": "ortlora.inspect:inspect",
+    "convert-adapters": "ortlora.adapters:convert_adapters", "merge-adapters": "ortlora.adapters:merge_adapters",
+    "inspect": "ortlora.inspect:inspect",
     "quantize": "ortlora.quantize:quantize", "finetune": "ortlora.finetune:finetune",
     "generate": "ortlora.generate:generate", "serve": "ortlora.serve:serve",
 }

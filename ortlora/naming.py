@@ -7,6 +7,11 @@ A LoRA-targeted linear layer is named by its Hugging Face module path without PE
                       base_model.model.<module>.lora_B.weight   torch layout [out, r]
     ONNX input  and   <module>.lora_A.weight                    float [in, lora_r]
     adapter param     <module>.lora_B.weight                    float [lora_r, out], LoRA scale folded in
+                      <module>.dora_scale                       float [out], DoRA only (default ones)
+
+DoRA's per-output factor `magnitude / ||W + s·B·A||` (row norms of the [out, in] weight, PEFT's definition) is
+precomputed against the model's base weights and multiplies the module's output before its bias:
+`y = (x·W + (x·A)·B) * dora_scale + bias`. A model has `dora_scale` inputs only when exported for a DoRA adapter.
 
 These are the names `olive convert-adapters` writes, so its files load here unchanged. Every part of ortlora
 (export, convert, runtime, server) goes through these functions.
@@ -18,12 +23,13 @@ import re
 
 PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B, MAGNITUDE = "lora_A", "lora_B", "lora_magnitude_vector"
+DORA_SCALE = "dora_scale"
 
 _PEFT_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)"
     r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
-_INPUT = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+_INPUT = re.compile(r"^(?P<module>.+)\.(?:(?P<kind>lora_A|lora_B)\.weight|(?P<dora>dora_scale))$")
 # onnxruntime-genai's model builder names a LoRA MatMul's weight after its node,
 # `/model/layers.{i}/attn/q_proj/lora_A/MatMul` -> `model.layers.{i}.attn.q_proj.lora_A.MatMul.weight` (mlp: `mlp`,
 # as in HF); Olive's ExtractAdapters pass over such a model drops the `.MatMul`. Map both to Hugging Face paths.
@@ -34,6 +40,16 @@ _GENAI_SPELLING = [(re.compile(r"^((?:base_model\.model\.)?model\.layers\.\d+)\.
 def lora_input_names(module: str) -> tuple[str, str]:
     """The ONNX input (= adapter parameter) names of `module`'s A and B matrices."""
     return f"{module}.{LORA_A}.weight", f"{module}.{LORA_B}.weight"
+
+
+def dora_scale_name(module: str) -> str:
+    """The ONNX input (= adapter parameter) name of `module`'s DoRA factor [out]."""
+    return f"{module}.{DORA_SCALE}"
+
+
+def is_dora_scale(name: str) -> bool:
+    """Is `name` a DoRA factor [out] (else a LoRA A or B matrix)?"""
+    return name.endswith(f".{DORA_SCALE}")
 
 
 def is_lora_a(name: str) -> bool:
@@ -50,9 +66,10 @@ def parse_peft_key(key: str) -> tuple[str, str]:
 
 
 def parse_input_name(name: str) -> tuple[str, str] | None:
-    """`<module>.lora_A.weight` -> (`<module>`, `lora_A`); None for a name that is not a LoRA input."""
+    """`<module>.lora_A.weight` -> (`<module>`, `lora_A`), `<module>.dora_scale` -> (`<module>`, `dora_scale`);
+    None for a name that is not an adapter input."""
     m = _INPUT.match(name)
-    return (m.group("module"), m.group("kind")) if m else None
+    return (m.group("module"), m.group("kind") or m.group("dora")) if m else None
 
 
 def from_genai_spelling(name: str) -> str:

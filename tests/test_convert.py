@@ -357,7 +357,7 @@ def test_adapter_for_another_base_model(tiny, llama, tmp_path):
     assert _no_output(tmp_path)
 
 
-def test_non_lora_and_dora_adapters_are_refused(tiny, tmp_path):
+def test_non_lora_adapters_and_dora_without_its_inputs_are_refused(tiny, tmp_path):
     import torch
     from peft import IA3Config, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -369,14 +369,16 @@ def test_non_lora_and_dora_adapters_are_refused(tiny, tmp_path):
     with pytest.raises(AdapterError, match="PEFT type IA3 is not supported"):
         convert_adapter(tmp_path / "ia3", tmp_path / "x.onnx_adapter")
     dora = tiny.adapter(model, "dora", use_dora=True)
-    # one message wherever a DoRA adapter would be fed to a model: convert, export, quantize
-    from ortlora.export import export
+    # DoRA runs (tests/test_adapter_variants.py) on a model exported with its inputs; without the model's weights,
+    # or on a model without them, it is refused with what to do
     from ortlora.quantize import quantize
 
-    for run in (lambda: convert_adapter(dora, tmp_path / "x.onnx_adapter"),
-                lambda: export(model, tmp_path / "x", adapter_path=[dora], progress=False),
-                lambda: quantize(tiny.export(model), tmp_path / "x", adapter_path=[dora], progress=False)):
-        with pytest.raises(AdapterError, match=r"DoRA adapters \(use_dora\) are not supported.*merge_and_unload"):
+    with pytest.raises(AdapterError, match="DoRA adapter's factor .* needs the base model's weights.*--model"):
+        convert_adapter(dora, tmp_path / "x.onnx_adapter")
+    plain = tiny.export(model, "plain-qv", lora_targets=["q_proj", "v_proj"])
+    for run in (lambda: convert_adapter(dora, tmp_path / "x.onnx_adapter", model=plain),
+                lambda: quantize(plain, tmp_path / "x", adapter_path=[dora], progress=False)):
+        with pytest.raises(AdapterError, match="is a DoRA adapter, but the model was exported without DoRA inputs"):
             run()
     assert _no_output(tmp_path) and not (tmp_path / "x").exists()
 

@@ -320,6 +320,31 @@ def test_dora(model, data, tmp_path):
     assert adapter.is_dora and all(m.magnitude is not None for m in adapter.modules.values())
 
 
+def test_trained_dora_adapter_runs_as_peft_does(model, data, tiny, tmp_path):
+    """`finetune --method dora` -> export with it -> convert-adapters -> generate: PEFT's greedy tokens, alone and
+    in one batch with a LoRA adapter and the base model."""
+    from ortlora import Model
+    from ortlora.adapters.convert import convert_adapter
+    from ortlora.export import export
+    from reference import hf_greedy
+
+    dora = tmp_path / "dora"
+    finetune(model_name_or_path=str(model), data_name=str(data), output_path=str(dora), method="dora",
+             train_split="train[:64]", eval_split="train[256:]", max_steps=8, logging_steps=4, **FAST)
+    lora = tiny.adapter(model, "ft-mix", r=4, target_modules=["q_proj", "o_proj"])
+    folder = export(model, tmp_path / "onnx", adapter_path=[dora, lora], progress=False)
+    m = Model(folder, slots=4, max_len=64)
+    for name, p in (("dora", dora), ("lora", lora)):
+        m.adapters.load(convert_adapter(p, tmp_path / f"{name}.onnx_adapter", model=folder), name=name)
+    prompt = [5, 17, 33, 9, 81, 100, 7]
+    kw = dict(max_new_tokens=8, min_new_tokens=8)
+    want = hf_greedy(model, prompt, 8, dora)
+    assert want != hf_greedy(model, prompt, 8)  # training moved it
+    assert m.complete(prompt, "dora", **kw)[0].token_ids == want
+    batch = m.complete([prompt] * 3, ["dora", "lora", None], **kw)
+    assert [c.token_ids for c in batch] == [want, hf_greedy(model, prompt, 8, lora), hf_greedy(model, prompt, 8)]
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 def test_tutorial_command_line(model, data, tmp_path):

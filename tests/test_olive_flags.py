@@ -262,7 +262,7 @@ def test_cli_exits_cleanly_on_olive_only_errors(tmp_path):
         (["quantize", "-m", str(tmp_path), "--algorithm", "awq"], "no maintained AWQ implementation"),
         (["auto-opt", "-m", str(tmp_path), "--precision", "nf4"], "fp32, fp16, int4 or int8"),
         (["convert-adapters", "-a", str(tmp_path), "-o", "x", "--quantize_int4"], "--quantize_int4 is not supported"),
-        (["generate-adapter", "-m", str(tmp_path), "--adapter_type", "loha"], "LoRA adapters only"),
+        (["generate-adapter", "-m", str(tmp_path), "--adapter_type", "loha"], "LoRA and DoRA adapters only"),
         (["capture-onnx-graph", "-m", str(tmp_path), "--exclude_lm_head", "true"], "keeps both"),
     ):
         r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ortlora.adapters.onnx_adapter import SUFFIX, write_onnx_adapter
+from ortlora.adapters.base_weights import BaseWeights
 from ortlora.adapters.peft import peft_params
 from ortlora.adapters.validate import check_adapter
 from ortlora.errors import AdapterError, OrtloraError
@@ -26,7 +27,8 @@ def convert_adapter(adapter_path: str | Path, output_path: str | Path, dtype: st
 
     `dtype` None means the model's LoRA input dtype when `model` is given, else float32. With `model`, the adapter
     must fit the model exactly (dtype included: a float16 file for a float32 model is refused here, because
-    onnxruntime and onnxruntime-genai would reject it; the ortlora runtime alone casts on load).
+    onnxruntime and onnxruntime-genai would reject it; the ortlora runtime alone casts on load). A DoRA adapter
+    needs `model`: its dora_scale factors are computed against the model's base weights (int4 ones dequantized).
     """
     return convert_adapters([adapter_path], output_path, dtype=dtype, model=model, adapter_version=adapter_version,
                             model_version=model_version)[0]
@@ -48,9 +50,10 @@ def convert_adapters(adapter_path: Sequence[str | Path], output_path: str | Path
         dtype = _model_dtype(lora_inputs) if lora_inputs else "float32"
     converted = []
     problems = []
+    base = BaseWeights(model) if model is not None else None  # DoRA's norms are taken against the model's weights
     for path in paths:
         try:
-            params = peft_params(path, dtype)
+            params = peft_params(path, dtype, base)
             if lora_inputs is not None:
                 _check_dtype(path, dtype, lora_inputs)
                 check_adapter(params, lora_inputs, str(path))

@@ -2,7 +2,8 @@
 
 An adapter may target a subset of the model's LoRA modules (the others keep their rank-0 defaults, i.e. act as
 zero), but every tensor it holds must be a LoRA input of the model with the model's dtype and inner dimensions:
-A [in, r] and B [r, out] with `in`/`out` equal to the model's and the same r for A and B.
+A [in, r] and B [r, out] with `in`/`out` equal to the model's and the same r for A and B; a DoRA adapter's
+`dora_scale` [out] needs a model exported with those inputs.
 """
 
 from __future__ import annotations
@@ -25,19 +26,32 @@ def check_adapter(params: Mapping[str, np.ndarray], lora_inputs: Mapping[str, Lo
     """
     problems: list[str] = []
     modules: dict[str, dict[str, np.ndarray]] = {}
+    model_dora = any(naming.is_dora_scale(k) for k in lora_inputs)
+    dora = [k for k in params if naming.is_dora_scale(k)]
+    if dora and not model_dora:
+        raise AdapterError(f"{source} is a DoRA adapter, but the model was exported without DoRA inputs "
+                           f"(<module>.dora_scale, e.g. {dora[0]}): export the model again with a DoRA adapter among "
+                           "--adapter_path so that it takes them")
     for name, arr in params.items():
         parsed = naming.parse_input_name(name)
         if parsed is None:
-            problems.append(f"extra: {name} is not a LoRA parameter name (expected <module>.lora_A.weight or "
-                            "<module>.lora_B.weight)")
+            problems.append(f"extra: {name} is not a LoRA parameter name (expected <module>.lora_A.weight, "
+                            "<module>.lora_B.weight or <module>.dora_scale)")
             continue
         modules.setdefault(parsed[0], {})[parsed[1]] = arr
         if name not in lora_inputs:
             problems.append(f"extra: {name} is not an input of the model")
+        elif naming.is_dora_scale(name):
+            want = lora_inputs[name]
+            if np.shape(arr) != tuple(want.shape):
+                problems.append(f"mis-shaped: {name} is {list(np.shape(arr))}, the model wants {_fmt(want.shape)}")
+            if np.asarray(arr).dtype != want.dtype and not (allow_cast and np.asarray(arr).dtype.kind == "f"):
+                problems.append(f"mis-typed: {name} is {np.asarray(arr).dtype}, the model's input is {want.dtype}")
     if not lora_inputs:
         problems.insert(0, "the model has no LoRA inputs (export it with --adapter_path or --lora-targets)")
     for module, parts in sorted(modules.items()):
         a_name, b_name = naming.lora_input_names(module)
+        parts = {k: v for k, v in parts.items() if k != naming.DORA_SCALE}
         for kind, name in ((naming.LORA_A, a_name), (naming.LORA_B, b_name)):
             if kind not in parts:
                 other = naming.LORA_B if kind == naming.LORA_A else naming.LORA_A

@@ -64,10 +64,17 @@ def model_linears(args: ModelArgs, arch: Arch, ckpt: Checkpoint) -> dict[str, tu
 def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Sequence[str | Path],
                          lora_targets: Sequence[str] | None) -> dict[str, tuple[int, int]]:
     """The union of the adapters' modules and the `--lora-targets` names; every misfit is reported at once."""
+    return _lora_targets(linears, adapter_paths, lora_targets)[0]
+
+
+def _lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Sequence[str | Path],
+                  lora_targets: Sequence[str] | None) -> tuple[dict[str, tuple[int, int]], bool]:
+    """`resolve_lora_targets`, and whether any adapter is DoRA (the model then takes dora_scale inputs)."""
     from ortlora.adapters.peft import read_lora
 
     chosen: set[str] = set()
     problems: list[str] = []
+    dora = False
     for name in lora_targets or ():
         name = name.strip()
         if name in ("all-linear", "all_linear"):
@@ -89,6 +96,7 @@ def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Seq
         except AdapterError as exc:
             problems.append(str(exc))
             continue
+        dora = dora or adapter.is_dora
         for module, m in adapter.modules.items():
             if module.rsplit(".", 1)[-1] in _UNSUPPORTED_TARGETS:
                 problems.append(f"{path}: LoRA on {module} is not supported (the LM head and embeddings stay frozen)")
@@ -101,7 +109,7 @@ def resolve_lora_targets(linears: dict[str, tuple[int, int]], adapter_paths: Seq
                 chosen.add(module)
     if problems:
         raise AdapterError("cannot export with these LoRA targets:\n  " + "\n  ".join(problems))
-    return {m: linears[m] for m in sorted(chosen, key=_layer_order)}
+    return {m: linears[m] for m in sorted(chosen, key=_layer_order)}, dora
 
 
 def _layer_order(module: str):
@@ -112,8 +120,10 @@ def _layer_order(module: str):
 def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str | Path] = (),
            lora_targets: Sequence[str] | None = None, precision: str = "fp32", device: str = "cpu",
            provider: str | None = None, context_length: int | None = None, block_size: int = 32,
-           threads: int | None = None, progress: bool = True) -> Path:
-    """Export `model` (a Hugging Face folder) into `output`; returns the output folder."""
+           threads: int | None = None, progress: bool = True, dora: bool = False) -> Path:
+    """Export `model` (a Hugging Face folder) into `output`; returns the output folder. The model takes DoRA
+    factors (`<module>.dora_scale`) when `dora` or when a DoRA adapter is among `adapter_path`; otherwise its graph
+    is the plain LoRA one."""
     if precision not in PRECISIONS:
         raise OrtloraError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     if precision == "int4":
@@ -130,7 +140,8 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
     arch = get_arch(args)
     ckpt = Checkpoint(model_dir)
     check_checkpoint(args, arch, ckpt)
-    lora = resolve_lora_targets(model_linears(args, arch, ckpt), adapter_path, lora_targets)
+    lora, dora_adapter = _lora_targets(model_linears(args, arch, ckpt), adapter_path, lora_targets)
+    dora = bool(lora) and (dora or dora_adapter)
     context = context_length or default_context_length(args)
     eos = eos_token_ids(model_dir, args)
     io_dtype = np.float16 if precision == "fp16" or (precision == "int4" and device == "gpu") else np.float32
@@ -140,7 +151,7 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
         try:
             DecoderBuilder(
                 g, args, arch, ckpt, io_dtype=io_dtype, int4_block_size=block_size if precision == "int4" else None,
-                lora_modules=lora, context_length=context, on_layer=lambda i: bar.update(1),
+                lora_modules=lora, context_length=context, on_layer=lambda i: bar.update(1), dora=dora,
             ).build()
             g.save()
         finally:

@@ -35,9 +35,9 @@ def generate_adapter(model: str | Path, output: str | Path, *, adapter_path: Seq
     if adapter_type not in ADAPTER_TYPES or adapter_format not in FORMATS:
         raise OrtloraError(f"--adapter_type {adapter_type} / --adapter_format {adapter_format}: choose from "
                            f"{', '.join(ADAPTER_TYPES)} / {', '.join(FORMATS)}")
-    if adapter_type != "lora":
-        raise OrtloraError(f"--adapter_type {adapter_type}: ortlora models take LoRA adapters only (DoRA needs the "
-                           "base weights' column norms; LoHa is a different product of matrices)")
+    if adapter_type not in ("lora", "dora"):
+        raise OrtloraError(f"--adapter_type {adapter_type}: ortlora models take LoRA and DoRA adapters only (LoHa is "
+                           "a different product of matrices)")
     if adapter_format != "onnx_adapter":
         raise OrtloraError(f"--adapter_format {adapter_format}: ortlora writes .onnx_adapter files only (the format "
                            "onnxruntime and onnxruntime-genai load)")
@@ -51,7 +51,7 @@ def generate_adapter(model: str | Path, output: str | Path, *, adapter_path: Seq
             folder = src if src.is_dir() else src.parent
             shutil.copytree(folder, tmp, dirs_exist_ok=True)
         else:
-            export(src, tmp, adapter_path=adapter_path, **export_kwargs)
+            export(src, tmp, adapter_path=adapter_path, **{"dora": adapter_type == "dora", **export_kwargs})
         if adapter_path:
             (tmp / ADAPTERS).mkdir(exist_ok=True)
             convert_adapters(adapter_path, tmp / ADAPTERS, dtype=dtype, model=tmp)

@@ -24,6 +24,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="PEFT adapter folder whose target modules become LoRA inputs (repeatable; union of all)")
     p.add_argument("--lora-targets", "--lora_targets", default=None,
                    help="comma-separated module names to give LoRA inputs (q_proj,v_proj,... or all-linear)")
+    p.add_argument("--dora", action="store_true",
+                   help="give the LoRA modules DoRA inputs (<module>.dora_scale) even without a DoRA --adapter_path")
     p.add_argument("--precision", default="fp32", choices=OLIVE_PRECISIONS,
                    help="fp32 (default), fp16, int4, or int8 (weight-only, through ortlora quantize)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "npu"])
@@ -83,6 +85,6 @@ def main(args: argparse.Namespace) -> None:
             args.model_name_or_path, args.output_path, adapter_path=args.adapter_path, lora_targets=targets,
             precision=args.precision, device=args.device, provider=args.provider,
             context_length=args.context_length, block_size=args.block_size, threads=args.threads,
-            progress=not args.no_progress,
+            progress=not args.no_progress, dora=args.dora,
         )
     print(f"exported {out}")

@@ -6,7 +6,8 @@ Per layer (llama; gemma2 adds the norms marked *):
       ─[*post_attention_norm]─ SkipSimplifiedLayerNorm(residual) ─> gate,up ─act(gate)·up─> down ─[*post_ff_norm]─> h
 
 Each linear layer named in `lora_modules` also gets the float LoRA term `(x·A)·B` from two graph inputs whose
-defaults have rank 0, so the model without adapter inputs is the base model.
+defaults have rank 0, so the model without adapter inputs is the base model; with `dora`, also DoRA's per-output
+factor `dora_scale` (default ones) before the bias.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ INT64_MAX = np.iinfo(np.int64).max
 class DecoderBuilder:
     def __init__(self, g: GraphBuilder, args: ModelArgs, arch: Arch, ckpt: Checkpoint, *, io_dtype=np.float32,
                  int4_block_size: int | None = None, lora_modules: dict[str, tuple[int, int]] | None = None,
-                 context_length: int, accuracy_level: int = 4, on_layer: Callable[[int], None] | None = None):
+                 context_length: int, accuracy_level: int = 4, on_layer: Callable[[int], None] | None = None,
+                 dora: bool = False):
         self.g, self.args, self.arch, self.ckpt = g, args, arch, ckpt
         self.dtype = np.dtype(io_dtype)
         self.onnx_type = ONNX_FLOAT[self.dtype]
@@ -39,6 +41,7 @@ class DecoderBuilder:
         self.context_length = context_length
         self.accuracy_level = accuracy_level
         self.on_layer = on_layer or (lambda i: None)
+        self.dora = dora
 
     # -- whole graph --------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -217,11 +220,17 @@ class DecoderBuilder:
 
             x ─MatMul(W) or MatMulNBits(W int4)─ [Add(b)] ───────┐
             └─MatMul(<module>.lora_A.weight)─MatMul(<module>.lora_B.weight)─ Add ──> y
+
+        With DoRA inputs (PEFT's DoRA: the factor scales the weight, not the bias):
+
+            x ─MatMul(W)──────────────────────────────────┐
+            └─MatMul(lora_A)─MatMul(lora_B)─ Add ─ Mul(<module>.dora_scale [out]) ─ [Add(b)] ──> y
         """
         g = self.g
         n, k = self.ckpt.shape(f"{module}.weight")
         y = self.matmul(module, x, self.tensor(f"{module}.weight"))
-        if bias:
+        dora = self.dora and module in self.lora_modules
+        if bias and not dora:
             y = g.op("Add", [y, g.weight(f"{module}.bias", self.tensor(f"{module}.bias"))], f"{module}/bias")
         if module in self.lora_modules:
             a_name, b_name = naming.lora_input_names(module)
@@ -233,6 +242,12 @@ class DecoderBuilder:
             g.input(b_name, lora_type, [r, n], default=np.zeros((0, n), self.dtype))
             xa = g.op("MatMul", [x, a_name], f"{module}/lora_A")
             y = g.op("Add", [y, g.op("MatMul", [xa, b_name], f"{module}/lora_B")], f"{module}/lora_add")
+        if dora:
+            scale = naming.dora_scale_name(module)
+            g.input(scale, self.onnx_type, [n], default=np.ones(n, self.dtype))
+            y = g.op("Mul", [y, scale], f"{module}/dora_scale")
+            if bias:
+                y = g.op("Add", [y, g.weight(f"{module}.bias", self.tensor(f"{module}.bias"))], f"{module}/bias")
         return y
 
     def lm_head(self, x: str, keep: str) -> None:

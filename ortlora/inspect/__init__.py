@@ -40,6 +40,7 @@ def _model(path: Path) -> dict:
     manifest = read_manifest(folder)
     genai = read_genai_config(folder)
     lora = model_lora_inputs(proto)
+    dora = [k for k in lora if naming.is_dora_scale(k)]
     modules = sorted({naming.parse_input_name(k)[0] for k in lora})
     params = 0
     for init in proto.graph.initializer:
@@ -57,6 +58,7 @@ def _model(path: Path) -> dict:
         "context_length": manifest.get("context_length") or genai.get("model", {}).get("context_length"),
         "lora_targets": sorted({naming.target_name(m) for m in modules}),
         "lora_modules": len(modules),
+        "dora_inputs": len(dora) or None,
         "lora_input_dtype": sorted({i.dtype.name for i in lora.values()}),
         "parameters": params,
         "size_bytes": sum(p.stat().st_size for p in set(weights) if p.is_file()),
@@ -112,7 +114,10 @@ def _lora_summary(shapes: dict[str, tuple]) -> dict:
     ranks: dict[str, set[int]] = defaultdict(set)
     modules = set()
     other = []
+    dora = sorted(n for n in shapes if naming.is_dora_scale(n))
     for name, shape in shapes.items():
+        if naming.is_dora_scale(name):
+            continue
         parsed = naming.parse_input_name(name)
         if parsed is None or len(shape) != 2:
             other.append(name)
@@ -124,6 +129,7 @@ def _lora_summary(shapes: dict[str, tuple]) -> dict:
         "lora_targets": sorted(ranks),
         "lora_modules": len(modules),
         "ranks": {t: sorted(r) for t, r in sorted(ranks.items())},
+        **({"dora_factors": len(dora)} if dora else {}),
         **({"other_tensors": sorted(other)} if other else {}),
     }
 

@@ -189,7 +189,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     held_out = len(windows) > reserved
     evals = (windows[reserved:] if held_out else windows)[:eval_samples]
     lora_inputs = model_lora_inputs(src.proto)
-    adapters = {str(p): adapter_feeds(p, lora_inputs) for p in adapter_path}
+    adapters = {str(p): adapter_feeds(p, lora_inputs, model=ref) for p in adapter_path}
 
     t0 = time.perf_counter()
     hessians = None

@@ -7,6 +7,11 @@
             it is dropped when its last holder releases it                │
                                                                           ▼ evicted / dropped: on_unload callbacks
 
+A request may also ask for a derived adapter (`acquire("a1", scale=0.5)`, `acquire({"a1": 0.7, "a2": 0.3})`): its
+`Recipe` is combined exactly from the components' current versions (ortlora.adapters.merge.combine), cached by
+(recipe, component versions), refcounted and placed in the pool like any adapter; a component's going retires the
+derived adapters built from it. Scale 0 (all weights 0) is the base model.
+
 A name maps to its current version; each (re-)registration is a new `Adapter` with its own uid, so a request holds
 exactly the weights it started with. A registration either fully succeeds or leaves nothing behind (no file, no
 name). Loaded weights are private copies: rewriting a file in place (as `cp` does) cannot reach a running request.
@@ -29,6 +34,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
 import numpy as np
 
 from ortlora import naming
+from ortlora.adapters.merge import AdapterSpec, Recipe, combine  # noqa: F401 (AdapterSpec: for callers)
 from ortlora.adapters.onnx_adapter import SUFFIX, open_onnx_adapter
 from ortlora.adapters.validate import LoraInput, model_feeds
 from ortlora.errors import AdapterBusy, AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
@@ -37,6 +43,7 @@ from ortlora.runtime.adapter_dir import CACHE, AdapterDirectory
 from ortlora.runtime.multi_lora import AdapterPool
 
 _uids = itertools.count(1)
+DERIVED_CAPACITY = 16  # derived adapters kept while idle (rebuilt from their components on a later use)
 
 
 @dataclass(eq=False)
@@ -82,7 +89,7 @@ class Adapters:
     def __init__(self, lora_inputs: Mapping[str, LoraInput], *, capacity: int | None = None,
                  directory: str | Path | None = None, reserved: tuple[str, ...] = (),
                  probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
-                 pool: AdapterPool | None = None):
+                 pool: AdapterPool | None = None, base: Callable[[str], np.ndarray] | None = None):
         if capacity is not None and capacity < 1:
             raise AdapterError(f"adapter capacity must be at least 1, got {capacity}")
         self.lora_inputs = dict(lora_inputs)
@@ -91,10 +98,13 @@ class Adapters:
         self.reserved = set(reserved)
         self.probe = probe
         self.pool = pool
+        self.base = base  # module -> base weight [out, in]: what scaling a DoRA adapter needs
         self._files: dict[str, Path] = {}  # registered by path, outside any directory
         self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # current versions, least recently used first
         self._retiring: dict[int, Adapter] = {}  # uid -> replaced or unregistered version still held
         self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (file stat, why): a bad file is not re-read
+        # (recipe, component uids) -> derived adapter, least recently used first
+        self._derived: OrderedDict[tuple[Recipe, tuple[int, ...]], Adapter] = OrderedDict()
         self._cond = threading.Condition()
         self.loads = self.evictions = 0  # counts, for metrics
         self._on_unload: list[Callable[[Adapter], None]] = []
@@ -105,7 +115,7 @@ class Adapters:
         its mixed runs use."""
         pool = AdapterPool(engine.lora_inputs, engine.slots, engine.dtype) if engine.lora_inputs else None
         engine.pool = pool
-        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, **kw)
+        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, base=_lazy_base(engine.folder), **kw)
 
     def on_unload(self, callback: Callable[[Adapter], None]) -> None:
         """Call `callback(adapter)` when a loaded version goes (evicted, replaced or unregistered, and released):
@@ -208,6 +218,11 @@ class Adapters:
         # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
         feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
         del params
+        self._check_finite(feeds, label)
+        return Adapter(name, feeds, path)
+
+    def _check_finite(self, feeds: dict[str, np.ndarray], label: str) -> None:
+        """Refuse weights that hold NaN or infinities, or that make the probe step's logits so."""
         bad = [k for k, v in feeds.items() if not np.isfinite(v).all()]
         if bad:
             raise AdapterInvalid(f"{label}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
@@ -217,7 +232,6 @@ class Adapters:
             if not np.isfinite(logits).all():
                 raise AdapterInvalid(f"{label} makes the model's logits NaN or infinite (its weights are too large "
                                      "for this model): refused")
-        return Adapter(name, feeds, path)
 
     def _install(self, adapter: Adapter) -> None:
         """Make `adapter` the loaded current version of its name (lock held); AdapterBusy, with nothing changed,
@@ -253,6 +267,8 @@ class Adapters:
         self._retiring.pop(adapter.uid, None)
         for callback in self._on_unload:
             callback(adapter)
+        for key in [k for k in self._derived if adapter.uid in k[1]]:  # built from a version that is gone
+            self._retire(self._derived.pop(key))
 
     def _make_room(self, for_name: str) -> None:
         if self.capacity is None or len(self._loaded) < self.capacity:
@@ -298,10 +314,17 @@ class Adapters:
             self._install(adapter)
             return adapter
 
-    def acquire(self, name: str | None) -> Adapter | None:
-        """Hold adapter `name` (None = the base model) for a generation; pair with `release`."""
-        if name is None:
+    def acquire(self, spec: AdapterSpec, scale: float = 1.0) -> Adapter | None:
+        """Hold an adapter for a generation: a name, {name: weight} (an exact weighted combination), each at `scale`;
+        None (or scale 0) is the base model. Pair with `release`."""
+        recipe = Recipe.of(spec, scale)
+        if recipe is None:
             return None
+        if recipe.plain:
+            return self._acquire_named(recipe.parts[0][0])
+        return self._acquire_derived(recipe)
+
+    def _acquire_named(self, name: str) -> Adapter:
         for _ in range(8):
             adapter = self.get(name)
             with self._cond:
@@ -310,6 +333,43 @@ class Adapters:
                     self._loaded.move_to_end(name)
                     return adapter
         raise AdapterBusy(f"adapter {name!r} keeps being evicted by other loads: retry")
+
+    def _acquire_derived(self, recipe: Recipe) -> Adapter:
+        """The cached derived adapter of `recipe` over its components' current versions, else built now (the
+        components are held while it is built, so none goes away half-way)."""
+        components: list[Adapter] = []
+        try:
+            for name, _ in recipe.parts:
+                components.append(self._acquire_named(name))
+            key = (recipe, tuple(c.uid for c in components))
+            with self._cond:
+                found = self._derived.get(key)
+                if found is not None:
+                    found.refs += 1
+                    self._derived.move_to_end(key)
+                    return found
+            try:
+                params = combine([c.params for c in components], [w for _, w in recipe.parts],
+                                 [f"adapter {c.name!r}" for c in components], self.base)
+            except AdapterError as exc:
+                raise AdapterInvalid(str(exc)) from None
+            adapter = Adapter(recipe.label, params)
+            self._check_finite(adapter.params, f"adapter {recipe.label!r}")
+            with self._cond:
+                found = self._derived.get(key)  # another thread built it meanwhile
+                if found is None:
+                    found = self._derived[key] = adapter
+                found.refs += 1
+                self._derived.move_to_end(key)
+                while len(self._derived) > DERIVED_CAPACITY:  # the least recently used idle ones go
+                    idle = next((k for k, a in self._derived.items() if not a.refs), None)
+                    if idle is None:
+                        break
+                    self._retire(self._derived.pop(idle))
+                return found
+        finally:
+            for c in components:
+                self.release(c)
 
     def release(self, adapter: Adapter | None) -> None:
         if adapter is None:
@@ -347,7 +407,8 @@ class Adapters:
     def held(self) -> int:
         """Generations holding an adapter right now (all versions)."""
         with self._cond:
-            return sum(a.refs for a in self._loaded.values()) + sum(a.refs for a in self._retiring.values())
+            return (sum(a.refs for a in self._loaded.values()) + sum(a.refs for a in self._retiring.values())
+                    + sum(a.refs for a in self._derived.values()))
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -361,8 +422,23 @@ class Adapters:
         return len(self._loaded)
 
     def __iter__(self) -> Iterator[Adapter]:
+        """Every adapter in memory: loaded, derived (scales, combinations) and retired-but-held versions."""
         with self._cond:
-            return iter(list(self._loaded.values()) + list(self._retiring.values()))
+            return iter(list(self._loaded.values()) + list(self._derived.values()) + list(self._retiring.values()))
+
+
+def _lazy_base(folder: Path) -> Callable[[str], np.ndarray]:
+    """The model's base weights, read only when a scaled DoRA adapter first needs them."""
+    held: list = []
+
+    def weight(module: str) -> np.ndarray:
+        if not held:
+            from ortlora.adapters.base_weights import BaseWeights
+
+            held.append(BaseWeights(folder))
+        return held[0](module)
+
+    return weight
 
 
 def _stat(path: Path) -> tuple:

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from ortlora.errors import ModelError
 from ortlora.model_folder import LoraInput
-from ortlora.naming import is_lora_a
+from ortlora.naming import is_dora_scale, is_lora_a
 from ortlora.runtime import multi_lora
 
 
@@ -42,16 +42,17 @@ def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -
         if isinstance(symbol, str):
             vi.type.tensor_type.shape.dim[axis].dim_param = symbol
     have = {t.name for t in graph.initializer}
-    graph.initializer.extend(numpy_helper.from_array(_empty(vi), vi.name) for vi in graph.input
+    dora = {li.name for key, li in lora_inputs.items() if is_dora_scale(key)}
+    graph.initializer.extend(numpy_helper.from_array(_empty(vi, vi.name in dora), vi.name) for vi in graph.input
                              if vi.name in pool and vi.name not in have)
     return proto
 
 
-def _empty(vi: onnx.ValueInfoProto) -> np.ndarray:
-    """[1, in, 0] for [slots, in, R], [1, 0, out] for [slots, R, out]."""
+def _empty(vi: onnx.ValueInfoProto, dora: bool) -> np.ndarray:
+    """[1, in, 0] for [slots, in, R], [1, 0, out] for [slots, R, out]; a DoRA factor [slots, out]: [1, out] of ones."""
     tt = vi.type.tensor_type
     shape = [1] + [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim[1:]]
-    return np.zeros(shape, helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return (np.ones if dora else np.zeros)(shape, helper.tensor_dtype_to_np_dtype(tt.elem_type))
 
 
 def relocate_external_data(proto: onnx.ModelProto, folder: Path) -> Path:

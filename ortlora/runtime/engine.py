@@ -6,7 +6,8 @@ A row of a batch is (slot, new tokens, adapter). What each run reads and writes,
     kv[layer][s, :, len[s]:len[s]+T]    written in place: the T new tokens' keys/values (past and present are one
                                         buffer bound twice, so GroupQueryAttention appends without a copy)
     logits[b] = decoder(tokens[b] | kv[s]) with  y = x @ W + (x @ A[b]) @ B[b]  in every LoRA module, where
-                A[b], B[b] are row b's adapter's tensors (zeros: the base model)
+                A[b], B[b] are row b's adapter's tensors (zeros: the base model); a model with DoRA inputs
+                also multiplies y by row b's adapter's dora_scale (ones: LoRA adapters and the base model)
     len[s] += T
 
 A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
@@ -33,6 +34,7 @@ import onnxruntime as ort
 from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
+from ortlora.naming import is_dora_scale
 from ortlora.runtime import combined, hugepages, multi_lora
 from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
@@ -354,7 +356,7 @@ class Engine:
             slot_of = pool.place(distinct)
             if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
                 graph.bindings.clear()
-            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters])
+            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
             return LoraRun(graph, PoolKey(pool.generation, groups.first, groups.count),
                            lambda: pool.views(groups.first, groups.count), groups.feeds)
         adapter = next(iter(distinct.values()), None)
@@ -412,7 +414,8 @@ class Engine:
         """The index inputs of a run whose `rows` rows all meet one pool slot (made once per row count)."""
         found = self._one_slot.get(rows)
         if found is None:
-            found = self._one_slot[rows] = multi_lora.AdapterPool.groups([1] * rows).feeds
+            dora = any(is_dora_scale(k) for k in self.lora_inputs)
+            found = self._one_slot[rows] = multi_lora.AdapterPool.groups([1] * rows, dora).feeds
         return found
 
     def _adapter_pool(self) -> multi_lora.AdapterPool:

@@ -5,6 +5,8 @@
     for chunk in model.stream("Hello", adapter="a1", max_new_tokens=64, temperature=0.7):
         print(chunk.text, end="")
     texts = model.generate(["p1", "p2"], adapter=["a1", None])   # one batch, one adapter per row
+    model.generate("p", adapter="a1", adapter_scale=0.5)           # a1 at half strength
+    model.generate("p", adapter={"a1": 0.7, "a2": 0.3})            # an exact weighted combination
     model.adapters.unload("a1")
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ortlora.errors import OrtloraError
-from ortlora.runtime.adapters import Adapter, Adapters
+from ortlora.runtime.adapters import Adapter, Adapters, AdapterSpec
 from ortlora.runtime.engine import PREFIX_CACHE_BYTES, Engine
 from ortlora.runtime.generation import Batch, Chunk, Completion, Request, SlotLease, run_to_end
 from ortlora.runtime.sampling import SamplingParams
@@ -75,10 +77,10 @@ class Model:
             raise OrtloraError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.engine.info.vocab_size - 1})")
         return ids
 
-    def _request(self, prompt, messages, adapter: str | None, params: SamplingParams,
-                 lease: SlotLease | None = None) -> Request:
+    def _request(self, prompt, messages, adapter: AdapterSpec, params: SamplingParams,
+                 lease: SlotLease | None = None, adapter_scale: float = 1.0) -> Request:
         ids = self.encode(prompt, messages)
-        held = self.adapters.acquire(adapter)
+        held = self.adapters.acquire(adapter, scale=adapter_scale)
         return Request(ids, params, self.tokenizer, held, eos_ids=self.eos_ids, lease=lease)
 
     def reserve_slot(self) -> SlotLease:
@@ -106,13 +108,14 @@ class Model:
             raise OrtloraError(f"unknown sampling setting: {exc}") from None
 
     # -- generation -----------------------------------------------------------------------------------------
-    def stream(self, prompt: Prompt | None = None, adapter: str | None = None, *,
+    def stream(self, prompt: Prompt | None = None, adapter: AdapterSpec = None, *,
                messages: list[dict[str, Any]] | None = None, params: SamplingParams | None = None,
-               lease: SlotLease | None = None, **sampling) -> Iterator[Chunk]:
+               lease: SlotLease | None = None, adapter_scale: float = 1.0, **sampling) -> Iterator[Chunk]:
         """Yield the output as it is generated; the last chunk has `finish_reason` set. The adapter is held (an
         unload waits or fails) until the generator finishes or is closed. With a `lease` (see `reserve_slot`)
-        the cached prefix of the conversation is reused."""
-        request = self._request(prompt, messages, adapter, self._params(params, sampling), lease)
+        the cached prefix of the conversation is reused. `adapter`: a name, {name: weight} (an exact weighted
+        combination) or None; `adapter_scale` multiplies its strength (0: the base model)."""
+        request = self._request(prompt, messages, adapter, self._params(params, sampling), lease, adapter_scale)
         return self._stream(request)
 
     def _batch(self) -> Batch:
@@ -140,22 +143,28 @@ class Model:
             with self._lock:
                 batch.cancel(request)
 
-    def complete(self, prompts: Prompt | Sequence[Prompt], adapter: str | None | Sequence[str | None] = None, *,
-                 params: SamplingParams | None = None, **sampling) -> list[Completion]:
-        """Generate for every prompt in one batch (each row with its own adapter); returns one Completion each."""
+    def complete(self, prompts: Prompt | Sequence[Prompt], adapter: AdapterSpec | Sequence[AdapterSpec] = None, *,
+                 params: SamplingParams | None = None, adapter_scale: float | Sequence[float] = 1.0,
+                 **sampling) -> list[Completion]:
+        """Generate for every prompt in one batch (each row with its own adapter and scale, see `stream`);
+        returns one Completion each."""
         prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
         if len(adapters) != len(prompts):
             raise OrtloraError(f"{len(prompts)} prompts but {len(adapters)} adapters: give one adapter (or None) "
                                "per prompt, or a single name for all")
+        scales = list(adapter_scale) if isinstance(adapter_scale, (list, tuple)) else [adapter_scale] * len(prompts)
+        if len(scales) != len(prompts):
+            raise OrtloraError(f"{len(prompts)} prompts but {len(scales)} adapter scales")
         sp = self._params(params, sampling)
-        unknown = sorted({a for a in adapters if a is not None and a not in self.adapters})
+        names = {n for a in adapters if a is not None for n in ([a] if isinstance(a, str) else a)}
+        unknown = sorted(n for n in names if isinstance(n, str) and n not in self.adapters)
         if unknown:
             self.adapters.get(unknown[0])  # raises, naming the loaded ones
         requests = []
         try:
-            for p, a in zip(prompts, adapters):
-                requests.append(self._request(p, None, a, sp))
+            for p, a, scale in zip(prompts, adapters, scales):
+                requests.append(self._request(p, None, a, sp, adapter_scale=scale))
             with self._lock:
                 return run_to_end(self._batch(), requests, step=self._step)
         finally:
@@ -164,10 +173,11 @@ class Model:
                     self.adapters.release(r.adapter)
                     r.released = True
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], adapter: str | None | Sequence[str | None] = None, *,
-                 params: SamplingParams | None = None, **sampling) -> str | list[str]:
+    def generate(self, prompts: Prompt | Sequence[Prompt], adapter: AdapterSpec | Sequence[AdapterSpec] = None, *,
+                 params: SamplingParams | None = None, adapter_scale: float | Sequence[float] = 1.0,
+                 **sampling) -> str | list[str]:
         """The generated texts: one string for one text prompt, else a list."""
-        results = self.complete(prompts, adapter, params=params, **sampling)
+        results = self.complete(prompts, adapter, params=params, adapter_scale=adapter_scale, **sampling)
         single = isinstance(prompts, str) or _is_ids(prompts)
         return results[0].text if single else [r.text for r in results]
 

@@ -16,6 +16,13 @@ LoRA module:
 
     y[b] = x[b] @ W + (x[b] @ lora_A[s[b]]) @ lora_B[s[b]]        lora_A [slots, in, R], lora_B [slots, R, out]
 
+A model exported with DoRA inputs also scales each row by its slot's factor before the bias (ones for LoRA
+adapters and slot 0), gathered per row from a [slots, out] pool buffer:
+
+    y[b] = (x[b] @ W + (x[b] @ lora_A[s[b]]) @ lora_B[s[b]]) * dora_scale[s[b]] (+ bias)
+
+       y ─Mul─> ...           dora_scale [S,out] ─Gather(adapter_row_slot [B])─Unsqueeze(1)─> [B,1,out] ─┘
+
 Each step reads every slot in use once and multiplies each row by its own slot alone (the designs measured against
 this one: benchmarks/NOTES.md#mixed-adapter-graph). Slots are the first axis of one buffer per input, so a run of slots
 is a contiguous view: a step binds only the slots in use, and placing an adapter copies it alone. Which adapter
@@ -37,10 +44,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from ortlora.adapters.validate import LoraInput
-from ortlora.naming import is_lora_a
+from ortlora.naming import is_dora_scale, is_lora_a
 from ortlora.errors import AdapterError, ModelError
 
-GATHER, SCATTER = "adapter_gather", "adapter_scatter"
+GATHER, SCATTER, ROW_SLOT = "adapter_gather", "adapter_scatter", "adapter_row_slot"
 GROUP_SHAPE, UNGROUP_SHAPE = "adapter_group_shape", "adapter_ungroup_shape"
 SLOTS_DIM, RANK_DIM = "adapter_slots", "adapter_pool_rank"
 
@@ -50,8 +57,9 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
     proto = onnx.load(str(model_path), load_external_data=False)
     graph = proto.graph
     a_names = {li.name for key, li in lora_inputs.items() if is_lora_a(key)}
-    b_names = {li.name for key, li in lora_inputs.items() if not is_lora_a(key)}
-    names = a_names | b_names
+    dora_names = {li.name for key, li in lora_inputs.items() if is_dora_scale(key)}
+    b_names = {li.name for li in lora_inputs.values()} - a_names - dora_names
+    names = a_names | b_names | dora_names
     if not names:
         raise ModelError(f"{model_path} has no LoRA inputs: there is nothing to mix")
     if GATHER in {i.name for i in graph.input}:
@@ -65,13 +73,16 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
         if vi.name in names:
             tt = vi.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
-            dims = [dims[0], RANK_DIM] if vi.name in a_names else [RANK_DIM, dims[1]]
+            if vi.name not in dora_names:  # a factor keeps its [out]
+                dims = [dims[0], RANK_DIM] if vi.name in a_names else [RANK_DIM, dims[1]]
             vi = helper.make_tensor_value_info(vi.name, tt.elem_type, [SLOTS_DIM, *dims])
         inputs.append(vi)
     inputs += [helper.make_tensor_value_info(GATHER, TensorProto.INT64, ["adapter_group_rows"]),
                helper.make_tensor_value_info(SCATTER, TensorProto.INT64, ["batch_size"]),
                helper.make_tensor_value_info(GROUP_SHAPE, TensorProto.INT64, [3]),
                helper.make_tensor_value_info(UNGROUP_SHAPE, TensorProto.INT64, [3])]
+    if dora_names:
+        inputs.append(helper.make_tensor_value_info(ROW_SLOT, TensorProto.INT64, ["batch_size"]))
     del graph.input[:]
     graph.input.extend(inputs)
 
@@ -82,6 +93,14 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
             nodes.append(node)
             continue
         name = lora[0][1]
+        if name in dora_names and node.op_type == "Mul" and len(lora) == 1 and lora[0][0] == 1:
+            consumed.add(name)  # each row's factor: its slot's row of the pool buffer
+            rows, per_row = f"{name}/rows", f"{name}/per_row"
+            nodes += [helper.make_node("Gather", [name, ROW_SLOT], [rows], name=f"{name}/gather", axis=0),
+                      helper.make_node("Unsqueeze", [rows, _ONE_AXIS], [per_row], name=f"{name}/unsqueeze")]
+            node.input[1] = per_row
+            nodes.append(node)
+            continue
         if node.op_type != "MatMul" or len(lora) != 1 or lora[0][0] != 1:
             raise ModelError(f"{model_path}: node {node.name!r} ({node.op_type}) uses LoRA input {name} in a way "
                              "the mixed-adapter graph does not know (a MatMul by the weight was expected)")
@@ -105,7 +124,12 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
         raise ModelError(f"{model_path}: LoRA inputs not used by any node: {', '.join(sorted(missing))}")
     del graph.node[:]
     graph.node.extend(nodes)
+    if dora_names:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), _ONE_AXIS))
     return proto
+
+
+_ONE_AXIS = "adapter_axis_1"  # Unsqueeze's axes: [B, out] -> [B, 1, out]
 
 
 @dataclass
@@ -118,7 +142,8 @@ class Groups:
 
 class AdapterPool:
     """The slot buffers the mixed graph is fed: per LoRA input one [1 + capacity, in, R] (A) or
-    [1 + capacity, R, out] (B) array; slot 0 stays zero (rows without an adapter).
+    [1 + capacity, R, out] (B) array; slot 0 stays zero (rows without an adapter). A DoRA factor input's buffer is
+    [1 + capacity, out], ones wherever the slot's adapter has no factor for that module (slot 0 included).
 
     `place(adapters)` puts every adapter of a batch in a slot (copying only those not already there) and returns
     their slots; `groups(row_slots)` arranges a run's rows by slot; `views(first, count)` are the bound slots.
@@ -128,6 +153,7 @@ class AdapterPool:
         if capacity < 1:
             raise AdapterError(f"the adapter pool needs at least one slot, got {capacity}")
         self.lora_inputs = dict(lora_inputs)
+        self.dora = any(is_dora_scale(k) for k in self.lora_inputs)
         self.capacity = capacity
         self.dtype = np.dtype(dtype)
         self.rank = 0
@@ -165,7 +191,9 @@ class AdapterPool:
         for key, li in self.lora_inputs.items():
             block = self.buffers[li.name][slot]
             arr = adapter.params.get(li.name)
-            if arr is None:
+            if is_dora_scale(key):
+                block[:] = 1 if arr is None else arr
+            elif arr is None:
                 block[:] = 0
             elif is_lora_a(key):  # [in, r] into [in, R]
                 block[:, :arr.shape[1]] = arr
@@ -193,6 +221,9 @@ class AdapterPool:
         self.generation += 1
         self.buffers = {}
         for key, li in self.lora_inputs.items():
+            if is_dora_scale(key):
+                self.buffers[li.name] = np.ones((1 + self.capacity, li.shape[0]), self.dtype)
+                continue
             shape = (li.shape[0], rank) if is_lora_a(key) else (rank, li.shape[1])
             self.buffers[li.name] = np.zeros((1 + self.capacity, *shape), self.dtype)
         self.occupant = [None] * (1 + self.capacity)
@@ -205,9 +236,10 @@ class AdapterPool:
         return {name: buf[first:first + count] for name, buf in self.buffers.items()}
 
     @staticmethod
-    def groups(row_slots: list[int]) -> Groups:
+    def groups(row_slots: list[int], dora: bool = False) -> Groups:
         """Rows by slot: slots [first, last] bound (slot 0 only when a row has no adapter), each slot's rows padded
-        to the largest group with copies of row 0 (computed, then dropped)."""
+        to the largest group with copies of row 0 (computed, then dropped); with `dora` (the pool's `dora`: the
+        model has DoRA inputs), also each row's slot within the bound ones."""
         first, last = min(row_slots), max(row_slots)
         members: list[list[int]] = [[] for _ in range(last - first + 1)]
         for row, slot in enumerate(row_slots):
@@ -221,4 +253,6 @@ class AdapterPool:
         feeds = {GATHER: gather, SCATTER: scatter,
                  GROUP_SHAPE: np.array([len(members), -1, 0], np.int64),  # [S·G,T,in] -> [S,G·T,in]
                  UNGROUP_SHAPE: np.array([len(members) * width, -1, 0], np.int64)}  # [S,G·T,out] -> [S·G,T,out]
+        if dora:
+            feeds[ROW_SLOT] = np.asarray(row_slots, np.int64) - first
         return Groups(first, len(members), feeds)

@@ -28,6 +28,7 @@ from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError, error_response, status_of, validation_message
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
+from ortlora.serve.server import AdapterChoice
 from ortlora.serve.tenants import Tenant
 from ortlora.serve.tools import ToolPlan, template_messages
 
@@ -96,11 +97,29 @@ def create_app(server) -> FastAPI:
         raise APIError(404, f"The model {model!r} does not exist", "invalid_request_error", param="model",
                        code="model_not_found")
 
+    def choose(tenant: Tenant, body) -> "str | AdapterChoice | None":
+        """The one place a generation request's adapter is decided: `model`, or the `adapters` combination, at
+        `adapter_scale`; every name is checked against the tenant (404 alike whether missing or not permitted)."""
+        adapter = resolve(tenant, body.model)
+        if body.adapters is None and body.adapter_scale == 1.0:
+            return adapter
+        spec = adapter
+        if body.adapters is not None:
+            names = [a.name for a in body.adapters]
+            if len(set(names)) != len(names):
+                raise APIError(400, "adapters: each adapter may appear once", param="adapters")
+            for name in names:
+                if not (tenant.may_use(name) and server.has_adapter(name)):
+                    raise APIError(404, f"The model {name!r} does not exist", "invalid_request_error",
+                                   param="adapters", code="model_not_found")
+            spec = {a.name: a.weight for a in body.adapters}
+        return AdapterChoice(spec, body.adapter_scale) if spec is not None else None
+
     # -- generation ----------------------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=P.CompletionResponse, tags=["openai"],
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})
     async def completions(body: P.CompletionRequest, request: Request, tenant: Tenant = Depends(authenticate)):
-        adapter = resolve(tenant, body.model)
+        adapter = choose(tenant, body)
         compat.warn_ignored(body)
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of is supported only equal to n", param="best_of")
@@ -130,7 +149,7 @@ def create_app(server) -> FastAPI:
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})
     async def chat_completions(body: P.ChatCompletionRequest, request: Request,
                                tenant: Tenant = Depends(authenticate)):
-        adapter = resolve(tenant, body.model)
+        adapter = choose(tenant, body)
         compat.warn_ignored(body)
         plan = ToolPlan.of(body)
         prompt = await run_in_threadpool(jobs_.chat_prompt, server, template_messages(body), plan.tools)

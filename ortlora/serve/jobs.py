@@ -23,6 +23,7 @@ from ortlora.serve.openai_compat import (FINGERPRINT, Output, TokenText, chat_lo
 from ortlora.serve.tools import OPEN_TAG, ToolPlan, call_id
 from ortlora.serve.errors import APIError, error_response, status_of
 from ortlora.serve.scheduler import Event, Job
+from ortlora.serve.server import adapter_label
 
 
 class JobEvents:
@@ -161,7 +162,7 @@ async def start(server, adapter: str | None, prompts: list[list[int]], n: int, p
             server.release(lease)
         raise
     arrival = time.monotonic()
-    jobs = Jobs([Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter, params=p,
+    jobs = Jobs([Job(index=i, prompt_ids=prompts[i // n], adapter=leases[i], adapter_name=adapter_label(adapter), params=p,
                      sink=events.sink, tenant=tenant, arrival=arrival) for i, p in enumerate(params)], events)
     try:
         server.scheduler.submit(jobs)  # QueueFull -> 429, ShuttingDown -> 503

@@ -4,6 +4,7 @@ Unknown top-level request fields are accepted and ignored with a logged warning 
 fields of newer API versions); OpenAI fields ortlora cannot honour are a 400 that says "not supported". A few extra
 fields that vLLM also accepts (`ignore_eos`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `stop_token_ids`) are honoured.
+ortlora's own extras: `adapter_scale` (the adapter's strength) and `adapters` (an exact weighted combination).
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
+MAX_COMBINED = 8  # adapters in one weighted combination
+
+
+class AdapterWeight(_Request):
+    name: StrictStr = Field(description="an adapter the API key may use")
+    weight: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
+
+
 class _Sampling(BaseModel):
     """Fields shared by both generation endpoints; unknown ones are kept in `model_extra` (warned about, ignored)."""
     model_config = ConfigDict(extra="allow")
@@ -83,6 +92,12 @@ class _Sampling(BaseModel):
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
     _grammar: str | None = PrivateAttr(None)  # what the output must follow (response_format, required tools)
+    # ortlora extras: adapter strength and combinations (exact; derived adapters are cached by recipe)
+    adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
+                                 description="multiplies the adapter's delta (0 = the base model)")
+    adapters: list[AdapterWeight] | None = Field(
+        None, min_length=1, max_length=MAX_COMBINED,
+        description="run sum(weight * adapter) instead of the adapter `model` names (names must be distinct)")
 
     @field_validator("logit_bias")
     @classmethod

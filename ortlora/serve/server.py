@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from ortlora import __version__
-from ortlora.runtime.adapters import Adapter, Adapters
+from dataclasses import dataclass
+
+from ortlora.runtime.adapters import Adapter, Adapters, AdapterSpec, Recipe
 from ortlora.model_folder import ModelInfo
 from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch
@@ -69,12 +71,14 @@ class Server:
         return self.scheduler.shutdown(timeout)
 
     # -- adapters: API names onto the runtime's Adapters --------------------------------------------------------
-    def acquire(self, name: str | None) -> Adapter | None:
-        """Hold adapter `name` for one choice (loaded on first use); None = the base model."""
+    def acquire(self, name: "str | AdapterChoice | None") -> Adapter | None:
+        """Hold adapter `name` (or a scaled / combined choice) for one choice (loaded on first use); None = the
+        base model."""
         if name is None:
             return None
         loads = self.adapters.loads
-        adapter = self.adapters.acquire(name)
+        choice = name if isinstance(name, AdapterChoice) else AdapterChoice(name)
+        adapter = self.adapters.acquire(choice.spec, scale=choice.scale)
         if self.adapters.loads == loads:
             self.metrics.adapter_cache_hits.inc()
         else:
@@ -138,3 +142,21 @@ class Server:
             raise APIError(400, f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
                            param="logit_bias")
         return out
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What one request asks for: an adapter name or {name: weight}, at `scale` (resolved by the app)."""
+    spec: AdapterSpec
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str | None:
+        """Its name in metrics and messages: the adapters' names (`a1`, `a1+a2`), without the weights, so that
+        clients choosing scales cannot grow the metrics' label sets without bound."""
+        recipe = Recipe.of(self.spec, self.scale)
+        return None if recipe is None else "+".join(name for name, _ in recipe.parts)
+
+
+def adapter_label(adapter: "str | AdapterChoice | None") -> str | None:
+    return adapter.label if isinstance(adapter, AdapterChoice) else adapter
