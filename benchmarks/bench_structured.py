@@ -136,7 +136,7 @@ def decode_rates(folder: Path, adapters: list[Path], grammars: dict[str, str | N
                  prompt: int = 32, rounds: int = 3) -> dict[str, float]:
     """Decode tokens/s (after the prefill) of len(adapters) rows, one adapter each, per grammar setting: one
     engine, the settings alternated round by round (the machine is shared: load drifts), best round each."""
-    from ortlora.runtime.adapter_store import AdapterStore
+    from ortlora.runtime.adapters import Adapters
     from ortlora.runtime.engine import Engine
     from ortlora.runtime.generation import Batch, Request
     from ortlora.runtime.sampling import SamplingParams
@@ -145,7 +145,7 @@ def decode_rates(folder: Path, adapters: list[Path], grammars: dict[str, str | N
     engine = Engine(folder, slots=len(adapters), max_len=prompt + new + 1)
     engine.build_mixed()
     tok = Tokenizer(folder)
-    store = AdapterStore(engine.lora_inputs, capacity=len(adapters))
+    store = Adapters.for_engine(engine, capacity=len(adapters))
     loaded = [store.load(p, p.stem) for p in adapters]
     prompts = [np.random.default_rng(i).integers(300, 150000, prompt).tolist() for i in range(len(adapters))]
     best = {label: 0.0 for label in grammars}
