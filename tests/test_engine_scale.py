@@ -10,26 +10,13 @@ import shutil
 import numpy as np
 import pytest
 
-from ortlora.adapters.convert import convert_adapter
 from ortlora.runtime.generation import Batch, Request, run_to_end
 from ortlora.runtime.sampling import SamplingParams
+from test_runtime import lora  # noqa: F401 (fixture: the tiny qwen2 and its two adapters)
 
 N = 6
 SYSTEM = [(7 * i + 3) % 300 + 5 for i in range(40)]  # a shared "system prompt": 2 full cache blocks and a piece
 QUESTIONS = [[11, 12, 13], [40, 41], [99, 98, 97, 96]]
-
-
-@pytest.fixture(scope="module")
-def lora(tiny):
-    """The same tiny qwen2 and two adapters as tests/test_runtime.py (built once per session)."""
-    model = tiny.model("qwen2", tie_word_embeddings=True)
-    a1 = tiny.adapter(model, "rt-a1", r=4, target_modules=["q_proj", "v_proj", "down_proj"], seed=11)
-    a2 = tiny.adapter(model, "rt-a2", r=8, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"],
-                      seed=12)
-    folder = tiny.export(model, "rt", adapter_path=[a1, a2])
-    files = {name: convert_adapter(peft, folder / f"{name}.onnx_adapter", model=folder)
-             for name, peft in (("a1", a1), ("a2", a2))}
-    return folder, files
 
 
 def _model(folder, files, **kw):
@@ -49,7 +36,7 @@ def test_a_folder_of_symlinks_serves_mixed_batches(lora, tmp_path, monkeypatch):
     """Snapshot files that link to blobs elsewhere (as huggingface_hub lays out its cache) load, named by a relative
     path too (onnxruntime then refuses a data file outside the folder it is told), and a mixed batch gives the tokens
     of the folder itself."""
-    folder, files = lora
+    _, folder, _, files = lora
     blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
     blobs.mkdir()
     snap.mkdir(parents=True)
@@ -66,7 +53,7 @@ def test_a_folder_of_symlinks_serves_mixed_batches(lora, tmp_path, monkeypatch):
 
 
 def test_prefix_cache_gives_the_same_tokens_and_never_crosses_adapters(lora):
-    folder, files = lora
+    _, folder, _, files = lora
     cached, plain = _model(folder, files), _model(folder, files, prefix_cache_bytes=0)
     cache = cached.engine.prefix_cache
     assert plain.engine.prefix_cache is None
@@ -86,7 +73,7 @@ def test_prefix_cache_gives_the_same_tokens_and_never_crosses_adapters(lora):
 def test_prefix_cache_keeps_namespaces_apart_and_its_bound(lora):
     """Requests in another namespace (a server: another tenant) find nothing; the LRU stays within its bytes; an
     unloaded adapter's blocks go."""
-    folder, files = lora
+    _, folder, _, files = lora
     m = _model(folder, files)
     cache = m.engine.prefix_cache
 
