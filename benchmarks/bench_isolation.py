@@ -6,6 +6,9 @@ Not a test: one pass, printed; each scenario side by side with its baseline in t
 gap:  4 streams decode (200 new tokens each); after their 20th token a 1500-token prompt arrives. The streams'
       median and largest inter-token gap, and the long prompt's time to first token: with the default chunked
       prefill vs `--prefill-chunk 2048` (the whole prompt in one piece, as before chunking).
+chunks: the same at engine level, no HTTP (Batch steps timed directly): the calibrated prefill cost (fixed part +
+      per token), the chunk size chosen, the longest step against a plain decode step, and the long prompt's TTFT,
+      chunked vs one piece.
 huge: a 15 MB prompt, three times, while a short request runs: the 4xx time, the short request's latency against
       its latency alone, and the server's RSS before and after.
 fair: tenant beta sends 200 requests at once (its own process), tenant acme 10 shortly after: acme's p99 latency
@@ -127,6 +130,37 @@ async def _timed(url, key, model, n, tokens, prompt="question"):
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+def chunks(folder, chunk: int | None) -> dict:
+    from ortlora.runtime.model import Model
+    from ortlora.runtime.generation import Batch, Request
+    from ortlora.runtime.sampling import SamplingParams
+
+    m = Model(folder, slots=8, max_len=2048, prefix_cache_bytes=0)
+    batch = Batch(m.engine, m.adapters, prefill_chunk=chunk)
+    batch.calibrate()
+    fixed, per_token = batch.prefill_cost
+    for i in range(4):
+        batch.add(Request([10 + i] * 16, SamplingParams(max_new_tokens=400, ignore_eos=True), m.tokenizer))
+    for _ in range(20):
+        batch.step()
+    t0 = time.perf_counter()
+    long = Request([10 + (7 * i) % 290 for i in range(1500)], SamplingParams(max_new_tokens=1), m.tokenizer)
+    batch.add(long)
+    steps = []
+    while not long.finished:
+        s = time.perf_counter()
+        batch.step()
+        steps.append(time.perf_counter() - s)
+    ttft = time.perf_counter() - t0
+    plain = []
+    for _ in range(10):
+        s = time.perf_counter()
+        batch.step()
+        plain.append(time.perf_counter() - s)
+    return {"fixed_s": fixed, "per_token_ms": 1000 * per_token, "budget": batch.prefill_budget(), "runs": len(steps),
+            "max_step_s": max(steps), "decode_step_s": statistics.median(plain), "ttft_s": ttft}
+
+
 def huge(folder, adapters, work) -> dict:
     server = Server(folder, adapters, work / "huge.log")
     try:
@@ -191,7 +225,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/ortlora-bench-isolation")
     ap.add_argument("--source", default="/tmp/ortlora-bench-generate", help="checkpoint + exports (shared)")
-    ap.add_argument("--scenarios", nargs="+", default=["gap", "huge", "fair"], choices=["gap", "huge", "fair"])
+    ap.add_argument("--scenarios", nargs="+", default=["gap", "huge", "fair"],
+                    choices=["gap", "chunks", "huge", "fair"])
     args = ap.parse_args()
     work, source = Path(args.workdir), Path(args.source)
     work.mkdir(parents=True, exist_ok=True)
@@ -208,6 +243,12 @@ def main() -> None:
                   f"TTFT {r['long_ttft_s']:.2f} s", flush=True)
         a, b = results["gap"].values()
         print(f"gap  chunked / one piece: long-prompt TTFT {b['long_ttft_s'] / a['long_ttft_s']:.2f}x")
+    if "chunks" in args.scenarios:
+        results["chunks"] = {"one piece": chunks(folder, 2048), "chunked": chunks(folder, None)}
+        for name, r in results["chunks"].items():
+            print(f"chunks {name:9s} prefill run {r['fixed_s']:.3f} s + {r['per_token_ms']:.2f} ms/token; chunk "
+                  f"{r['budget']} tokens over {r['runs']} steps; longest step {r['max_step_s']:.3f} s vs decode step "
+                  f"{r['decode_step_s']:.3f} s; long prompt's TTFT {r['ttft_s']:.2f} s", flush=True)
     if "huge" in args.scenarios:
         r = results["huge"] = huge(folder, adapters, work)
         print(f"huge 15 MB prompt x3: {r['refused']} in at most {r['refusal_s']:.2f} s; a short request meanwhile "

@@ -56,7 +56,6 @@ def main(argv=None) -> None:
     files = sorted(args.adapters.glob("*.onnx_adapter"))[:8]
     for f in files:
         model.adapters.load(f, name=f.stem)
-    model.engine.build_mixed()  # as `ortlora serve` does at start-up
     out["load_s"] = round(time.perf_counter() - t0, 1)
     out["rss_after_load_mb"] = round(rss_mb())
     engine, names = model.engine, [f.stem for f in files]

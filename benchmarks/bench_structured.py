@@ -143,7 +143,6 @@ def decode_rates(folder: Path, adapters: list[Path], grammars: dict[str, str | N
     from ortlora.runtime.tokenizer import Tokenizer
 
     engine = Engine(folder, slots=len(adapters), max_len=prompt + new + 1)
-    engine.build_mixed()
     tok = Tokenizer(folder)
     store = Adapters.for_engine(engine, capacity=len(adapters))
     loaded = [store.load(p, p.stem) for p in adapters]

@@ -47,7 +47,6 @@ def test_a_folder_of_symlinks_serves_mixed_batches(lora, tmp_path, monkeypatch):
     prompts, adapters = [[5, 17, 33, 9], [12, 40, 66], [8, 9, 10], [99]], ["a1", "a2", None, "a1"]
     monkeypatch.chdir(tmp_path)
     linked = _model("snapshots/abc123", {n: snap / p.name for n, p in files.items()})
-    linked.engine.build_mixed()  # as a server does at start-up
     assert _greedy(linked, prompts, adapters) == _greedy(_model(folder, files), prompts, adapters)
     assert linked.engine.pool.where  # the batch ran mixed (a failed mixed step falls back to rows one by one)
 

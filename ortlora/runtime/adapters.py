@@ -106,7 +106,7 @@ class Adapters:
         # (recipe, component uids) -> derived adapter, least recently used first
         self._derived: OrderedDict[tuple[Recipe, tuple[int, ...]], Adapter] = OrderedDict()
         self._cond = threading.Condition()
-        self.loads = self.evictions = 0  # counts, for metrics
+        self.loads = 0  # loads from files, for metrics
         self._on_unload: list[Callable[[Adapter], None]] = []
 
     @classmethod
@@ -213,8 +213,7 @@ class Adapters:
             message = str(exc).replace(str(path), label)
             if self.directory is not None:
                 message = message.replace(str(self.directory.root), "<adapters>")
-            raise (exc if isinstance(exc, AdapterInvalid) and message == str(exc) else AdapterInvalid(message)) \
-                from None
+            raise AdapterInvalid(message) from None
         # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
         feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
         del params
@@ -263,7 +262,6 @@ class Adapters:
 
     def _drop(self, adapter: Adapter) -> None:
         """(lock held) Callbacks must not block: they queue work for the engine's thread."""
-        self.evictions += 1
         self._retiring.pop(adapter.uid, None)
         for callback in self._on_unload:
             callback(adapter)

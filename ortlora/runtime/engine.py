@@ -121,9 +121,8 @@ class DecodeInputs:
 
 @dataclass
 class LoraRun:
-    """How one run meets its adapters: which graph, the binding's LoRA key, the tensors to bind for a new binding,
-    and per-run index inputs (the mixed graph's row grouping)."""
-    graph: "_Graph"
+    """How one run meets its adapters: the binding's LoRA key, the tensors to bind for a new binding, and per-run
+    index inputs (the row grouping)."""
     key: int | PoolKey
     params: Callable[[], dict[str, np.ndarray]]
     feeds: dict[str, np.ndarray]
@@ -165,15 +164,15 @@ class Engine:
         data = combined.relocate_external_data(model, self.folder)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
         # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
-        self._single = _Graph(self._session(model.SerializeToString(), so))
+        self._graph = _Graph(self._session(model.SerializeToString(), so))
         del model
         self._one_slot: dict[int, dict[str, np.ndarray]] = {}  # per row count: the index inputs of a one-slot run
-        past = {i.name: i for i in self._single.session.get_inputs()}
+        past = {i.name: i for i in self._graph.session.get_inputs()}
         first = self.info.kv_names()[0][0]
         if first not in past:
             raise ModelError(f"{self.model_path} has no input {first} (genai_config.json names it)")
         self.dtype = np.dtype(np.float16 if "float16" in past[first].type else np.float32)
-        session = self._single.session
+        session = self._graph.session
         self.has_keep = KEEP in past or KEEP in {i.name for i in session.get_overridable_initializers()}
         shape = (slots, self.info.kv_heads, self.max_len, self.info.head_dim)  # [slots, kv_heads, max_len, head_dim]
         self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
@@ -322,7 +321,7 @@ class Engine:
         feeds.update({past_name: empty for past_name, _ in self.info.kv_names()})
         if self.has_keep:
             feeds[KEEP] = np.array(1, np.int64)
-        return self._single.session.run(["logits"], feeds)[0][0, -1]
+        return self._graph.session.run(["logits"], feeds)[0][0, -1]
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence,
@@ -341,41 +340,41 @@ class Engine:
             b.io.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
         for name, arr in lora.feeds.items():
             b.io.bind_ortvalue_input(name, _value(arr))
-        lora.graph.session.run_with_iobinding(b.io)
+        self._graph.session.run_with_iobinding(b.io)
         if last_only:
             return b.logits
         return b.io.get_outputs()[len(b.kv)].numpy()  # outputs come in binding order
 
     def _lora(self, adapters: Sequence) -> LoraRun:
-        """One adapter (or none): the exported graph with that adapter's tensors. Several (or some rows without):
-        the mixed graph over the pool, whose slots the adapters' owner placed."""
+        """One adapter (or none): a pool of one slot, that adapter's own tensors. Several (or some rows without):
+        the pool, whose slots the adapters' owner placed."""
         distinct = {a.uid: a for a in adapters if a is not None}
         if len(distinct) > 1 or (distinct and None in adapters):
-            graph, pool = self._mixed_graph(), self._adapter_pool()
+            pool = self._adapter_pool()
             generation = pool.generation
             slot_of = pool.place(distinct)
             if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
-                graph.bindings.clear()
+                self._graph.bindings.clear()
             groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
-            return LoraRun(graph, PoolKey(pool.generation, groups.first, groups.count),
+            return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
                            lambda: pool.views(groups.first, groups.count), groups.feeds)
         adapter = next(iter(distinct.values()), None)
         if not self.lora_inputs:
-            return LoraRun(self._single, 0, dict, {})
+            return LoraRun(0, dict, {})
         # a pool of one slot: the adapter's own tensors, bound once with the binding; the others keep their rank-0
         # defaults (every bound input costs onnxruntime time on each run)
         fixed = self._one_slot_inputs(len(adapters))
         own = adapter.params if adapter is not None else {}
-        return LoraRun(self._single, adapter.uid if adapter is not None else 0,
+        return LoraRun(adapter.uid if adapter is not None else 0,
                        lambda: {**fixed, **{name: arr[None] for name, arr in own.items()}}, {})
 
     def _binding(self, lora: LoraRun, key: BindingKey) -> Binding:
         """The IOBinding for slots [lo, hi) and one adapter (or pool range): the KV slices bound as past and
         present (one buffer), the LoRA tensors, and for one-position logits a persistent output buffer."""
-        bindings = lora.graph.bindings
+        bindings = self._graph.bindings
         found = bindings.pop(key, None)
         if found is None:
-            io = lora.graph.session.io_binding()
+            io = self._graph.session.io_binding()
             kv = []
             for past_name, present_name in self.info.kv_names():
                 value = _value(self.kv[past_name][key.lo:key.hi])  # a view: the same memory as the cache
@@ -402,14 +401,6 @@ class Engine:
             bindings.popitem(last=False)
         return found
 
-    def build_mixed(self) -> None:
-        """Kept for callers: the mixed-adapter graph is the engine's one graph, built at load."""
-
-    def _mixed_graph(self) -> _Graph:
-        if not self.lora_inputs:
-            raise OrtloraError("the model has no LoRA inputs, so a batch cannot mix adapters")
-        return self._single
-
     def _one_slot_inputs(self, rows: int) -> dict[str, np.ndarray]:
         """The index inputs of a run whose `rows` rows all meet one pool slot (made once per row count)."""
         found = self._one_slot.get(rows)
@@ -431,5 +422,5 @@ class Engine:
             self.pool.forget(adapter)
         if self.prefix_cache is not None:
             self.prefix_cache.forget(adapter.uid)
-        for key in [k for k in self._single.bindings if k.lora == adapter.uid]:
-            del self._single.bindings[key]
+        for key in [k for k in self._graph.bindings if k.lora == adapter.uid]:
+            del self._graph.bindings[key]

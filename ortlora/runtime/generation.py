@@ -236,6 +236,11 @@ class Batch:
         room = 2 * self._decode_s - self._prefill_fixed
         return max(MIN_CHUNK, min(PREFILL_CHUNK, int(room / self._prefill_token)))
 
+    @property
+    def prefill_cost(self) -> tuple[float, float]:
+        """(fixed seconds, seconds a token) of a prefill run, as measured so far (0, 0: not yet)."""
+        return self._prefill_fixed, self._prefill_token
+
     def calibrate(self, small: int = 16, large: int = 144) -> None:
         """Measure a prefill run's fixed and per-token time (two runs, no slot used), so that the first long prompt
         is already prefilled in chunks of the right size."""
@@ -292,7 +297,7 @@ class Batch:
     def _prefill(self, budget: int | None, events: list) -> None:
         """Spend up to `budget` prompt tokens (None: no limit) on prefilling requests, oldest first."""
         fresh = [r for r in self.prefilling if self._fed[r] == 0 and r.lease is None and not r.token_ids]
-        if len(fresh) > 1 and _worth_batching(fresh) and (budget is None or sum(map(_left, fresh)) <= budget):
+        if len(fresh) > 1 and _worth_batching(fresh) and (budget is None or sum(len(r.prompt_ids) for r in fresh) <= budget):
             try:
                 logits = self._timed_prefill([Row(r.slot, r.prompt_ids, r.adapter) for r in fresh], batched=True)
             except Exception:  # noqa: BLE001 - one row's fault: found below, running them one by one
@@ -400,10 +405,6 @@ class Batch:
 
 def _uid(req: Request) -> int:
     return req.adapter.uid if req.adapter is not None else 0
-
-
-def _left(req: Request) -> int:
-    return len(req.prompt_ids)
 
 
 def _context(req: Request) -> list[int]:

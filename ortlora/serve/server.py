@@ -63,7 +63,6 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.engine.build_mixed()  # it takes seconds: at start-up, not in the first mixed batch
         self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
         self.scheduler.start()
 
