@@ -1,14 +1,15 @@
 """Read Hugging Face safetensors checkpoints tensor by tensor, without torch.
 
 The safetensors format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte
-offsets) and the raw tensor bytes. Files are memory-mapped, so reading one tensor touches only its pages: peak
-memory stays near the largest tensor rather than the model. bf16 is widened to float32 (its high 16 bits).
+offsets) and the raw tensor bytes. Tensors (or ranges of their rows) are read with positional reads into fresh
+arrays: no mapping of the file, so the process holds only what it asked for (a memory map would count every page
+read so far in its RSS until the map is closed). bf16 is widened to float32 (its high 16 bits).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -20,21 +21,23 @@ _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+_READ_CHUNK = 1 << 26  # bytes per read call (Linux reads at most ~2 GiB at once); bf16's staging block
 
 
 class SafetensorsFile:
-    """One `.safetensors` file, memory-mapped."""
+    """One `.safetensors` file, read on demand."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._size = os.fstat(f.fileno()).st_size
+                if n > self._size:
+                    raise ValueError(f"its header claims {n} bytes, the file has {self._size}")
+                header = json.loads(f.read(n))
+        except OSError as exc:
             raise ModelError(f"cannot open {self.path}: {exc}") from None
-        try:
-            (n,) = struct.unpack("<Q", self._mmap[:8])
-            header = json.loads(self._mmap[8 : 8 + n])
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{self.path} is not a safetensors file: {exc}") from None
         self._data_start = 8 + n
@@ -51,18 +54,47 @@ class SafetensorsFile:
         return self.header[name]["dtype"]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as numpy (bf16 widened to float32). A view into the map when no conversion is needed."""
+        """The tensor as numpy (bf16 widened to float32)."""
+        shape = self.shape(name)
+        return self.get_rows(name, 0, shape[0] if shape else 1).reshape(shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (its first axis), as `get` returns them: a slice of a large weight
+        without reading the rest."""
         info = self.header[name]
         if info["dtype"] not in _DTYPES:
             raise ModelError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"]) or (1,)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         begin, end = info["data_offsets"]
-        if self._data_start + end > len(self._mmap):
+        if self._data_start + end > self._size:
             raise ModelError(f"{self.path} is truncated: tensor {name} lies past the end of the file")
-        arr = np.frombuffer(self._mmap, dtype=_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(_DTYPES[info["dtype"]]).itemsize,
-                            offset=self._data_start + begin).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
+        if end - begin != shape[0] * row:
+            raise ModelError(f"{self.path}: tensor {name} has {end - begin} bytes, its shape {list(shape)} needs "
+                             f"{shape[0] * row}")
+        if info["dtype"] == "BF16":  # the bits go to the high halves of float32s, read a block of rows at a time
+            out = np.zeros((stop - start, *shape[1:]), np.float32)
+            halves = out.view(np.uint16).reshape(stop - start, -1, 2)[:, :, 1]  # little-endian: high half second
+            step = max(1, _READ_CHUNK // max(row, 1))
+            for r in range(start, stop, step):
+                raw = np.empty((min(step, stop - r), halves.shape[1]), np.uint16)
+                self._read(raw, self._data_start + begin + r * row)
+                halves[r - start:r - start + len(raw)] = raw
+            return out
+        out = np.empty((stop - start, *shape[1:]), dtype)
+        self._read(out, self._data_start + begin + start * row)
+        return out
+
+    def _read(self, out: np.ndarray, offset: int) -> None:
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb") as f:
+            fd, done = f.fileno(), 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:done + _READ_CHUNK]], offset + done)
+                if n <= 0:
+                    raise ModelError(f"{self.path} is truncated: a read at byte {offset + done} returned nothing")
+                done += n
 
 
 class Checkpoint:
@@ -100,6 +132,9 @@ class Checkpoint:
 
     def get(self, name: str) -> np.ndarray:
         return self._file(name).get(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._file(name).get_rows(name, start, stop)
 
     def _file(self, name: str) -> SafetensorsFile:
         try:

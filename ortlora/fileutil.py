@@ -21,6 +21,17 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|old-\d+)$")
 
 
+def _read_umask() -> int:
+    """The process's umask, read once at import (reading it means setting it: not something to do per write
+    while other threads create files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def temp_dir(target: str | Path) -> Path:
     """A new empty folder beside `target`, named so that `remove_stale_temps` recognizes it."""
     target = Path(target).absolute()
@@ -39,6 +50,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = temp_dir(target)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: give the folder the mode mkdir would
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
@@ -61,6 +73,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: give the file the mode open() would
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -344,3 +344,87 @@ def test_signal_mid_export_leaves_nothing(tiny, tmp_path, sig, code):
         proc.kill()
     assert proc.returncode == code and "Traceback" not in err, err
     assert _leftovers(tmp_path) == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int4"])
+def test_streamed_weights_are_the_whole_tensors_bytes(tiny, tmp_path, monkeypatch, precision):
+    """Export reads, converts, transposes and quantizes weights a block of rows at a time (its memory stays at one
+    tensor, not the model): blocks of a few values give the same file, byte for byte, as blocks of whole tensors."""
+    from ortlora.export import decoder
+
+    model = tiny.model("llama", dtype="bfloat16")
+    whole = tiny.export(model, f"stream-{precision}", precision=precision)
+    monkeypatch.setattr(decoder, "_BLOCK_VALUES", 40)  # 1-2 rows of the tiny model's weights per block
+    small = export(model, tmp_path / "small", precision=precision, progress=False)
+    assert (small / "model.onnx").read_bytes() == (whole / "model.onnx").read_bytes()
+    assert (small / "model.onnx.data").read_bytes() == (whole / "model.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_checkpoint_reader_matches_safetensors(tmp_path, dtype):
+    """Positional reads of whole tensors and of row ranges equal the safetensors library's tensors; a file cut
+    short is refused naming the tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ortlora.checkpoint import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(37, 11, generator=g).to(getattr(torch, dtype)),
+               "v": torch.randn(5, generator=g).to(getattr(torch, dtype)), "s": torch.tensor(3.5).to(getattr(torch, dtype))}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    f = SafetensorsFile(path)
+    for name, t in tensors.items():
+        want = t.float().numpy() if dtype == "bfloat16" else t.numpy()
+        np.testing.assert_array_equal(f.get(name), want)
+    np.testing.assert_array_equal(f.get_rows("w", 9, 30), tensors["w"].float().numpy()[9:30])
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="truncated: tensor"):
+        SafetensorsFile(path).get(max(tensors, key=lambda n: f.header[n]["data_offsets"][1]))
+
+
+def test_outputs_get_the_usual_file_modes(tiny):
+    """Outputs are written to temporaries and renamed; they end with the modes open()/mkdir() give (umask), not the
+    temporaries' private 0600/0700 (another user or a container's service account reads the folder)."""
+    folder = tiny.export(tiny.model("llama"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in folder.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+@pytest.mark.parametrize("hidden, heads, kv", [(64, 4, 2), (80, 5, 1)])  # 80: the last block of 32 padded, sliced off
+def test_int4_tied_embeddings_are_the_lm_heads_int4_weights(tiny, hidden, heads, kv):
+    """int4 with tied embeddings (as onnxruntime-genai's builder): the lookup reads the LM head's int4 weights
+    (GatherBlockQuantized), no float copy of the vocabulary is stored; logits track fp32, and onnxruntime-genai's
+    greedy tokens on the folder equal ortlora's."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from ortlora import Model
+
+    model = tiny.model("qwen2", tie_word_embeddings=True, hidden_size=hidden, num_attention_heads=heads,
+                       num_key_value_heads=kv)
+    fp32, int4 = tiny.export(model, "tied-fp32"), tiny.export(model, "tied-int4", precision="int4")
+    graph = onnx.load(int4 / "model.onnx", load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    assert "model.embed_tokens.weight" not in inits and "lm_head.MatMulNBits.qweight" in inits
+    lookup = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookup) == 1 and not [n for n in graph.node if n.op_type == "Gather" and "embed" in n.input[0]]
+    want, _ = OnnxDecoder(fp32).run(ROWS, DECODE)
+    got, _ = OnnxDecoder(int4).run(ROWS, DECODE)
+    corr = np.corrcoef(np.concatenate([g.ravel() for g in got]), np.concatenate([w.ravel() for w in want]))[0, 1]
+    assert corr > 0.95, corr
+
+    prompt = ROWS[0]
+    ours = Model(int4, slots=1).complete([prompt], max_new_tokens=10, ignore_eos=True)[0].token_ids
+    m = og.Model(str(int4))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(prompt)
+    theirs = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    assert ours == theirs

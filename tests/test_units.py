@@ -71,6 +71,31 @@ def test_pool_places_each_adapter_once_evicts_lru_and_grows_rank():
     assert 3 not in pool.where
 
 
+def test_a_placed_adapter_is_held_once_in_its_slot_and_gets_its_weights_back():
+    """The adapters' owner's `Adapter` lends its weights to the pool: while placed, the slot holds the only copy
+    (`params` copies it out); when the slot goes (LRU, rank growth, forget) the weights are private again, equal."""
+    from ortlora.runtime.adapters import Adapter
+
+    pool = AdapterPool(LORA, capacity=1, dtype=np.float32)
+    raw = [_adapter(0, r, seed) for r, seed in ((2, 0), (3, 1), (8, 2))]
+    a, b, big = (Adapter(f"x{i}", dict(x.params)) for i, x in enumerate(raw))
+    pool.place({a.uid: a})
+    assert a._params is None and a._home is pool  # one copy: the slot's
+    for k, v in raw[0].params.items():
+        np.testing.assert_array_equal(a.params[k], v)
+        assert a.params[k].shape == v.shape and a.params[k].flags.owndata
+    pool.place({b.uid: b})  # one slot: a goes, with its weights
+    assert a._home is None and a.uid not in pool.where and b._params is None
+    for k, v in raw[0].params.items():
+        np.testing.assert_array_equal(a._params[k], v)
+    pool.place({big.uid: big})  # rank 8 > 3: buffers rebuilt; b leaves first (LRU), big holds the slot
+    assert pool.rank == 8 and b._home is None and big._params is None
+    np.testing.assert_array_equal(b.params[B], raw[1].params[B])
+    pool.forget(big)
+    assert big._home is None and not pool.where
+    np.testing.assert_array_equal(big.params[A], raw[2].params[A])
+
+
 # -- the mixed-adapter graph ---------------------------------------------------------------------------------------
 def _toy_model(path):
     """y = x @ W + (x @ A) @ B: the exported graph's shape of a LoRA module."""

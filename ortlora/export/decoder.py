@@ -23,9 +23,10 @@ from ortlora.config import ModelArgs
 from ortlora.export import rope
 from ortlora.export.arch.base import Arch, Linear
 from ortlora.export.graph import MS_DOMAIN, ONNX_FLOAT, GraphBuilder
-from ortlora.export.int4 import quantize_4bits
+from ortlora.export.int4 import quantize_4bits, shared_embedding
 
 INT64_MAX = np.iinfo(np.int64).max
+_BLOCK_VALUES = 1 << 24  # values per streamed block of a weight (64 MiB as float32)
 
 
 class DecoderBuilder:
@@ -108,12 +109,34 @@ class DecoderBuilder:
                          interleaved=0, num_heads=heads, rotary_embedding_dim=a.rotary_dim)
 
     def embed(self, ids: str) -> str:
+        """ids ─Gather(model.embed_tokens.weight)─> [·√hidden]
+
+        int4 with tied embeddings (as onnxruntime-genai's builder does): the LM head's int4 weight serves the lookup
+        too, through GatherBlockQuantized (the packed rows viewed [vocab, blocks · block / 2]; the padding of the
+        last block sliced off), so the vocabulary's weights are held once, in int4, instead of a float copy."""
         g, a = self.g, self.args
-        self.embed_weight = g.weight("model.embed_tokens.weight", self.tensor("model.embed_tokens.weight"))
-        h = g.op("Gather", [self.embed_weight, ids], "model.embed_tokens", axis=0)
+        name = "model.embed_tokens.weight"
+        v, hidden = self.ckpt.shape(name)
+        self.tied_head: list[str] | None = None  # the LM head's MatMulNBits initializers, when shared
+        if self.block_size and self.tied:
+            self.tied_head = self.quantized("lm_head", name)
+            h = g.unique("model.embed_tokens/out")
+            nodes, consts = shared_embedding(self.tied_head, ids, h, v, hidden, self.block_size)
+            g.nodes += nodes
+            g.initializers += consts
+        else:
+            rows = max(1, _BLOCK_VALUES // hidden)
+            self.embed_weight = g.weight_from_blocks(name, (v, hidden), self.dtype, (
+                self.ckpt.get_rows(name, r, min(v, r + rows)) for r in range(0, v, rows)))
+            h = g.op("Gather", [self.embed_weight, ids], "model.embed_tokens", axis=0)
         if self.arch.scale_embeddings:
             h = g.op("Mul", [h, g.const(np.sqrt(a.hidden_size), self.dtype)], "model.embed_tokens/scale")
         return h
+
+    @property
+    def tied(self) -> bool:
+        """Does the LM head reuse the embedding (config, or a checkpoint without lm_head.weight)?"""
+        return self.args.tie_word_embeddings or "lm_head.weight" not in self.ckpt
 
     def layer(self, i: int, h: str, residual: str | None) -> tuple[str, str]:
         p = f"model.layers.{i}"
@@ -228,7 +251,7 @@ class DecoderBuilder:
         """
         g = self.g
         n, k = self.ckpt.shape(f"{module}.weight")
-        y = self.matmul(module, x, self.tensor(f"{module}.weight"))
+        y = self.matmul(module, x, f"{module}.weight")
         dora = self.dora and module in self.lora_modules
         if bias and not dora:
             y = g.op("Add", [y, g.weight(f"{module}.bias", self.tensor(f"{module}.bias"))], f"{module}/bias")
@@ -258,11 +281,13 @@ class DecoderBuilder:
         g, a = self.g, self.args
         start = g.op("Unsqueeze", [g.op("Neg", [keep], "lm_head/neg_keep"), g.const([0])], "lm_head/start")
         x = g.op("Slice", [x, start, g.const([INT64_MAX]), g.const([1])], "lm_head/keep")
-        tied = a.tie_word_embeddings or "lm_head.weight" not in self.ckpt
-        if tied and not self.block_size:  # share the embedding [vocab, hidden] instead of storing its transpose
+        if self.tied and not self.block_size:  # share the embedding [vocab, hidden] instead of storing its transpose
             logits = g.op("FusedMatMul", [x, self.embed_weight], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
+        elif self.tied_head:  # int4, tied: the weights embed() quantized and shares
+            n, k = self.ckpt.shape("model.embed_tokens.weight")
+            logits = self.matmul_nbits("lm_head", x, self.tied_head, n, k)
         else:
-            logits = self.matmul("lm_head", x, self.tensor("model.embed_tokens.weight" if tied else "lm_head.weight"))
+            logits = self.matmul("lm_head", x, "model.embed_tokens.weight" if self.tied else "lm_head.weight")
         cap = self.arch.final_softcap(a)
         if cap:
             c = g.const(cap, self.dtype)
@@ -270,19 +295,42 @@ class DecoderBuilder:
             logits = g.op("Mul", [scaled, c], "lm_head/softcap")
         g.output(logits, "logits", self.onnx_type, ["batch_size", "logits_length", a.vocab_size])
 
-    def matmul(self, module: str, x: str, w: np.ndarray) -> str:
-        """x·Wᵀ for a Hugging Face weight `w` [out, in]: MatMul on [in, out], or MatMulNBits when int4."""
+    def matmul(self, module: str, x: str, weight: str) -> str:
+        """x·Wᵀ for the checkpoint's weight `weight` [out, in]: MatMul on [in, out], or MatMulNBits when int4.
+
+        Streamed: int4 reads and quantizes the weight a block of rows (outputs) at a time, so only the packed
+        result (1/8 of float32) accumulates; float holds the weight once and writes its transpose by blocks."""
         g = self.g
-        n, k = w.shape
+        n, k = self.ckpt.shape(weight)
+        rows = max(1, _BLOCK_VALUES // k)
         if not self.block_size:
-            return g.op("MatMul", [x, g.weight(f"{module}.MatMul.weight", w.T)], f"{module}/MatMul")
-        packed, scales, zeros = quantize_4bits(w.T, self.block_size)
-        ins = [x, g.weight(f"{module}.MatMulNBits.qweight", packed),
-               g.weight(f"{module}.MatMulNBits.scales", scales.astype(self.dtype))]
-        if zeros is not None:
-            ins.append(g.weight(f"{module}.MatMulNBits.qzeros", zeros))
-        return g.op("MatMulNBits", ins, f"{module}/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,
-                    block_size=self.block_size, accuracy_level=self.accuracy_level)
+            w = np.empty((n, k), self.dtype)
+            for r in range(0, n, rows):
+                w[r:r + rows] = self.ckpt.get_rows(weight, r, min(n, r + rows))
+            cols = max(1, _BLOCK_VALUES // n)
+            name = g.weight_from_blocks(f"{module}.MatMul.weight", (k, n), self.dtype,
+                                        (w[:, c:c + cols].T for c in range(0, k, cols)))
+            return g.op("MatMul", [x, name], f"{module}/MatMul")
+        return self.matmul_nbits(module, x, self.quantized(module, weight), n, k)
+
+    def quantized(self, module: str, weight: str) -> list[str]:
+        """MatMulNBits' initializers (qweight [N, blocks, block / 2], scales [N, blocks][, qzeros]) for the
+        checkpoint's weight [N, K], read and quantized a block of rows (outputs) at a time."""
+        g = self.g
+        n, k = self.ckpt.shape(weight)
+        rows = max(1, _BLOCK_VALUES // k)
+        parts = [quantize_4bits(self.ckpt.get_rows(weight, r, min(n, r + rows)).T, self.block_size)
+                 for r in range(0, n, rows)]
+        packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        names = [g.weight(f"{module}.MatMulNBits.qweight", packed),
+                 g.weight(f"{module}.MatMulNBits.scales", scales.astype(self.dtype))]
+        if parts[0][2] is not None:
+            names.append(g.weight(f"{module}.MatMulNBits.qzeros", np.concatenate([p[2] for p in parts])))
+        return names
+
+    def matmul_nbits(self, module: str, x: str, weights: list[str], n: int, k: int) -> str:
+        return self.g.op("MatMulNBits", [x, *weights], f"{module}/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,
+                         block_size=self.block_size, accuracy_level=self.accuracy_level)
 
     def norm_weight(self, module: str) -> np.ndarray:
         w = self.ckpt.get(f"{module}.weight").astype(np.float32) + np.float32(self.arch.norm_offset)

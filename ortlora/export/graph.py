@@ -7,7 +7,7 @@ aligned, so onnxruntime can memory-map them) and keeps only a TensorProto that p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -64,14 +64,26 @@ class GraphBuilder:
         if array.nbytes < _INLINE_LIMIT:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
-        tensor = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        return self.weight_from_blocks(name, array.shape, array.dtype, [array])
+
+    def weight_from_blocks(self, name: str, shape: Sequence[int], dtype, blocks: Iterable[np.ndarray]) -> str:
+        """A named external initializer of `shape` written block by block: `blocks` are consecutive slices along
+        its first axis (only one of them is held at a time)."""
+        dtype = np.dtype(dtype)
+        tensor = TensorProto(name=name, dims=list(shape), data_type=helper.np_dtype_to_tensor_dtype(dtype))
         offset = self._data.tell()
         pad = -offset % _ALIGN
         self._data.write(b"\0" * pad)
         offset += pad
-        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
+        length = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dtype)
+            self._data.write(memoryview(block.reshape(-1).view(np.uint8)))
+            length += block.nbytes
+        if length != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"{name}: blocks of {length} bytes for a {list(shape)} {dtype} tensor")
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         self.initializers.append(tensor)

@@ -208,7 +208,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
             if f.is_file() and f.name not in skip and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
         seconds_quantize = time.perf_counter() - t0
-        model_folder.write_manifest(tmp, {**manifest, **_manifest_update(settings)})
+        model_folder.write_manifest(tmp, {**manifest, **_manifest_update(settings, targets)})
         t1 = time.perf_counter()
         results = []
         if evals:  # both models in onnxruntime at once: the report's memory is about the two models
@@ -217,7 +217,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
                 results.append({"adapter": name, **compare(reference, quantized, evals, tensors)})
             del reference, quantized
         report = {
-            "source": str(source), "output": str(out), **_describe(settings),
+            "source": str(source), "output": str(out), **_describe(settings, targets),
             "quantized_weights": sorted(t.module for t in targets),
             "size_bytes": _sizes(src.data_bytes(), tmp),
             "eval": {"data": data_name, "windows": len(evals), "tokens": int(sum(len(w) for w in evals)),
@@ -231,20 +231,22 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     return out
 
 
-def _describe(settings: Settings) -> dict:
+def _describe(settings: Settings, targets) -> dict:
     kind = f"int{settings.bits}"
+    kinds = {t.kind for t in targets}
+    embeddings = "int4, the LM head's" if "shared" in kinds else "int4" if "gather" in kinds else "float"
     return {
         "precision": kind, "algorithm": settings.algorithm, "block_size": settings.block_size,
         "symmetric": settings.symmetric, "accuracy_level": settings.accuracy_level,
-        "lm_head": kind if settings.lm_head else "float", "embeddings": "int4" if settings.embeddings else "float",
+        "lm_head": kind if settings.lm_head else "float", "embeddings": embeddings,
     }
 
 
-def _manifest_update(settings: Settings) -> dict:
+def _manifest_update(settings: Settings, targets) -> dict:
     return {
         "precision": f"int{settings.bits}",
         "int4_block_size": settings.block_size if settings.bits == 4 else None,
-        "quantization": _describe(settings),
+        "quantization": _describe(settings, targets),
     }
 
 

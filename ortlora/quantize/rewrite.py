@@ -5,6 +5,7 @@
     x ─FusedMatMul(model.embed_tokens.weight, transB)─>  ==>  MatMulNBits(lm_head.MatMulNBits.*) (tied LM head)
     x ─MatMul(<module>.lora_A.weight)─MatMul(<module>.lora_B.weight)─>   unchanged (B is a graph input)
     ids ─Gather(model.embed_tokens.weight)─>     ==>  (with embeddings) GatherBlockQuantized, int4
+                                                      (tied, int4) GatherBlockQuantized of the LM head's weights
 
 Only MatMuls whose B is an initializer named `*.MatMul.weight` and not a graph input are rewritten, so the LoRA
 inputs, their rank-0 default initializers and every other tensor are copied byte for byte. Source tensors are
@@ -24,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ortlora.errors import ModelError
+from ortlora.export.int4 import shared_embedding
 from ortlora.quantize.algorithms import quantize_weight, quiet_onnxruntime_quantizer
 
 MS_DOMAIN = "com.microsoft"
@@ -54,7 +56,7 @@ class Target:
     node: int  # index of the node it replaces
     weight: str  # initializer name
     module: str  # `model.layers.0.self_attn.q_proj`, `lm_head`, `model.embed_tokens`
-    kind: str  # "matmul" or "gather"
+    kind: str  # "matmul", "gather", or "shared" (a tied model's lookup of the int4 LM head's weights)
     shape: tuple[int, int]  # matmul: (K, N); gather: (vocab, hidden)
     transposed: bool = False  # the weight is stored [N, K] (a tied LM head: FusedMatMul transB=1 on the embedding)
     activation: str | None = None  # what the MatMul multiplies (GPTQ's statistics)
@@ -154,6 +156,12 @@ def find_targets(src: SourceModel, settings: Settings) -> list[Target]:
             found.append(Target(i, EMBEDDING, "model.embed_tokens", "gather", tuple(inits[EMBEDDING].dims)))
     if not settings.lm_head:
         found = [t for t in found if t.module != "lm_head"]
+    if settings.bits == 4 and settings.algorithm != "hqq" and any(t.transposed for t in found):
+        # a tied model: the lookup reads the LM head's int4 weights, as export writes it (hqq's float zero points
+        # are MatMulNBits-only: its lookup stays float)
+        found = [t for t in found if t.kind != "gather"]
+        found += [Target(i, EMBEDDING, "model.embed_tokens", "shared", tuple(inits[EMBEDDING].dims))
+                  for i, node in enumerate(src.graph.node) if node.op_type == "Gather" and node.input[0] == EMBEDDING]
     order = {t.name: i for i, t in enumerate(src.graph.initializer)}
     return sorted(found, key=lambda t: (order[t.weight], t.node))
 
@@ -259,15 +267,29 @@ def rewrite(src: SourceModel, out_dir: Path, targets: list[Target], settings: Se
     by_weight: dict[str, list[Target]] = {}
     for t in targets:
         by_weight.setdefault(t.weight, []).append(t)
-    new_nodes = {t.node: (_matmul_node if t.kind == "matmul" else _gather_node)(src.graph.node[t.node], t, settings)
-                 for t in targets}
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    initializers: list[TensorProto] = []
+    for t in targets:
+        node = src.graph.node[t.node]
+        if t.kind == "shared":
+            head = next(h for h in targets if h.transposed)
+            vocab, hidden = t.shape
+            new_nodes[t.node], consts = shared_embedding(
+                list(quantized_names(head)[:3 if settings.has_zeros else 2]), node.input[1], node.output[0], vocab,
+                hidden, settings.block_size)
+            initializers += consts
+        else:
+            new_nodes[t.node] = [(_matmul_node if t.kind == "matmul" else _gather_node)(node, t, settings)]
 
     writer = TensorWriter(out_dir / "model.onnx.data")
-    initializers: list[TensorProto] = []
     try:
         for init in src.graph.initializer:
             mine = by_weight.get(init.name, [])
             for t in mine:
+                if t.kind == "shared":  # reads the LM head's tensors
+                    if on_weight:
+                        on_weight(t)
+                    continue
                 w = src.array(t.weight)
                 if t.kind == "gather":
                     initializers += _quantize_embedding(w, t, settings, writer)
@@ -288,7 +310,7 @@ def rewrite(src: SourceModel, out_dir: Path, targets: list[Target], settings: Se
     model.CopyFrom(src.proto)
     g = model.graph
     del g.node[:]
-    g.node.extend(new_nodes.get(i, node) for i, node in enumerate(src.graph.node))
+    g.node.extend(n for i, node in enumerate(src.graph.node) for n in new_nodes.get(i, [node]))
     del g.initializer[:]
     g.initializer.extend(initializers)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):

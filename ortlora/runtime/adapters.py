@@ -27,7 +27,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
 
@@ -46,26 +46,44 @@ _uids = itertools.count(1)
 DERIVED_CAPACITY = 16  # derived adapters kept while idle (rebuilt from their components on a later use)
 
 
-@dataclass(eq=False)
 class Adapter:
-    """One loaded version of a named adapter."""
-    name: str
-    params: dict[str, np.ndarray]  # graph input name -> private array in the model's dtype: A [in, r], B [r, out]
-    path: Path | None = None
-    uid: int = field(default_factory=lambda: next(_uids))
-    refs: int = 0
-    retired: bool = False  # unregistered or replaced: dropped when the last holder releases it
+    """One loaded version of a named adapter. Its weights (graph input name -> array in the model's dtype: A [in, r],
+    B [r, out], DoRA factors [out]) are held once: privately, or, while it sits in the mixed-batch pool, only in its
+    pool slot (the pool gives them back when the slot goes). `params` reads them either way."""
+
+    def __init__(self, name: str, params: dict[str, np.ndarray], path: Path | None = None):
+        self.name = name
+        self.path = path
+        self.uid = next(_uids)
+        self.refs = 0
+        self.retired = False  # unregistered or replaced: dropped when the last holder releases it
+        self.shapes = {k: v.shape for k, v in params.items()}
+        self.nbytes = sum(v.nbytes for v in params.values())
+        self.rank = max((v.shape[1] for k, v in params.items() if naming.is_lora_a(k)), default=0)
+        self._params: dict[str, np.ndarray] | None = params
+        self._home: AdapterPool | None = None  # the pool holding the weights instead of _params
 
     @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.params.values())
+    def params(self) -> dict[str, np.ndarray]:
+        """The weights; while they live in a pool slot, a copy out of it (taken under the pool's lock). Any thread."""
+        while True:  # the engine's thread may lend or take them back meanwhile: read until one side holds them
+            home = self._home
+            if home is not None:
+                return home.weights_of(self)
+            params = self._params
+            if params is not None:
+                return params
 
-    @property
-    def rank(self) -> int:
-        return max((a.shape[1] for k, a in self.params.items() if naming.is_lora_a(k)), default=0)
+    def lend_to(self, pool: AdapterPool) -> None:
+        """(the pool's lock held) The pool's slot now holds the weights: the private copy goes."""
+        self._params, self._home = None, pool
+
+    def take_back(self, params: dict[str, np.ndarray]) -> None:
+        """(the pool's lock held) The slot is going: the weights are private again."""
+        self._params, self._home = params, None
 
     def __repr__(self) -> str:
-        return f"Adapter({self.name!r}, uid={self.uid}, rank={self.rank}, tensors={len(self.params)})"
+        return f"Adapter({self.name!r}, uid={self.uid}, rank={self.rank}, tensors={len(self.shapes)})"
 
 
 class AdapterLeases(Protocol):

@@ -3,9 +3,9 @@ holds one copy of the weights whatever mixes of adapters run.
 
 Two sessions over one folder (the exported graph for single-adapter runs, the mixed graph for mixed ones) each
 pre-pack their own copy of the weights (benchmarks/NOTES.md#one-session). In the mixed graph a run with one adapter
-is a pool of one slot, bound straight to the adapter's own tensors (a [1, in, r] view, no copy), and a run without
-one binds nothing: every pool input gets a rank-0 default here ([1, in, 0] / [1, 0, out]), as the exported graph's
-LoRA inputs have (binding all of them each run costs time, benchmarks/NOTES.md#engine-step-costs).
+binds the one pool slot it sits in, and a run without one binds nothing: every pool input gets a rank-0 default
+here ([1, in, 0] / [1, 0, out]), as the exported graph's LoRA inputs have (binding all of them each run costs time,
+benchmarks/NOTES.md#engine-step-costs).
 
 The model goes to onnxruntime as bytes, its external data found from the folder the data files really lie in
 (`relocate_external_data`): a folder of symlinks (the Hugging Face cache's layout) loads too, and the folder on disk
@@ -34,8 +34,8 @@ def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -
     proto = multi_lora.mixed_adapter_model(model_path, lora_inputs)
     graph = proto.graph
     pool = {li.name for li in lora_inputs.values()}
-    # each module's rank keeps its own symbol, as in the exported graph: a one-slot run binds the adapter's rank
-    # where it has the module and rank 0 elsewhere (one shared symbol lets onnxruntime reuse a buffer sized for another)
+    # each module's rank keeps its own symbol, as in the exported graph (probe runs bind an adapter's own ranks, rank
+    # 0 where it lacks a module; one shared symbol lets onnxruntime reuse a buffer sized for another)
     rank_axis = {li.name: (2, li.shape[1]) if is_lora_a(key) else (1, li.shape[0]) for key, li in lora_inputs.items()}
     for vi in graph.input:
         axis, symbol = rank_axis.get(vi.name, (None, None))

@@ -14,9 +14,9 @@ A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in
 gets a dummy token written at position len[s] (scratch its next real token overwrites) and its length stays.
 
 Every run goes through one session of the mixed-adapter graph (multi_lora.py, combined.py), so the weights are held
-once: a run whose rows all use one adapter (or none) is a pool of one slot bound to that adapter's own tensors (none:
-rank-0 defaults); a run that mixes adapters binds the adapter pool, whose slots the adapters' owner
-(`ortlora.runtime.adapters.Adapters`) places. Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores
+once: a run with adapters binds the adapter pool's slots they sit in (one adapter on every row: one slot), whose
+slots hold the only copy of a placed adapter's weights; a run without adapters binds none (rank-0 defaults). The
+adapters' owner (`ortlora.runtime.adapters.Adapters`) gives the pool its adapters. Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores
 RunOptions' active adapters.
 """
 
@@ -79,7 +79,7 @@ class BindingKey(NamedTuple):
     lo: int  # slots [lo, hi) bound
     hi: int
     last_only: bool  # logits of the last position only (a persistent output buffer)
-    lora: int | PoolKey  # 0: no adapter; an adapter's uid; or the pool slots of a mixed run
+    lora: int | PoolKey  # 0: no adapter; else the pool slots the run binds
 
 
 @dataclass
@@ -346,27 +346,23 @@ class Engine:
         return b.io.get_outputs()[len(b.kv)].numpy()  # outputs come in binding order
 
     def _lora(self, adapters: Sequence) -> LoraRun:
-        """One adapter (or none): a pool of one slot, that adapter's own tensors. Several (or some rows without):
-        the pool, whose slots the adapters' owner placed."""
+        """Rows with adapters: the pool, whose slots hold them (one adapter on every row = one slot bound; the pool
+        holds the only copy of a placed adapter's weights). No adapter: nothing bound, the LoRA inputs keep their
+        rank-0 defaults (every bound input costs onnxruntime time on each run)."""
         distinct = {a.uid: a for a in adapters if a is not None}
-        if len(distinct) > 1 or (distinct and None in adapters):
-            pool = self._adapter_pool()
-            generation = pool.generation
-            slot_of = pool.place(distinct)
-            if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
-                self._graph.bindings.clear()
-            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
-            return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
-                           lambda: pool.views(groups.first, groups.count), groups.feeds)
-        adapter = next(iter(distinct.values()), None)
         if not self.lora_inputs:
             return LoraRun(0, dict, {})
-        # a pool of one slot: the adapter's own tensors, bound once with the binding; the others keep their rank-0
-        # defaults (every bound input costs onnxruntime time on each run)
-        fixed = self._one_slot_inputs(len(adapters))
-        own = adapter.params if adapter is not None else {}
-        return LoraRun(adapter.uid if adapter is not None else 0,
-                       lambda: {**fixed, **{name: arr[None] for name, arr in own.items()}}, {})
+        if not distinct:
+            fixed = self._one_slot_inputs(len(adapters))
+            return LoraRun(0, lambda: dict(fixed), {})
+        pool = self._adapter_pool()
+        generation = pool.generation
+        slot_of = pool.place(distinct)
+        if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
+            self._graph.bindings.clear()
+        groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
+        return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
+                       lambda: pool.views(groups.first, groups.count), groups.feeds)
 
     def _binding(self, lora: LoraRun, key: BindingKey) -> Binding:
         """The IOBinding for slots [lo, hi) and one adapter (or pool range): the KV slices bound as past and
@@ -416,11 +412,9 @@ class Engine:
         return self.pool
 
     def forget_adapter(self, adapter) -> None:
-        """Drop the bindings and the pool slot that hold `adapter` (its owner calls this, on this engine's thread,
+        """Drop the pool slot and the cached prefixes of `adapter` (its owner calls this, on this engine's thread,
         when it unloads it)."""
         if self.pool is not None:
             self.pool.forget(adapter)
         if self.prefix_cache is not None:
             self.prefix_cache.forget(adapter.uid)
-        for key in [k for k in self._graph.bindings if k.lora == adapter.uid]:
-            del self._graph.bindings[key]

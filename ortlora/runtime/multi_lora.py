@@ -34,7 +34,10 @@ folder as the external data path, so the folder itself is unchanged (and still l
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -163,19 +166,26 @@ class AdapterPool:
         self.where: dict[int, int] = {}  # adapter uid -> slot
         self._used = [0] * (1 + capacity)  # last use, for LRU eviction
         self._clock = itertools.count(1)
+        # slot contents change on the engine's thread; `weights_of` may copy a slot out from any thread
+        self._lock = threading.RLock()
 
     def place(self, adapters: Mapping[int, object]) -> dict[int, int]:
         """Slots for `adapters` (uid -> Adapter, at most `capacity`); returns uid -> slot."""
         if len(adapters) > self.capacity:
             raise AdapterError(f"{len(adapters)} adapters in one batch, but the pool has {self.capacity} slots")
-        rank = max(a.rank for a in adapters.values())
-        if rank > self.rank:
-            self._rebuild(rank)
-        now = next(self._clock)
-        for uid, adapter in adapters.items():
-            if uid not in self.where:
-                self._put(self._free_slot(adapters), adapter)
-            self._used[self.where[uid]] = now
+        with self._lock:
+            rank = max(a.rank for a in adapters.values())
+            if rank > self.rank:
+                self._rebuild(rank)
+            now = next(self._clock)
+            lent = False
+            for uid, adapter in adapters.items():
+                if uid not in self.where:
+                    self._put(self._free_slot(adapters), adapter)
+                    lent = lent or hasattr(adapter, "lend_to")
+                self._used[self.where[uid]] = now
+        if lent:  # the lent private copies were many small arrays: their pages stay in the heap unless trimmed
+            _trim_heap()
         return {uid: self.where[uid] for uid in adapters}
 
     def _free_slot(self, needed: Mapping[int, object]) -> int:
@@ -187,10 +197,13 @@ class AdapterPool:
         return min(candidates, key=lambda s: self._used[s])
 
     def _put(self, slot: int, adapter) -> None:
+        """Copy `adapter`'s weights into `slot` (rank padded with zeros: exact). An adapter that can lend its
+        weights (`lend_to`: the adapters' owner's) then drops its private copy: the slot holds the only one."""
         self.evict_slot(slot)
+        params = adapter.params
         for key, li in self.lora_inputs.items():
             block = self.buffers[li.name][slot]
-            arr = adapter.params.get(li.name)
+            arr = params.get(li.name)
             if is_dora_scale(key):
                 block[:] = 1 if arr is None else arr
             elif arr is None:
@@ -203,20 +216,51 @@ class AdapterPool:
                 block[arr.shape[0]:] = 0
         self.occupant[slot] = adapter
         self.where[adapter.uid] = slot
+        if hasattr(adapter, "lend_to"):
+            adapter.lend_to(self)
+
+    def weights_of(self, adapter) -> dict[str, np.ndarray]:
+        """A private copy of `adapter`'s weights as it gave them (shapes `adapter.shapes`), out of its slot; its
+        own arrays when it has left the pool meanwhile."""
+        with self._lock:
+            slot = self.where.get(adapter.uid)
+            if slot is None or self.occupant[slot] is not adapter:
+                return adapter._params  # given back before this call took the lock
+            return self._copy_out(slot, adapter)
+
+    def _copy_out(self, slot: int, adapter) -> dict[str, np.ndarray]:
+        out = {}
+        for name, shape in adapter.shapes.items():
+            block = self.buffers[name][slot]
+            if is_dora_scale(name):  # [out]
+                out[name] = block.copy()
+            elif is_lora_a(name):  # [in, R] -> [in, r]
+                out[name] = block[:, :shape[1]].copy()
+            else:  # [R, out] -> [r, out]
+                out[name] = block[:shape[0]].copy()
+        return out
 
     def evict_slot(self, slot: int) -> None:
-        held = self.occupant[slot]
-        if held is not None:
-            del self.where[held.uid]
-            self.occupant[slot] = None
+        """Empty `slot`; its adapter gets its weights back (a private copy) when it had lent them."""
+        with self._lock:
+            held = self.occupant[slot]
+            if held is not None:
+                if hasattr(held, "take_back"):
+                    held.take_back(self._copy_out(slot, held))
+                del self.where[held.uid]
+                self.occupant[slot] = None
 
     def forget(self, adapter) -> None:
-        slot = self.where.get(adapter.uid)
-        if slot is not None:
-            self.evict_slot(slot)
+        with self._lock:
+            slot = self.where.get(adapter.uid)
+            if slot is not None:
+                self.evict_slot(slot)
 
     def _rebuild(self, rank: int) -> None:
+        """(lock held) Buffers of rank `rank`; the adapters placed keep their slots."""
         held = [(s, a) for s, a in enumerate(self.occupant) if a is not None]
+        for slot, _ in held:
+            self.evict_slot(slot)
         self.rank = rank
         self.generation += 1
         self.buffers = {}
@@ -226,8 +270,6 @@ class AdapterPool:
                 continue
             shape = (li.shape[0], rank) if is_lora_a(key) else (rank, li.shape[1])
             self.buffers[li.name] = np.zeros((1 + self.capacity, *shape), self.dtype)
-        self.occupant = [None] * (1 + self.capacity)
-        self.where = {}
         for slot, adapter in held:
             self._put(slot, adapter)
 
@@ -256,3 +298,18 @@ class AdapterPool:
         if dora:
             feeds[ROW_SLOT] = np.asarray(row_slots, np.int64) - first
         return Groups(first, len(members), feeds)
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim; elsewhere nothing)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
