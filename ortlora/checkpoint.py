@@ -73,14 +73,14 @@ class SafetensorsFile:
         if end - begin != shape[0] * row:
             raise ModelError(f"{self.path}: tensor {name} has {end - begin} bytes, its shape {list(shape)} needs "
                              f"{shape[0] * row}")
-        if info["dtype"] == "BF16":  # the bits go to the high halves of float32s, read a block of rows at a time
-            out = np.zeros((stop - start, *shape[1:]), np.float32)
-            halves = out.view(np.uint16).reshape(stop - start, -1, 2)[:, :, 1]  # little-endian: high half second
+        if info["dtype"] == "BF16":  # float32 bits = bf16 bits << 16, a block of rows read at a time
+            out = np.empty((stop - start, *shape[1:]), np.float32)
+            bits = out.view(np.uint32).reshape(stop - start, -1)
             step = max(1, _READ_CHUNK // max(row, 1))
             for r in range(start, stop, step):
-                raw = np.empty((min(step, stop - r), halves.shape[1]), np.uint16)
+                raw = np.empty((min(step, stop - r), bits.shape[1]), np.uint16)
                 self._read(raw, self._data_start + begin + r * row)
-                halves[r - start:r - start + len(raw)] = raw
+                np.left_shift(raw, 16, out=bits[r - start:r - start + len(raw)], dtype=np.uint32)
             return out
         out = np.empty((stop - start, *shape[1:]), dtype)
         self._read(out, self._data_start + begin + start * row)

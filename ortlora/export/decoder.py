@@ -307,9 +307,7 @@ class DecoderBuilder:
             w = np.empty((n, k), self.dtype)
             for r in range(0, n, rows):
                 w[r:r + rows] = self.ckpt.get_rows(weight, r, min(n, r + rows))
-            cols = max(1, _BLOCK_VALUES // n)
-            name = g.weight_from_blocks(f"{module}.MatMul.weight", (k, n), self.dtype,
-                                        (w[:, c:c + cols].T for c in range(0, k, cols)))
+            name = g.weight_from_blocks(f"{module}.MatMul.weight", (k, n), self.dtype, _transposed_blocks(w))
             return g.op("MatMul", [x, name], f"{module}/MatMul")
         return self.matmul_nbits(module, x, self.quantized(module, weight), n, k)
 
@@ -319,7 +317,7 @@ class DecoderBuilder:
         g = self.g
         n, k = self.ckpt.shape(weight)
         rows = max(1, _BLOCK_VALUES // k)
-        parts = [quantize_4bits(self.ckpt.get_rows(weight, r, min(n, r + rows)).T, self.block_size)
+        parts = [quantize_4bits(_transpose(self.ckpt.get_rows(weight, r, min(n, r + rows))), self.block_size)
                  for r in range(0, n, rows)]
         packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         names = [g.weight(f"{module}.MatMulNBits.qweight", packed),
@@ -338,3 +336,22 @@ class DecoderBuilder:
 
     def tensor(self, name: str) -> np.ndarray:
         return self.ckpt.get(name).astype(self.dtype, copy=False)
+
+
+def _transposed_blocks(w: np.ndarray):
+    """wᵀ as consecutive blocks of its rows (~_BLOCK_VALUES values each)."""
+    n, k = w.shape
+    cols = max(1, _BLOCK_VALUES // n)
+    for c in range(0, k, cols):
+        yield _transpose(w[:, c:c + cols])
+
+
+def _transpose(w: np.ndarray, tile: int = 128) -> np.ndarray:
+    """A contiguous wᵀ, copied tile by tile: a transposing copy that stays in cache is several times faster than
+    numpy's copy of the whole transposed view."""
+    n, k = w.shape
+    out = np.empty((k, n), w.dtype)
+    for i in range(0, n, tile):
+        for j in range(0, k, tile):
+            out[j:j + tile, i:i + tile] = w[i:i + tile, j:j + tile].T
+    return out
