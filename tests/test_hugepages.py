@@ -75,3 +75,30 @@ def test_switched_off_by_environment(monkeypatch):
     before = hugepages.anonymous_regions()
     weights = np.ones(48 << 20, dtype=np.uint8)
     assert hugepages.collapse_new_regions(before) == 0 and weights.all()
+
+
+def test_collapsing_in_the_background_finds_the_regions_now_and_keeps_contents():
+    """The engine collapses on a thread (seconds for a large model): the regions are those new when it is called
+    (memory mapped later stays out), and contents written while the thread works are kept."""
+    before = hugepages.anonymous_regions()
+    w_addr, raw = _anonymous(64 << 20)
+    late_addr = None
+    try:
+        weights = raw.view(np.float32)
+        weights[:] = 1.0
+        thread = hugepages.collapse_in_background(before)
+        assert thread is not None
+        late_addr, late = _anonymous(64 << 20)  # appears after the call: not the thread's
+        late[:] = 1
+        weights[::1024] = 2.0  # written while the thread may be collapsing
+        thread.join(60)
+        assert not thread.is_alive()
+        if _region(weights)["AnonHugePages"] == 0:
+            pytest.skip("the kernel refused MADV_COLLAPSE (older than Linux 6.1, or THP defrag off)")
+        assert _region(late)["AnonHugePages"] == 0
+        assert (weights[::1024] == 2.0).all() and weights.sum(dtype=np.float64) == weights.size + weights[::1024].size
+        assert hugepages.collapse_in_background(hugepages.anonymous_regions()) is None  # nothing new
+    finally:
+        _unmap(w_addr, 64 << 20)
+        if late_addr is not None:
+            _unmap(late_addr, 64 << 20)

@@ -69,17 +69,19 @@ def _value(arr: np.ndarray) -> ort.OrtValue:
 
 
 class PoolKey(NamedTuple):
-    """The adapter pool as bound by one run: its buffers' generation and the slots [first, first + count)."""
+    """The adapter pool as bound by one run: its buffers' generation and the slots [first, first + count); `only`:
+    the uid of the one adapter whose modules alone are bound (0: every pool input)."""
     generation: int
     first: int
     count: int
+    only: int = 0
 
 
 class BindingKey(NamedTuple):
     lo: int  # slots [lo, hi) bound
     hi: int
     last_only: bool  # logits of the last position only (a persistent output buffer)
-    lora: int | PoolKey  # 0: no adapter; else the pool slots the run binds
+    lora: int | PoolKey  # 0: no adapter; else the pool slots (and inputs) the run binds
 
 
 @dataclass
@@ -152,6 +154,7 @@ class Engine:
         self.max_len = min(max_len or self.info.context_length, self.info.context_length)
         self.threads = threads or self.info.threads
         self.model_path = self.folder / self.info.filename
+        self.hugepages_thread = None  # moving an int4 model's pre-packed weights onto huge pages, after loading
         proto = load_model_proto(self.model_path)  # the graph only, no weights
         self.lora_inputs = model_lora_inputs(proto)
         # int4 decode gains from weights on huge pages, fp32 nothing (benchmarks/NOTES.md#huge-pages)
@@ -190,7 +193,7 @@ class Engine:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"{self.model_path}: onnxruntime cannot load it: {exc}") from None
         if self._huge_pages:
-            hugepages.collapse_new_regions(before)
+            self.hugepages_thread = hugepages.collapse_in_background(before)
         return session
 
     # -- slots ----------------------------------------------------------------------------------------------
@@ -361,6 +364,11 @@ class Engine:
         if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
             self._graph.bindings.clear()
         groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
+        if groups.count == 1:  # one adapter on every row: its modules' slot views; the rest keep rank-0 defaults
+            (adapter,) = distinct.values()
+            own = set(getattr(adapter, "shapes", None) or adapter.params)
+            return LoraRun(PoolKey(pool.generation, groups.first, 1, adapter.uid),
+                           lambda: {k: v for k, v in pool.views(groups.first, 1).items() if k in own}, groups.feeds)
         return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
                        lambda: pool.views(groups.first, groups.count), groups.feeds)
 
@@ -412,9 +420,11 @@ class Engine:
         return self.pool
 
     def forget_adapter(self, adapter) -> None:
-        """Drop the pool slot and the cached prefixes of `adapter` (its owner calls this, on this engine's thread,
-        when it unloads it)."""
+        """Drop the pool slot, bindings and cached prefixes of `adapter` (its owner calls this, on this engine's
+        thread, when it unloads it)."""
         if self.pool is not None:
             self.pool.forget(adapter)
         if self.prefix_cache is not None:
             self.prefix_cache.forget(adapter.uid)
+        for key in [k for k in self._graph.bindings if isinstance(k.lora, PoolKey) and k.lora.only == adapter.uid]:
+            del self._graph.bindings[key]

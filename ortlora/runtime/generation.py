@@ -244,6 +244,9 @@ class Batch:
     def calibrate(self, small: int = 16, large: int = 144) -> None:
         """Measure a prefill run's fixed and per-token time (two runs, no slot used), so that the first long prompt
         is already prefilled in chunks of the right size."""
+        collapsing = getattr(self.engine, "hugepages_thread", None)
+        if collapsing is not None:  # it competes for the cores and memory bandwidth: times taken meanwhile run long
+            collapsing.join()
         times = []
         for n in (small, large, small, large):
             t0 = time.perf_counter()

@@ -9,7 +9,7 @@ for it on int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
 
     before = anonymous_regions()
     session = ort.InferenceSession(...)     # pre-packs the weights into new anonymous memory
-    collapse_new_regions(before)
+    collapse_new_regions(before)            # or collapse_in_background(before): the engine serves meanwhile
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -63,17 +64,36 @@ def collapse_new_regions(before: set[tuple[int, int]], min_size: int = MIN_REGIO
     returns the bytes collapsed. Errors (an old kernel, THP off, memory too fragmented) leave memory as it was."""
     if not enabled():
         return 0
+    return _collapse(_new(before, min_size))
+
+
+def collapse_in_background(before: set[tuple[int, int]]) -> threading.Thread | None:
+    """`collapse_new_regions(before)` on a daemon thread, the regions found now: a 3B model's pre-packed weights
+    take seconds to collapse (benchmarks/NOTES.md#huge-pages), and collapsing keeps contents, so the engine may run
+    on them meanwhile. Returns the thread (None when there is nothing to do)."""
+    regions = _new(before, MIN_REGION) if enabled() else []
+    if not regions:
+        return None
+    thread = threading.Thread(target=_collapse, args=(regions,), name="ortlora-hugepages", daemon=True)
+    thread.start()
+    return thread
+
+
+def _new(before: set[tuple[int, int]], min_size: int) -> list[tuple[int, int]]:
+    return sorted(r for r in anonymous_regions() - before if r[1] - r[0] >= min_size)
+
+
+def _collapse(regions: list[tuple[int, int]]) -> int:
+    if not regions:
+        return 0
     try:
-        new = sorted(r for r in anonymous_regions() - before if r[1] - r[0] >= min_size)
-        if not new:
-            return 0
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     except (OSError, AttributeError):
         return 0
     total = 0
-    for lo, hi in new:
+    for lo, hi in regions:
         for start, end in _resident_runs(libc, lo, hi):
             if (libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
                     and libc.madvise(start, end - start, MADV_COLLAPSE) == 0):
