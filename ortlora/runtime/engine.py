@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -93,6 +93,7 @@ class Binding:
     lora: list[tuple[str, ort.OrtValue]]
     keep: ort.OrtValue | None = None
     inputs: tuple[ort.OrtValue, ort.OrtValue] | None = None  # decode's persistent input_ids / attention_mask
+    groups: dict[str, tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)  # the row grouping bound
 
 
 @dataclass
@@ -341,8 +342,11 @@ class Engine:
             b.inputs = values
         if self.has_keep and not last_only:
             b.io.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
-        for name, arr in lora.feeds.items():
-            b.io.bind_ortvalue_input(name, _value(arr))
+        for name, arr in lora.feeds.items():  # rebinding an input costs far more than comparing a few indices
+            bound = b.groups.get(name)
+            if bound is None or not np.array_equal(bound[0], arr):
+                b.groups[name] = (arr, _value(arr))
+                b.io.bind_ortvalue_input(name, b.groups[name][1])
         self._graph.session.run_with_iobinding(b.io)
         if last_only:
             return b.logits
@@ -367,8 +371,9 @@ class Engine:
         if groups.count == 1:  # one adapter on every row: its modules' slot views; the rest keep rank-0 defaults
             (adapter,) = distinct.values()
             own = set(getattr(adapter, "shapes", None) or adapter.params)
-            return LoraRun(PoolKey(pool.generation, groups.first, 1, adapter.uid),
-                           lambda: {k: v for k, v in pool.views(groups.first, 1).items() if k in own}, groups.feeds)
+            fixed = self._one_slot_inputs(len(adapters))  # = groups.feeds, bound once with the binding
+            return LoraRun(PoolKey(pool.generation, groups.first, 1, adapter.uid), lambda: {
+                **fixed, **{k: v for k, v in pool.views(groups.first, 1).items() if k in own}}, {})
         return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
                        lambda: pool.views(groups.first, groups.count), groups.feeds)
 
