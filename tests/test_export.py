@@ -329,8 +329,10 @@ def test_signal_mid_export_leaves_nothing(tiny, tmp_path, sig, code):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # a shell's background job ignores SIGINT, and its children inherit that: give the process the default back
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(ready), "export", "-m", str(model), "-o", str(out),
-                             "--lora-targets", "q_proj", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--lora-targets", "q_proj", "--no-progress"], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not ready.exists() and time.time() < deadline:

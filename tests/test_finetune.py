@@ -286,7 +286,9 @@ def test_ctrl_c_on_a_real_process(model, data, tmp_path, sig, code):
            "--text_template", TEMPLATE.replace("\n", "\\n"), "--max_steps", "100000", "--save_steps", "3",
            "--per_device_train_batch_size", "4", "--max_seq_len", "32", "--lora_r", "4", "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell's background job ignores SIGINT, and its children inherit that: give the process the default back
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "checkpoints" / "checkpoint-6").is_dir():
