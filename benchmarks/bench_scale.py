@@ -23,8 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import SHAPES, random_llama  # noqa: E402
+from bench_isolation import Server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = 64
@@ -221,12 +220,6 @@ def bench_decode(folder: Path, adapter_file: Path, tokens: int) -> dict:
 
 
 # -- serve ---------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict, timeout: float = 1800) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -234,27 +227,12 @@ def post(url: str, body: dict, timeout: float = 1800) -> dict:
 
 
 def bench_serve(folder: Path, adapters_dir: Path, tokens: int, work: Path) -> dict:
-    port = free_port()
-    log = open(work / f"{folder.name}-serve.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "ortlora.cli", "serve", "-m", str(folder), "--adapters",
-                             str(adapters_dir), "--host", "127.0.0.1", "--port", str(port), "--max-batch", "4",
-                             "--max-model-len", "512", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    base = f"http://127.0.0.1:{port}"
+    server = Server(folder, adapters_dir, work / f"{folder.name}-serve.log", "--max-batch", "4",
+                    "--max-model-len", "512")
+    proc, base = server.proc, server.url
     out: dict = {}
     try:
-        for _ in range(1200):  # bounded: up to 10 minutes to load
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not become healthy in 10 minutes")
         out["start_s"] = time.perf_counter() - t0
         out["rss_start_gib"] = rss_of(proc.pid) / GIB
         prompt = "The quick brown fox jumps over the lazy dog. " * 2
@@ -277,13 +255,7 @@ def bench_serve(folder: Path, adapters_dir: Path, tokens: int, work: Path) -> di
         out["rss_after_gib"] = rss_of(proc.pid) / GIB
         out["peak_gib"] = rss_of(proc.pid, "VmHWM") / GIB
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
     print(f"[serve] {folder.name}: {out}", flush=True)
     return out
 

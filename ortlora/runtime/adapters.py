@@ -58,7 +58,6 @@ class Adapter:
         self.refs = 0
         self.retired = False  # unregistered or replaced: dropped when the last holder releases it
         self.shapes = {k: v.shape for k, v in params.items()}
-        self.nbytes = sum(v.nbytes for v in params.values())
         self.rank = max((v.shape[1] for k, v in params.items() if naming.is_lora_a(k)), default=0)
         self._params: dict[str, np.ndarray] | None = params
         self._home: AdapterPool | None = None  # the pool holding the weights instead of _params

@@ -371,9 +371,8 @@ class Engine:
         if groups.count == 1:  # one adapter on every row: its modules' slot views; the rest keep rank-0 defaults
             (adapter,) = distinct.values()
             own = set(getattr(adapter, "shapes", None) or adapter.params)
-            fixed = self._one_slot_inputs(len(adapters))  # = groups.feeds, bound once with the binding
-            return LoraRun(PoolKey(pool.generation, groups.first, 1, adapter.uid), lambda: {
-                **fixed, **{k: v for k, v in pool.views(groups.first, 1).items() if k in own}}, {})
+            return LoraRun(PoolKey(pool.generation, groups.first, 1, adapter.uid),
+                           lambda: {k: v for k, v in pool.views(groups.first, 1).items() if k in own}, groups.feeds)
         return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
                        lambda: pool.views(groups.first, groups.count), groups.feeds)
 
