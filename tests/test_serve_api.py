@@ -13,6 +13,7 @@ import random
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import jsonschema
@@ -322,7 +323,7 @@ def test_chat_template_renders_tools_and_tool_history_as_transformers_does(setup
     from transformers import AutoTokenizer
 
     from ortlora.serve import protocol as P
-    from ortlora.serve.jobs import chat_prompt
+    from ortlora.serve.translate import chat_prompt
     from ortlora.serve.tools import ToolPlan, template_messages
     from ortlora.runtime.tokenizer import Tokenizer
 
@@ -333,17 +334,15 @@ def test_chat_template_renders_tools_and_tool_history_as_transformers_does(setup
     body = P.ChatCompletionRequest(model="base", messages=messages, tools=[WEATHER, ADD])
     plan = ToolPlan.of(body)
 
-    class Srv:
-        tokenizer = Tokenizer(setup["folder"])
-        context_length, max_token_chars = 1024, tokenizer.max_token_chars()
-
-    ids = chat_prompt(Srv, template_messages(body), plan.tools)
+    tokenizer = Tokenizer(setup["folder"])
+    limits = SimpleNamespace(context_length=1024, max_token_chars=tokenizer.max_token_chars())
+    ids = chat_prompt(limits, tokenizer, template_messages(body), plan.tools)
     hf = AutoTokenizer.from_pretrained(setup["folder"])
     hf_messages = [dict(m) for m in messages]
     hf_messages[2] = {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
                       "function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}}]}
     expected = hf.apply_chat_template(hf_messages, tools=[WEATHER, ADD], add_generation_prompt=True, tokenize=False)
-    assert Srv.tokenizer.decode(ids, skip_special_tokens=False) == expected
+    assert tokenizer.decode(ids, skip_special_tokens=False) == expected
     assert '"name": "get_weather"' in expected and "<tool_response>\n3 degrees" in expected
 
 
@@ -537,8 +536,8 @@ def test_auto_tool_calls_stream_as_tool_call_deltas_and_plain_text_as_content():
     from types import SimpleNamespace
 
     from ortlora.serve import protocol as P
-    from ortlora.serve.jobs import JobEvents, Jobs, chat_chunks
-    from ortlora.serve.scheduler import Event
+    from ortlora.serve.engine_client import Event, JobEvents, Jobs
+    from ortlora.serve.streaming import chat_chunks
     from ortlora.serve.tools import ToolPlan
 
     body = P.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[ADD])

@@ -24,8 +24,9 @@ from ray import serve  # noqa: E402
 from test_serve import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, reference, setup  # noqa: F401 (fixtures)
 
 from ortlora.errors import OrtloraError
-from ortlora.serve.ray import APP_NAME, ENGINE, AppArgs, build_app
-from ortlora.serve.ray.ingress import merge_expositions
+from ortlora.serve.config import ServeConfig
+from ortlora.serve.ray import APP_NAME, ENGINE, build_app
+from ortlora.serve.ray.client import merge_expositions
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = ["--max-batch", "8", "--max-queue", "16", "--max-loaded-adapters", "5", "--threads", "1"]
@@ -171,6 +172,61 @@ def test_ray_equals_single_process_and_keeps_adapters_on_one_replica(ray_server,
     assert "# TYPE ortlora_requests_total counter" in metrics and 'replica="ingress"' in metrics
 
 
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+CHAT = [{"role": "user", "content": "Add two and three."}]
+# every request feature, each answered by one process and by two Ray replicas
+MATRIX = [
+    ("/v1/completions", _greedy("a1", PROMPTS[0])),
+    ("/v1/completions", {**_greedy("a2", PROMPTS[1]), "adapter_scale": 0.5}),
+    ("/v1/completions", {**_greedy("base", PROMPTS[0]), "adapters": [{"name": "a1", "weight": 0.7},
+                                                                      {"name": "a4", "weight": 0.3}]}),
+    ("/v1/completions", {**_greedy("a3", PROMPTS[1]), "echo": True, "logprobs": 2}),
+    ("/v1/completions", {**_greedy("a4", [PROMPTS[0], PROMPTS[1]]), "n": 2, "temperature": 0.8, "seed": 7,
+                         "logprobs": 1}),
+    ("/v1/chat/completions", {"model": "a2", "messages": CHAT, "max_tokens": 40, "temperature": 0, "tools": [ADD],
+                              "tool_choice": "required"}),
+    ("/v1/chat/completions", {"model": "a1", "messages": CHAT, "max_tokens": 40, "temperature": 0, "tools": [ADD],
+                              "tool_choice": {"type": "function", "function": {"name": "add"}}}),
+    ("/v1/chat/completions", {"model": "a3", "messages": CHAT, "max_tokens": 30, "temperature": 0, "logprobs": True,
+                              "top_logprobs": 2, "response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"model": "base", "messages": CHAT, "max_tokens": 8, "temperature": 0,
+                              "adapters": [{"name": "a2", "weight": 1.0}], "adapter_scale": 0.25}),
+]
+
+
+def _answer(url: str, path: str, body: dict, stream: bool) -> object:
+    """The parts of an answer that must not depend on where it ran (ids, times and call ids left out)."""
+    if not stream:
+        r = _post(url, path, body)
+        assert r.status_code == 200, (path, body, r.text)
+        out = r.json()
+        for c in out["choices"]:
+            for call in (c.get("message") or {}).get("tool_calls") or ():
+                call.pop("id")
+        return out["choices"], out["usage"]
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status_code == 200, (path, body)
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts: dict = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            piece = c.get("text") or (c.get("delta") or {}).get("content") or ""
+            calls = (c.get("delta") or {}).get("tool_calls") or ()
+            piece += "".join((call.get("function") or {}).get("arguments") or "" for call in calls)
+            texts[c["index"]] = texts.get(c["index"], "") + piece
+    return texts
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_ray_answers_the_whole_request_matrix_as_the_single_process(ray_server, single, stream):
+    """Scales, combinations, echo + logprobs, n > 1, tools, structured outputs, logprobs, streaming: equal
+    answers from one process and from two Ray replicas."""
+    for path, body in MATRIX:
+        assert _answer(ray_server, path, body, stream) == _answer(single, path, body, stream), (path, body)
+
+
 def test_ray_tenants_answer_as_the_single_process(ray_server, single):
     cases = [("/v1/completions", _greedy("a1", "hi"), None), ("/v1/completions", _greedy("a1", "hi"), "wrong"),
              ("/v1/completions", _greedy("a3", "hi"), ACME), ("/v1/completions", _greedy("a1", "hi"), BETA),
@@ -288,11 +344,11 @@ def test_example_config_in_the_docs_is_a_valid_serve_config(setup):
     config = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
     app = ServeDeploySchema.model_validate(config).applications[0]
     assert app.import_path == "ortlora.serve.ray:build_app"
-    args = AppArgs.parse(app.args)
+    args = ServeConfig.parse(app.args)
     assert args.scaling() == {"autoscaling_config": {"min_replicas": 2, "max_replicas": 8,
                                                      "target_ongoing_requests": 16}}
     with pytest.raises(OrtloraError, match="unknown argument 'replica'.*threads must be an integer"):
-        AppArgs.parse({"model": "m", "replica": 2, "threads": "four"})
+        ServeConfig.parse({"model": "m", "replica": 2, "threads": "four"})
 
 
 def test_merged_metrics_label_every_sample_with_its_replica():
@@ -304,6 +360,6 @@ def test_merged_metrics_label_every_sample_with_its_replica():
 
 
 def test_single_process_server_does_not_import_ray():
-    code = ("import sys, ortlora.serve, ortlora.serve.app, ortlora.serve.server, ortlora.serve.cli; "
+    code = ("import sys, ortlora.serve, ortlora.serve.app, ortlora.serve.local, ortlora.serve.cli; "
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -43,6 +43,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # None = off; k = the sampled token's logprob and the k most likely (0-20)
     grammar: str | None = None  # an llguidance grammar (ortlora.runtime.constraints) the output must match
+    prompt_logprobs: int | None = None  # None = off; k = each prompt token's logprob and the k most likely
 
     def __post_init__(self):
         problems = []

@@ -1,8 +1,8 @@
 """The HTTP layer: a FastAPI app with OpenAI's completion, chat and model endpoints, adapter management, health,
-metrics and an OpenAPI document. It only validates, authenticates and translates; generation runs on the
-scheduler's engine thread (`ortlora.serve.scheduler`), reached through thread-safe queues.
+metrics and an OpenAPI document. It only authenticates, validates and translates (`translate.py`); the work runs
+behind an `EngineClient` (`engine_client.py`): this process's engine thread, or Ray engine replicas.
 
-    app = create_app(server)          # server: ortlora.serve.server.Server
+    app = create_app(LocalEngine(config), config)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
@@ -21,15 +21,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ortlora.errors import AdapterNotFound, OrtloraError
-from ortlora.serve import jobs as jobs_
 from ortlora.serve import openai_compat as compat
 from ortlora.serve import playground
 from ortlora.serve import protocol as P
+from ortlora.serve import streaming
+from ortlora.serve import translate as T
+from ortlora.serve.config import ServeConfig
+from ortlora.serve.engine_client import AdapterChoice, EngineClient
 from ortlora.serve.errors import APIError, error_response, status_of, validation_message
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
-from ortlora.serve.server import AdapterChoice
-from ortlora.serve.tenants import Tenant
+from ortlora.serve.tenants import Tenant, Tenants
 from ortlora.serve.tools import ToolPlan, template_messages
 
 log = logging.getLogger("ortlora.serve")
@@ -45,21 +47,27 @@ _SSE = {"content": {"text/event-stream": {"schema": {
         "description": "JSON, or server-sent events when `stream` is true"}
 
 
-def create_app(server) -> FastAPI:
+def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | None = None) -> FastAPI:
+    """The API over `engine`; `tenants` default: config.tenants' file, or open (any key) without one."""
+    if tenants is None:
+        tenants = Tenants.load(config.tenants) if config.tenants else Tenants.open()
+    limits, tokenizer = engine.limits, engine.tokenizer
+    texts = compat.TokenText(tokenizer)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.start()
+        engine.start()
         yield
-        await run_in_threadpool(server.stop)  # drain: queued and running requests finish first
+        await run_in_threadpool(engine.stop)  # drain: queued and running requests finish first
 
-    app = FastAPI(title="ortlora", version=server.version, summary="One model, many LoRA adapters: OpenAI API",
+    app = FastAPI(title="ortlora", version=limits.version, summary="One model, many LoRA adapters: OpenAI API",
                   responses={k: v for k, v in _ERRORS.items() if k in (400, 401, 413)}, lifespan=lifespan)
-    app.state.server = server
+    app.state.engine = engine
     _install_error_handlers(app)
-    _install_middleware(app, server)
+    _install_middleware(app, config, engine.metrics)
 
     def authenticate(creds: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Tenant:
-        tenant = server.tenants.authenticate(f"Bearer {creds.credentials}" if creds else None)
+        tenant = tenants.authenticate(f"Bearer {creds.credentials}" if creds else None)
         if tenant is None:
             raise APIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                            "authentication_error", code="invalid_api_key")
@@ -75,45 +83,48 @@ def create_app(server) -> FastAPI:
     def list_models(tenant: Tenant = Depends(authenticate)) -> P.ModelList:
         cards = []
         if tenant.base_model:
-            cards.append(P.ModelCard(id=server.model_name, created=server.created, owned_by="ortlora"))
-        for name in server.adapter_names():
+            cards.append(P.ModelCard(id=limits.model_name, created=limits.created, owned_by="ortlora"))
+        for name in engine.adapter_names():
             if tenant.may_use(name):
-                cards.append(P.ModelCard(id=name, created=server.created, owned_by="ortlora",
-                                         root=server.model_name, parent=server.model_name))
+                cards.append(P.ModelCard(id=name, created=limits.created, owned_by="ortlora",
+                                         root=limits.model_name, parent=limits.model_name))
         return P.ModelList(data=cards)
 
     @app.get("/v1/models/{model}", response_model=P.ModelCard, tags=["openai"], responses={404: _ERRORS[404]})
     def get_model(model: str, tenant: Tenant = Depends(authenticate)) -> P.ModelCard:
         adapter = resolve(tenant, model)
-        return P.ModelCard(id=model, created=server.created, owned_by="ortlora",
-                           root=server.model_name if adapter else None, parent=server.model_name if adapter else None)
+        return P.ModelCard(id=model, created=limits.created, owned_by="ortlora",
+                           root=limits.model_name if adapter else None, parent=limits.model_name if adapter else None)
 
     def resolve(tenant: Tenant, model: str) -> str | None:
         """The adapter a request's `model` names (None = base); the same 404 whether missing or not permitted."""
-        if model == server.model_name and tenant.base_model:
+        if model == limits.model_name and tenant.base_model:
             return None
-        if tenant.may_use(model) and server.has_adapter(model):
+        if tenant.may_use(model) and engine.has_adapter(model):
             return model
         raise APIError(404, f"The model {model!r} does not exist", "invalid_request_error", param="model",
                        code="model_not_found")
 
-    def choose(tenant: Tenant, body) -> "str | AdapterChoice | None":
+    def choose(tenant: Tenant, body) -> AdapterChoice | None:
         """The one place a generation request's adapter is decided: `model`, or the `adapters` combination, at
         `adapter_scale`; every name is checked against the tenant (404 alike whether missing or not permitted)."""
-        adapter = resolve(tenant, body.model)
-        if body.adapters is None and body.adapter_scale == 1.0:
-            return adapter
-        spec = adapter
+        spec = resolve(tenant, body.model)
         if body.adapters is not None:
             names = [a.name for a in body.adapters]
             if len(set(names)) != len(names):
                 raise APIError(400, "adapters: each adapter may appear once", param="adapters")
             for name in names:
-                if not (tenant.may_use(name) and server.has_adapter(name)):
+                if not (tenant.may_use(name) and engine.has_adapter(name)):
                     raise APIError(404, f"The model {name!r} does not exist", "invalid_request_error",
                                    param="adapters", code="model_not_found")
             spec = {a.name: a.weight for a in body.adapters}
         return AdapterChoice(spec, body.adapter_scale) if spec is not None else None
+
+    def work(body, tenant: Tenant, prompts, max_tokens, *, explicit_max: bool, adapter, grammar=None,
+             prompt_logprobs=None):
+        return T.build_work(body, limits, prompts, max_tokens, explicit_max=explicit_max, adapter=adapter,
+                            tenant=tenant.name, cache_namespace=tenants.cache_namespace(tenant.name),
+                            grammar=grammar, prompt_logprobs=prompt_logprobs)
 
     # -- generation ----------------------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=P.CompletionResponse, tags=["openai"],
@@ -123,27 +134,17 @@ def create_app(server) -> FastAPI:
         compat.warn_ignored(body)
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of is supported only equal to n", param="best_of")
-        prompts = await run_in_threadpool(jobs_.completion_prompts, server, body.prompt)  # tokenizing: off the loop
-        body._grammar = await run_in_threadpool(compat.grammar_of, server, body)
-        default_max = 16 if body.max_tokens is None else body.max_tokens
-        jobs = await jobs_.submit(server, body, adapter, prompts, default_max, explicit_max=True,
-                                  tenant=tenant.name)
-        n, texts = body.n or 1, compat.token_text(server)
-        echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
-        echo_lps = [None] * len(prompts)
-        if body.echo and body.logprobs is not None:  # the prompt's own logprobs: a separate forward pass
-            try:
-                echo_lps = [await run_in_threadpool(compat.echo_scores, server, p, body.logprobs, jobs[i * n].adapter)
-                            for i, p in enumerate(prompts)]
-            except BaseException:
-                for job in jobs:
-                    job.cancel()
-                raise
+        prompts = await run_in_threadpool(T.completion_prompts, limits, tokenizer, body.prompt)  # off the loop
+        grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body)
+        scored = body.echo and body.logprobs is not None  # the prompt's own logprobs, from the same prefill
+        jobs = await engine.submit(work(body, tenant, prompts, 16 if body.max_tokens is None else body.max_tokens,
+                                        explicit_max=True, adapter=adapter, grammar=grammar,
+                                        prompt_logprobs=body.logprobs if scored else None))
+        echo = [tokenizer.decode(p) if body.echo else "" for p in prompts]
         if body.stream:
-            shaped = [compat.completion_logprobs(texts, p, lp) if lp else None for p, lp in zip(prompts, echo_lps)]
-            return await jobs_.stream(request, jobs, jobs_.completion_chunks(body, jobs, echo, texts, shaped))
-        return await jobs_.collect(request, jobs, lambda outs, usage: compat.completion_response(
-            jobs_.new_id("cmpl"), int(time.time()), body, outs, usage, echo, prompts, echo_lps, texts))
+            return await streaming.stream(request, jobs, streaming.completion_chunks(body, jobs, echo, texts))
+        return await streaming.collect(request, jobs, lambda outs, usage: compat.completion_response(
+            streaming.new_id("cmpl"), int(time.time()), body, outs, usage, echo, prompts, texts))
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, tags=["openai"],
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})
@@ -152,31 +153,30 @@ def create_app(server) -> FastAPI:
         adapter = choose(tenant, body)
         compat.warn_ignored(body)
         plan = ToolPlan.of(body)
-        prompt = await run_in_threadpool(jobs_.chat_prompt, server, template_messages(body), plan.tools)
+        prompt = await run_in_threadpool(T.chat_prompt, limits, tokenizer, template_messages(body), plan.tools)
         # a required or named tool call follows the functions' schemas, else response_format
-        body._grammar = await run_in_threadpool(compat.grammar_of, server, body, plan.schema)
+        grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body, plan.schema)
         explicit = body.max_completion_tokens or body.max_tokens
-        jobs = await jobs_.submit(server, body, adapter, [prompt], explicit, explicit_max=explicit is not None,
-                                  tenant=tenant.name)
-        texts = compat.token_text(server)
+        jobs = await engine.submit(work(body, tenant, [prompt], explicit, explicit_max=explicit is not None,
+                                        adapter=adapter, grammar=grammar))
         if body.stream:
-            return await jobs_.stream(request, jobs, jobs_.chat_chunks(body, jobs, plan, texts))
-        return await jobs_.collect(request, jobs, lambda outs, usage: compat.chat_response(
-            jobs_.new_id("chatcmpl"), int(time.time()), body, outs, usage, plan, texts))
+            return await streaming.stream(request, jobs, streaming.chat_chunks(body, jobs, plan, texts))
+        return await streaming.collect(request, jobs, lambda outs, usage: compat.chat_response(
+            streaming.new_id("chatcmpl"), int(time.time()), body, outs, usage, plan, texts))
 
     # -- vLLM's adapter endpoints (aliases, so operators' tools work unchanged) ------------------------------
     @app.post("/v1/load_lora_adapter", tags=["adapters"], responses={
         403: {"model": P.ErrorResponse, "description": "not an admin key"},
         409: {"model": P.ErrorResponse, "description": "name taken"}})
     async def vllm_load(spec: P.VLLMLoadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
-        await run_in_threadpool(server.add_adapter_path, spec.lora_name, spec.lora_path)
+        await run_in_threadpool(engine.register_adapter, spec.lora_name, spec.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", tags=["adapters"], responses={404: _ERRORS[404]})
     def vllm_unload(spec: P.VLLMUnloadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
         if not tenant.may_use(spec.lora_name):
             raise AdapterNotFound(f"adapter {spec.lora_name!r} does not exist")
-        server.remove_adapter(spec.lora_name)
+        engine.remove_adapter(spec.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' removed successfully.")
 
     # -- adapters ------------------------------------------------------------------------------------------------
@@ -189,10 +189,10 @@ def create_app(server) -> FastAPI:
     @app.get("/v1/adapters", response_model=P.AdapterList, tags=["adapters"])
     def list_adapters(tenant: Tenant = Depends(authenticate)) -> P.AdapterList:
         infos = []
-        for name in server.adapter_names():
+        for name in engine.adapter_names():
             if tenant.may_use(name):
                 try:
-                    infos.append(server.adapter_info(name))
+                    infos.append(engine.adapter_info(name))
                 except AdapterNotFound:  # its file went away (or now escapes the folder) since it was listed
                     pass
         return P.AdapterList(data=infos)
@@ -208,31 +208,31 @@ def create_app(server) -> FastAPI:
                 spec = P.LoadAdapterRequest.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise APIError(400, validation_message(exc.errors())) from None
-            await run_in_threadpool(server.add_adapter_path, spec.name, spec.path)
-            return server.adapter_info(spec.name)
+            await run_in_threadpool(engine.register_adapter, spec.name, spec.path)
+            return engine.adapter_info(spec.name)
         if ctype == "multipart/form-data":
             async with request.form(max_files=1, max_fields=2) as form:
                 name, upload = form.get("name"), form.get("file")
                 if not isinstance(name, str) or upload is None or isinstance(upload, str):
                     raise APIError(400, "multipart upload needs a `name` field and a `file` part")
-                await run_in_threadpool(server.add_adapter_upload, name, upload.file)
-            return server.adapter_info(name)
+                await run_in_threadpool(engine.upload_adapter, name, upload.file)
+            return engine.adapter_info(name)
         raise APIError(415, "send application/json {name, path} or multipart/form-data with name and file")
 
     @app.delete("/v1/adapters/{name}", tags=["adapters"], responses={404: _ERRORS[404]})
     def delete_adapter(name: str, tenant: Tenant = Depends(admin)) -> dict[str, object]:
         if not tenant.may_use(name):
             raise AdapterNotFound(f"adapter {name!r} does not exist")
-        server.remove_adapter(name)
+        engine.remove_adapter(name)
         return {"name": name, "deleted": True}
 
     # -- operations ----------------------------------------------------------------------------------------------
     @app.get("/health", response_model=P.Health, tags=["operations"], responses={503: _ERRORS[503]})
     def health():
-        s = server.scheduler
-        body = P.Health(status="draining" if s.draining else "ok", model=server.model_name,
-                        running=s.running_count, waiting=s.waiting_count)
-        return JSONResponse(body.model_dump(), status_code=503 if s.draining else 200)
+        h = engine.health()
+        body = P.Health(status="ok" if h.ready else "draining", model=limits.model_name, running=h.running,
+                        waiting=h.waiting)
+        return JSONResponse(body.model_dump(), status_code=200 if h.ready else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
              responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
@@ -241,7 +241,7 @@ def create_app(server) -> FastAPI:
                         403: {"model": P.ErrorResponse, "description": "not an admin key",
                               "content": {"application/json": {}}}})
     def metrics(tenant: Tenant = Depends(admin)):
-        return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE)
+        return PlainTextResponse(engine.metrics_text(), media_type=CONTENT_TYPE)
 
     playground.install(app)
     _trim_openapi(app)
@@ -249,10 +249,9 @@ def create_app(server) -> FastAPI:
 
 
 # -- errors, limits, metrics ---------------------------------------------------------------------------------------
-def _install_middleware(app: FastAPI, server) -> None:
+def _install_middleware(app: FastAPI, config: ServeConfig, metrics) -> None:
     inner = app.build_middleware_stack
-    app.build_middleware_stack = lambda: Outermost(inner(), server.max_body_bytes, server.max_upload_bytes,
-                                                   server.metrics)
+    app.build_middleware_stack = lambda: Outermost(inner(), config.max_body_bytes, config.max_upload_bytes, metrics)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

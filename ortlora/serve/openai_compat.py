@@ -1,18 +1,15 @@
-"""What a request asks beyond plain text, turned into engine settings, and engine output shaped as OpenAI answers:
-structured outputs (response_format, required tool calls) as a grammar, logprobs in both endpoints' shapes,
-tool calls parsed from the text, and `system_fingerprint`.
+"""Engine output shaped as OpenAI answers: logprobs in both endpoints' shapes, tool calls parsed from the text,
+whole response bodies, and `system_fingerprint`.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 
 from ortlora import __version__
-from ortlora.runtime.logprobs import PromptScorer, TokenLogprob
+from ortlora.runtime.logprobs import TokenLogprob
 from ortlora.serve import protocol as P
-from ortlora.serve.errors import APIError
 
 log = logging.getLogger("ortlora.serve")
 FINGERPRINT = f"fp_ortlora_{__version__}"
@@ -25,32 +22,13 @@ class Output:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked: per prompt position
 
 
 def warn_ignored(body) -> None:
     """Unknown request fields are ignored (as vLLM does); say so once per request in the log."""
     if body.model_extra:
         log.warning("ignoring unknown request fields: %s", ", ".join(sorted(body.model_extra)))
-
-
-def grammar_of(server, body, tool_schema: dict | None = None) -> str | None:
-    """The llguidance grammar a request's output must follow (None: free text): a required or named tool call's
-    schema, else `response_format`'s. Compiled here (cached for the engine), so a bad schema is a 400."""
-    from ortlora.runtime import constraints
-
-    if tool_schema is not None:
-        schema, param = tool_schema, "tools"
-    else:
-        fmt = body.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        schema, param = (fmt.json_schema.schema_ if fmt.type == "json_schema" else None), "response_format"
-    try:
-        grammar = constraints.json_schema_grammar(schema)
-        constraints.check(grammar, server.tokenizer, server.eos_ids)
-    except constraints.GrammarError as exc:
-        raise APIError(400, str(exc), param=param) from None
-    return grammar
 
 
 # -- logprobs ------------------------------------------------------------------------------------------------------
@@ -69,16 +47,6 @@ class TokenText:
             raw = token_bytes(self.tokenizer, token)
             found = self._cache[token] = (raw.decode("utf-8", errors="replace"), list(raw))
         return found
-
-
-_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> TokenText
-_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> PromptScorer (built on first echo)
-
-
-def token_text(server) -> TokenText:
-    if server not in _TEXTS:
-        _TEXTS[server] = TokenText(server.tokenizer)
-    return _TEXTS[server]
 
 
 def chat_logprobs(texts: TokenText, lps: list[TokenLogprob]) -> P.ChoiceLogprobs:
@@ -117,17 +85,9 @@ def _by_text(texts: TokenText, top) -> dict[str, float]:
     return out
 
 
-def echo_scores(server, prompt: list[int], k: int, adapter) -> list[TokenLogprob | None]:
-    """Logprobs of a prompt's own tokens (completions `echo` + `logprobs`), with the adapter the choice uses."""
-    if server not in _SCORERS:
-        _SCORERS[server] = PromptScorer(server.folder, getattr(server.engine, "threads", None))
-    return _SCORERS[server].score(prompt, k, adapter.params if adapter is not None else None)
-
-
 # -- responses -----------------------------------------------------------------------------------------------------
 def completion_response(rid: str, created: int, body: P.CompletionRequest, outs: list[Output], usage: P.Usage,
-                        echo: list[str], echo_ids: list[list[int]], echo_lps: list, texts: TokenText
-                        ) -> P.CompletionResponse:
+                        echo: list[str], prompts: list[list[int]], texts: TokenText) -> P.CompletionResponse:
     n = body.n or 1
     choices = []
     for i, out in enumerate(outs):
@@ -136,7 +96,7 @@ def completion_response(rid: str, created: int, body: P.CompletionRequest, outs:
         if body.logprobs is not None:
             ids, lps = out.token_ids[:len(out.logprobs)], list(out.logprobs)
             if body.echo:
-                ids, lps = echo_ids[i // n] + ids, echo_lps[i // n] + lps
+                ids, lps = prompts[i // n] + ids, list(out.prompt_logprobs or ()) + lps
             logprobs = completion_logprobs(texts, ids, lps)
         choices.append(P.CompletionChoice(index=i, text=prefix + out.text, finish_reason=out.finish_reason,
                                           logprobs=logprobs))

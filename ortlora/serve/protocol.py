@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
                       model_validator)
 
 MAX_N = 16
@@ -91,7 +91,6 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
-    _grammar: str | None = PrivateAttr(None)  # what the output must follow (response_format, required tools)
     # ortlora extras: adapter strength and combinations (exact; derived adapters are cached by recipe)
     adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
                                  description="multiplies the adapter's delta (0 = the base model)")

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Hashable, Mapping
 
 from ortlora.errors import OrtloraError
 from ortlora.runtime.adapters import Adapter
@@ -43,6 +43,7 @@ class Event:
     error: BaseException | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list | None = None  # runtime.logprobs.TokenLogprob per token, when the request asked for them
+    prompt_logprobs: list | None = None  # once, first: per prompt position (None for the first), when asked
 
 
 @dataclass(eq=False)
@@ -56,6 +57,7 @@ class Job:
     params: SamplingParams
     sink: Callable[[Event], None]
     tenant: str = ""
+    cache_namespace: Hashable = None  # None: the scheduler's per-tenant default
     arrival: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     request: Request | None = None  # the runtime's request, once on the engine thread
@@ -319,7 +321,8 @@ class Scheduler:
                 if job.request is None:
                     job.request = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter,
                                           eos_ids=self.eos_ids, label=job.adapter_name,
-                                          cache_namespace=self.cache_namespace(job.tenant))
+                                          cache_namespace=self.cache_namespace(job.tenant)
+                                          if job.cache_namespace is None else job.cache_namespace)
                     self._jobs[job.request] = job
                     self.metrics.prefills.inc()
                     self.metrics.prompt_tokens.inc(len(job.prompt_ids))

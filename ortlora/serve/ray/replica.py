@@ -1,17 +1,17 @@
-"""The engine deployment: each replica is today's single-process engine (a `Server` without HTTP: one engine
-thread, continuous mixed-adapter batching, the fair queue across tenants), driven by the ingress through a Ray
-Serve handle with the adapter's name as the multiplexed model id.
+"""The engine deployment: each replica is a `LocalEngine` (one engine thread, continuous mixed-adapter batching,
+the fair queue across tenants, its own KV) without HTTP, driven by the ingress's `RayEngine` through a Ray Serve
+handle with the adapter's label as the multiplexed model id.
 
-    ingress ── handle.options(multiplexed_model_id=NAME, stream=True).generate.remote(Work) ──> replica
-                                               _hold(NAME): multiplexing's LRU and routing info │
-                                        _sync: the file version the ingress resolved for NAME │
-                                                        jobs_.start: jobs on its Server's scheduler ▼
-    ingress <── lists of Events (errors as Failure) ─────────────────────────────────────────── replica
+    ingress ── handle.options(multiplexed_model_id=LABEL, stream=True).generate.remote(RemoteWork) ──> replica
+                                        _hold(LABEL): multiplexing's LRU and routing info │
+                               _sync: the file version the ingress resolved for each adapter │
+                                                              LocalEngine.submit(work) ▼
+    ingress <── lists of Events, one list per engine step (errors as Failure) ─────────────────── replica
 
 Adapters: every replica opens the same adapters directory (shared storage in a cluster) and finds files on first
-use; the ingress owns registrations and sends each request's file and version, and broadcasts deletes (`forget`).
-A replica's `Adapters` keep as many adapters as multiplexing's `max_num_models_per_replica`, so the two LRUs,
-touched by the same requests in the same order, hold the same adapters: routing and memory agree.
+use; the ingress owns registrations and sends each request's files and versions, and broadcasts deletes (`forget`).
+A replica keeps as many adapters as multiplexing's `max_num_models_per_replica`, so the two LRUs, touched by the
+same requests in the same order, hold the same adapters: routing and memory agree.
 """
 
 from __future__ import annotations
@@ -23,23 +23,25 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from ortlora.errors import AdapterNotFound
-from ortlora.runtime.sampling import SamplingParams
-from ortlora.serve import jobs as jobs_
+from ortlora.serve.config import ServeConfig
+from ortlora.serve.engine_client import Event, Limits, Work
 from ortlora.serve.errors import APIError, status_of
 from ortlora.serve.metrics import Gauge
-from ortlora.serve.scheduler import Event
 
 
 @dataclass(frozen=True)
-class Work:
-    """One request's jobs, as the ingress sends them to a replica."""
-    adapter: str | None
-    source: str | None  # the adapter's file, relative to the adapters directory every replica opens
-    version: tuple  # that file's (inode, size, mtime) when the ingress resolved it: a replaced file loads again
-    prompts: list[list[int]]
-    n: int
-    params: list[SamplingParams]
-    tenant: str
+class Source:
+    """A registered adapter's file as the ingress resolved it."""
+    name: str
+    path: str  # relative to the adapters directory every replica opens
+    version: tuple  # the file's (inode, size, mtime): a replaced file loads again
+
+
+@dataclass(frozen=True)
+class RemoteWork:
+    """One request's work and the files of the adapters it uses, as the ingress sends them to a replica."""
+    work: Work
+    sources: tuple[Source, ...]
 
 
 @dataclass(frozen=True)
@@ -57,54 +59,43 @@ class Failure:
 
 
 @dataclass(frozen=True)
-class EngineInfo:
-    """What the ingress needs to check requests as the single-process server does."""
-    model_name: str
-    version: str
-    created: int
-    context_length: int
-    vocab_size: int
-    max_token_chars: int
-    eos_ids: frozenset[int]
-
-
-@dataclass(frozen=True)
 class ReplicaState:
     replica: str
     pid: int
     loaded: list[str]  # adapters in memory, least recently used first
     running: int
     waiting: int
-    metrics: str  # Prometheus text: the Server's metrics and the loaded adapters
+    metrics: str  # Prometheus text: the engine's metrics and the loaded adapters
 
 
 class EngineReplica:
     """One engine replica (a Ray actor process)."""
 
-    def __init__(self, model: str, adapters: str | None, max_loaded_adapters: int, options: dict):
-        from ortlora.serve.server import Server
+    def __init__(self, config: ServeConfig):
+        from ortlora.serve.local import LocalEngine
 
-        self.server = Server(model, adapters=adapters, max_loaded_adapters=max_loaded_adapters, **options)
-        self.server.start()
+        self.engine = LocalEngine(config)
+        self.engine.start()
         self.name = serve.get_replica_context().replica_id.unique_id
-        self._versions: dict[str, tuple] = {}  # adapter -> (source, version) this replica serves
+        self._versions: dict[str, tuple] = {}  # adapter -> (path, version) this replica serves
 
-        async def hold(name: str) -> str:  # the adapter itself is loaded by the Server on first use
-            return name
+        async def hold(label: str) -> str:  # the adapters themselves are loaded by the engine on first use
+            return label
 
-        self._hold = serve.multiplexed(max_num_models_per_replica=max_loaded_adapters)(hold)
+        self._hold = serve.multiplexed(max_num_models_per_replica=config.max_loaded_adapters)(hold)
 
     def __del__(self):  # Ray's graceful shutdown: running requests finish first
-        self.server.stop(timeout=15)
+        self.engine.stop(timeout=15)
 
-    async def generate(self, work: Work):
-        """Stream lists of the jobs' events (errors as `Failure`) until every job has finished or one failed;
-        cancelled with the caller's stream, which cancels the jobs."""
+    async def generate(self, remote: RemoteWork):
+        """Stream lists of the jobs' events (errors as `Failure`), one list per engine step, until every job has
+        finished or one failed; cancelled with the caller's stream, which cancels the jobs."""
+        work = remote.work
         try:
             if work.adapter is not None:
-                await self._hold(serve.get_multiplexed_model_id() or work.adapter)
-                await run_in_threadpool(self._sync, work)
-            jobs = await jobs_.start(self.server, work.adapter, work.prompts, work.n, work.params, work.tenant)
+                await self._hold(serve.get_multiplexed_model_id() or work.adapter.label)
+                await run_in_threadpool(self._sync, remote.sources)
+            jobs = await self.engine.submit(work)
         except Exception as exc:  # refused before running: not found, busy, queue full, shutting down
             yield [Event(0, error=Failure.of(exc))]
             return
@@ -122,37 +113,35 @@ class EngineReplica:
                     out.append(ev)
                 yield out
         finally:
-            for job in jobs:
-                job.cancel()
+            jobs.cancel()
 
-    def _sync(self, work: Work) -> None:
-        """Serve the file version the ingress resolved: a name registered under another file, or a file replaced
+    def _sync(self, sources: tuple[Source, ...]) -> None:
+        """Serve the file versions the ingress resolved: a name registered under another file, or a file replaced
         since this replica loaded it, is registered again (its old version finishes the requests holding it)."""
-        seen = self._versions.get(work.adapter)
-        if seen == (work.source, work.version):
-            return
-        adapters = self.server.adapters
-        if seen is not None or work.adapter not in adapters or adapters.info(work.adapter).path != work.source:
-            self.forget(work.adapter)
-            adapters.register(work.adapter, work.source)
-        self._versions[work.adapter] = (work.source, work.version)
+        adapters = self.engine.adapters
+        for s in sources:
+            seen = self._versions.get(s.name)
+            if seen == (s.path, s.version):
+                continue
+            if seen is not None or s.name not in adapters or adapters.info(s.name).path != s.path:
+                self.forget(s.name)
+                adapters.register(s.name, s.path)
+            self._versions[s.name] = (s.path, s.version)
 
     # -- control plane (the ingress; broadcast to every replica where it says so) --------------------------------
-    def describe(self) -> EngineInfo:
-        s = self.server
-        return EngineInfo(s.model_name, s.version, s.created, s.context_length, s.vocab_size, s.max_token_chars,
-                          s.eos_ids)
+    def describe(self) -> Limits:
+        return self.engine.limits
 
     async def check(self, source: str, name: str) -> Failure | None:
         """Whether file `source` (in the adapters directory) would be accepted as adapter `name`."""
         return await run_in_threadpool(self._check, source, name)  # it runs the model: off the replica's loop
 
     def _check(self, source: str, name: str) -> Failure | None:
-        directory = self.server.adapters.directory
+        directory = self.engine.adapters.directory
         try:
             if directory is None:
                 raise APIError(400, "there is no adapters directory (start the server with --adapters DIR)")
-            self.server.adapters.check(directory.root / source, name)
+            self.engine.adapters.check(directory.root / source, name)
         except Exception as exc:
             return Failure.of(exc)
         return None
@@ -161,18 +150,16 @@ class EngineReplica:
         """(broadcast) Adapter `name` was deleted: unloaded here once the requests holding it end."""
         self._versions.pop(name, None)
         try:
-            self.server.adapters.unregister(name)
+            self.engine.adapters.unregister(name)
         except AdapterNotFound:
             pass
 
     def state(self) -> ReplicaState:
         """(broadcast) This replica's metrics and load."""
-        s = self.server
-        loaded = s.adapters.loaded()
+        loaded = self.engine.adapters.loaded()
         gauge = Gauge("ortlora_replica_adapter_loaded", "adapters this replica holds in memory", ("adapter",))
         for name in loaded:
             gauge.set(1, adapter=name)
-        text = s.metrics.render() + "\n".join(gauge.render()) + "\n"
-        return ReplicaState(self.name, os.getpid(), loaded, s.scheduler.running_count, s.scheduler.waiting_count,
-                            text)
-
+        text = self.engine.metrics_text() + "\n".join(gauge.render()) + "\n"
+        health = self.engine.health()
+        return ReplicaState(self.name, os.getpid(), loaded, health.running, health.waiting, text)

@@ -1,0 +1,187 @@
+"""`ServeConfig`: every `ortlora serve` option, its default and its help, written once.
+
+    config = ServeConfig(model="out", adapters="adapters/")        # Python
+    ServeConfig.add_arguments(parser); ServeConfig.from_namespace(args)   # the CLI
+    ServeConfig.parse({"model": "out", "max_batch": "8"})          # Ray Serve config files (strings)
+
+The same frozen object goes from the CLI to the single-process server, to the Ray application and to each of its
+engine replicas. Each field's metadata holds its help text (and flag spelling where it differs); a problem with
+any value is reported with all the others in one error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ortlora.errors import OrtloraError
+
+DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _opt(default, help_: str, *, minimum: int | None = None, choices: tuple[str, ...] | None = None,
+         flag: str | None = None, short: str | None = None, metavar: str | None = None):
+    return field(default=default, metadata={"help": help_, "min": minimum, "choices": choices, "flag": flag,
+                                            "short": short, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = _opt(None, "exported model folder (ortlora export)", short="-m")
+    adapters: str | None = _opt(None, "folder of .onnx_adapter files (or PEFT folders), each served under its "
+                                      "file stem (default: none)")
+    host: str = _opt("127.0.0.1", "address to listen on (default: %(default)s, loopback only)")
+    port: int = _opt(8000, "default: %(default)s", minimum=0)
+    max_batch: int = _opt(16, "rows decoded together (KV cache slots; default: %(default)s)", minimum=1)
+    max_loaded_adapters: int = _opt(64, "adapters held in memory (LRU; default: %(default)s)", minimum=1)
+    max_queue: int = _opt(256, "waiting requests before answering 429 (default: %(default)s)", minimum=1)
+    prefill_chunk: int | None = _opt(None, "prompt tokens prefilled per step while other requests decode "
+                                           "(default: sized from measured step times, so running streams keep "
+                                           "their pace)", minimum=1)
+    max_model_len: int | None = _opt(None, f"tokens per sequence (prompt + output); default min(context length, "
+                                           f"{DEFAULT_MAX_LEN})", minimum=2)
+    tenants: str | None = _opt(None, "TOML file: API key hashes -> tenants -> adapters (default: none: any key, "
+                                     "loopback only)")
+    model_name: str | None = _opt(None, "the base model's name in the API (default: folder name)")
+    threads: int | None = _opt(None, "onnxruntime intra-op threads (default: genai_config)", minimum=1)
+    insecure_no_auth: bool = _opt(False, "allow a non-loopback --host without --tenants (anyone reaching it may "
+                                         "use it)")
+    log_level: str = _opt("info", "default: %(default)s", choices=LOG_LEVELS)
+    provider: str | None = _opt(None, "run on this execution provider (cpu, cuda, dml, ...) instead of the one "
+                                      "genai_config.json names; --provider cpu runs a GPU-exported folder on the "
+                                      "CPU (default: genai_config.json's)")
+    replicas: str | None = _opt(None, "serve on Ray Serve with N engine replicas (MIN:MAX: autoscaled on ongoing "
+                                      "requests), each request routed to a replica holding its adapter; needs "
+                                      "ortlora[ray]", metavar="N|MIN:MAX")
+    ray_address: str | None = _opt(None, "with --replicas: join this Ray cluster (default: start a local Ray "
+                                         "instance on 127.0.0.1)")
+    max_body_bytes: int = _opt(16 << 20, "largest request body in bytes (default: %(default)s)", minimum=1)
+    max_upload_bytes: int = _opt(1 << 30, "largest adapter upload in bytes (default: %(default)s)", minimum=1)
+    max_choices: int = _opt(64, "most choices (prompts x n) one request may ask for (default: %(default)s)",
+                            minimum=1)
+
+    def __post_init__(self):
+        problems = []
+        if not self.model:
+            problems.append("model is required")
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if meta["min"] is not None and value < meta["min"]:
+                problems.append(f"{_flag(f)} must be at least {meta['min']}, got {value}")
+            if meta["choices"] is not None and value not in meta["choices"]:
+                problems.append(f"{_flag(f)} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be in 0..65535, got {self.port}")
+        if self.replicas is not None:
+            try:
+                self.scaling()
+            except OrtloraError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise OrtloraError("; ".join(problems))
+
+    # -- building --------------------------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One CLI flag per field, with its default and help from the field."""
+        for f in dataclasses.fields(cls):
+            meta, kind = f.metadata, _base(f.name)
+            names = [n for n in (meta["short"], meta["flag"] or "--" + f.name.replace("_", "-")) if n]
+            kw: dict = {"dest": f.name, "help": meta["help"]}
+            if kind is bool:
+                kw["action"] = "store_true"
+            else:
+                kw.update(type=kind, default=f.default)
+                if meta["choices"]:
+                    kw["choices"] = meta["choices"]
+                if meta["metavar"]:
+                    kw["metavar"] = meta["metavar"]
+            if f.name == "model":
+                kw["required"] = True
+            parser.add_argument(*names, **kw)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "ServeConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+    @classmethod
+    def parse(cls, values: dict) -> "ServeConfig":
+        """From a config file's values (strings or typed); unknown keys and bad values named in one error."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        problems = [f"unknown argument {k!r}" for k in values if k not in known]
+        typed = {}
+        for key, value in values.items():
+            if key not in known or value is None:
+                continue
+            kind = _base(key)
+            try:
+                typed[key] = _convert(value, kind)
+            except (TypeError, ValueError):
+                problems.append(f"{key} must be {'an integer' if kind is int else 'true or false'}, got {value!r}")
+        if problems:
+            raise OrtloraError("; ".join(problems))
+        return cls(**typed)
+
+    def replace(self, **changes) -> "ServeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def absolute(self) -> "ServeConfig":
+        """Paths made absolute (Ray replicas run in another working directory)."""
+        return self.replace(**{k: str(Path(getattr(self, k)).resolve()) for k in ("model", "adapters", "tenants")
+                               if getattr(self, k)})
+
+    # -- derived -------------------------------------------------------------------------------------------------
+    def scaling(self) -> dict:
+        """Ray Serve replica options for `replicas`: a fixed count, or autoscaling between MIN and MAX."""
+        text = self.replicas or "1"
+        try:
+            low, _, high = text.partition(":")
+            low, high = int(low), int(high or low)
+        except ValueError:
+            raise OrtloraError(f"--replicas must be N or MIN:MAX, got {text!r}") from None
+        if not 1 <= low <= high:
+            raise OrtloraError(f"--replicas must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+        if low == high:
+            return {"num_replicas": low}
+        return {"autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                       "target_ongoing_requests": self.max_batch}}
+
+    @property
+    def ray(self) -> bool:
+        return self.replicas is not None or self.ray_address is not None
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _base(name: str) -> type:
+    """A field's value type: int for `int | None`, str for `str`, ..."""
+    hint = typing.get_type_hints(ServeConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _convert(value, kind: type):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise ValueError(value)
+    if kind is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return int(value)
+    return str(value)

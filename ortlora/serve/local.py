@@ -1,0 +1,148 @@
+"""`LocalEngine`: the `EngineClient` of one process — the runtime's engine, tokenizer and adapters
+(`ortlora.runtime.adapters.Adapters`, the one owner of every adapter's life), metrics and the scheduler's engine
+thread, wired together. A Ray engine replica is one of these without HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import BinaryIO
+
+from starlette.concurrency import run_in_threadpool
+
+from ortlora import __version__
+from ortlora.model_folder import ModelInfo
+from ortlora.runtime.adapters import Adapter, Adapters
+from ortlora.runtime.engine import Engine
+from ortlora.runtime.generation import Batch
+from ortlora.runtime.tokenizer import Tokenizer
+from ortlora.serve import protocol as P
+from ortlora.serve.config import DEFAULT_MAX_LEN, ServeConfig
+from ortlora.serve.engine_client import AdapterChoice, EngineHealth, Event, JobEvents, Jobs, Limits, Work
+from ortlora.serve.metrics import Metrics
+from ortlora.serve.scheduler import Job, Scheduler
+
+
+class LocalEngine:
+    """Implements `ortlora.serve.engine_client.EngineClient` on this process's engine thread."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        max_len = config.max_model_len or min(DEFAULT_MAX_LEN, ModelInfo.read(config.model).context_length)
+        # KV cache: [slots, kv_heads, max_len, head_dim] per layer, reserved up front, touched as it fills
+        self.engine = Engine(config.model, slots=config.max_batch, threads=config.threads, max_len=max_len,
+                             provider=config.provider)
+        self.tokenizer = Tokenizer(config.model)
+        eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)
+        folder = self.engine.folder
+        model_name = config.model_name or folder.resolve().name
+        self.limits = Limits(model_name=model_name, version=__version__, created=int(time.time()),
+                             context_length=self.engine.max_len, vocab_size=self.engine.info.vocab_size,
+                             max_token_chars=self.tokenizer.max_token_chars(), max_choices=config.max_choices,
+                             eos_ids=eos_ids)
+        self.metrics = Metrics(config.max_batch)
+        self.adapters = Adapters.for_engine(self.engine, capacity=config.max_loaded_adapters,
+                                            directory=config.adapters, reserved=(model_name,))
+        self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=config.prefill_chunk),
+                                   self.tokenizer, eos_ids, self.metrics, max_queue=config.max_queue,
+                                   release=self.adapters.release, base_label=model_name)
+        self.adapters.on_unload(self._unloaded)
+        self._scorer = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
+        self.scheduler.start()
+
+    def drain(self) -> None:
+        self.scheduler.drain()
+
+    def stop(self, timeout: float | None = 30.0) -> bool:
+        return self.scheduler.shutdown(timeout)
+
+    def health(self) -> EngineHealth:
+        s = self.scheduler
+        return EngineHealth(ready=not s.draining, draining=s.draining, running=s.running_count,
+                            waiting=s.waiting_count)
+
+    def metrics_text(self) -> str:
+        return self.metrics.render()
+
+    # -- work -------------------------------------------------------------------------------------------------------
+    async def submit(self, work: Work) -> Jobs:
+        """One job per (prompt, choice) on the scheduler, each holding its adapter (loaded here, off the event
+        loop, on first use)."""
+        events = JobEvents()
+        leases: list[Adapter | None] = []
+        try:
+            for _ in work.params:
+                leases.append(await run_in_threadpool(self.acquire, work.adapter))
+            await self._score_prompts(work, leases, events)
+            label = work.adapter.label if work.adapter is not None else None
+            arrival = time.monotonic()
+            jobs = Jobs([Job(index=i, prompt_ids=work.prompts[i // work.n], adapter=leases[i], adapter_name=label,
+                             params=p, sink=events.sink, tenant=work.tenant, cache_namespace=work.cache_namespace,
+                             arrival=arrival) for i, p in enumerate(work.params)], events)
+            self.scheduler.submit(jobs)  # QueueFull -> 429, ShuttingDown -> 503
+        except BaseException:
+            for lease in leases:
+                self.adapters.release(lease)
+            raise
+        return jobs
+
+    async def _score_prompts(self, work: Work, leases: list, events: JobEvents) -> None:
+        """Prompt logprobs for the jobs that ask for them, sent as each one's first event."""
+        for i, params in enumerate(work.params):
+            if params.prompt_logprobs is None:
+                continue
+            if self._scorer is None:
+                from ortlora.runtime.logprobs import PromptScorer
+
+                self._scorer = PromptScorer(self.engine.folder, self.engine.threads)
+            held = leases[i]
+            scores = await run_in_threadpool(self._scorer.score, work.prompts[i // work.n], params.prompt_logprobs,
+                                             held.params if held is not None else None)
+            events.sink(Event(i, prompt_logprobs=scores))
+
+    def acquire(self, choice: AdapterChoice | None) -> Adapter | None:
+        """Hold the adapter (or scaled / combined choice) for one job, loaded on first use; None = the base model."""
+        if choice is None:
+            return None
+        loads = self.adapters.loads
+        adapter = self.adapters.acquire(choice.spec, scale=choice.scale)
+        if self.adapters.loads == loads:
+            self.metrics.adapter_cache_hits.inc()
+        else:
+            self.metrics.adapter_loads.inc()
+            self.metrics.loaded_adapters.set(len(self.adapters))
+        return adapter
+
+    def _unloaded(self, adapter: Adapter) -> None:
+        """(any thread, the adapters' lock held) The engine drops its cached tensors on its own thread."""
+        self.metrics.adapter_evictions.inc()
+        self.metrics.loaded_adapters.set(len(self.adapters))
+        self.scheduler.forget_adapter(adapter)
+
+    # -- adapters ---------------------------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        self.adapters.refresh()  # files dropped into the folder since: listed too
+        return self.adapters.names()
+
+    def has_adapter(self, name: str) -> bool:
+        return name != self.limits.model_name and name in self.adapters
+
+    def adapter_info(self, name: str) -> P.AdapterInfo:
+        info = self.adapters.info(name)
+        return P.AdapterInfo(name=info.name, loaded=info.loaded, path=info.path)
+
+    def register_adapter(self, name: str, path: str) -> None:
+        self.adapters.register(name, path)
+
+    def upload_adapter(self, name: str, stream: BinaryIO) -> None:
+        self.adapters.upload(name, stream, self.config.max_upload_bytes)
+
+    def remove_adapter(self, name: str) -> None:
+        self.adapters.unregister(name)
+
+    def loaded_adapters(self) -> list[str]:
+        return self.adapters.loaded()
