@@ -224,7 +224,18 @@ def test_ray_answers_the_whole_request_matrix_as_the_single_process(ray_server, 
     """Scales, combinations, echo + logprobs, n > 1, tools, structured outputs, logprobs, streaming: equal
     answers from one process and from two Ray replicas."""
     for path, body in MATRIX:
-        assert _answer(ray_server, path, body, stream) == _answer(single, path, body, stream), (path, body)
+        assert _same(_answer(ray_server, path, body, stream), _answer(single, path, body, stream)), (path, body)
+
+
+def _same(a, b) -> bool:
+    """Equal, floats within 1e-4: a logprob's last digits depend on the rows it shared a batch with."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-4
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_ray_tenants_answer_as_the_single_process(ray_server, single):
@@ -291,10 +302,19 @@ def test_ray_client_leaving_mid_stream_frees_the_replicas_slot(ray_server):
 
 def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(ray_server, reference):
     long = {**_greedy("a1", PROMPTS[1], 600), "stream": True}
-    states = _replicas()
-    victim = next(s for s in states if "a1" in s.loaded)
-    other = next(s for s in states if s.replica != victim.replica)
-    survivor = next(a for a in ("a2", "a3", "a4") if a in other.loaded)
+    assert _post(ray_server, "/v1/completions", _greedy("a1", PROMPTS[0])).status_code == 200
+    victim = next(s for s in _replicas() if "a1" in s.loaded)
+
+    def survivors():  # adapters only the other replica holds: their requests are routed there
+        other = next(s for s in _replicas() if s.replica != victim.replica)
+        return [a for a in ("a2", "a3", "a4") if a in other.loaded and a not in victim.loaded]
+
+    for name in ("a2", "a3", "a4"):  # routing is the router's choice: load adapters until one lands there
+        if survivors():
+            break
+        assert _post(ray_server, "/v1/completions", _greedy(name, PROMPTS[0])).status_code == 200
+    victim = next(s for s in _replicas() if s.replica == victim.replica)
+    survivor = survivors()[0]
     headers = {"Authorization": f"Bearer {ADMIN}"}
 
     def stream(body):

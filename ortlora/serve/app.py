@@ -139,7 +139,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         scored = body.echo and body.logprobs is not None  # the prompt's own logprobs, from the same prefill
         jobs = await engine.submit(work(body, tenant, prompts, 16 if body.max_tokens is None else body.max_tokens,
                                         explicit_max=True, adapter=adapter, grammar=grammar,
-                                        prompt_logprobs=body.logprobs if scored else None))
+                                        prompt_logprobs=body.logprobs if scored else None),
+                                   incremental=bool(body.stream))
         echo = [tokenizer.decode(p) if body.echo else "" for p in prompts]
         if body.stream:
             return await streaming.stream(request, jobs, streaming.completion_chunks(body, jobs, echo, texts))
@@ -158,7 +159,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body, plan.schema)
         explicit = body.max_completion_tokens or body.max_tokens
         jobs = await engine.submit(work(body, tenant, [prompt], explicit, explicit_max=explicit is not None,
-                                        adapter=adapter, grammar=grammar))
+                                        adapter=adapter, grammar=grammar), incremental=bool(body.stream))
         if body.stream:
             return await streaming.stream(request, jobs, streaming.chat_chunks(body, jobs, plan, texts))
         return await streaming.collect(request, jobs, lambda outs, usage: compat.chat_response(

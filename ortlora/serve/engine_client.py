@@ -139,9 +139,10 @@ class EngineClient(Protocol):
     def stop(self, timeout: float | None = 30.0) -> bool:
         """Drain, wait up to `timeout` s for in-flight work, stop; True if all of it finished."""
 
-    async def submit(self, work: Work) -> Jobs:
+    async def submit(self, work: Work, *, incremental: bool = True) -> Jobs:
         """Queue `work` (adapters held for each job, loaded on first use). Raises the typed errors the API maps to
-        statuses: AdapterNotFound (404), AdapterBusy / QueueFull (429), ShuttingDown (503), ..."""
+        statuses: AdapterNotFound (404), AdapterBusy / QueueFull (429), ShuttingDown (503), ... `incremental`
+        False: the caller waits for the whole answer, so the events may arrive all at once."""
 
     def adapter_names(self) -> list[str]: ...
 

@@ -69,9 +69,9 @@ class LocalEngine:
         return self.metrics.render()
 
     # -- work -------------------------------------------------------------------------------------------------------
-    async def submit(self, work: Work) -> Jobs:
+    async def submit(self, work: Work, *, incremental: bool = True) -> Jobs:
         """One job per (prompt, choice) on the scheduler, each holding its adapter (loaded here, off the event
-        loop, on first use)."""
+        loop, on first use). Events are sent as they come, `incremental` or not."""
         events = JobEvents()
         leases: list[Adapter | None] = []
         try:

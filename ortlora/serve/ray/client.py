@@ -83,7 +83,7 @@ class RayEngine:
         return merge_expositions([("ingress", self.metrics.render())] + [(s.replica, s.metrics) for s in states])
 
     # -- work -------------------------------------------------------------------------------------------------------
-    async def submit(self, work: Work) -> Jobs:
+    async def submit(self, work: Work, *, incremental: bool = True) -> Jobs:
         if self.draining:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
         if not self.states:
@@ -93,10 +93,12 @@ class RayEngine:
         if work.adapter is not None:
             sources = tuple(await run_in_threadpool(self._sources, work.adapter.names))
         events = JobEvents()
-        options = {"stream": True}
+        options = {"stream": incremental}
         if work.adapter is not None:
             options["multiplexed_model_id"] = work.adapter.label
-        stream = RemoteStream(self.replicas.options(**options).generate.remote(RemoteWork(work, sources)), events)
+        handle = self.replicas.options(**options)
+        call = (handle.generate if incremental else handle.run).remote(RemoteWork(work, sources))
+        stream = RemoteStream(call, events, incremental)
         return Jobs([RemoteJob(i, work.prompts[i // work.n], stream) for i in range(len(work.params))], events)
 
     def _sources(self, names: tuple[str, ...]) -> list[Source]:
@@ -161,16 +163,18 @@ class RayEngine:
 
 
 class RemoteStream:
-    """The ingress's end of one request on a replica: the replica's event stream pumped into the request's
-    `JobEvents`. Cancelling it cancels the stream, and with it the jobs on the replica."""
+    """The ingress's end of one request on a replica: the replica's events (a stream of lists, one per engine step,
+    or one list at the end) pumped into the request's `JobEvents`. Cancelling it cancels the call, and with it the
+    jobs on the replica."""
 
-    def __init__(self, response, events: JobEvents):
+    def __init__(self, response, events: JobEvents, incremental: bool):
         self.response = response
-        self.task = asyncio.ensure_future(self._pump(events))
+        self.task = asyncio.ensure_future(self._pump(events, incremental))
 
-    async def _pump(self, events: JobEvents) -> None:
+    async def _pump(self, events: JobEvents, incremental: bool) -> None:
         try:
-            async for batch in self.response:
+            batches = self.response if incremental else _once(self.response)
+            async for batch in batches:
                 for ev in batch:
                     events.sink(replace(ev, error=ev.error.error()) if isinstance(ev.error, Failure) else ev)
         except asyncio.CancelledError:
@@ -188,6 +192,10 @@ class RemoteStream:
         if not self.task.done():
             self.task.cancel()
             self.response.cancel()
+
+
+async def _once(response):
+    yield await response
 
 
 class RemoteJob:

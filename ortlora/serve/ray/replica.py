@@ -90,6 +90,15 @@ class EngineReplica:
     async def generate(self, remote: RemoteWork):
         """Stream lists of the jobs' events (errors as `Failure`), one list per engine step, until every job has
         finished or one failed; cancelled with the caller's stream, which cancels the jobs."""
+        async for events in self._events(remote):
+            yield events
+
+    async def run(self, remote: RemoteWork) -> list[Event]:
+        """Every event of the jobs in one answer (a request whose client waits for the whole response: one message
+        back instead of one per engine step)."""
+        return [ev async for events in self._events(remote) for ev in events]
+
+    async def _events(self, remote: RemoteWork):
         work = remote.work
         try:
             if work.adapter is not None:
