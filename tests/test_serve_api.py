@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from reference import OnnxDecoder
-from serve_helpers import ADAPTERS, ServerProcess, build_serve_setup
+from serve_helpers import ADAPTERS, ServerProcess, build_serve_setup, openai_validator
 
 DATA = Path(__file__).parent / "data"
 PROMPT = "The quick brown fox"
@@ -442,21 +442,7 @@ def test_vllm_load_and_unload_lora_adapter_aliases(server, setup):
 
 
 # -- OpenAI's OpenAPI document ---------------------------------------------------------------------------------------
-def _validator(name: str):
-    """A validator for components.schemas[name] of OpenAI's document. The document is OpenAPI 3.1 but a few
-    schemas still say `nullable: true` (3.0's spelling): read as "null allowed", which is what it means."""
-    doc = json.loads((DATA / "openai_openapi_responses.json").read_text())
-
-    def nullable(x):
-        if isinstance(x, dict):
-            x = {k: nullable(v) for k, v in x.items()}
-            if x.pop("nullable", False):
-                return {"anyOf": [x, {"type": "null"}]}
-            return x
-        return [nullable(v) for v in x] if isinstance(x, list) else x
-
-    doc = nullable(doc)
-    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **doc})
+_validator = openai_validator
 
 
 def _sse(server, path, body) -> list[dict]:
