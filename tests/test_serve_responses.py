@@ -25,6 +25,12 @@ ADD = {"type": "function", "name": "add", "description": "add two integers", "pa
 USAGE = P.Usage(prompt_tokens=7, completion_tokens=5, total_tokens=12)
 
 
+@pytest.fixture(autouse=True)
+def all_fields_honoured(monkeypatch):
+    """The route comes with chat_template_kwargs honoured (reasoning.effort travels in it)."""
+    monkeypatch.setattr(P, "NOT_HONOURED_YET", set())
+
+
 @pytest.fixture(scope="module")
 def shapes():
     from openai.types.responses import Response, ResponseStreamEvent

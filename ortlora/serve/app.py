@@ -25,7 +25,7 @@ from ortlora.serve import jobs as jobs_
 from ortlora.serve import openai_compat as compat
 from ortlora.serve import playground
 from ortlora.serve import protocol as P
-from ortlora.serve.errors import APIError, error_response, status_of, validation_message
+from ortlora.serve.errors import APIError, error_response, status_of, validation_error
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
 from ortlora.serve.server import AdapterChoice
@@ -207,7 +207,7 @@ def create_app(server) -> FastAPI:
             try:
                 spec = P.LoadAdapterRequest.model_validate_json(await request.body())
             except ValidationError as exc:
-                raise APIError(400, validation_message(exc.errors())) from None
+                raise validation_error(exc.errors()) from None
             await run_in_threadpool(server.add_adapter_path, spec.name, spec.path)
             return server.adapter_info(spec.name)
         if ctype == "multipart/form-data":
@@ -263,7 +263,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return respond(400, validation_message(exc.errors()))
+        err = validation_error(exc.errors())
+        return respond(400, err.message, param=err.param)
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError):
