@@ -14,6 +14,8 @@ import httpx
 
 from reference import targets_for
 
+DATA = Path(__file__).parent / "data"
+
 ADMIN, ACME, BETA = "admin-secret", "acme-secret", "beta-secret"
 ADAPTERS = {  # name -> build_adapter kwargs: different ranks and target sets
     "a1": dict(r=4, target_modules=["q_proj", "v_proj"]),
@@ -98,3 +100,24 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def openai_validator(name: str):
+    """A validator for components.schemas[name] of OpenAI's OpenAPI document (the excerpt in tests/data). The
+    document is OpenAPI 3.1 but a few schemas still say `nullable: true` (3.0's spelling): read as "null allowed",
+    which is what it means."""
+    import json
+
+    import jsonschema
+
+    doc = json.loads((DATA / "openai_openapi_responses.json").read_text())
+
+    def nullable(x):
+        if isinstance(x, dict):
+            x = {k: nullable(v) for k, v in x.items()}
+            if x.pop("nullable", False):
+                return {"anyOf": [x, {"type": "null"}]}
+            return x
+        return [nullable(v) for v in x] if isinstance(x, list) else x
+
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **nullable(doc)})

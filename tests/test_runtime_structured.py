@@ -126,3 +126,81 @@ def test_plain_temperature_sampling_draws_from_the_softmax():
     allowed = np.array([True, False, True, False])
     freq = np.bincount([sampler(logits, allowed=allowed) for _ in range(40000)], minlength=4) / 40000
     np.testing.assert_allclose(freq, [0.25, 0, 0.75, 0], atol=0.01)
+
+
+# -- vLLM's structured_outputs kinds: regex, choice, grammar (Lark or GBNF) -----------------------------------------
+def _constrained_run(tok, grammar: str, seed: int, budget: int = 40) -> tuple[str, str]:
+    """Random logits through a grammar-constrained Request until it stops: (text, finish_reason)."""
+    rng = np.random.default_rng(seed)
+    req = Request([1], SamplingParams(temperature=1.0, seed=seed, max_new_tokens=budget, grammar=grammar), tok,
+                  eos_ids=frozenset({0}))
+    text = ""
+    for _ in range(budget):
+        chunk = req.feed(rng.standard_normal(tok.vocab_size).astype(np.float32) * 4, False)
+        text += chunk.text
+        if chunk.finish_reason:
+            break
+    return text, req.finish_reason
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_regex_choice_and_grammars_let_only_matching_outputs_through(tok, seed):
+    """Random logits would write anything; the masks let only outputs of the language through, and each output
+    ends by the grammar (finish "stop"), not by the budget. The check is independent: Python's `re`."""
+    import re
+
+    from ortlora.runtime.constraints import check, choice_grammar, cfg_grammar, regex_grammar
+
+    cases = [
+        (regex_grammar(r"[a-c]{2,4}-[0-9]{3}"), lambda t: re.fullmatch(r"[a-c]{2,4}-[0-9]{3}", t)),
+        (choice_grammar(["yes", "no", "maybe so", "naïve \"q\""]), lambda t: t in ("yes", "no", "maybe so",
+                                                                                    'naïve "q"')),
+        (cfg_grammar('start: item ("," item)*\nitem: "x" | "yy" | NUM\nNUM: /[1-9]/'),
+         lambda t: re.fullmatch(r"(x|yy|[1-9])(,(x|yy|[1-9]))*", t)),
+        (cfg_grammar('root ::= "(" inner ")"\ninner ::= "a" | "b" inner'),  # GBNF, as llama.cpp writes it
+         lambda t: re.fullmatch(r"\(b*a\)", t)),
+    ]
+    for grammar, matches in cases:
+        check(grammar, tok, [0])
+        text, reason = _constrained_run(tok, grammar, seed)
+        assert matches(text) and reason == "stop", (grammar[:60], text, reason)
+
+
+def test_unconstrained_random_logits_do_not_match_so_the_check_can_fail(tok):
+    import re
+
+    text = ""
+    rng = np.random.default_rng(0)
+    req = Request([1], SamplingParams(temperature=1.0, seed=0, max_new_tokens=12), tok, eos_ids=frozenset({0}))
+    for _ in range(12):
+        text += req.feed(rng.standard_normal(tok.vocab_size).astype(np.float32) * 4, False).text
+    assert not re.fullmatch(r"[a-c]{2,4}-[0-9]{3}", text)
+
+
+@pytest.mark.parametrize("build, bad", [("regex_grammar", "[0-9"), ("cfg_grammar", "start: undefined_rule"),
+                                        ("cfg_grammar", "root ::= missing"), ("json_schema_grammar", {"type": 5})])
+def test_bad_regex_and_grammars_are_grammar_errors(tok, build, bad):
+    from ortlora.runtime import constraints
+
+    with pytest.raises(constraints.GrammarError):
+        constraints.check(getattr(constraints, build)(bad), tok)
+
+
+def test_grammar_for_dispatches_vllm_kinds(tok):
+    from ortlora.runtime.constraints import GrammarError, check, grammar_for
+
+    for kind, value in (("json", {"type": "object"}), ("json_object", True), ("regex", "a+"),
+                        ("choice", ["a", "b"]), ("grammar", 'start: "a"')):
+        check(grammar_for(kind, value), tok)
+    with pytest.raises(GrammarError, match="structural_tag"):
+        grammar_for("structural_tag", {})
+
+
+def test_reasoning_gate_ends_on_the_end_tags_tokens():
+    from ortlora.runtime.constraints import ReasoningGate
+
+    one = ReasoningGate((9,))
+    assert [one.feed(t) for t in (1, 2, 9, 3)] == [False, False, True, True]
+    several = ReasoningGate((5, 6, 7))
+    assert [several.feed(t) for t in (5, 6, 1, 5, 6, 7, 2)] == [False] * 5 + [True, True]
+    assert ReasoningGate((5,), open=False).ended

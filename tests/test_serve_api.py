@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from reference import OnnxDecoder
-from serve_helpers import ADAPTERS, ServerProcess, build_serve_setup
+from serve_helpers import ADAPTERS, ServerProcess, build_serve_setup, openai_validator
 
 DATA = Path(__file__).parent / "data"
 PROMPT = "The quick brown fox"
@@ -262,6 +262,38 @@ def test_fifty_json_schema_requests_in_mixed_adapter_batches_all_validate(server
     assert float(metrics["ortlora_decode_batch_adapters_max"]) >= 4  # batches mixed adapters
 
 
+def test_vllm_structured_outputs_and_guided_aliases_constrain_completions_and_chat(server, client):
+    """vLLM's `structured_outputs` kinds and their `guided_*` names, through the server and the openai client's
+    extra_body: outputs match (checked by `re` and jsonschema), on several adapters; a bad regex is a 400 naming
+    the field."""
+    import re
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["color", "n"], "additionalProperties": False}
+    cases = [({"structured_outputs": {"choice": ["alpha", "beta", "gamma delta"]}},
+              lambda t: t in ("alpha", "beta", "gamma delta")),
+             ({"guided_choice": ["yes", "no"]}, lambda t: t in ("yes", "no")),
+             ({"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}}, lambda t: re.fullmatch("[a-c]{3}-[0-9]{2}", t)),
+             ({"guided_regex": "(ab|cd)+!"}, lambda t: re.fullmatch("(ab|cd)+!", t)),
+             ({"structured_outputs": {"json": schema}}, lambda t: jsonschema.validate(json.loads(t), schema) or True),
+             ({"guided_json": json.dumps(schema)}, lambda t: jsonschema.validate(json.loads(t), schema) or True),
+             ({"structured_outputs": {"grammar": 'root ::= "x" ("," "x")*'}}, lambda t: re.fullmatch("x(,x)*", t))]
+    for k, (extra, matches) in enumerate(cases):
+        model = ["base", "a1", "a2"][k % 3]
+        c = client.completions.create(model=model, prompt=PROMPT, max_tokens=40, temperature=1.0, seed=k,
+                                      extra_body=extra)
+        assert matches(c.choices[0].text) and c.choices[0].finish_reason == "stop", (extra, c.choices[0].text)
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "go"}],
+                                              max_tokens=40, seed=k, extra_body=extra)
+        assert matches(chat.choices[0].message.content), (extra, chat.choices[0].message.content)
+    for extra, param in (({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs.regex"),
+                         ({"guided_grammar": "root ::= missing"}, "guided_grammar"),
+                         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs")):
+        r = _post(server, "/v1/completions", {"model": "a1", "prompt": PROMPT, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_json_object_with_clients_openai_litellm_langchain(server, client, monkeypatch):
     from pydantic import BaseModel, Field
 
@@ -441,21 +473,7 @@ def test_vllm_load_and_unload_lora_adapter_aliases(server, setup):
 
 
 # -- OpenAI's OpenAPI document ---------------------------------------------------------------------------------------
-def _validator(name: str):
-    """A validator for components.schemas[name] of OpenAI's document. The document is OpenAPI 3.1 but a few
-    schemas still say `nullable: true` (3.0's spelling): read as "null allowed", which is what it means."""
-    doc = json.loads((DATA / "openai_openapi_responses.json").read_text())
-
-    def nullable(x):
-        if isinstance(x, dict):
-            x = {k: nullable(v) for k, v in x.items()}
-            if x.pop("nullable", False):
-                return {"anyOf": [x, {"type": "null"}]}
-            return x
-        return [nullable(v) for v in x] if isinstance(x, list) else x
-
-    doc = nullable(doc)
-    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **doc})
+_validator = openai_validator
 
 
 def _sse(server, path, body) -> list[dict]:

@@ -1,6 +1,8 @@
-"""Structured outputs: a grammar (JSON schema, any JSON object, or Lark) turned into a per-row token mask.
+"""Structured outputs: a grammar (JSON schema, any JSON object, a regex, a choice, Lark or GBNF) turned into a
+per-row token mask.
 
     grammar = json_schema_grammar({"type": "object", ...})     # a string: it travels in SamplingParams
+    grammar = regex_grammar("[0-9]{3}") / choice_grammar(["yes", "no"]) / cfg_grammar('root ::= "a" | "b"')
     check(grammar, tokenizer)                                    # OrtloraError naming the problem, at request time
     c = Constraint(grammar, tokenizer, eos_ids)                  # one per request (its parser state)
     allowed = c.allowed()                                        # bool [vocab] for the next token
@@ -49,6 +51,76 @@ def lark_grammar(lark: str) -> str:
     import llguidance
 
     return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def regex_grammar(pattern: str) -> str:
+    """The whole output matches `pattern` (Rust `regex` syntax, as vLLM's guidance backend reads it)."""
+    return _grammar_from("regex", pattern, "regular expression")
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The output is exactly one of `choices`."""
+    import json
+
+    return _grammar_from("choice", json.dumps(list(choices)), "choice list")
+
+
+def cfg_grammar(text: str) -> str:
+    """A context-free grammar in Lark syntax (llguidance's) or llama.cpp's GBNF (`root ::= ...`), as vLLM's
+    `grammar` field takes either."""
+    return _grammar_from("grammar", text, "grammar")
+
+
+def _grammar_from(kind: str, text: str, what: str) -> str:
+    """llguidance's front end for `kind`, checked here so that a bad one is a GrammarError, not an engine failure
+    (compiling against a vocabulary comes later, in `check`)."""
+    import llguidance
+
+    try:
+        grammar = llguidance.grammar_from(kind, text)
+    except (ValueError, TypeError) as exc:
+        raise GrammarError(f"invalid {what}: {exc}") from None
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise GrammarError(f"invalid {what}: {problem.strip()}")
+    return grammar
+
+
+_BUILDERS = {"json": json_schema_grammar, "json_object": lambda _: json_schema_grammar(None),
+             "regex": regex_grammar, "choice": choice_grammar, "grammar": cfg_grammar}
+
+
+def grammar_for(kind: str, value) -> str:
+    """The grammar of one of vLLM's structured-output kinds: json, json_object, regex, choice, grammar."""
+    try:
+        build = _BUILDERS[kind]
+    except KeyError:
+        raise GrammarError(f"unknown structured output kind {kind!r}; known: {', '.join(_BUILDERS)}") from None
+    return build(value)
+
+
+class ReasoningGate:
+    """Whether a reasoning model's thinking has ended, fed one sampled token at a time: a grammar (structured
+    output, a required tool call) applies only to the answer after it, as vLLM applies it.
+
+        gate = ReasoningGate(end_ids=(151668,), open=True)   # the ids of `</think>`; open: the output starts thinking
+        gate.feed(token) -> gate.ended                        # True from the token after the end tag on
+
+    The end tag may be several tokens (a tokenizer without a `</think>` token): it ends when the last tokens equal
+    `end_ids`, the tag's canonical tokenization."""
+
+    def __init__(self, end_ids: tuple[int, ...], open: bool = True):
+        if not end_ids:
+            raise OrtloraError("a reasoning gate needs the end tag's token ids")
+        self.end_ids = tuple(int(t) for t in end_ids)
+        self.ended = not open
+        self._tail: list[int] = []
+
+    def feed(self, token: int) -> bool:
+        if not self.ended:
+            self._tail = (self._tail + [int(token)])[-len(self.end_ids):]
+            self.ended = tuple(self._tail) == self.end_ids
+        return self.ended
 
 
 class _Tokenizers:

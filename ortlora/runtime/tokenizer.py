@@ -47,6 +47,7 @@ class Tokenizer:
         config = read_json(folder / "tokenizer_config.json")
         generation = read_json(folder / "generation_config.json")
         genai = read_genai_config(folder).get("model", {})
+        self.config = config  # tokenizer_config.json as written (GET /tokenizer_info shows it)
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = self._find_template(folder, config)
@@ -80,6 +81,10 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token: int) -> str | None:
+        """The vocabulary's own spelling of a token (`Ġthe` in byte-level BPE), not its decoded text."""
+        return self._tok.id_to_token(int(token))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -90,14 +95,35 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
-        """Render the model's chat template (Hugging Face conventions) into the prompt text."""
+                            continue_final_message: bool = False, **kwargs) -> str:
+        """Render the model's chat template (Hugging Face conventions) into the prompt text; `kwargs` are the
+        template's own variables (`tools`, `enable_thinking`, ...). `continue_final_message` ends the prompt inside
+        the last message, so the model continues it (transformers' rule: cut after the last occurrence of that
+        message's text)."""
         if not self.chat_template:
             raise ModelError("the model has no chat template (no chat_template in tokenizer_config.json or "
                              "chat_template.jinja); pass a plain prompt or a template with {system} and {input}")
-        return _compile(self.chat_template).render(
+        if continue_final_message and add_generation_prompt:
+            raise ModelError("continue_final_message and add_generation_prompt cannot both be set")
+        text = _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
             eos_token=self.eos_token or "", **kwargs)
+        return _continue_final(text, messages) if continue_final_message else text
+
+
+def _continue_final(text: str, messages: list[dict[str, Any]]) -> str:
+    """`text` cut right after the final message's content, which the template rendered somewhere near its end."""
+    final = messages[-1].get("content") if messages else None
+    if isinstance(final, list):  # content parts: the last one with text
+        final = next((p["text"] for p in reversed(final) if isinstance(p, dict) and "text" in p), None)
+    if not isinstance(final, str) or not final.strip():
+        raise ModelError("continue_final_message needs a final message with text to continue")
+    at = text.rfind(final.strip())
+    if at < 0:
+        raise ModelError("continue_final_message: the chat template does not show the final message's text")
+    # a template that keeps the message's spacing keeps its trailing spaces too; one that strips them, not
+    end = at + len(final.lstrip()) if text[at:at + len(final.lstrip())] == final.lstrip() else at + len(final.strip())
+    return text[:end]
 
 
 _COMPILED: dict[str, Any] = {}

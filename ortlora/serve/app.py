@@ -28,7 +28,7 @@ from ortlora.serve import streaming
 from ortlora.serve import translate as T
 from ortlora.serve.config import ServeConfig
 from ortlora.serve.engine_client import AdapterChoice, EngineClient
-from ortlora.serve.errors import APIError, error_response, status_of, validation_message
+from ortlora.serve.errors import APIError, error_response, status_of, validation_error
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
 from ortlora.serve.tenants import Tenant, Tenants
@@ -208,7 +208,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
             try:
                 spec = P.LoadAdapterRequest.model_validate_json(await request.body())
             except ValidationError as exc:
-                raise APIError(400, validation_message(exc.errors())) from None
+                raise validation_error(exc.errors()) from None
             await run_in_threadpool(engine.register_adapter, spec.name, spec.path)
             return engine.adapter_info(spec.name)
         if ctype == "multipart/form-data":
@@ -263,7 +263,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return respond(400, validation_message(exc.errors()))
+        err = validation_error(exc.errors())
+        return respond(400, err.message, param=err.param)
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError):

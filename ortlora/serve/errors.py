@@ -21,6 +21,15 @@ class APIError(OrtloraError):
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
 
 
+class FieldError(ValueError):
+    """A request model's cross-field check that fails on one field: pydantic keeps the exception (its error's
+    `ctx.error`), so the 400 names `param` although a model validator's error has no location."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class QueueFull(OrtloraError):
     """More requests wait than --max-queue allows: answered 429 at once."""
 
@@ -60,14 +69,56 @@ def error_response(status: int, message: str, type_: str | None = None, param: s
                               "param": param, "code": code}}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "bytes", "list", "dict", "tuple", "set", "none", "constrained-str",
+              "constrained-int", "constrained-float", "literal", "is-instance", "any"}
+
+
+def _is_branch(part) -> bool:
+    """pydantic names the branch of a union it tried in an error's location (`str`, `list[TextPart]`,
+    `function-after[...]`): not a field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "(" in part)
+
+
+def _where(err) -> tuple:
+    return tuple(p for p in err.get("loc", ()) if p != "body" and not _is_branch(p))
+
+
+def _relevant(errors) -> list:
+    """A union reports every branch's failure: where one branch failed deeper inside the value (an item of the
+    list), the others' "not a string" at the value itself is noise."""
+    places = [_where(e) for e in errors]
+    return [e for e, w in zip(errors, places) if not any(len(o) > len(w) and o[:len(w)] == w for o in places)]
+
+
+def validation_param(errors) -> str | None:
+    """The failing field's path as OpenAI writes `param` (`messages.[2].content`) for the first problem; a model
+    validator's FieldError names its own."""
+    for err in _relevant(errors):
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            return cause.param
+        parts = _where(err)
+        if parts:
+            return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts)
+    return None
+
+
+def validation_error(errors) -> APIError:
+    """pydantic's errors as one 400: every problem in the message, the first one's field as `param`."""
+    return APIError(400, validation_message(errors), param=validation_param(errors))
+
+
 def validation_message(errors) -> str:
     """pydantic's error list as one sentence per problem: `max_tokens: must be >= 1 (got -5)`."""
     parts = []
-    for err in errors:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    for err in _relevant(errors):
+        loc = [str(x) for x in _where(err)]
         where = ".".join(loc) or "body"
         kind = err.get("type", "")
-        if kind == "json_invalid":
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):  # a cross-field check: its own words, not the whole body back
+            parts.append(f"{cause.param}: {cause}")
+        elif kind == "json_invalid":
             parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
         elif kind == "extra_forbidden":
             parts.append(f"{where}: unknown field")

@@ -4,6 +4,7 @@ whole response bodies, and `system_fingerprint`.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from dataclasses import dataclass, field
 
@@ -33,10 +34,14 @@ def warn_ignored(body) -> None:
 
 # -- logprobs ------------------------------------------------------------------------------------------------------
 class TokenText:
-    """A token's text and bytes as OpenAI shows them (cached per token id)."""
+    """A token's text and bytes as OpenAI shows them (cached per token id): a token that is not valid UTF-8 on its
+    own (part of a character) is written `bytes:\\xe2\\x80`, OpenAI's convention, so such tokens do not all read
+    "\ufffd" and collide as completions' `top_logprobs` keys; with `as_ids` (vLLM's return_tokens_as_token_ids)
+    every token is `token_id:N`. The bytes are the token's own either way."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token: int) -> tuple[str, list[int]]:
@@ -45,8 +50,16 @@ class TokenText:
             from ortlora.runtime.constraints import token_bytes
 
             raw = token_bytes(self.tokenizer, token)
-            found = self._cache[token] = (raw.decode("utf-8", errors="replace"), list(raw))
+            found = self._cache[token] = (self._text(token, raw), list(raw))
         return found
+
+    def _text(self, token: int, raw: bytes) -> str:
+        if self.as_ids:
+            return f"token_id:{token}"
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def chat_logprobs(texts: TokenText, lps: list[TokenLogprob]) -> P.ChoiceLogprobs:
@@ -65,23 +78,44 @@ def _chat_token(texts: TokenText, lp: TokenLogprob) -> P.TokenLogprob:
 
 def completion_logprobs(texts: TokenText, token_ids: list[int], lps: list[TokenLogprob | None],
                         offset: int = 0) -> P.CompletionLogprobs:
-    """Completions' shape; a `None` entry is an echoed prompt token nothing predicts (the first one)."""
+    """Completions' shape; a `None` entry is an echoed prompt token nothing predicts (the first one). Offsets count
+    the characters of the text before each token (a character split over tokens counts once, at its last)."""
     tokens, values, tops, offsets = [], [], [], []
+    chars = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token, lp in zip(token_ids, lps):
-        text = texts(token)[0]
+        text, raw = texts(token)
         tokens.append(text)
         values.append(lp.logprob if lp is not None else None)
         tops.append(_by_text(texts, lp.top) if lp is not None else None)
         offsets.append(offset)
-        offset += len(text)
+        offset += len(chars.decode(bytes(raw)))
     return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
 
 def _by_text(texts: TokenText, top) -> dict[str, float]:
-    """Completions key alternatives by text: tokens with equal text (parts of one character) keep the best."""
+    """Completions key alternatives by text; tokens of equal text (a byte-level and a merged spelling) keep the
+    best."""
     out: dict[str, float] = {}
     for t, v in top:
         out.setdefault(texts(t)[0], v)
+    return out
+
+
+def prompt_logprobs_json(texts: TokenText, prompt: list[int], scores: list[TokenLogprob | None]
+                         ) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: per prompt position, {token id: {logprob, rank, decoded_token}} for the prompt's
+    own token and the alternatives (scored as `echo` scores, `echo_scores`); null for the first position. A rank
+    is known for the alternatives asked for; the prompt's token below them has rank null."""
+    out: list[dict[str, dict] | None] = []
+    for token, lp in zip(prompt, scores):
+        if lp is None:
+            out.append(None)
+            continue
+        ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
+        entry = {str(token): {"logprob": lp.logprob, "rank": ranks.get(token), "decoded_token": texts(token)[0]}}
+        for t, v in lp.top:
+            entry.setdefault(str(t), {"logprob": v, "rank": ranks[t], "decoded_token": texts(t)[0]})
+        out.append(entry)
     return out
 
 
@@ -105,13 +139,17 @@ def completion_response(rid: str, created: int, body: P.CompletionRequest, outs:
 
 
 def chat_response(rid: str, created: int, body: P.ChatCompletionRequest, outs: list[Output], usage: P.Usage,
-                  plan, texts: TokenText) -> P.ChatCompletionResponse:
+                  plan, texts: TokenText, reasoning=None, thinking: bool = True) -> P.ChatCompletionResponse:
+    """`reasoning` (a serve.reasoning.ReasoningParser) splits each output's reasoning off before tools are parsed
+    from the answer; `thinking`: whether the output starts inside the reasoning (ReasoningParser.starts_thinking)."""
     choices = []
     for i, out in enumerate(outs):
-        content, calls = plan.parse(out.text)
+        thought, answer = reasoning.split(out.text, thinking) if reasoning is not None else (None, out.text)
+        content, calls = plan.parse(answer) if answer is not None else (None, [])
         reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
         logprobs = chat_logprobs(texts, out.logprobs) if body.logprobs else None
-        choices.append(P.ChatChoice(index=i, message=P.AssistantMessage(content=content, tool_calls=calls or None),
-                                    logprobs=logprobs, finish_reason=reason))
+        message = P.AssistantMessage(content=content, tool_calls=calls or None, reasoning_content=thought,
+                                     reasoning=thought)
+        choices.append(P.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason))
     return P.ChatCompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=choices,
                                     system_fingerprint=FINGERPRINT)

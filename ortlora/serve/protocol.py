@@ -5,14 +5,26 @@ fields of newer API versions); OpenAI fields ortlora cannot honour are a 400 tha
 fields that vLLM also accepts (`ignore_eos`, `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `stop_token_ids`) are honoured.
 ortlora's own extras: `adapter_scale` (the adapter's strength) and `adapters` (an exact weighted combination).
+
+vLLM's request fields, and where each is honoured:
+- `structured_outputs` {json, regex, choice, grammar, json_object} and the older `guided_*` names: one grammar
+  (`translate.output_grammar` -> runtime/constraints.py), a 400 naming the field when it does not compile;
+- `chat_template_kwargs`, `add_generation_prompt`, `continue_final_message`: the chat template's rendering
+  (`ChatCompletionRequest.template_options` -> runtime/tokenizer.py `apply_chat_template`);
+- `return_tokens_as_token_ids`: logprob tokens written `token_id:N` (`openai_compat.TokenText`);
+- `prompt_logprobs`: the prompt's logprobs (`openai_compat.prompt_logprobs_json`, scored as `echo` is);
+- `include_stop_str_in_output`, `skip_special_tokens`: the engine's detokenizing and stop-string scan
+  (SamplingParams -> runtime request).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, field_validator,
                       model_validator)
+
+from ortlora.serve.errors import FieldError
 
 MAX_N = 16
 _Text = Annotated[StrictStr, Field(min_length=1)]
@@ -55,6 +67,64 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar, json_object."""
+    json_: dict[str, Any] | StrictBool | StrictStr | None = Field(None, alias="json",
+                                                                  description="a JSON schema (object or text)")
+    regex: StrictStr | None = Field(None, min_length=1, description="the whole output matches it (Rust regex syntax)")
+    choice: list[StrictStr] | None = Field(None, min_length=1, max_length=1024,
+                                           description="the output is one of these")
+    grammar: StrictStr | None = Field(None, min_length=1, description="a Lark or GBNF grammar")
+    json_object: StrictBool | None = Field(None, description="any JSON object")
+    structural_tag: Any = None
+    whitespace_pattern: StrictStr | None = None
+    disable_additional_properties: StrictBool | None = None
+    # accepted: llguidance never falls back, and its JSON is compact already
+    disable_fallback: StrictBool | None = None
+    disable_any_whitespace: StrictBool | None = None
+    _tag = _unsupported("structural_tag", " (send json, regex, choice or grammar)")
+    _ws = _unsupported("whitespace_pattern")
+    _additional = _unsupported("disable_additional_properties", " (write additionalProperties: false in the schema)")
+
+    @field_validator("json_")
+    @classmethod
+    def _schema(cls, v):
+        if isinstance(v, str):
+            import json
+
+            try:
+                v = json.loads(v)
+            except ValueError as exc:
+                raise ValueError(f"json is not valid JSON: {exc}") from None
+            if not isinstance(v, (dict, bool)):
+                raise ValueError("json must be a JSON schema (an object)")
+        return v
+
+    def constraint(self) -> tuple[str, Any] | None:
+        """(kind, value) of the one constraint set: kind is json, regex, choice, grammar or json_object."""
+        set_ = [(k, v) for k, v in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                    ("grammar", self.grammar), ("json_object", self.json_object or None))
+                if v is not None]
+        return set_[0] if set_ else None
+
+    @model_validator(mode="after")
+    def _one(self):
+        kinds = [k for k, v in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                ("grammar", self.grammar), ("json_object", self.json_object or None)) if v is not None]
+        if len(kinds) != 1:
+            raise FieldError("structured_outputs", "structured_outputs must set exactly one of json, regex, choice, "
+                                                   f"grammar, json_object (got {kinds or 'none'})")
+        return self
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# vLLM fields modelled here whose wiring into the engine and the routes is still to come: a request that sets one
+# away from its default is a 400 until it is honoured (the routes drop a name from this set as they honour it)
+NOT_HONOURED_YET = {"include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
+                    "return_tokens_as_token_ids", "chat_template_kwargs", "add_generation_prompt",
+                    "continue_final_message"}
+
+
 MAX_COMBINED = 8  # adapters in one weighted combination
 
 
@@ -91,6 +161,22 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constraints: exactly one of json, regex, choice, grammar, json_object")
+    guided_json: dict[str, Any] | StrictStr | None = Field(None, description="older name of structured_outputs.json")
+    guided_regex: StrictStr | None = Field(None, min_length=1, description="older name of structured_outputs.regex")
+    guided_choice: list[StrictStr] | None = Field(None, min_length=1,
+                                                  description="older name of structured_outputs.choice")
+    guided_grammar: StrictStr | None = Field(None, min_length=1, description="older name of structured_outputs.grammar")
+    guided_decoding_backend: StrictStr | None = Field(None, description="accepted; llguidance serves every kind")
+    guided_whitespace_pattern: StrictStr | None = None
+    _guided_ws = _unsupported("guided_whitespace_pattern")
+    include_stop_str_in_output: StrictBool = Field(False, description="keep the stop string that ended a choice")
+    skip_special_tokens: StrictBool = Field(True, description="leave special tokens out of the text")
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                              description="the prompt tokens' logprobs and this many alternatives")
+    return_tokens_as_token_ids: StrictBool = Field(False, description="logprob tokens written as `token_id:N`")
+    _structured_param: str = PrivateAttr("structured_outputs")  # the field a structured constraint came in
     # ortlora extras: adapter strength and combinations (exact; derived adapters are cached by recipe)
     adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
                                  description="multiplies the adapter's delta (0 = the base model)")
@@ -115,6 +201,33 @@ class _Sampling(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _honoured(self):
+        for name in sorted(NOT_HONOURED_YET & set(type(self).model_fields)):
+            field = type(self).model_fields[name]
+            if getattr(self, name) not in (field.default, None, {}):
+                raise FieldError(name, f"{name} is not supported by this server yet")
+        return self
+
+    @model_validator(mode="after")
+    def _structured(self):
+        """The `guided_*` aliases fold into `structured_outputs`; only one way of constraining the output."""
+        guided = {name: getattr(self, name) for name in _GUIDED if getattr(self, name) is not None}
+        if len(guided) > 1 or (guided and self.structured_outputs is not None):
+            names = sorted(guided) + (["structured_outputs"] if self.structured_outputs is not None else [])
+            raise FieldError(names[0], f"set only one of {', '.join(names)}")
+        if guided:
+            name, value = next(iter(guided.items()))
+            self.structured_outputs = StructuredOutputs.model_validate({_GUIDED[name]: value})
+            self._structured_param = name
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise FieldError(self._structured_param, f"{self._structured_param} and response_format cannot both "
+                                                     "constrain the output")
+        if self.prompt_logprobs is not None and self.stream:
+            raise FieldError("prompt_logprobs", "prompt_logprobs are not available when stream is true")
+        return self
 
     def logprobs_k(self) -> int | None:
         """None = no logprobs; k = the sampled token's logprob and k alternatives."""
@@ -163,6 +276,9 @@ class ChatMessage(BaseModel):
     name: StrictStr | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
     tool_call_id: StrictStr | None = Field(None, description="the call a tool message answers")
+    reasoning_content: StrictStr | None = Field(None, description="an assistant's earlier reasoning (templates that "
+                                                                  "show it read `reasoning_content`)")
+    reasoning: StrictStr | None = Field(None, description="the same, vLLM's newer name")
 
     def text(self) -> str:
         if self.content is None:
@@ -191,6 +307,10 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
+_TEMPLATE_RESERVED = {"messages", "tools", "add_generation_prompt", "continue_final_message", "bos_token",
+                      "eos_token"}
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1, description="default: the rest of the context")
@@ -200,6 +320,14 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = Field(None, description="default true")
+    # vLLM's chat template fields
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extra variables for the chat template (e.g. enable_thinking)")
+    add_generation_prompt: StrictBool = Field(True, description="end the prompt with the assistant turn's opening")
+    continue_final_message: StrictBool = Field(
+        False, description="continue the last (assistant) message instead of starting a new one")
+    chat_template: StrictStr | None = None
+    _template = _unsupported("chat_template", " (the model folder's chat template is used)")
     # OpenAI fields ortlora cannot honour: 400 "not supported"
     audio: Any = None
     prediction: Any = None
@@ -220,20 +348,43 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("modalities other than text are not supported by ortlora")
         return v
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v):
+        taken = sorted(set(v or ()) & _TEMPLATE_RESERVED)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set in chat_template_kwargs (set by the request itself)")
+        return v
+
+    def template_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Tokenizer.apply_chat_template` beyond messages and tools."""
+        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
+
     @model_validator(mode="after")
     def _consistent(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise FieldError("continue_final_message", "continue_final_message needs add_generation_prompt: false "
+                                                       "(the final message is continued, not answered)")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise FieldError("continue_final_message", "continue_final_message needs the last message to be the "
+                                                       "assistant's")
+        if self.structured_outputs is not None and self.tool_choice not in (None, "none", "auto") and self.tools:
+            raise FieldError("tool_choice", f"{self._structured_param} and a required tool call cannot both "
+                                            "constrain the output")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
-            raise ValueError("tool_choice needs tools")
+            raise FieldError("tool_choice", "tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or ()}
             if self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among the "
-                                 f"tools {sorted(names)}")
+                raise FieldError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not "
+                                                f"among the tools {sorted(names)}")
         if self.response_format is not None and self.response_format.type != "text" \
                 and self.tool_choice not in (None, "none", "auto") and self.tools:
-            raise ValueError("response_format and a required tool call cannot both constrain the output")
+            raise FieldError("response_format", "response_format and a required tool call cannot both constrain "
+                                                "the output")
         return self
 
 
@@ -254,11 +405,22 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs`: one per token id (the prompt's own and the alternatives)."""
+    logprob: float
+    rank: int | None = Field(description="1 = the most likely token; null when below the alternatives asked for")
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt position, keyed by token id; null first
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None = _absent
 
 
 class CompletionResponse(BaseModel):
@@ -276,6 +438,8 @@ class AssistantMessage(BaseModel):
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCall] | None = _absent
+    reasoning_content: str | None = _absent  # with --reasoning-parser (llama.cpp's and vLLM's older name)
+    reasoning: str | None = _absent  # vLLM's name
 
 
 class TopLogprob(BaseModel):
@@ -308,6 +472,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = _absent
+    prompt_logprobs: PromptLogprobs | None = _absent
 
 
 class ModelCard(BaseModel):

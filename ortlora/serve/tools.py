@@ -65,8 +65,9 @@ class ToolPlan:
             try:
                 items = json.loads(text)
                 return None, [_call(i["name"], json.dumps(i["arguments"], ensure_ascii=False)) for i in items]
-            except (ValueError, TypeError, KeyError):  # cut off by max_tokens: no valid call
-                return text, []
+            except (ValueError, TypeError, KeyError):  # cut off by max_tokens: as far as the calls came
+                calls = _partial_calls(text)
+                return (None, calls) if calls else (text, [])
         if self.mode == "auto" and OPEN_TAG in text:
             calls = []
             for block in _BLOCK.findall(text):
@@ -80,6 +81,104 @@ class ToolPlan:
             content = text[:text.index(OPEN_TAG)].strip()
             return content or None, calls
         return text, []
+
+
+_PARTIAL = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(.*)\Z', re.S)
+
+
+def _partial_calls(text: str) -> list[P.ToolCall]:
+    """A `required` array cut by max_tokens (`[{"name":"f","arguments":{"a":1},{"name":"g","arguments":{"b`): the
+    complete calls, then the one being written with its arguments as far as they came, as a named call is."""
+    calls = []
+    for piece, done in _array_items(text):
+        try:
+            if done:
+                item = json.loads(piece)
+                calls.append(_call(item["name"], json.dumps(item["arguments"], ensure_ascii=False)))
+                continue
+            found = _PARTIAL.match(piece)
+            if found:
+                calls.append(_call(json.loads(f'"{found[1]}"'), found[2]))
+        except (ValueError, TypeError, KeyError):
+            break
+    return calls
+
+
+def _array_items(text: str):
+    """(object text, complete) for each object of a JSON array, the last possibly cut short."""
+    depth, in_string, escaped, start = 0, False, False, None
+    for i, ch in enumerate(text):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth == 2 and ch == "{":
+                start = i
+        elif ch in "]}":
+            depth -= 1
+            if depth == 1 and start is not None:
+                yield text[start:i + 1], True
+                start = None
+    if start is not None:
+        yield text[start:], False
+
+
+class ToolStream:
+    """One choice's answer as it streams, split into what can be shown now and what may be a tool call:
+    `feed(text) -> (content, arguments)`; `finish() -> (content, calls)` at the end.
+
+    - none: everything is content;
+    - named: everything is the call's arguments (streamed as they come);
+    - required: held to the end, then parsed (a cut array gives its calls so far);
+    - auto: content until a `<tool_call>` block starts (a suffix that may be the tag's start is held back); the
+      blocks are parsed at the end, and text that does not parse is content after all. Leading whitespace is held
+      too, so an answer that is only calls shows no content."""
+
+    def __init__(self, plan: ToolPlan):
+        self.plan = plan
+        self.arguments = ""
+        self._held = ""
+        self._calling = False  # auto: a block started, the rest is held
+        self._shown = False  # auto: some content went out
+
+    def feed(self, text: str) -> tuple[str, str]:
+        mode = self.plan.mode
+        if mode == "named":
+            self.arguments += text
+            return "", text
+        if mode == "required":
+            self._held += text
+            return "", ""
+        if mode == "none":
+            return text, ""
+        buf, self._held = self._held + text, ""
+        if self._calling:
+            self._held = buf
+            return "", ""
+        at = buf.find(OPEN_TAG)
+        if at >= 0:
+            out, self._held, self._calling = buf[:at], buf[at:], True
+        else:
+            keep = next((k for k in range(min(len(OPEN_TAG) - 1, len(buf)), 0, -1) if buf.endswith(OPEN_TAG[:k])), 0)
+            out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        if not self._shown and not out.strip():
+            self._held = out + self._held
+            return "", ""
+        self._shown = True
+        return out, ""
+
+    def finish(self) -> tuple[str, list[P.ToolCall]]:
+        held, self._held = self._held, ""
+        if self.plan.mode == "named":
+            return "", [_call(self.plan.name, self.arguments)]
+        if self.plan.mode == "required" or (self.plan.mode == "auto" and self._calling):
+            content, calls = self.plan.parse(held)
+            if calls:
+                return "", calls
+            return content or "", []
+        return (held if self._shown or held.strip() else ""), []
 
 
 def _call(name: str, arguments: str) -> P.ToolCall:
@@ -99,6 +198,9 @@ def template_messages(body: P.ChatCompletionRequest) -> list[dict]:
                 "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
+        thought = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+        if thought is not None:  # Qwen3-style templates show the last turns' reasoning from this field
+            msg["reasoning_content"] = thought
         out.append(msg)
     return out
 

@@ -82,21 +82,27 @@ def chat_prompt(limits: Limits, tokenizer, messages: list[dict], tools: list[dic
 # -- what the output must follow -------------------------------------------------------------------------------------
 def output_grammar(tokenizer, eos_ids: frozenset[int], body, tool_schema: dict | None = None) -> str | None:
     """The llguidance grammar a request's output must follow (None: free text): a required or named tool call's
-    schema, else `response_format`'s. Compiled here (cached for the engine), so a bad schema is a 400."""
+    schema, else `structured_outputs` (or its `guided_*` alias), else `response_format`'s. Compiled here (cached
+    for the engine), so a bad schema, regex or grammar is a 400 naming its field."""
     from ortlora.runtime import constraints
 
-    if tool_schema is not None:
-        schema, param = tool_schema, "tools"
-    else:
-        fmt = body.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        schema, param = (fmt.json_schema.schema_ if fmt.type == "json_schema" else None), "response_format"
+    structured = getattr(body, "structured_outputs", None)
     try:
-        grammar = constraints.json_schema_grammar(schema)
+        if tool_schema is not None:
+            param = "tools"
+            grammar = constraints.json_schema_grammar(tool_schema)
+        elif structured is not None:
+            kind, value = structured.constraint()
+            param = body._structured_param + ("." + kind if body._structured_param == "structured_outputs" else "")
+            grammar = constraints.grammar_for(kind, value)
+        else:
+            fmt, param = body.response_format, "response_format"
+            if fmt is None or fmt.type == "text":
+                return None
+            grammar = constraints.json_schema_grammar(fmt.json_schema.schema_ if fmt.type == "json_schema" else None)
         constraints.check(grammar, tokenizer, eos_ids)
     except constraints.GrammarError as exc:
-        raise APIError(400, str(exc), param=param) from None
+        raise APIError(400, f"{param}: {exc}", param=param) from None
     return grammar
 
 
