@@ -8,28 +8,31 @@ from __future__ import annotations
 
 import argparse
 
+from ortlora.argtypes import int_range, port, positive_int
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="exported model folder (ortlora export)")
     p.add_argument("--adapters", default=None,
                    help="folder of .onnx_adapter files, each served under its file stem (default: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--port", type=port, default=8000, help="default: %(default)s")
+    p.add_argument("--max-batch", type=positive_int, default=16,
                    help="rows decoded together (KV cache slots; default: %(default)s)")
-    p.add_argument("--max-loaded-adapters", type=int, default=64,
+    p.add_argument("--max-loaded-adapters", type=positive_int, default=64,
                    help="adapters held in memory (LRU; default: %(default)s)")
-    p.add_argument("--max-queue", type=int, default=256,
+    p.add_argument("--max-queue", type=positive_int, default=256,
                    help="waiting requests before answering 429 (default: %(default)s)")
-    p.add_argument("--prefill-chunk", type=int, default=None,
+    p.add_argument("--prefill-chunk", type=positive_int, default=None,
                    help="prompt tokens prefilled per step while other requests decode (default: sized from measured "
                         "step times, so running streams keep their pace)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-model-len", type=int_range(2), default=None,
                    help="tokens per sequence (prompt + output); default min(context length, 4096)")
     p.add_argument("--tenants", default=None,
                    help="TOML file: API key hashes -> tenants -> adapters (default: none: any key, loopback only)")
     p.add_argument("--model-name", default=None, help="the base model's name in the API (default: folder name)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: genai_config)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="onnxruntime intra-op threads (default: genai_config)")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow a non-loopback --host without --tenants (anyone reaching it may use it)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
