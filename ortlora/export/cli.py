@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ortlora import olive
+from ortlora.argtypes import positive_int
 
 OLIVE_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "JsExecutionProvider",
                    "MIGraphXExecutionProvider", "NvTensorRTRTXExecutionProvider", "OpenVINOExecutionProvider",
@@ -31,9 +32,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "npu"])
     p.add_argument("--provider", default=None, choices=OLIVE_PROVIDERS + ["cpu", "cuda", "dml", "webgpu"],
                    help="execution provider written to genai_config.json (default: the --device's)")
-    p.add_argument("--context-length", type=int, default=None, help="maximum total tokens (default: the model's)")
+    p.add_argument("--context-length", type=positive_int, default=None,
+                   help="maximum total tokens (default: the model's)")
     p.add_argument("--block-size", "--block_size", type=int, default=32, help="int4 quantization block size")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="intra_op_num_threads written to genai_config.json (default: this machine's cores)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--trust_remote_code", action="store_true", help="accepted; the export reads no model code")

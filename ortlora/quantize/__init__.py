@@ -120,6 +120,10 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
         except OrtloraError as exc:
             problems.append(str(exc))
     if (model_dir / model_folder.MODEL_FILE).is_file():
+        broken = model_folder.folder_problems(model_dir)  # refused before anything is written or copied
+        if broken:
+            problems.extend(broken)
+            return None
         try:
             precision = model_folder.read_manifest(model_dir).get("precision")
         except ModelError as exc:
@@ -150,6 +154,10 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
         if qc:
             problems.append(f"{model_dir} is an already quantized checkpoint (quantization_config: "
                             f"{qc.get('quant_method', qc) if isinstance(qc, dict) else qc}): use the float one")
+            return None
+        broken = model_folder.tokenizer_problems(model_dir, required=False)  # export would copy it as it is
+        if broken:
+            problems.extend(broken)
             return None
         return "hf"
     problems.append(f"{model_dir} holds neither model.onnx (an ortlora export) nor config.json (Hugging Face)")

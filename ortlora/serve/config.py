@@ -18,16 +18,18 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ortlora.argtypes import int_range
 from ortlora.errors import OrtloraError
 
 DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def _opt(default, help_: str, *, minimum: int | None = None, choices: tuple[str, ...] | None = None,
-         flag: str | None = None, short: str | None = None, metavar: str | None = None):
-    return field(default=default, metadata={"help": help_, "min": minimum, "choices": choices, "flag": flag,
-                                            "short": short, "metavar": metavar})
+def _opt(default, help_: str, *, minimum: int | None = None, maximum: int | None = None,
+         choices: tuple[str, ...] | None = None, flag: str | None = None, short: str | None = None,
+         metavar: str | None = None):
+    return field(default=default, metadata={"help": help_, "min": minimum, "max": maximum, "choices": choices,
+                                            "flag": flag, "short": short, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class ServeConfig:
     adapters: str | None = _opt(None, "folder of .onnx_adapter files (or PEFT folders), each served under its "
                                       "file stem (default: none)")
     host: str = _opt("127.0.0.1", "address to listen on (default: %(default)s, loopback only)")
-    port: int = _opt(8000, "default: %(default)s", minimum=0)
+    port: int = _opt(8000, "default: %(default)s", minimum=1, maximum=65535)
     max_batch: int = _opt(16, "rows decoded together (KV cache slots; default: %(default)s)", minimum=1)
     max_loaded_adapters: int = _opt(64, "adapters held in memory (LRU; default: %(default)s)", minimum=1)
     max_queue: int = _opt(256, "waiting requests before answering 429 (default: %(default)s)", minimum=1)
@@ -75,10 +77,10 @@ class ServeConfig:
                 continue
             if meta["min"] is not None and value < meta["min"]:
                 problems.append(f"{_flag(f)} must be at least {meta['min']}, got {value}")
+            if meta["max"] is not None and value > meta["max"]:
+                problems.append(f"{_flag(f)} must be at most {meta['max']}, got {value}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 problems.append(f"{_flag(f)} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"--port must be in 0..65535, got {self.port}")
         if self.replicas is not None:
             try:
                 self.scaling()
@@ -97,8 +99,9 @@ class ServeConfig:
             kw: dict = {"dest": f.name, "help": meta["help"]}
             if kind is bool:
                 kw["action"] = "store_true"
-            else:
-                kw.update(type=kind, default=f.default)
+            else:  # a value out of range is a usage error at parse time (exit 2, nothing started)
+                ranged = kind is int and (meta["min"] is not None or meta["max"] is not None)
+                kw.update(type=int_range(meta["min"], meta["max"]) if ranged else kind, default=f.default)
                 if meta["choices"]:
                     kw["choices"] = meta["choices"]
                 if meta["metavar"]:
