@@ -22,6 +22,7 @@ from ortlora.export.arch import get_arch
 from ortlora.export.arch.base import Arch
 from ortlora.export.decoder import DecoderBuilder
 from ortlora.export.graph import GraphBuilder
+from ortlora.export import int8
 from ortlora.export.int4 import check_block_size
 from ortlora.export.rope import default_context_length
 from ortlora.fileutil import atomic_dir
@@ -135,6 +136,8 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise OrtloraError(f"{flag} must be a positive integer, got {value!r}")
     model_folder.check_output_folder(output)
+    if precision == "int8":
+        int8.warn_without_int8_units("export")
     model_dir = Path(model)
     if not model_dir.exists():
         raise ModelError(f"{model}: no such folder. Hub names are not downloaded by export: download the model "

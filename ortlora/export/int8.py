@@ -18,9 +18,15 @@ exact. An all-zero row has s = 0 and gives y = 0. onnxruntime's MatMulIntegerToF
 
 The LM head of a tied model is this int8 weight too; the embedding lookup reads its columns (`shared_embedding`),
 so the vocabulary is stored once, in int8.
+
+CPUs: MLAS runs u8·s8 products on AMX or AVX512-VNNI / AVX-VNNI with 32-bit sums. Without them (AVX2 only, e.g.
+AMD Zen 2) it sums pairs of products in 16 bits with saturation (vpmaddubsw), so a pair of large codes can clip,
+and the int8 path is no faster there: `cpu_warning()` says so when exporting on such a machine.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import onnx
@@ -103,3 +109,25 @@ def _constants() -> dict[str, onnx.TensorProto]:
 def constants() -> list[onnx.TensorProto]:
     return list(_constants().values())
 
+
+INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def cpu_warning() -> str | None:
+    """A one-line warning when this CPU (Linux: /proc/cpuinfo) has none of the int8 units; None when it has one
+    or cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None or any(unit in flags for unit in INT8_UNITS):
+        return None
+    return ("this CPU has no AMX / AVX512-VNNI / AVX-VNNI: int8 runs no faster than fp32 here and onnxruntime's "
+            "AVX2 kernel can saturate a pair of products; serve this model on a CPU that has them, or export int4")
+
+
+def warn_without_int8_units(command: str) -> None:
+    message = cpu_warning()
+    if message:
+        print(f"ortlora {command}: warning: {message}", file=sys.stderr)

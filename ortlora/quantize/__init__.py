@@ -28,6 +28,7 @@ from ortlora import model_folder
 from ortlora.adapters import adapter_kind
 from ortlora.adapters.onnx_adapter import SUFFIX
 from ortlora.errors import ModelError, OrtloraError
+from ortlora.export import int8
 from ortlora.export.int4 import check_block_size
 from ortlora.fileutil import atomic_dir, temp_dir, write_json
 from ortlora.model_folder import MANIFEST, model_lora_inputs
@@ -181,6 +182,7 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     ref = src.folder
     if settings.bits == 8:
         _check_int8_source(src)
+        int8.warn_without_int8_units("quantize")
     targets = find_targets(src, settings)
     if not any(t.kind == "matmul" for t in targets):
         raise ModelError(f"{ref}/model.onnx has no base MatMul weights (`*.MatMul.weight` initializers): "
