@@ -5,9 +5,10 @@ Per layer (llama; gemma2 adds the norms marked *):
     h ─SkipSimplifiedLayerNorm(residual)─> x ─q,k,v─> [q/k norm] ─GroupQueryAttention(rotary, KV cache)─> o_proj
       ─[*post_attention_norm]─ SkipSimplifiedLayerNorm(residual) ─> gate,up ─act(gate)·up─> down ─[*post_ff_norm]─> h
 
-Each linear layer named in `lora_modules` also gets the float LoRA term `(x·A)·B` from two graph inputs whose
-defaults have rank 0, so the model without adapter inputs is the base model; with `dora`, also DoRA's per-output
-factor `dora_scale` (default ones) before the bias.
+Projections are MatMul (float), MatMulNBits (int4) or MatMulIntegerToFloat (int8: int8.py). Each linear layer
+named in `lora_modules` also gets the float LoRA term `(x·A)·B` from two graph inputs whose defaults have rank 0,
+so the model without adapter inputs is the base model; with `dora`, also DoRA's per-output factor `dora_scale`
+(default ones) before the bias.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from onnx import TensorProto, helper
 from ortlora import naming
 from ortlora.checkpoint import Checkpoint
 from ortlora.config import ModelArgs
-from ortlora.export import rope
+from ortlora.export import int8, rope
 from ortlora.export.arch.base import Arch, Linear
-from ortlora.export import int8
 from ortlora.export.graph import MS_DOMAIN, ONNX_FLOAT, GraphBuilder
 from ortlora.export.int4 import quantize_4bits, shared_embedding
 
