@@ -247,3 +247,20 @@ def test_dora_factors_come_from_the_int8_weights(served, tmp_path):
     print(f"int8 DoRA vs PEFT on the dequantized weights: relative error {rel:.4f}")
     assert rel < 0.04 and np.linalg.norm(ours - base) > 5 * np.linalg.norm(ours - want)
     assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+
+
+def test_refusals_name_the_problem(tiny, tmp_path):
+    """int8 computes in float32 on the CPU: an fp16 folder is refused by quantize, a GPU export by export; its
+    algorithm is round to nearest per channel. Nothing is written."""
+    from ortlora.errors import ModelError, OrtloraError
+    from ortlora.export import export
+    from ortlora.quantize import quantize
+
+    model = tiny.model("llama")
+    with pytest.raises(ModelError, match="int8 needs an fp32 export"):
+        quantize(tiny.export(model, "fp16", precision="fp16"), tmp_path / "q", precision="int8")
+    with pytest.raises(OrtloraError, match="precision int8 runs on the CPU's int8 units"):
+        export(model, tmp_path / "q", precision="int8", device="gpu")
+    with pytest.raises(OrtloraError, match="hqq is an int4 algorithm"):
+        quantize(tiny.export(model), tmp_path / "q", precision="int8", algorithm="hqq")
+    assert not (tmp_path / "q").exists()
