@@ -20,8 +20,8 @@ The LM head of a tied model is this int8 weight too; the embedding lookup reads 
 so the vocabulary is stored once, in int8.
 
 CPUs: MLAS runs u8·s8 products on AMX or AVX512-VNNI / AVX-VNNI with 32-bit sums. Without them (AVX2 only, e.g.
-AMD Zen 2) it sums pairs of products in 16 bits with saturation (vpmaddubsw), so a pair of large codes can clip,
-and the int8 path is no faster there: `cpu_warning()` says so when exporting on such a machine.
+AMD Zen 2) it sums pairs of products in 16 bits with saturation (vpmaddubsw), so a pair of large codes can clip;
+its speed there is unmeasured. `cpu_warning()` says so when exporting on such a machine.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def cpu_warning() -> str | None:
         return None
     if flags is None or any(unit in flags for unit in INT8_UNITS):
         return None
-    return ("this CPU has no AMX / AVX512-VNNI / AVX-VNNI: int8 runs no faster than fp32 here and onnxruntime's "
-            "AVX2 kernel can saturate a pair of products; serve this model on a CPU that has them, or export int4")
+    return ("this CPU has no AMX / AVX512-VNNI / AVX-VNNI: onnxruntime's int8 kernel here sums pairs of products "
+            "in 16 bits and can saturate, and int8's speed was measured with those units only; serve this model "
+            "on a CPU that has them, or export int4")
 
 
 def warn_without_int8_units(command: str) -> None:
