@@ -259,7 +259,7 @@ def _describe(settings: Settings, targets) -> dict:
     embeddings = f"{kind}, the LM head's" if "shared" in kinds else "int4" if "gather" in kinds else "float"
     if settings.bits == 8:  # per output channel, symmetric; no blocks, no MatMulNBits accuracy level
         return {"precision": kind, "algorithm": "rtn", "block_size": None, "symmetric": True,
-                "accuracy_level": None, "weights": "int8 per output channel", "activations": "int8 per row, dynamic",
+                "accuracy_level": None, "weights": "per output channel", "activations": "per row",
                 "lm_head": kind if settings.lm_head else "float", "embeddings": embeddings}
     return {
         "precision": kind, "algorithm": settings.algorithm, "block_size": settings.block_size,

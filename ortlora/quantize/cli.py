@@ -109,9 +109,11 @@ def main(args: argparse.Namespace) -> None:
 
 def format_report(r: dict) -> str:
     size = r["size_bytes"]
+    grid = (f"weights {r['weights']}, activations {r['activations']}" if r.get("weights") else
+            f"{r['algorithm']} block {r['block_size']} {'sym' if r['symmetric'] else 'asym'}")
     lines = [
-        f"{r['precision']} {r['algorithm']} block {r['block_size']} {'sym' if r['symmetric'] else 'asym'}, "
-        f"lm_head {r['lm_head']}, embeddings {r['embeddings']}: {len(r['quantized_weights'])} weights",
+        f"{r['precision']} {grid}, lm_head {r['lm_head']}, embeddings {r['embeddings']}: "
+        f"{len(r['quantized_weights'])} weights",
         f"size {size['before'] / 2**20:.2f} MiB -> {size['after'] / 2**20:.2f} MiB ({size['ratio']:.2f}x smaller)",
     ]
     if r["results"]:
