@@ -2,7 +2,7 @@
 
     base model (tokenizer + Llama-style checkpoint, pre-trained to copy letter strings)
       -> finetune two LoRA adapters (`upper`, `shift`) on shipped task data
-      -> export fp32 and int4, convert the adapters to .onnx_adapter (checked against the model)
+      -> export fp32, int4 and int8, convert the adapters to .onnx_adapter (checked against each model)
       -> generate on held-out prompts with the base and each adapter, in mixed-adapter batches
       -> exact-match table: each adapter should solve its own task, and neither the base nor the other adapter
 """
@@ -16,7 +16,7 @@ from typing import Callable
 from ortlora.quickstart import tasks
 
 MODELS = ("base", *tasks.ADAPTER_TASKS)
-PRECISIONS = ("fp32", "int4")
+PRECISIONS = ("fp32", "int4", "int8")
 
 
 def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: int = 250, finetune_steps: int = 150,
@@ -64,7 +64,7 @@ def _run(work: Path, pretrain_steps: int, finetune_steps: int, n_eval: int,
                  logging_steps=50, save_steps=10_000, overwrite=True, progress=False)
         log(f"  adapter {task}: {peft_dirs[task]}")
 
-    stage(3, "export fp32 and int4 (LoRA inputs from the adapters' target modules)")
+    stage(3, f"export {', '.join(PRECISIONS)} (LoRA inputs from the adapters' target modules)")
     folders = {p: export(base, work / "onnx" / p, adapter_path=list(peft_dirs.values()), precision=p,
                          progress=False) for p in PRECISIONS}
 
