@@ -22,6 +22,7 @@ from ortlora.errors import OrtloraError
 
 DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # serve.reasoning.PARSERS' names (checked there to agree)
 
 
 def _opt(default, help_: str, *, minimum: int | None = None, choices: tuple[str, ...] | None = None,
@@ -64,6 +65,11 @@ class ServeConfig:
     max_upload_bytes: int = _opt(1 << 30, "largest adapter upload in bytes (default: %(default)s)", minimum=1)
     max_choices: int = _opt(64, "most choices (prompts x n) one request may ask for (default: %(default)s)",
                             minimum=1)
+    reasoning_parser: str | None = _opt(None, "a thinking model's <think> block returned apart from the answer "
+                                              "(chat: reasoning_content / reasoning; Responses: a reasoning item), "
+                                              "grammars applied after it, as vLLM's parser of that name does "
+                                              "(default: none: the reasoning stays in the text)",
+                                        choices=REASONING_PARSERS)
 
     def __post_init__(self):
         problems = []

@@ -212,6 +212,8 @@ class ResponsesRequest(BaseModel):
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=1024, description="token id (as a string) -> bias added to its logit, as on chat")
     chat_template_kwargs: dict[str, Any] | None = None
     adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_COMBINED)
