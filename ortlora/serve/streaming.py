@@ -1,6 +1,6 @@
 """Engine events back into OpenAI answers: a request's jobs' events gathered into one response body, or streamed as
-server-sent events (completions and chat chunks). Leaving early (client disconnect, error) cancels every job,
-which frees its slot.
+server-sent events (completions and chat chunks, with reasoning deltas under --reasoning-parser; the Responses
+API's typed events). Leaving early (client disconnect, error) cancels every job, which frees its slot.
 """
 
 from __future__ import annotations
