@@ -1,6 +1,7 @@
 """The HTTP layer: a FastAPI app with OpenAI's completion, chat, Responses and model endpoints, vLLM's tokenizer
-endpoints, adapter management, health, metrics and an OpenAPI document. It only authenticates, validates and translates (`translate.py`); the work runs
-behind an `EngineClient` (`engine_client.py`): this process's engine thread, or Ray engine replicas.
+endpoints, adapter management, health, metrics and an OpenAPI document. It only authenticates, validates and
+translates (`translate.py`, `responses.py`); the work runs behind an `EngineClient` (`engine_client.py`): this
+process's engine thread, or Ray engine replicas.
 
     app = create_app(LocalEngine(config), config)
     uvicorn.run(app, host="127.0.0.1", port=8000)
