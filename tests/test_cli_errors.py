@@ -266,7 +266,7 @@ def test_serve_start_up_failures_are_one_line(setup, tmp_path):
 # -- the command line itself: usage errors exit 2 --------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
-    (["serve", "-m", "m", "--port", "99999"], "ortlora serve: error: argument --port: must be an integer from 1 to "
+    (["serve", "-m", "m", "--port", "99999"], "ortlora serve: error: argument --port: must be an integer from 0 to "
                                               "65535, got 99999"),
     (["serve", "-m", "m", "--threads", "-1"], "ortlora serve: error: argument --threads: must be an integer >= 1, "
                                               "got -1"),

@@ -23,6 +23,7 @@ from ortlora.errors import OrtloraError
 
 DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # serve.reasoning.PARSERS' names (checked there to agree)
 
 
 def _opt(default, help_: str, *, minimum: int | None = None, maximum: int | None = None,
@@ -38,7 +39,7 @@ class ServeConfig:
     adapters: str | None = _opt(None, "folder of .onnx_adapter files (or PEFT folders), each served under its "
                                       "file stem (default: none)")
     host: str = _opt("127.0.0.1", "address to listen on (default: %(default)s, loopback only)")
-    port: int = _opt(8000, "default: %(default)s", minimum=1, maximum=65535)
+    port: int = _opt(8000, "default: %(default)s; 0: any free port", minimum=0, maximum=65535)
     max_batch: int = _opt(16, "rows decoded together (KV cache slots; default: %(default)s)", minimum=1)
     max_loaded_adapters: int = _opt(64, "adapters held in memory (LRU; default: %(default)s)", minimum=1)
     max_queue: int = _opt(256, "waiting requests before answering 429 (default: %(default)s)", minimum=1)
@@ -66,6 +67,11 @@ class ServeConfig:
     max_upload_bytes: int = _opt(1 << 30, "largest adapter upload in bytes (default: %(default)s)", minimum=1)
     max_choices: int = _opt(64, "most choices (prompts x n) one request may ask for (default: %(default)s)",
                             minimum=1)
+    reasoning_parser: str | None = _opt(None, "a thinking model's <think> block returned apart from the answer "
+                                              "(chat: reasoning_content / reasoning; Responses: a reasoning item), "
+                                              "grammars applied after it, as vLLM's parser of that name does "
+                                              "(default: none: the reasoning stays in the text)",
+                                        choices=REASONING_PARSERS)
 
     def __post_init__(self):
         problems = []
