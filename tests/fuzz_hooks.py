@@ -13,7 +13,8 @@ import schemathesis
 from hypothesis import strategies as st
 
 MODELS = ("base", "a1", "a2", "a3", "a4")
-GENERATION = ("/v1/completions", "/v1/chat/completions")
+GENERATION = {"/v1/completions": "max_tokens", "/v1/chat/completions": "max_tokens",
+              "/v1/responses": "max_output_tokens"}  # the field that bounds the output
 HOSTILE_TEXT = ("\ud800", "a\udfffb", "²", "٣", "𝟘", "a1\n", "upper\n", "\x00", "x" * 20_000, "../a1",
                 "0.5", "1e999", "NaN", "", " ", "\u202e", "\r\n\r\n", "a1+a2", "*")
 HOSTILE_NUMBERS = (10**30, -(10**30), 2**63, 2**64, 1e308, -1e308, -0.0, 5e-324, True, 0, -1)
@@ -67,7 +68,8 @@ def flatmap_body(ctx, body):
     options = [st.just(body)]
     if isinstance(body, (dict, list)):
         if ctx.operation.path in GENERATION and isinstance(body, dict):
-            served = st.fixed_dictionaries({"model": st.sampled_from(MODELS), "max_tokens": st.integers(1, 4)})
+            served = st.fixed_dictionaries({"model": st.sampled_from(MODELS),
+                                            GENERATION[ctx.operation.path]: st.integers(1, 4)})
             steered = served.map(lambda steer: {**body, **steer})
             options += [steered, steered.flatmap(_hostile)]
         else:  # adapter management: uploads are multipart forms

@@ -95,6 +95,27 @@ def test_scoped_admin_lists_runs_manages_and_sees_metrics_only_inside_its_patter
     assert bops.delete("/v1/adapters/b-ops").status_code == 200
 
 
+def test_metrics_filter_covers_rays_merged_exposition():
+    """Ray's /metrics is every replica's exposition merged (a `replica` label first), plus the adapters each replica
+    holds: the same filter leaves out every sample naming an adapter the key may not see, combinations included."""
+    from ortlora.serve.metrics import Gauge, Metrics, filter_exposition
+    from ortlora.serve.ray.client import merge_expositions
+
+    m = Metrics()
+    for label in ("a1", "b-1", "a1+b-1", "base"):
+        m.adapter_requests.inc(adapter=label)
+    held = Gauge("ortlora_replica_adapter_loaded", "adapters this replica holds in memory", ("adapter",))
+    held.set(1, adapter="a1")
+    held.set(1, adapter="b-1")
+    replica = m.render() + "\n".join(held.render()) + "\n"
+    merged = merge_expositions([("ingress", Metrics().render()), ("r1", replica), ("r2", replica)])
+    seen = filter_exposition(merged, lambda name: name == "base" or name.startswith("b-"))
+    named = [line for line in seen.splitlines() if 'adapter="' in line]
+    assert len(named) == 6 and all('adapter="b-1"' in line or 'adapter="base"' in line for line in named), named
+    assert seen.count("# TYPE") == merged.count("# TYPE")  # totals and families stay
+    assert filter_exposition(merged, lambda name: True) == merged
+
+
 def test_admin_table_without_adapters_is_a_load_error(setup, tmp_path):
     from ortlora.serve.tenants import hash_key
 
@@ -118,7 +139,7 @@ def _completion(**kw) -> dict:
 OVERFLOWING = {"anyOf": [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]}
                          for i in range(2100)]}  # compiles; its first token opens a parser row of 2100 items
 MISTAKES = [
-    ("unicode superscript digit as a logit_bias key", "/v1/completions", _completion(logit_bias={"²": 1}), "logit_bias"),
+    ("superscript digit as a logit_bias key", "/v1/completions", _completion(logit_bias={"²": 1}), "logit_bias"),
     ("arabic digit as a logit_bias key", "/v1/chat/completions", _chat(logit_bias={"٣": 5}), "logit_bias"),
     ("5000-digit logit_bias key", "/v1/completions", _completion(logit_bias={"1" * 5000: 1}), "logit_bias"),
     ("lone surrogate in a chat message", "/v1/chat/completions",
@@ -261,7 +282,7 @@ def test_idle_sockets_past_the_descriptor_limit_leave_health_answering(setup, tm
         s.stop()
 
 
-# -- grammar memory -----------------------------------------------------------------------------------------------------
+# -- grammar memory ----------------------------------------------------------------------------------------------------
 def test_one_tenant_sending_distinct_large_schemas_stays_within_the_grammar_budget(setup, tmp_path):
     """Each schema is a 15 000-word enum (a ~240 000-character grammar, ~10 MB compiled): before, every distinct
     one stayed cached (256 of them), so 16 grew the server by ~160 MB. With a 32 MiB share per key, it holds two."""

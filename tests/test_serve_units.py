@@ -74,7 +74,7 @@ admin = true
     for fragment in ("unknown top-level keys ['debug']", "'plain-text-key' is not a sha256", "adapters must be a list",
                      "admin must be true or false", "unknown keys ['colour']", "tenants.b: api_key_sha256 must list",
                      "also listed for tenant 'c'", "is not a sha256 hex digest",
-                     'tenants.e: admin = true needs an adapters list: the adapters it may manage and use (adapters = ["*"]'):
+                     'tenants.e: admin = true needs an adapters list', '(adapters = ["*"] for every adapter)'):
         assert fragment in message, fragment
     assert message.startswith(f"{path}: 9 problems")
     path.write_text("[tenants.a\n")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, Tag,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      Tag, field_validator, model_validator)
 
 from ortlora.serve.errors import FieldError
 from ortlora.serve.protocol import MAX_COMBINED, MAX_LOGPROBS, MAX_STOP, AdapterWeight, Unicode
