@@ -35,3 +35,7 @@ class AdapterBusy(AdapterError):
 
 class GenerationError(OrtloraError):
     """A generation cannot go on (e.g. the model's logits hold NaN); it ends that request only."""
+
+
+class StorageFull(OrtloraError):
+    """The filesystem (or the quota) has no room for what was being written; nothing half-written is kept."""

@@ -1,7 +1,9 @@
 """Atomic outputs: write into a temporary sibling, rename into place only when complete.
 
 Temporary names are `.<target name>.<random>.tmp` (files and folders) and `.<target name>.old-<pid>` (a folder
-being replaced); `remove_stale_temps` removes what an interrupted process left under those names.
+being replaced); `remove_stale_temps` removes what an interrupted process left under those names. A temporary
+written by `locked_temp_file` is flock'ed by its writer for its whole life, so `remove_unlocked_temps` removes a
+dead writer's at once (a restart right after a kill), however recent, and never a live one's.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: unlocked temporaries are removed by age instead
+    fcntl = None
 
 TEMP_SUFFIX = ".tmp"
 # tempfile's random part is 8 characters of [a-z0-9_]; the `.old-<pid>` folder is atomic_dir's previous target
-_TEMP_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|old-\d+)$")
+_TEMP_NAME = re.compile(r"\..+\.(?:[a-z0-9_]{8}\.tmp|old-\d+)")  # fullmatch
 
 
 def _read_umask() -> int:
@@ -121,6 +128,58 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def locked_temp_file(target: str | Path) -> Iterator[tuple[Path, BinaryIO]]:
+    """`atomic_file` whose temporary is yielded open for writing (with its path) and locked (flock) from its
+    creation until it is renamed onto `target` or removed: while its writer lives, no sweep removes it."""
+    target = Path(target).absolute()
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    tmp = Path(name)
+    f = os.fdopen(fd, "wb")
+    try:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield tmp, f
+        f.flush()
+        os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes it 0600: give the file the mode open() would
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        f.close()  # the lock goes with it
+
+
+def remove_unlocked_temps(folder: str | Path, fallback_grace: float = 300.0) -> list[Path]:
+    """Remove the temporary files in `folder` whose writer is gone: nobody holds their lock (see
+    `locked_temp_file`). One younger than a second is left alone (its writer may be between creating and locking
+    it); without flock (Windows) temporaries older than `fallback_grace` seconds go. Returns what was removed."""
+    if fcntl is None:  # pragma: no cover
+        return remove_stale_temps(folder, grace=fallback_grace)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its writer is alive
+            if time.time() - os.fstat(fd).st_mtime >= 1.0:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """`data` as indented JSON, atomically (values JSON does not know, such as paths, are written as text)."""
     with atomic_file(path) as tmp:
@@ -140,7 +199,7 @@ def remove_stale_temps(folder: str | Path, grace: float = 3600.0) -> list[Path]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not _TEMP_NAME.match(entry.name) or entry.is_symlink():
+        if not _TEMP_NAME.fullmatch(entry.name) or entry.is_symlink():
             continue
         path = Path(entry.path)
         try:

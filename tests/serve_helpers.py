@@ -17,6 +17,7 @@ from reference import targets_for
 DATA = Path(__file__).parent / "data"
 
 ADMIN, ACME, BETA = "admin-secret", "acme-secret", "beta-secret"
+BOPS = "beta-ops-secret"  # an admin scoped to beta's uploads: adapters = ["b-*"]
 ADAPTERS = {  # name -> build_adapter kwargs: different ranks and target sets
     "a1": dict(r=4, target_modules=["q_proj", "v_proj"]),
     "a2": dict(r=8, target_modules=targets_for("llama")),
@@ -27,7 +28,7 @@ ADAPTERS = {  # name -> build_adapter kwargs: different ranks and target sets
 
 def build_serve_setup(tiny, root: Path) -> dict:
     """A tiny llama exported with LoRA inputs on every linear layer, the ADAPTERS as .onnx_adapter files in
-    root/adapters (plus a symlink escaping it), and a tenants file for the three keys."""
+    root/adapters (plus a symlink escaping it), and a tenants file for the four keys."""
     from ortlora.adapters.onnx_adapter import write_onnx_adapter
     from ortlora.adapters.peft import read_peft
     from ortlora.serve.tenants import hash_key
@@ -47,6 +48,7 @@ def build_serve_setup(tiny, root: Path) -> dict:
     tenants.write_text(f"""
 [tenants.admin]
 api_key_sha256 = ["{hash_key(ADMIN)}"]
+adapters = ["*"]
 admin = true
 [tenants.acme]
 api_key_sha256 = ["{hash_key(ACME)}"]
@@ -55,23 +57,29 @@ base_model = false
 [tenants.beta]
 api_key_sha256 = ["sha256:{hash_key(BETA)}"]
 adapters = ["a3", "a4", "b-*"]
+[tenants.bops]
+api_key_sha256 = ["{hash_key(BOPS)}"]
+adapters = ["b-*"]
+admin = true
 """)
     return dict(folder=folder, adapters=adapters, params=params, tenants=tenants, root=root)
 
 
 class ServerProcess:
-    """`python -m ortlora.cli serve ...` on a free loopback port, up once /health answers."""
+    """`python -m ortlora.cli serve ...` on a free loopback port, up once /health answers. `preexec_fn` runs in the
+    child before it starts (limits: `resource.setrlimit`); `prefix` goes before the command (a wrapper such as
+    `unshare`)."""
 
-    def __init__(self, folder: Path, *args: str, log: Path):
+    def __init__(self, folder: Path, *args: str, log: Path, preexec_fn=None, prefix: tuple[str, ...] = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "ortlora.cli", "serve", "-m", str(folder), "--port", str(self.port),
+        cmd = [*prefix, sys.executable, "-m", "ortlora.cli", "serve", "-m", str(folder), "--port", str(self.port),
                "--model-name", "base", "--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=preexec_fn)
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:

@@ -34,6 +34,7 @@ def setup(tiny, tmp_path_factory):
     (root / "tenants.toml").write_text(f"""
 [tenants.admin]
 api_key_sha256 = ["{hash_key(ADMIN)}"]
+adapters = ["*"]
 admin = true
 [tenants.acme]
 api_key_sha256 = ["{hash_key(ACME)}"]

@@ -34,6 +34,7 @@ adapters = ["acme-*", "shared"]
 base_model = false
 [tenants.ops]
 api_key_sha256 = "{hash_key('root')}"
+adapters = ["*"]
 admin = true
 """)
     t = Tenants.load(path)
@@ -63,15 +64,19 @@ adapters = ["b1"]
 api_key_sha256 = ["{hash_key('same')}"]
 [tenants.d]
 api_key_sha256 = ["{hash_key('same')}"]
+[tenants.e]
+api_key_sha256 = ["{hash_key('e')}\\n"]
+admin = true
 """)
     with pytest.raises(TenantsError) as exc:
         Tenants.load(path)
     message = str(exc.value)
     for fragment in ("unknown top-level keys ['debug']", "'plain-text-key' is not a sha256", "adapters must be a list",
                      "admin must be true or false", "unknown keys ['colour']", "tenants.b: api_key_sha256 must list",
-                     "also listed for tenant 'c'"):
+                     "also listed for tenant 'c'", "is not a sha256 hex digest",
+                     'tenants.e: admin = true needs an adapters list', '(adapters = ["*"] for every adapter)'):
         assert fragment in message, fragment
-    assert message.startswith(f"{path}: 7 problems")
+    assert message.startswith(f"{path}: 9 problems")
     path.write_text("[tenants.a\n")
     with pytest.raises(TenantsError, match="not valid TOML"):
         Tenants.load(path)

@@ -11,6 +11,8 @@ is, loads and holds is `ortlora.runtime.adapters.Adapters`' business (its only u
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import threading
@@ -19,18 +21,19 @@ from typing import BinaryIO, Iterator
 
 from ortlora.adapters.cached import is_peft_folder
 from ortlora.adapters.onnx_adapter import SUFFIX
-from ortlora.errors import AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
-from ortlora.fileutil import atomic_file, remove_stale_temps
+from ortlora.errors import AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound, StorageFull
+from ortlora.fileutil import locked_temp_file, remove_unlocked_temps
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: "$" would let "name\n" through
 _CHUNK = 1 << 20
-STALE_UPLOAD_S = 300.0
 CACHE = ".ortlora-cache"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+log = logging.getLogger("ortlora.adapters")
 
 
 def check_name(name: object) -> str:
     """`name` if it is a valid adapter name, else AdapterInvalid saying why."""
-    if not isinstance(name, str) or not NAME.match(name) or name.endswith(SUFFIX):
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name.endswith(SUFFIX):
         raise AdapterInvalid(f"invalid adapter name {str(name)[:140]!r}: use 1-128 letters, digits, '.', '_' or '-', "
                              f"starting with a letter or digit, without the {SUFFIX} suffix")
     return name
@@ -53,41 +56,55 @@ class AdapterDirectory:
         self._added: set[str] = set()  # registered by a caller (kept by refresh)
         self._lock = threading.Lock()
         self.skipped: list[str] = []
-        # uploads a killed process left half-written (another process's upload in progress keeps touching its own)
-        self.removed = remove_stale_temps(self.root, grace=STALE_UPLOAD_S)
+        self.unreadable: str | None = None  # why the last scan failed (the folder was removed, replaced, ...)
+        # uploads a killed process left half-written: every temporary whose writer is gone, however recent (a
+        # live upload, here or in another process sharing the folder, holds its temporary's lock)
+        self.removed = remove_unlocked_temps(self.root)
         self._discover()
 
     def _discover(self) -> None:
         found, skipped = {}, []
-        with os.scandir(self.root) as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                if entry.name.endswith(SUFFIX):
-                    name = entry.name[: -len(SUFFIX)]
-                elif is_peft_folder(entry.path):
-                    name = entry.name
-                else:
-                    continue
-                try:
-                    check_name(name)
-                    if name in self.reserved:
-                        raise AdapterInvalid(f"{name!r} is the base model's name")
-                    found[name] = self._inside(Path(entry.path))
-                except AdapterError as exc:
-                    skipped.append(f"{entry.name}: {exc}")
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError as exc:  # removed, replaced by a file, unreadable: only what still resolves is served
+            if self.unreadable is None:
+                log.warning("cannot read the adapters folder %s: %s", self.root, exc.strerror)
+            self.unreadable = exc.strerror or type(exc).__name__
+            entries = []
+        else:
+            self.unreadable = None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.name.endswith(SUFFIX):
+                name = entry.name[: -len(SUFFIX)]
+            elif is_peft_folder(entry.path):
+                name = entry.name
+            else:
+                continue
+            try:
+                check_name(name)
+                if name in self.reserved:
+                    raise AdapterInvalid(f"{name!r} is the base model's name")
+                found[name] = self._inside(Path(entry.path))
+            except AdapterError as exc:
+                skipped.append(f"{entry.name}: {exc}")
         self._paths.update(found)
         self.skipped = skipped
 
     def refresh(self) -> None:
         """Rescan the folder: files added since are registered, files gone are forgotten (names unregistered by a
         caller stay hidden; names registered by a caller under another file are kept)."""
+        for removed in remove_unlocked_temps(self.root):  # a sweep while running, not only at start-up
+            log.warning("removed %s: left by an interrupted upload", removed.name)
         with self._lock:
             own = {n: p for n, p in self._paths.items() if n in self._added}
             self._paths = {}
             self._discover()
             for name in self._hidden:
                 self._paths.pop(name, None)
+            if self.unreadable is not None:
+                own = {n: p for n, p in own.items() if _exists(p)}
             self._paths.update(own)
 
     def _inside(self, path: Path) -> Path:
@@ -119,7 +136,7 @@ class AdapterDirectory:
         """The file of adapter `name`, checked again now (it may have been replaced by a symlink since)."""
         with self._lock:
             path = self._paths.get(name)
-            if path is None and name not in self._hidden and NAME.match(name) and name not in self.reserved:
+            if path is None and name not in self._hidden and NAME.fullmatch(name) and name not in self.reserved:
                 for candidate in (self.root / f"{name}{SUFFIX}", self.root / name):  # dropped in after start-up
                     try:
                         path = self._paths[name] = self._inside(candidate)
@@ -135,8 +152,8 @@ class AdapterDirectory:
 
     def resolve(self, path: str) -> Path:
         """A caller's `path` (relative to, or absolute inside, the folder) as a checked `.onnx_adapter` file."""
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise AdapterInvalid("path must be a non-empty string")
+        if not isinstance(path, str) or not path or "\x00" in path or not _encodable(path):
+            raise AdapterInvalid("path must be a non-empty string of Unicode text")
         real = self._inside(self.root / path)  # an absolute `path` replaces root: still checked to lie inside
         if not (real.name.endswith(SUFFIX) or real.is_dir()):
             raise AdapterInvalid(f"{Path(path).name}: not an {SUFFIX} file or a PEFT adapter folder")
@@ -170,23 +187,33 @@ class AdapterDirectory:
         target = self.root / f"{name}{SUFFIX}"
         if target.exists() or target.is_symlink():
             raise AdapterExists(f"adapter {name!r} already exists in the adapters directory")
-        with atomic_file(target) as tmp:
-            size = 0
-            with open(tmp, "wb") as f:
+        size = 0
+        try:
+            with locked_temp_file(target) as (tmp, f):
                 while chunk := stream.read(_CHUNK):
                     size += len(chunk)
                     if size > max_bytes:
                         raise AdapterInvalid(f"upload exceeds the {max_bytes}-byte limit")
                     f.write(chunk)
-            check(tmp)
-            with self._lock:  # the name may have been taken while the file was written
-                if name in self._paths:
-                    raise AdapterExists(f"adapter {name!r} already exists (DELETE it first)")
-                self._paths[name] = target  # before the rename: a lookup never sees a file without its entry
-                self._hidden.discard(name)
-                self._owned.add(name)
-                self._added.add(name)
+                f.flush()
+                self._commit(name, target, tmp, check)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            raise StorageFull(f"no room in the adapters folder for adapter {name!r} ({exc.strerror} after "
+                              f"{size} bytes): nothing was kept") from None
         return target
+
+    def _commit(self, name: str, target: Path, tmp: Path, check) -> None:
+        """Check the written temporary and register it (it is renamed into place when this returns)."""
+        check(tmp)
+        with self._lock:  # the name may have been taken while the file was written
+            if name in self._paths:
+                raise AdapterExists(f"adapter {name!r} already exists (DELETE it first)")
+            self._paths[name] = target  # before the rename: a lookup never sees a file without its entry
+            self._hidden.discard(name)
+            self._owned.add(name)
+            self._added.add(name)
 
     def remove(self, name: str) -> None:
         """Unregister `name`; a file uploaded through `upload` is deleted, one placed by hand stays (hidden)."""
@@ -198,3 +225,19 @@ class AdapterDirectory:
             if name in self._owned:
                 self._owned.discard(name)
                 (self.root / f"{name}{SUFFIX}").unlink(missing_ok=True)  # loaded copies are private: requests finish
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _encodable(text: str) -> bool:
+    """Text a file name can hold (a lone surrogate cannot)."""
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        return False
+    return True

@@ -11,28 +11,24 @@ per-row token mask.
 The engine is llguidance (what onnxruntime-genai uses; Rust, no torch): it reads tokenizer.json itself. Each row
 computes its own mask from its own parser, so rows with and without grammars, and with different adapters, share
 a decode batch; a row without a grammar costs nothing. Compiled grammars are cached (one prototype parser per
-grammar, copied per request), so a schema sent again is not compiled again.
+grammar, copied per request; `grammar_cache.py`: bounded in bytes, in total and per tenant), so a schema sent
+again is not compiled again.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
 
 from ortlora.errors import OrtloraError
+from ortlora.runtime.grammar_cache import GrammarBudget, GrammarCache, GrammarError, Hold  # noqa: F401 (re-exported)
 
 # Compact JSON (",", ":" without spaces): a grammar that allows free whitespace lets a weak model emit
 # whitespace for ever; OpenAI's structured outputs are compact too.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-_CACHE_SIZE = 256
 CLOSING_TOKENS = 48  # a JSON value a few levels deep closes in far fewer one-byte tokens
-
-
-class GrammarError(OrtloraError):
-    """The schema or grammar cannot be compiled (answered 400)."""
 
 
 def json_schema_grammar(schema: dict | bool | None) -> str:
@@ -179,34 +175,24 @@ def token_bytes(tokenizer, token: int) -> bytes:
     if ll.is_special_token(token):
         return tokenizer.decode([token], skip_special_tokens=False).encode()
     return ll.decode_bytes([token])
-_PROTOTYPES: OrderedDict[tuple[int, str], object] = OrderedDict()
-_LOCK = threading.Lock()
+GRAMMARS = GrammarCache()  # the process's compiled grammars (a server sizes it from its options)
 
 
 def _prototype(grammar: str, tokenizer, eos_ids: Iterable[int]):
-    """A compiled parser for `grammar` in its start state (cached, least recently used dropped)."""
-    import llguidance
-
-    ll = _TOKENIZERS.get(tokenizer, eos_ids)
-    key = (id(ll), grammar)
-    with _LOCK:
-        proto = _PROTOTYPES.get(key)
-        if proto is not None:
-            _PROTOTYPES.move_to_end(key)
-            return proto
-    proto = llguidance.LLMatcher(ll, grammar, log_level=0)  # compiles outside the lock (it drops the GIL)
-    if proto.is_error():
-        raise GrammarError(f"cannot use this schema or grammar: {proto.get_error()}")
-    with _LOCK:
-        _PROTOTYPES[key] = proto
-        while len(_PROTOTYPES) > _CACHE_SIZE:
-            _PROTOTYPES.popitem(last=False)
-    return proto
+    """A compiled parser for `grammar` in its start state (cached; see `grammar_cache`)."""
+    return GRAMMARS.prototype(_TOKENIZERS.get(tokenizer, eos_ids), grammar)
 
 
-def check(grammar: str, tokenizer, eos_ids: Iterable[int] = ()) -> None:
-    """Compile `grammar` now (on the request's thread), so a bad schema is a 400 and the engine copies it later."""
-    _prototype(grammar, tokenizer, eos_ids)
+def check(grammar: str, tokenizer, eos_ids: Iterable[int] = (), tenant: str = "") -> None:
+    """Compile `grammar` now (on the request's thread), so a bad schema is a 400 and the engine copies it later
+    (cached, charged to `tenant`)."""
+    GRAMMARS.hold(_TOKENIZERS.get(tokenizer, eos_ids), grammar, tenant).release()
+
+
+def hold(grammar: str, tokenizer, eos_ids: Iterable[int] = (), tenant: str = "") -> Hold:
+    """Compile (or find) `grammar` and keep it cached until the returned hold is released: a request holds its
+    grammar from submission until it ends, so the engine thread finds it compiled."""
+    return GRAMMARS.hold(_TOKENIZERS.get(tokenizer, eos_ids), grammar, tenant)
 
 
 class Constraint:

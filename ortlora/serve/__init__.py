@@ -44,10 +44,17 @@ def serve(model: str | None = None, *, config=None, **options) -> int:
         log.warning("removed %s: left by an interrupted upload", removed.name)
     log.info("model %s (%s), %d adapters registered, batch %d, context %d", engine.limits.model_name, config.model,
              len(engine.adapters.names()), config.max_batch, engine.limits.context_length)
+    from ortlora.serve import connections
+
     app = create_app(engine, config, tenants)
     engine.start()  # here, not in the app's start-up: a model that cannot run is a one-line error (ModelError)
+    limits = connections.ConnectionLimits(header_timeout=config.header_timeout, body_timeout=config.body_timeout,
+                                          body_min_rate=config.body_min_rate,
+                                          max_connections=connections.fit_descriptors(config.max_connections))
     uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                             timeout_graceful_shutdown=120, access_log=config.log_level == "debug")
+                             timeout_graceful_shutdown=120, access_log=config.log_level == "debug",
+                             timeout_keep_alive=config.keep_alive_timeout,
+                             http=connections.protocol_class(connections.Guard(limits)))
     # uvicorn re-raises the signal that stopped it once it has drained; after a clean drain SIGTERM exits 0
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:

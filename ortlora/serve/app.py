@@ -32,8 +32,8 @@ from ortlora.serve import tokenize as TK
 from ortlora.serve import translate as T
 from ortlora.serve.config import ServeConfig
 from ortlora.serve.engine_client import AdapterChoice, EngineClient
-from ortlora.serve.errors import APIError, error_response, status_of, validation_error
-from ortlora.serve.metrics import CONTENT_TYPE
+from ortlora.serve.errors import APIError, error_response, shorten, status_of, validation_error
+from ortlora.serve.metrics import CONTENT_TYPE, filter_exposition
 from ortlora.serve.middleware import Outermost
 from ortlora.serve.reasoning import get_parser
 from ortlora.serve.tenants import Tenant, Tenants
@@ -42,7 +42,9 @@ log = logging.getLogger("ortlora.serve")
 _bearer = HTTPBearer(auto_error=False, description="API key (any, or none, when the server runs without --tenants)")
 _ERRORS = {code: {"model": P.ErrorResponse, "description": text} for code, text in (
     (400, "invalid request"), (401, "missing or unknown API key"), (404, "no such model or adapter"),
-    (413, "request body too large"), (429, "queue full: retry later"), (503, "shutting down"))}
+    (413, "request body too large"), (429, "queue full: retry later"), (503, "shutting down"),
+    (507, "no disk space left for the upload"))}
+_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "a sentence, as vLLM answers"}
 # OpenAPI 3.1: an event stream's `schema` describes one event; each `data` is a JSON chunk, the last `[DONE]`
 _SSE = {"content": {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "properties": {
@@ -61,6 +63,9 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
     """The API over `engine`; `tenants` default: config.tenants' file, or open (any key) without one."""
     if tenants is None:
         tenants = Tenants.load(config.tenants) if config.tenants else Tenants.open()
+    from ortlora.runtime import constraints
+
+    constraints.GRAMMARS.configure(config.grammar_cache_bytes, config.grammar_cache_tenant_bytes)  # this process's
     limits, tokenizer = engine.limits, engine.tokenizer
     plain, as_ids = compat.TokenText(tokenizer), compat.TokenText(tokenizer, as_ids=True)
     parser = get_parser(config.reasoning_parser, tokenizer) if config.reasoning_parser else None
@@ -89,6 +94,16 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
             raise APIError(403, "this API key may not manage adapters or read metrics", "permission_error")
         return tenant
 
+    def may_create(tenant: Tenant, name: object) -> None:
+        """An admin creates only names its patterns match (a 403 that says nothing about whether the name exists)."""
+        if isinstance(name, str) and not tenant.may_use(name):
+            raise APIError(403, f"this API key may not manage an adapter named {shorten(name)}: only names that "
+                                f"its tenant's adapters patterns match", "permission_error")
+
+    def not_found(name: str, param: str | None = "model") -> APIError:
+        return APIError(404, f"The model {shorten(name)} does not exist", "invalid_request_error", param=param,
+                        code="model_not_found")
+
     # -- models ------------------------------------------------------------------------------------------------
     @app.get("/v1/models", response_model=P.ModelList, tags=["openai"])
     def list_models(tenant: Tenant = Depends(authenticate)) -> P.ModelList:
@@ -113,8 +128,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
             return None
         if tenant.may_use(model) and engine.has_adapter(model):
             return model
-        raise APIError(404, f"The model {model!r} does not exist", "invalid_request_error", param="model",
-                       code="model_not_found")
+        raise not_found(model)
 
     def choose(tenant: Tenant, body) -> AdapterChoice | None:
         """The one place a generation request's adapter is decided: `model`, or the `adapters` combination, at
@@ -126,8 +140,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                 raise APIError(400, "adapters: each adapter may appear once", param="adapters")
             for name in names:
                 if not (tenant.may_use(name) and engine.has_adapter(name)):
-                    raise APIError(404, f"The model {name!r} does not exist", "invalid_request_error",
-                                   param="adapters", code="model_not_found")
+                    raise not_found(name, "adapters")
             spec = {a.name: a.weight for a in body.adapters}
         return AdapterChoice(spec, body.adapter_scale) if spec is not None else None
 
@@ -144,7 +157,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         """Chat's way to the engine (the Responses API comes this way too): the template rendered with the request's
         options, tools, the grammar (after the reasoning, with --reasoning-parser) and the adapter choice."""
         adapter = choose(tenant, body)
-        chat = await run_in_threadpool(T.chat_inputs, limits, tokenizer, body, parser)  # templates: off the loop
+        chat = await run_in_threadpool(T.chat_inputs, limits, tokenizer, body, parser, tenant.name)  # off the loop
         explicit = body.max_completion_tokens or body.max_tokens
         jobs = await engine.submit(work(body, tenant, [chat.prompt], explicit, explicit_max=explicit is not None,
                                         adapter=adapter, grammar=chat.grammar, grammar_after=chat.grammar_after,
@@ -160,7 +173,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise APIError(400, "best_of is supported only equal to n", param="best_of")
         prompts = await run_in_threadpool(T.completion_prompts, limits, tokenizer, body.prompt)  # off the loop
-        grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body)
+        grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body, None,
+                                          tenant.name)
         # the prompt's own logprobs, from one scoring: echo's (k = logprobs) and prompt_logprobs' (its k)
         wanted = [k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None]
         jobs = await engine.submit(work(body, tenant, prompts, 16 if body.max_tokens is None else body.max_tokens,
@@ -221,16 +235,17 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
 
     # -- vLLM's adapter endpoints (aliases, so operators' tools work unchanged) ------------------------------
     @app.post("/v1/load_lora_adapter", tags=["adapters"], responses={
-        403: {"model": P.ErrorResponse, "description": "not an admin key"},
-        409: {"model": P.ErrorResponse, "description": "name taken"}})
+        200: _TEXT, 403: {"model": P.ErrorResponse, "description": "not an admin key, or a name outside its patterns"},
+        409: {"model": P.ErrorResponse, "description": "name taken"}, 507: _ERRORS[507]})
     async def vllm_load(spec: P.VLLMLoadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
+        may_create(tenant, spec.lora_name)
         await run_in_threadpool(engine.register_adapter, spec.lora_name, spec.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", tags=["adapters"], responses={404: _ERRORS[404]})
+    @app.post("/v1/unload_lora_adapter", tags=["adapters"], responses={200: _TEXT, 404: _ERRORS[404]})
     def vllm_unload(spec: P.VLLMUnloadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
-        if not tenant.may_use(spec.lora_name):
-            raise AdapterNotFound(f"adapter {spec.lora_name!r} does not exist")
+        if not (tenant.may_use(spec.lora_name) and engine.has_adapter(spec.lora_name)):  # missing or not permitted
+            raise AdapterNotFound(f"adapter {shorten(spec.lora_name)} does not exist")
         engine.remove_adapter(spec.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' removed successfully.")
 
@@ -253,8 +268,9 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         return P.AdapterList(data=infos)
 
     @app.post("/v1/adapters", response_model=P.AdapterInfo, tags=["adapters"], openapi_extra={"requestBody": upload_body},
-              responses={403: {"model": P.ErrorResponse, "description": "not an admin key"},
-                         409: {"model": P.ErrorResponse, "description": "name taken"},
+              responses={403: {"model": P.ErrorResponse, "description": "not an admin key, or a name outside its "
+                                                                          "patterns"},
+                         409: {"model": P.ErrorResponse, "description": "name taken"}, 507: _ERRORS[507],
                          415: {"model": P.ErrorResponse, "description": "not JSON or multipart"}})
     async def load_adapter(request: Request, tenant: Tenant = Depends(admin)) -> P.AdapterInfo:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -263,6 +279,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                 spec = P.LoadAdapterRequest.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise validation_error(exc.errors()) from None
+            may_create(tenant, spec.name)
             await run_in_threadpool(engine.register_adapter, spec.name, spec.path)
             return engine.adapter_info(spec.name)
         if ctype == "multipart/form-data":
@@ -270,14 +287,15 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                 name, upload = form.get("name"), form.get("file")
                 if not isinstance(name, str) or upload is None or isinstance(upload, str):
                     raise APIError(400, "multipart upload needs a `name` field and a `file` part")
+                may_create(tenant, name)
                 await run_in_threadpool(engine.upload_adapter, name, upload.file)
             return engine.adapter_info(name)
         raise APIError(415, "send application/json {name, path} or multipart/form-data with name and file")
 
     @app.delete("/v1/adapters/{name}", tags=["adapters"], responses={404: _ERRORS[404]})
     def delete_adapter(name: str, tenant: Tenant = Depends(admin)) -> dict[str, object]:
-        if not tenant.may_use(name):
-            raise AdapterNotFound(f"adapter {name!r} does not exist")
+        if not (tenant.may_use(name) and engine.has_adapter(name)):  # the same 404: missing or not permitted
+            raise AdapterNotFound(f"adapter {shorten(name)} does not exist")
         engine.remove_adapter(name)
         return {"name": name, "deleted": True}
 
@@ -296,7 +314,10 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                         403: {"model": P.ErrorResponse, "description": "not an admin key",
                               "content": {"application/json": {}}}})
     def metrics(tenant: Tenant = Depends(admin)):
-        return PlainTextResponse(engine.metrics_text(), media_type=CONTENT_TYPE)
+        text = engine.metrics_text()
+        if not tenant.sees_all:  # series labelled with an adapter this key may not see are left out
+            text = filter_exposition(text, lambda name: name == limits.model_name or tenant.may_use(name))
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     playground.install(app)
     _trim_openapi(app)
@@ -339,6 +360,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         # (Starlette re-raises after this answer, and uvicorn logs the traceback)
+        if status_of(exc) == 507:  # a full disk under a form's spooled upload
+            return respond(507, f"the server has no disk space left: {exc.strerror}", "server_error")
         return respond(500, f"internal error: {type(exc).__name__}", "server_error")
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ortlora.argtypes import int_range
+from ortlora.argtypes import float_range, int_range
 from ortlora.errors import OrtloraError
 
 DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
@@ -26,7 +27,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # serve.reasoning.PARSERS' names (checked there to agree)
 
 
-def _opt(default, help_: str, *, minimum: int | None = None, maximum: int | None = None,
+def _opt(default, help_: str, *, minimum: float | None = None, maximum: float | None = None,
          choices: tuple[str, ...] | None = None, flag: str | None = None, short: str | None = None,
          metavar: str | None = None):
     return field(default=default, metadata={"help": help_, "min": minimum, "max": maximum, "choices": choices,
@@ -72,6 +73,25 @@ class ServeConfig:
                                               "grammars applied after it, as vLLM's parser of that name does "
                                               "(default: none: the reasoning stays in the text)",
                                         choices=REASONING_PARSERS)
+    # connections (serve/connections.py; the single-process server: under Ray, its proxy's own settings apply)
+    header_timeout: float = _opt(10.0, "seconds a client has to send a request's head (request line and headers) "
+                                       "after connecting or after the previous answer; then 408 and close "
+                                       "(default: %(default)s)", minimum=0.01)
+    body_timeout: float = _opt(30.0, "seconds a request body may take to start arriving, extended by a second per "
+                                     "--body-min-rate bytes received; then 408 and close (default: %(default)s)",
+                               minimum=0.01)
+    body_min_rate: int = _opt(1024, "bytes per second a request body must keep up on average past --body-timeout "
+                                    "(default: %(default)s)", minimum=1)
+    keep_alive_timeout: float = _opt(5.0, "seconds an idle connection stays open between requests (default: "
+                                          "%(default)s)", minimum=0.01)
+    max_connections: int = _opt(1024, "open connections at most; past it an idle one is closed to make room, else "
+                                      "503 (a few more answer /health); lowered to fit the file descriptor limit "
+                                      "(default: %(default)s)", minimum=1)
+    # compiled structured-output grammars (runtime/grammar_cache.py), an estimate of their memory
+    grammar_cache_bytes: int = _opt(256 << 20, "bytes of compiled structured-output grammars kept, in use or "
+                                               "cached (default: %(default)s)", minimum=1 << 20)
+    grammar_cache_tenant_bytes: int = _opt(64 << 20, "of which one API key's grammars may take (default: "
+                                                     "%(default)s)", minimum=1 << 20)
 
     def __post_init__(self):
         problems = []
@@ -80,6 +100,9 @@ class ServeConfig:
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{_flag(f)} must be a finite number, got {value}")
                 continue
             if meta["min"] is not None and value < meta["min"]:
                 problems.append(f"{_flag(f)} must be at least {meta['min']}, got {value}")
@@ -106,8 +129,12 @@ class ServeConfig:
             if kind is bool:
                 kw["action"] = "store_true"
             else:  # a value out of range is a usage error at parse time (exit 2, nothing started)
-                ranged = kind is int and (meta["min"] is not None or meta["max"] is not None)
-                kw.update(type=int_range(meta["min"], meta["max"]) if ranged else kind, default=f.default)
+                ranged = meta["min"] is not None or meta["max"] is not None
+                if kind is float:  # finite, and in range when bounded
+                    kind = float_range(-math.inf if meta["min"] is None else meta["min"], meta["max"])
+                elif kind is int and ranged:
+                    kind = int_range(meta["min"], meta["max"])
+                kw.update(type=kind, default=f.default)
                 if meta["choices"]:
                     kw["choices"] = meta["choices"]
                 if meta["metavar"]:
@@ -133,7 +160,7 @@ class ServeConfig:
             try:
                 typed[key] = _convert(value, kind)
             except (TypeError, ValueError):
-                problems.append(f"{key} must be {'an integer' if kind is int else 'true or false'}, got {value!r}")
+                problems.append(f"{key} must be {_KIND_WORDS.get(kind, 'text')}, got {value!r}")
         if problems:
             raise OrtloraError("; ".join(problems))
         return cls(**typed)
@@ -193,4 +220,11 @@ def _convert(value, kind: type):
         if isinstance(value, bool):
             raise TypeError(value)
         return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
     return str(value)
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}

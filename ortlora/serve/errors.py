@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+
 from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, GenerationError,
-                            OrtloraError)
+                            OrtloraError, StorageFull)
+from ortlora.runtime.grammar_cache import GrammarBudget
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
           415: "invalid_request_error", 429: "rate_limit_error", 499: "invalid_request_error",
-          503: "service_unavailable", 500: "server_error"}
+          503: "service_unavailable", 500: "server_error", 507: "server_error"}
+MAX_MESSAGE = 2000  # characters of an error message: a client's megabyte of input is never echoed back whole
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class APIError(OrtloraError):
@@ -44,11 +49,19 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+def shorten(text: str, limit: int = 64) -> str:
+    """`text` as a message shows a client's value: repr'd, cut to about `limit` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
+
+
 def status_of(exc: BaseException) -> int:
-    """The HTTP status for an ortlora error."""
+    """The HTTP status for an ortlora error (and for a full disk)."""
     if isinstance(exc, APIError):
         return exc.status
-    if isinstance(exc, (QueueFull, AdapterBusy)):
+    if isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in NO_SPACE):
+        return 507
+    if isinstance(exc, (QueueFull, AdapterBusy, GrammarBudget)):
         return 429
     if isinstance(exc, ShuttingDown):
         return 503
@@ -65,6 +78,9 @@ def status_of(exc: BaseException) -> int:
 
 def error_response(status: int, message: str, type_: str | None = None, param: str | None = None,
                    code: str | None = None) -> tuple[int, dict]:
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a client's lone surrogate, escaped
     return status, {"error": {"message": message, "type": type_ or _TYPES.get(status, "invalid_request_error"),
                               "param": param, "code": code}}
 

@@ -6,6 +6,7 @@ thread, wired together. A Ray engine replica is one of these without HTTP.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import BinaryIO
 
 from starlette.concurrency import run_in_threadpool
@@ -13,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from ortlora import __version__
 from ortlora.errors import ModelError
 from ortlora.model_folder import ModelInfo
+from ortlora.runtime import constraints
 from ortlora.runtime.adapters import Adapter, Adapters
 from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch
@@ -50,6 +52,7 @@ class LocalEngine:
         self.adapters.on_unload(self._unloaded)
         self._scorer = None
         self._started = False
+        constraints.GRAMMARS.configure(config.grammar_cache_bytes, config.grammar_cache_tenant_bytes)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +88,10 @@ class LocalEngine:
         loop, on first use). Events are sent as they come, `incremental` or not."""
         events = JobEvents()
         leases: list[Adapter | None] = []
+        grammar = work.params[0].grammar if work.params else None
+        held = None
+        if grammar is not None:  # compiled off the engine thread (a hit when the API layer checked it here)
+            held = await run_in_threadpool(constraints.hold, grammar, self.tokenizer, self.limits.eos_ids, work.tenant)
         try:
             for _ in work.params:
                 leases.append(await run_in_threadpool(self.acquire, work.adapter))
@@ -98,7 +105,11 @@ class LocalEngine:
         except BaseException:
             for lease in leases:
                 self.adapters.release(lease)
+            if held is not None:
+                held.release()
             raise
+        if held is not None:  # the grammar stays compiled (and counted) while the request lives
+            weakref.finalize(jobs, held.release)
         return jobs
 
     async def _score_prompts(self, work: Work, leases: list, events: JobEvents) -> None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import threading
+from typing import Callable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ADAPTER_LABEL = "adapter"  # the one label whose values are adapter names (`a1`, or a combination `a1+a2`)
+_ADAPTER_VALUE = re.compile(r'[{,]' + ADAPTER_LABEL + r'="((?:[^"\\]|\\.)*)"')
 
 
 def _escape(value: str) -> str:
@@ -174,3 +178,18 @@ class Metrics:
         for m in self.all():
             lines += m.render()
         return "\n".join(lines) + "\n"
+
+
+def filter_exposition(text: str, visible: Callable[[str], bool]) -> str:
+    """`text` (an exposition, one process's or Ray's merged one) without the samples whose `adapter` label names an
+    adapter that `visible` refuses (a combination `a1+a2` needs every part visible). HELP/TYPE lines and samples
+    without the label stay: totals tell how much, never whose."""
+    out = []
+    for line in text.splitlines():
+        m = None if line.startswith("#") else _ADAPTER_VALUE.search(line)
+        if m is not None:
+            value = re.sub(r"\\(.)", lambda c: "\n" if c.group(1) == "n" else c.group(1), m.group(1))
+            if not all(visible(part) for part in value.split("+")):
+                continue
+        out.append(line)
+    return "\n".join(out) + "\n"

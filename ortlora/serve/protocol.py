@@ -19,10 +19,11 @@ vLLM's request fields, and where each is honoured:
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, StrictStr, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator, model_validator)
 
 from ortlora.serve.errors import FieldError
 
@@ -30,10 +31,47 @@ MAX_N = 16
 _Text = Annotated[StrictStr, Field(min_length=1)]
 MAX_STOP = 16
 MAX_LOGPROBS = 20
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits only ("²".isdigit() is true, int("²") fails)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where in a JSON value a string holds a lone surrogate (JSON's "\\ud800" escape parses to one, but it is not
+    Unicode text: tokenizers and file names refuse it), as `messages.[0].content`; None if nowhere."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return ".".join(f"[{p}]" if isinstance(p, int) else _printable(str(p)[:40]) for p in path) or "body"
+        elif isinstance(item, dict):
+            stack.extend((k, path + (k,)) for k in item)  # a key may hold one too
+            stack.extend((v, path + (k,)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, path + (i,)) for i, v in enumerate(item))
+    return None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a surrogate as its \\ud800 escape
+
+
+class Unicode(BaseModel):
+    """A request body whose every string is Unicode text (checked once, over the whole body, before its fields)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data):
+        where = lone_surrogate(data)
+        if where is not None:
+            raise FieldError(where, "the text holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                                    "not valid Unicode")
+        return data
 
 
 def _unsupported(name: str, hint: str = ""):
@@ -125,23 +163,23 @@ MAX_COMBINED = 8  # adapters in one weighted combination
 
 class AdapterWeight(_Request):
     name: StrictStr = Field(description="an adapter the API key may use")
-    weight: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
+    weight: StrictFloat = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
 
 
-class _Sampling(BaseModel):
+class _Sampling(Unicode):
     """Fields shared by both generation endpoints; unknown ones are kept in `model_extra` (warned about, ignored)."""
     model_config = ConfigDict(extra="allow")
     model: StrictStr = Field(description="an adapter name, or the base model's name (see GET /v1/models)")
-    temperature: float | None = Field(1.0, ge=0, le=2, description="0 = greedy")
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    temperature: StrictFloat | None = Field(1.0, ge=0, le=2, description="0 = greedy")
+    top_p: StrictFloat | None = Field(1.0, gt=0, le=1)
     n: StrictInt | None = Field(1, ge=1, le=MAX_N, description="choices to generate for each prompt")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+    presence_penalty: StrictFloat | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[StrictFloat, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=1024, description="token id (as a string) -> bias added to its logit, -100 to 100")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     user: StrictStr | None = None
@@ -152,8 +190,8 @@ class _Sampling(BaseModel):
     # Extras (as vLLM accepts them)
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
     top_k: StrictInt = Field(0, ge=-1, description="0 or -1 = off")
-    min_p: float = Field(0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    min_p: StrictFloat = Field(0.0, ge=0, lt=1)
+    repetition_penalty: StrictFloat = Field(1.0, ge=0.01, le=100)
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
     structured_outputs: StructuredOutputs | None = Field(
@@ -173,7 +211,7 @@ class _Sampling(BaseModel):
     return_tokens_as_token_ids: StrictBool = Field(False, description="logprob tokens written as `token_id:N`")
     _structured_param: str = PrivateAttr("structured_outputs")  # the field a structured constraint came in
     # ortlora extras: adapter strength and combinations (exact; derived adapters are cached by recipe)
-    adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
+    adapter_scale: StrictFloat = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
                                  description="multiplies the adapter's delta (0 = the base model)")
     adapters: list[AdapterWeight] | None = Field(
         None, min_length=1, max_length=MAX_COMBINED,
@@ -182,7 +220,7 @@ class _Sampling(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_keys(cls, v):
-        bad = [k for k in (v or {}) if not k.isdigit()]
+        bad = [k[:20] for k in (v or {}) if not _TOKEN_ID.fullmatch(k)]
         if bad:
             raise ValueError(f"logit_bias keys must be token ids, got {bad[:3]}")
         return v
@@ -476,20 +514,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class LoadAdapterRequest(_Request):
+class LoadAdapterRequest(_Request, Unicode):
     name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     path: StrictStr = Field(min_length=1, max_length=4096,
                             description="an .onnx_adapter file inside the server's adapters directory")
 
 
-class VLLMLoadAdapter(_Request):
+class VLLMLoadAdapter(_Request, Unicode):
     """vLLM's `POST /v1/load_lora_adapter` body."""
     lora_name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     lora_path: StrictStr = Field(min_length=1, max_length=4096,
                                  description="an .onnx_adapter file inside the server's adapters directory")
 
 
-class VLLMUnloadAdapter(_Request):
+class VLLMUnloadAdapter(_Request, Unicode):
     lora_name: StrictStr
     lora_int_id: StrictInt | None = None
 

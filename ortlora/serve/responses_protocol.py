@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, StrictStr, Tag,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      Tag, field_validator, model_validator)
 
 from ortlora.serve.errors import FieldError
-from ortlora.serve.protocol import MAX_COMBINED, MAX_LOGPROBS, MAX_STOP, AdapterWeight
+from ortlora.serve.protocol import MAX_COMBINED, MAX_LOGPROBS, MAX_STOP, AdapterWeight, Unicode
 
 _absent = Field(None, exclude_if=lambda v: v is None)
 
@@ -167,7 +167,7 @@ def _stateless(name: str, hint: str):
     return field_validator(name, mode="before")(classmethod(check))
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(Unicode):
     model_config = ConfigDict(extra="allow")  # unknown fields: warned about, ignored
     model: StrictStr = Field(description="an adapter name, or the base model's name (see GET /v1/models)")
     input: StrictStr | list[Item] = Field(description="text, or messages and items")
@@ -178,8 +178,8 @@ class ResponsesRequest(BaseModel):
     max_tool_calls: StrictInt | None = Field(None, ge=1)
     text: TextParam | None = None
     max_output_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     include: list[_INCLUDES] | None = None
     stream: StrictBool | None = False
@@ -207,15 +207,15 @@ class ResponsesRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
     stop: StrictStr | list[StrictStr] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
     top_k: StrictInt = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    min_p: StrictFloat = Field(0.0, ge=0, lt=1)
+    repetition_penalty: StrictFloat = Field(1.0, ge=0.01, le=100)
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=1024, description="token id (as a string) -> bias added to its logit, as on chat")
     chat_template_kwargs: dict[str, Any] | None = None
-    adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
+    adapter_scale: StrictFloat = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_COMBINED)
 
     @field_validator("truncation")

@@ -5,12 +5,21 @@
     api_key_sha256 = ["5e88...42"]        # `printf %s "$KEY" | sha256sum`; several keys allow rotation
     adapters = ["acme-support", "acme-*"]  # adapter names or shell-style patterns; "*" = every adapter
     base_model = true                      # may it call the base model (default true)
-    admin = false                          # may it load, upload and delete adapters (default false)
+    admin = false                          # may it load, upload and delete adapters and read /metrics (default false)
     share_prefix_cache = false             # may its prompts' cached KV serve other sharing tenants (default false)
 
+    [tenants.ops]                          # the operator of every adapter: an admin whose patterns cover them all
+    api_key_sha256 = ["9f86...08"]
+    adapters = ["*"]
+    admin = true
+
 A request without a valid key gets 401. An adapter a tenant may not use looks exactly like a missing one (same
-404, same message), and `/v1/models` lists only what the caller may use. Without a tenants file every caller is
-an anonymous admin (the server then binds to 127.0.0.1 by default).
+404, same message), and `/v1/models` lists only what the caller may use. `admin = true` adds management, never
+reach: an admin lists, runs, uploads, registers and deletes only names its `adapters` patterns match (another name
+is a 404 to use or delete, a 403 to create), and its `/metrics` leaves out every series labelled with an adapter it
+may not see. An admin table must say `adapters` (a load error otherwise: an admin that silently sees nothing, or
+silently sees everything, is a surprise either way). Without a tenants file every caller is an anonymous admin of
+every adapter (the server then binds to 127.0.0.1 by default).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
-_HEX64 = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
+_HEX64 = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})")  # fullmatch: "$" would accept a trailing newline
 _TENANT_KEYS = {"api_key_sha256", "adapters", "base_model", "admin", "share_prefix_cache"}
 
 
@@ -47,13 +56,18 @@ class Tenant:
     _exact: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     def may_use(self, adapter: str) -> bool:
-        """May this tenant run requests on (and see) `adapter`?"""
-        if self.admin or adapter in self._exact:
+        """May this tenant run requests on, see, and (an admin) manage `adapter`? Its patterns alone say so."""
+        if adapter in self._exact:
             return True
         return any(fnmatch.fnmatchcase(adapter, p) for p in self.adapters if p not in self._exact)
 
+    @property
+    def sees_all(self) -> bool:
+        """Does a pattern match every name (nothing to filter out)?"""
+        return "*" in self.adapters
 
-ANONYMOUS = Tenant("anonymous", admin=True)
+
+ANONYMOUS = Tenant("anonymous", admin=True)  # adapters ("*",): every adapter
 
 
 def hash_key(key: str) -> str:
@@ -140,6 +154,9 @@ def _parse(data: dict, source: str) -> dict[str, Tenant]:
         if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
             problems.append(f"{where}: adapters must be a list of names or patterns")
             adapters = []
+        if t.get("admin") is True and "adapters" not in t:
+            problems.append(f"{where}: admin = true needs an adapters list: the adapters it may manage and use "
+                            f'(adapters = ["*"] for every adapter)')
         flags = {}
         for flag, default in (("base_model", True), ("admin", False), ("share_prefix_cache", False)):
             value = t.get(flag, default)
@@ -150,7 +167,7 @@ def _parse(data: dict, source: str) -> dict[str, Tenant]:
         exact = frozenset(a for a in adapters if not any(c in a for c in "*?["))
         tenant = Tenant(name, tuple(adapters), flags["base_model"], flags["admin"], flags["share_prefix_cache"], exact)
         for k in keys:
-            m = _HEX64.match(k) if isinstance(k, str) else None
+            m = _HEX64.fullmatch(k) if isinstance(k, str) else None
             if not m:
                 problems.append(f"{where}: {k!r} is not a sha256 hex digest (64 hex digits; store hashes, not keys)")
                 continue

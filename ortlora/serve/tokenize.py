@@ -21,7 +21,7 @@ from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError, FieldError, validation_error
 
 
-class _Body(BaseModel):
+class _Body(P.Unicode):
     model_config = ConfigDict(extra="forbid")
     model: StrictStr | None = Field(None, description="accepted; every model here shares one tokenizer")
 

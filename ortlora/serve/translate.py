@@ -71,6 +71,10 @@ def chat_prompt(limits: Limits, tokenizer, messages: list[dict], tools: list[dic
     check_size(limits, "".join(str(m.get("content") or "") for m in messages), "messages")
     try:
         text = tokenizer.apply_chat_template(messages, **_template_args(tools, options))
+        text.encode("utf-8")  # a template may make text of what the body checks could not see as such
+    except UnicodeEncodeError:
+        raise APIError(400, "the messages hold a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                            "valid Unicode", param="messages") from None
     except OrtloraError as exc:
         raise APIError(400, str(exc), param="messages") from None
     except Exception as exc:  # jinja2 TemplateError: the template refused these messages
@@ -97,7 +101,7 @@ class ChatInputs:
     grammar_after: tuple[int, ...] | None = None  # the grammar waits for these ids (the reasoning's end tag)
 
 
-def chat_inputs(limits: Limits, tokenizer, body, parser=None) -> ChatInputs:
+def chat_inputs(limits: Limits, tokenizer, body, parser=None, tenant: str = "") -> ChatInputs:
     """The prompt (the template rendered with the request's options), the tool plan, the grammar (a required or
     named call's schema, else structured outputs or response_format) and, with a reasoning parser
     (serve.reasoning), whether the output starts thinking: then the grammar applies after the reasoning ends, as
@@ -108,7 +112,7 @@ def chat_inputs(limits: Limits, tokenizer, body, parser=None) -> ChatInputs:
     plan = ToolPlan.of(body)
     messages, options = template_messages(body), body.template_options()
     prompt = chat_prompt(limits, tokenizer, messages, plan.tools, options)
-    grammar = output_grammar(tokenizer, limits.eos_ids, body, plan.schema)  # a required call: its schema
+    grammar = output_grammar(tokenizer, limits.eos_ids, body, plan.schema, tenant)  # a required call: its schema
     thinking = False
     if parser is not None:
         opening = generation_prompt(tokenizer, messages, _template_args(plan.tools, options))
@@ -118,10 +122,12 @@ def chat_inputs(limits: Limits, tokenizer, body, parser=None) -> ChatInputs:
 
 
 # -- what the output must follow -------------------------------------------------------------------------------------
-def output_grammar(tokenizer, eos_ids: frozenset[int], body, tool_schema: dict | None = None) -> str | None:
+def output_grammar(tokenizer, eos_ids: frozenset[int], body, tool_schema: dict | None = None,
+                   tenant: str = "") -> str | None:
     """The llguidance grammar a request's output must follow (None: free text): a required or named tool call's
     schema, else `structured_outputs` (or its `guided_*` alias), else `response_format`'s. Compiled here (cached
-    for the engine), so a bad schema, regex or grammar is a 400 naming its field."""
+    for the engine, charged to `tenant`), so a bad schema, regex or grammar is a 400 naming its field and a
+    full grammar budget a 429."""
     from ortlora.runtime import constraints
 
     structured = getattr(body, "structured_outputs", None)
@@ -138,9 +144,11 @@ def output_grammar(tokenizer, eos_ids: frozenset[int], body, tool_schema: dict |
             if fmt is None or fmt.type == "text":
                 return None
             grammar = constraints.json_schema_grammar(fmt.json_schema.schema_ if fmt.type == "json_schema" else None)
-        constraints.check(grammar, tokenizer, eos_ids)
+        constraints.check(grammar, tokenizer, eos_ids, tenant)
     except constraints.GrammarError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from None
+    except constraints.GrammarBudget as exc:
+        raise APIError(429, str(exc), param=param) from None
     return grammar
 
 
