@@ -5,8 +5,10 @@ Files are registered by file stem (`acme-support.onnx_adapter` -> `acme-support`
 without being opened, so thousands cost nothing until used; one dropped into the folder later is found on first
 use. A PEFT folder is converted on first use and cached in `.ortlora-cache/` (see `ortlora.adapters.cached`). Names are a
 conservative charset with no separators, and a path (given by a caller or found by discovery) must resolve,
-symlinks followed, to a regular file inside the folder. This class only names and places files: what an adapter
-is, loads and holds is `ortlora.runtime.adapters.Adapters`' business (its only user).
+symlinks followed, to a regular file inside the folder. Listing costs no file I/O per name: the folder is scanned
+when it opens and again only when its own modification time says that entries came or went (`changed`), so a
+listing of thousands stays one stat. This class only names and places files: what an adapter is, loads and holds is
+`ortlora.runtime.adapters.Adapters`' business (through `ortlora.runtime.registry.AdapterRegistry`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -26,6 +29,9 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
 STALE_UPLOAD_S = 300.0
 CACHE = ".ortlora-cache"
+# a folder changed this recently may change again within its timestamp's granularity (git's "racy" entries): its
+# next listing scans again rather than trusting an unchanged modification time
+RACY_NS = 2_000_000_000
 
 
 def check_name(name: object) -> str:
@@ -53,12 +59,15 @@ class AdapterDirectory:
         self._added: set[str] = set()  # registered by a caller (kept by refresh)
         self._lock = threading.Lock()
         self.skipped: list[str] = []
+        self._scanned_mtime: int | None = None  # the folder's st_mtime_ns when it was last scanned
+        self._racy = True
         # uploads a killed process left half-written (another process's upload in progress keeps touching its own)
         self.removed = remove_stale_temps(self.root, grace=STALE_UPLOAD_S)
         self._discover()
 
     def _discover(self) -> None:
         found, skipped = {}, []
+        mtime = self._mtime()
         with os.scandir(self.root) as it:
             for entry in it:
                 if entry.name.startswith("."):
@@ -78,6 +87,18 @@ class AdapterDirectory:
                     skipped.append(f"{entry.name}: {exc}")
         self._paths.update(found)
         self.skipped = skipped
+        self._scanned_mtime = mtime
+        self._racy = mtime is None or time.time_ns() - mtime < RACY_NS
+
+    def _mtime(self) -> int | None:
+        try:
+            return os.stat(self.root).st_mtime_ns
+        except OSError:
+            return None
+
+    def changed(self) -> bool:
+        """Whether entries may have come or gone since the last scan (one stat of the folder itself)."""
+        return self._racy or self._mtime() != self._scanned_mtime
 
     def refresh(self) -> None:
         """Rescan the folder: files added since are registered, files gone are forgotten (names unregistered by a
@@ -114,6 +135,17 @@ class AdapterDirectory:
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
+
+    def entry(self, name: str) -> tuple[str, bool] | None:
+        """(path relative to the folder, registered by a caller rather than found in the folder) of a listed name,
+        from memory: no file I/O (`path` checks the file)."""
+        with self._lock:
+            path = self._paths.get(name)
+            added = name in self._added
+        if path is None:
+            return None
+        text, prefix = str(path), str(self.root) + os.sep
+        return (text[len(prefix):] if text.startswith(prefix) else self.relative(path)), added
 
     def path(self, name: str) -> Path:
         """The file of adapter `name`, checked again now (it may have been replaced by a symlink since)."""

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ortlora.errors import AdapterNotFound, OrtloraError
+from ortlora.runtime.sources import is_url
 from ortlora.serve import openai_compat as compat
 from ortlora.serve import playground
 from ortlora.serve import protocol as P
@@ -38,7 +39,8 @@ log = logging.getLogger("ortlora.serve")
 _bearer = HTTPBearer(auto_error=False, description="API key (any, or none, when the server runs without --tenants)")
 _ERRORS = {code: {"model": P.ErrorResponse, "description": text} for code, text in (
     (400, "invalid request"), (401, "missing or unknown API key"), (404, "no such model or adapter"),
-    (413, "request body too large"), (429, "queue full: retry later"), (503, "shutting down"))}
+    (413, "request body too large"), (429, "queue full: retry later"),
+    (503, "shutting down, or an adapter's source did not answer"))}
 # OpenAPI 3.1: an event stream's `schema` describes one event; each `data` is a JSON chunk, the last `[DONE]`
 _SSE = {"content": {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"], "properties": {
@@ -170,7 +172,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         403: {"model": P.ErrorResponse, "description": "not an admin key"},
         409: {"model": P.ErrorResponse, "description": "name taken"}})
     async def vllm_load(spec: P.VLLMLoadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
-        await run_in_threadpool(engine.register_adapter, spec.lora_name, spec.lora_path)
+        path, url = (None, spec.lora_path) if is_url(spec.lora_path) else (spec.lora_path, None)
+        await run_in_threadpool(engine.register_adapter, spec.lora_name, path, url)
         return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", tags=["adapters"], responses={404: _ERRORS[404]})
@@ -189,14 +192,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
 
     @app.get("/v1/adapters", response_model=P.AdapterList, tags=["adapters"])
     def list_adapters(tenant: Tenant = Depends(authenticate)) -> P.AdapterList:
-        infos = []
-        for name in engine.adapter_names():
-            if tenant.may_use(name):
-                try:
-                    infos.append(engine.adapter_info(name))
-                except AdapterNotFound:  # its file went away (or now escapes the folder) since it was listed
-                    pass
-        return P.AdapterList(data=infos)
+        return P.AdapterList(data=engine.adapter_infos([n for n in engine.adapter_names() if tenant.may_use(n)]))
 
     @app.post("/v1/adapters", response_model=P.AdapterInfo, tags=["adapters"], openapi_extra={"requestBody": upload_body},
               responses={403: {"model": P.ErrorResponse, "description": "not an admin key"},
@@ -209,7 +205,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                 spec = P.LoadAdapterRequest.model_validate_json(await request.body())
             except ValidationError as exc:
                 raise validation_error(exc.errors()) from None
-            await run_in_threadpool(engine.register_adapter, spec.name, spec.path)
+            await run_in_threadpool(engine.register_adapter, spec.name, spec.path, spec.url)
             return engine.adapter_info(spec.name)
         if ctype == "multipart/form-data":
             async with request.form(max_files=1, max_fields=2) as form:
@@ -218,7 +214,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                     raise APIError(400, "multipart upload needs a `name` field and a `file` part")
                 await run_in_threadpool(engine.upload_adapter, name, upload.file)
             return engine.adapter_info(name)
-        raise APIError(415, "send application/json {name, path} or multipart/form-data with name and file")
+        raise APIError(415, "send application/json {name, path} or {name, url}, or multipart/form-data with name "
+                            "and file")
 
     @app.delete("/v1/adapters/{name}", tags=["adapters"], responses={404: _ERRORS[404]})
     def delete_adapter(name: str, tenant: Tenant = Depends(admin)) -> dict[str, object]:
@@ -276,7 +273,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OrtloraError)
     async def _ortlora(request: Request, exc: OrtloraError):
         status = status_of(exc)
-        return respond(status, str(exc), headers={"Retry-After": "1"} if status == 429 else None)
+        return respond(status, str(exc), headers={"Retry-After": "1"} if status in (429, 503) else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, GenerationError,
-                            OrtloraError)
+from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, AdapterUnavailable,
+                            GenerationError, OrtloraError)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -50,7 +50,7 @@ def status_of(exc: BaseException) -> int:
         return exc.status
     if isinstance(exc, (QueueFull, AdapterBusy)):
         return 429
-    if isinstance(exc, ShuttingDown):
+    if isinstance(exc, (ShuttingDown, AdapterUnavailable)):  # an adapter's source did not answer: retry later
         return 503
     if isinstance(exc, AdapterNotFound):
         return 404

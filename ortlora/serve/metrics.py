@@ -134,6 +134,7 @@ class Histogram(_Metric):
 
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LOAD = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -147,9 +148,20 @@ class Metrics:
         self.prompt_tokens = Counter("ortlora_prompt_tokens", "prompt tokens prefilled")
         self.generation_tokens = Counter("ortlora_generation_tokens", "tokens generated")
         self.adapter_requests = Counter("ortlora_adapter_requests", "generation requests per adapter", ("adapter",))
-        self.adapter_loads = Counter("ortlora_adapter_loads", "adapters loaded from disk into the store")
-        self.adapter_cache_hits = Counter("ortlora_adapter_cache_hits", "requests whose adapter was already loaded")
-        self.adapter_evictions = Counter("ortlora_adapter_evictions", "adapters evicted from the store (LRU)")
+        self.adapter_loads = Counter("ortlora_adapter_loads", "adapter versions loaded from their source (files, "
+                                     "URLs) into memory")
+        self.adapter_load_seconds = Histogram("ortlora_adapter_load_seconds", "time to fetch, read and check one "
+                                              "adapter", _LOAD)
+        self.adapter_cache_hits = Counter("ortlora_adapter_cache_hits", "requests whose adapter was already loaded",
+                                          ("tenant",))
+        self.adapter_cache_misses = Counter("ortlora_adapter_cache_misses", "requests whose adapter was loaded for "
+                                            "them (cold)", ("tenant",))
+        self.adapter_evictions = Counter("ortlora_adapter_evictions", "adapter versions let go, by reason: lru, "
+                                         "tenant_share (evicted for room), replaced, unregistered, source_changed; "
+                                         "idle, component_gone (scaled or combined adapters)", ("reason",))
+        self.loaded_adapter_bytes = Gauge("ortlora_loaded_adapter_bytes", "bytes of adapter weights in memory")
+        self.adapter_disk_cache_bytes = Gauge("ortlora_adapter_disk_cache_bytes", "bytes of adapters fetched by URL "
+                                              "kept on local disk")
         self.finished = Counter("ortlora_requests_finished", "generation requests finished", ("reason",))
         self.decode_steps = Counter("ortlora_decode_steps", "batched decode steps run")
         self.prefills = Counter("ortlora_prefill_steps", "prefill steps run")

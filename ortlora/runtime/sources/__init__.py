@@ -65,7 +65,8 @@ def open_source(spec: str, cache: AdapterCache | None = None, *, name: str | Non
         if path.is_dir():
             return DirectorySource(AdapterDirectory(path, reserved), refresh_s)
         if path.suffix.lower() not in INDEX_SUFFIXES:
-            raise AdapterError(f"adapter source {spec}: not a folder, an index file (.json, .toml) or a URL")
+            what = "no such folder" if not path.exists() else "not a folder, an index file (.json, .toml) or a URL"
+            raise AdapterError(f"adapter source {spec}: {what}")
     if cache is None:
         raise AdapterError(f"adapter source {safe_url(spec)} needs an adapter cache folder")
     backends = backends or Backends(storage_options)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from ortlora.adapters.cached import PEFT_FILES
+from ortlora.errors import AdapterNotFound
 from ortlora.runtime.adapter_dir import AdapterDirectory
 
 REFRESH_S = 60.0  # how old a listing may be before `names()` lists again
@@ -44,6 +45,8 @@ class AdapterSource(Protocol):
 
     def names(self) -> list[str]: ...
 
+    def __contains__(self, name: str) -> bool: ...  # as cheap as `names()`: no request, no scan
+
     def locate(self, name: str) -> Located: ...
 
     def refresh(self) -> None: ...
@@ -61,10 +64,22 @@ class DirectorySource:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
+        """The folder's names, scanned again only when its modification time changed (one stat per call) or the
+        listing is older than `refresh_s` (a PEFT folder whose files arrived after the folder itself)."""
         with self._lock:
-            if time.monotonic() - self._listed >= self.refresh_s:
+            if self.directory.changed() or time.monotonic() - self._listed >= self.refresh_s:
                 self.refresh()
         return self.directory.names()
+
+    def __contains__(self, name: str) -> bool:
+        """Listed, or dropped into the folder since (two stats, for a name not listed)."""
+        if self.directory.entry(name) is not None:
+            return True
+        try:
+            self.directory.path(name)
+        except AdapterNotFound:
+            return False
+        return True
 
     def locate(self, name: str) -> Located:
         path = self.directory.path(name)  # AdapterNotFound
@@ -76,7 +91,8 @@ class DirectorySource:
 
 
 def local_version(path: Path) -> str:
-    """Size and modification time of a file, or of a PEFT folder's files."""
+    """Inode, size and modification time of a file, or of a PEFT folder's files ('' when there is none): a file
+    replaced by a rename or rewritten in place is another version."""
     files = [path / f for f in PEFT_FILES] if path.is_dir() else [path]
     parts = []
     for f in files:
@@ -84,5 +100,6 @@ def local_version(path: Path) -> str:
             st = f.stat()
         except OSError:
             continue
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}" if path.is_dir() else f"{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{f.name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" if path.is_dir()
+                     else f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
     return ";".join(parts)

@@ -48,6 +48,12 @@ class RemoteAdapter:
     def names(self) -> list[str]:
         return [self.target.name]
 
+    def __contains__(self, name: str) -> bool:
+        return name == self.target.name
+
+    def target_of(self, name: str) -> Target | None:
+        return self.target if name == self.target.name else None
+
     def locate(self, name: str) -> Located:
         if name != self.target.name:
             raise AdapterNotFound(f"adapter {name!r} does not exist")
@@ -107,6 +113,15 @@ class _Listed:
     def names(self) -> list[str]:
         self._refresh_if_stale()
         return sorted(self._targets)
+
+    def __contains__(self, name: str) -> bool:
+        if name not in self._targets:
+            self._refresh_if_stale()
+        return name in self._targets
+
+    def target_of(self, name: str) -> Target | None:
+        """Where a listed name is (no request)."""
+        return self._targets.get(name)
 
     def locate(self, name: str) -> Located:
         target = self._targets.get(name)
