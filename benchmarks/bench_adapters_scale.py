@@ -63,10 +63,11 @@ def prepare(args) -> tuple[Path, dict[str, Path], Path, list[str]]:
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        model = work / "tiny-llama"
+    if args.tiny:  # head_dim 64: vLLM-CPU's attention kernels refuse 16
+        model = work / "tiny-llama-hd64"
         if not (model / "config.json").is_file():
-            build_model(model, "llama", num_hidden_layers=2)
+            build_model(model, "llama", num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                        num_attention_heads=4, num_key_value_heads=2)
     else:
         model = qwen25_05b(Path(args.source or work) / "qwen2.5-0.5b-random")
     names = [f"a{i}" for i in range(args.adapters)]
@@ -370,8 +371,10 @@ def vllm(args, peft_root, names, model, results) -> None:
     for label, models in (("8", [names[order[k % 8]] for k in ranks]),
                           (str(len(names)), [names[order[k]] for k in ranks])):
         port = free_port()
+        context = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 2048)
         env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_PLUGINS": "lora_filesystem_resolver",
-               "VLLM_LORA_RESOLVER_CACHE_DIR": str(peft_root), "LOG": str(work / f"vllm-{label}.log")}
+               "VLLM_LORA_RESOLVER_CACHE_DIR": str(peft_root), "LOG": str(work / f"vllm-{label}.log"),
+               "MAX_MODEL_LEN": str(min(2048, context))}
         cmd = ["bash", str(tool / "serve.sh"), str(venv), str(model), str(port), args.vllm_dtype, "--enable-lora",
                "--max-loras", str(args.concurrency), "--max-lora-rank", "16", "--max-cpu-loras",
                str(max(args.max_loaded, args.concurrency)), "--max-num-seqs", str(args.concurrency)]
@@ -537,7 +540,7 @@ def main() -> None:
     for part in args.parts:
         if part == "traffic":
             traffic(args, folders, peft_root, names, results)
-        elif part == "vllm" and not args.tiny:
+        elif part == "vllm":
             vllm(args, peft_root, names, model, results)
         elif part == "listing":
             listing(args, folders, peft_root, names, results)
