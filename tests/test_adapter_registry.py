@@ -262,3 +262,11 @@ def test_a_version_that_passed_the_probe_is_not_probed_again_after_an_eviction(t
     (root / "a.onnx_adapter").write_bytes(adapter_bytes(tmp_path, 5))
     adapters.release(adapters.acquire("a"))
     assert len(probed) == 3
+
+
+def test_without_shares_the_loaded_set_is_one_plain_lru():
+    """A Ray replica's loaded set mirrors its router's plain LRU (tenants do not change the choice)."""
+    s = LoadedSet(capacity=4, shares=False)
+    for n, t in (("b0", "B"), ("b1", "B"), ("a0", "A"), ("a1", "A")):
+        s.add(n, t)
+    assert s.victim("A", lambda n: True) == ("b0", "lru") and s.victim("B", lambda n: True) == ("b0", "lru")

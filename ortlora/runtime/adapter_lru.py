@@ -24,11 +24,13 @@ from typing import Callable, Iterator, Sequence
 
 
 class LoadedSet:
-    """Not thread-safe: its owner's lock guards it. `pins`: adapter names or shell-style patterns."""
+    """Not thread-safe: its owner's lock guards it. `pins`: adapter names or shell-style patterns. `shares` False:
+    one plain LRU whatever the tenants (a Ray replica, whose router keeps a plain LRU of the same adapters)."""
 
-    def __init__(self, capacity: int | None = None, pins: Sequence[str] = ()):
+    def __init__(self, capacity: int | None = None, pins: Sequence[str] = (), shares: bool = True):
         self.capacity = capacity
         self.pins = tuple(pins)
+        self.shares = shares
         self._order: OrderedDict[str, str] = OrderedDict()  # name -> owning tenant, least recently used first
         self._held: dict[str, int] = {}  # tenant -> unpinned adapters it owns
         self._pinned: set[str] = set()
@@ -38,6 +40,7 @@ class LoadedSet:
 
     def add(self, name: str, tenant: str = "") -> None:
         """`name` is loaded now, used by `tenant` (also: used again)."""
+        tenant = tenant if self.shares else ""
         self.remove(name)
         self._order[name] = tenant
         if self.is_pinned(name):
@@ -47,6 +50,7 @@ class LoadedSet:
 
     def touch(self, name: str, tenant: str = "") -> None:
         """`tenant` used loaded adapter `name`: the most recently used, and `tenant`'s."""
+        tenant = tenant if self.shares else ""
         if self._order.get(name) == tenant:
             self._order.move_to_end(name)
         else:
@@ -81,6 +85,7 @@ class LoadedSet:
         candidates = [n for n in self._order if n not in self._pinned and idle(n)]
         if not candidates:
             return None
+        tenant = tenant if self.shares else ""
         share = self.share(tenant)
         held = self._held
         over = [n for n in candidates if held[o := self._order[n]] + (o == tenant) > share]

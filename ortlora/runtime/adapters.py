@@ -62,13 +62,13 @@ class Adapters:
     sources. `probe(params) -> logits` runs one short input through the model with an adapter's tensors; `pool`
     holds the adapters of mixed batches (the engine places them in it on its own thread; unload events, queued to
     that thread, take them out). `capacity`: loaded adapters kept (None: no bound); `pins`: names or patterns that
-    stay loaded once loaded (`load_pins` loads them)."""
+    stay loaded once loaded (`load_pins` loads them); `tenant_shares` False: one plain LRU for all tenants."""
 
     def __init__(self, lora_inputs: Mapping[str, LoraInput], *, capacity: int | None = None,
                  directory: str | Path | None = None, registry: AdapterRegistry | None = None,
                  reserved: tuple[str, ...] = (), probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
                  pool: AdapterPool | None = None, base: Callable[[str], np.ndarray] | None = None,
-                 pins: Sequence[str] = (), revalidate_s: float | None = REVALIDATE_S):
+                 pins: Sequence[str] = (), revalidate_s: float | None = REVALIDATE_S, tenant_shares: bool = True):
         if capacity is not None and capacity < 1:
             raise AdapterError(f"adapter capacity must be at least 1, got {capacity}")
         if registry is None:
@@ -82,7 +82,7 @@ class Adapters:
         self.pool = pool
         self.base = base  # module -> base weight [out, in]: what scaling a DoRA adapter needs
         self.revalidate_s = revalidate_s
-        self.lru = LoadedSet(capacity, pins)
+        self.lru = LoadedSet(capacity, pins, tenant_shares)
         self._loaded: dict[str, Adapter] = {}  # name -> current version in memory (its LRU order: self.lru)
         self._retiring: dict[int, Adapter] = {}  # uid -> replaced or unregistered version still held
         self._failed: dict[str, tuple[str, str]] = {}  # name -> (version, why): a bad file is not read again
@@ -297,7 +297,8 @@ class Adapters:
         while self.lru.full():
             found = self.lru.victim(tenant, lambda n: not self._loaded[n].refs)
             if found is None:
-                if any(not a.refs for n, a in self._loaded.items() if not self.lru.is_pinned(n)):
+                idle = any(not a.refs for n, a in self._loaded.items() if not self.lru.is_pinned(n))
+                if self.lru.shares and idle:
                     raise AdapterBusy(f"cannot load adapter {for_name!r} now: its tenant holds its share "
                                       f"({self.lru.share(tenant)}) of the {self.capacity} loaded adapters, all in "
                                       "use by its running generations; retry when one ends")

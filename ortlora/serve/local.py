@@ -27,7 +27,8 @@ from ortlora.serve.scheduler import Job, Scheduler
 class LocalEngine:
     """Implements `ortlora.serve.engine_client.EngineClient` on this process's engine thread."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, *, tenant_shares: bool = True):
+        """`tenant_shares` False: the loaded adapters are one plain LRU (a Ray replica: see replica.py)."""
         self.config = config
         max_len = config.max_model_len or min(DEFAULT_MAX_LEN, ModelInfo.read(config.model).context_length)
         # KV cache: [slots, kv_heads, max_len, head_dim] per layer, reserved up front, touched as it fills
@@ -44,7 +45,8 @@ class LocalEngine:
         self.metrics = Metrics(config.max_batch)
         self.registry = config.adapter_registry(reserved=(model_name,))
         self.adapters = Adapters.for_engine(self.engine, capacity=config.max_loaded_adapters, registry=self.registry,
-                                            pins=config.pin, revalidate_s=config.adapter_revalidate)
+                                            pins=config.pin, revalidate_s=config.adapter_revalidate,
+                                            tenant_shares=tenant_shares)
         self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=config.prefill_chunk),
                                    self.tokenizer, eos_ids, self.metrics, max_queue=config.max_queue,
                                    release=self.adapters.release, base_label=model_name)

@@ -76,7 +76,9 @@ class EngineReplica:
     def __init__(self, config: ServeConfig):
         from ortlora.serve.local import LocalEngine
 
-        self.engine = LocalEngine(config)
+        # a plain LRU, as multiplexing's: the router sends an adapter's requests where its LRU says the adapter
+        # is, so the engine keeps the same adapters (tenant shares would keep others than the router believes)
+        self.engine = LocalEngine(config, tenant_shares=False)
         self.engine.start()
         self.name = serve.get_replica_context().replica_id.unique_id
         self._origins: dict[str, Origin] = {}  # adapter -> the registration this replica serves
