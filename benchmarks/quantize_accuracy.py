@@ -5,7 +5,12 @@ adapter on other text; both are exported to fp32, then quantized each way and sc
 (perplexity, top-1 agreement and KL against fp32 on held-out text, with and without the adapter).
 
     python benchmarks/quantize_accuracy.py                 # ~5-10 min on 2 busy cores
+    python benchmarks/quantize_accuracy.py --configs "rtn b32,gptq b32,int8"   # a subset (substrings of names)
     python benchmarks/quantize_accuracy.py --big           # + peak memory / time on a Qwen2.5-0.5B-shaped model
+
+int8 rows: `--precision int8` (weights per output channel, activations per row), and for comparison the same
+weights with one activation scale per call (DynamicQuantizeMatMul; not something ortlora writes): each report
+window is one call, so its positions share that scale as a prompt's would.
 
 Tiny vocabulary caveat: the tokenizer has 320 tokens, so the LM head and embeddings are a small share of this
 model (on real models they are 10-30 %); their rows measure the per-weight error they add, not their size share.
@@ -35,8 +40,32 @@ CONFIGS = [
     dict(name="gptq b32 lm_head float", algorithm="gptq", block_size=32, lm_head=False, data=True),
     dict(name="gptq b64", algorithm="gptq", block_size=64, data=True),
     dict(name="gptq b128", algorithm="gptq", block_size=128, data=True),
-    dict(name="int8 rtn b32", precision="int8", algorithm="rtn", block_size=32),
+    dict(name="int8", precision="int8", algorithm="rtn", block_size=32),
+    dict(name="int8 per-tensor activations", precision="int8", algorithm="rtn", block_size=32, per_tensor=True),
 ]
+
+
+def per_tensor_variant(folder: Path, out: Path) -> Path:
+    """`folder` (an int8 export) with every per-row activation quantization replaced by DynamicQuantizeMatMul's one
+    scale per call: x -> DynamicQuantizeMatMul(x, W int8, scales). Everything else, weights included, is shared."""
+    import onnx
+    from onnx import helper
+
+    shutil.copytree(folder, out)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    nodes = []
+    for node in proto.graph.node:
+        if "/int8/" in node.name:
+            continue  # the per-row quantization chains
+        if node.op_type == "MatMulIntegerToFloat":
+            x = node.input[0].rsplit("/int8/", 1)[0]
+            node = helper.make_node("DynamicQuantizeMatMul", [x, node.input[1], node.input[3]], list(node.output),
+                                    name=node.name, domain="com.microsoft")
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    (out / "model.onnx").write_bytes(proto.SerializeToString())
+    return out
 
 
 def build(root: Path, hidden: int, layers: int, steps: int) -> tuple[Path, Path, Path]:
@@ -61,18 +90,22 @@ def build(root: Path, hidden: int, layers: int, steps: int) -> tuple[Path, Path,
     return folder, root / "adapter", root / "data.txt"
 
 
-def run_configs(root: Path, folder: Path, adapter: Path, data: Path, seq_len: int) -> list[dict]:
+def run_configs(root: Path, folder: Path, adapter: Path, data: Path, seq_len: int, configs: list[dict]) -> list[dict]:
     from ortlora.quantize import REPORT, quantize
 
     rows = []
-    for c in CONFIGS:
+    for c in configs:
         out = root / "q" / c["name"].replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
         quantize(folder, out, precision=c.get("precision", "int4"), algorithm=c["algorithm"],
                  block_size=c["block_size"], symmetric=c.get("symmetric", False), lm_head=c.get("lm_head", True),
                  embeddings=c.get("embeddings", False), data=data, adapter_path=[adapter], seq_len=seq_len,
                  calib_samples=16, eval_samples=16, progress=False)
         r = json.loads((out / REPORT).read_text())
+        if c.get("per_tensor"):
+            r["results"] = rescore(folder, per_tensor_variant(out, root / "q" / "per_tensor"), adapter, data, seq_len)
+            shutil.rmtree(root / "q" / "per_tensor")
         base, ad = r["results"]
         rows.append({"config": c["name"], "seconds": round(time.perf_counter() - t, 1),
                      "size_ratio": r["size_bytes"]["ratio"], "after_bytes": r["size_bytes"]["after"],
@@ -87,6 +120,20 @@ def run_configs(root: Path, folder: Path, adapter: Path, data: Path, seq_len: in
               f"{x['ppl_q_adapter']:.3f} top1 {100 * x['top1_adapter']:5.1f}% KL {x['kl_adapter']:.4f}  "
               f"({x['seconds']}s)", flush=True)
     return rows
+
+
+def rescore(reference: Path, folder: Path, adapter: Path, data: Path, seq_len: int) -> list[dict]:
+    """The report's comparison (same held-out windows: after the 16 calibration ones) for a folder quantize did not
+    write."""
+    from ortlora.adapters import adapter_feeds
+    from ortlora.model_folder import load_model_proto, model_lora_inputs
+    from ortlora.quantize.data import load_text, token_windows
+    from ortlora.quantize.evaluate import Runner, compare
+
+    windows = token_windows(reference, load_text(data), seq_len, 16 + 16)[16:]
+    feeds = adapter_feeds(adapter, model_lora_inputs(load_model_proto(reference)), model=reference)
+    ref, q = Runner(reference), Runner(folder)
+    return [{"adapter": None, **compare(ref, q, windows)}, {"adapter": str(adapter), **compare(ref, q, windows, feeds)}]
 
 
 def _peak_run(args: list[str]) -> tuple[float, int]:
@@ -130,12 +177,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--big", action="store_true")
+    p.add_argument("--configs", default=None, help="comma-separated substrings of the configurations' names")
     a = p.parse_args()
+    configs = [c for c in CONFIGS if not a.configs or any(s.strip() in c["name"] for s in a.configs.split(","))]
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
     folder, adapter, data = build(root, a.hidden, a.layers, a.steps)
     results = {"model": dict(hidden=a.hidden, layers=a.layers, steps=a.steps), "rows": run_configs(
-        root, folder, adapter, data, a.seq_len)}
+        root, folder, adapter, data, a.seq_len, configs)}
     if a.big:
         results["big"] = big(root)
     (root / "results.json").write_text(json.dumps(results, indent=2))

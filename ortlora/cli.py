@@ -9,6 +9,15 @@ A CLI module that sets `PASSTHROUGH = True` gets the flags its parser does not k
 Hugging Face TrainingArguments flags, as `olive finetune` passes them through).
 SIGTERM stops a command as Ctrl-C does (an exception), so the temporaries of atomic writes are removed either
 way.
+
+Failures, the same for every command (one handler, in `main`):
+- a command line argparse refuses (unknown flag, missing or out-of-range value, no command): one line
+  `ortlora CMD: error: ...` (the usage for `ortlora` alone), exit 2, argparse's convention for usage errors;
+- an error the user can cause once the command runs (an `OrtloraError`, or an `OSError` of a file the command
+  reads or writes: missing, not a folder, no permission, disk full, read-only): one line `ortlora CMD: error: ...`,
+  exit 1; `--debug` (or ORTLORA_DEBUG=1) shows its traceback instead;
+- anything else is a bug in ortlora: its traceback, with a note asking for a report (exit 1);
+- Ctrl-C exits 130, SIGTERM 143, a closed stdout (`| head`) 141, each without a traceback.
 """
 
 from __future__ import annotations
@@ -73,9 +82,19 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line: a command's full usage (Olive's flags included) is a
+    screenful that would hide the line that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ortlora", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ortlora", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ortlora {__version__}")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,  # absent unless given
+                        help="show the traceback of an error too (as ORTLORA_DEBUG=1 does), for a bug report")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         aliases = [a for a, target in ALIASES.items() if target == name]
@@ -90,21 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     command = ALIASES.get(command, command)
-    parser = build_parser(command)
-    if command not in COMMANDS:
-        parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[command][0])
-    if getattr(module, "PASSTHROUGH", False):
-        args, args._extra = parser.parse_known_args(argv)
-    else:
-        args = parser.parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    module = importlib.import_module(COMMANDS[command][0]) if command in COMMANDS else None
+    try:
+        if getattr(module, "PASSTHROUGH", False):
+            args, args._extra = parser.parse_known_args(argv)
+        else:
+            args = parser.parse_args(argv)
+    except SystemExit as exc:  # -h, --version (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if module is None:  # `ortlora` alone (an unknown command is a usage error above)
+        parser.print_help(sys.stderr)
+        print("ortlora: error: give a command (`ortlora COMMAND -h` lists its options)", file=sys.stderr)
+        return 2
+    debug = vars(args).pop("debug", False) or os.environ.get("ORTLORA_DEBUG", "") not in ("", "0")
     try:
         with _sigterm_raises():
             result = importlib.import_module(args._module).main(args)
-    except OrtloraError as exc:
-        print(f"ortlora {command}: error: {exc}", file=sys.stderr)
-        return 1
     except Terminated:
         print(f"ortlora {command}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -114,7 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`ortlora inspect ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
         return 128 + signal.SIGPIPE
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(f"ortlora {command}: this is a bug in ortlora, not a problem with the input: please "
+                             "report it with this traceback")
+            raise
+        if debug:
+            raise
+        print(f"ortlora {command}: error: {message}", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can cause (None: a bug, whose traceback is shown)."""
+    if isinstance(exc, OrtloraError):
+        return str(exc)
+    if isinstance(exc, OSError):  # a file read or written: missing, not a folder, no permission, disk full, ...
+        if exc.filename is None:
+            return exc.strerror or str(exc)
+        where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{where}: {exc.strerror or exc}"
+    return None
 
 
 if __name__ == "__main__":

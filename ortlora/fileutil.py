@@ -7,6 +7,7 @@ being replaced); `remove_stale_temps` removes what an interrupted process left u
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -35,8 +36,45 @@ _UMASK = _read_umask()
 def temp_dir(target: str | Path) -> Path:
     """A new empty folder beside `target`, named so that `remove_stale_temps` recognizes it."""
     target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+
+
+def output_problem(target: str | Path) -> str | None:
+    """Why `target` cannot be created (a file where a folder of its path should be), or None. Permissions and
+    special filesystems (/proc) are left to the write itself, which names `target` when it fails."""
+    blocking = _blocking_file(Path(target).absolute())
+    return None if blocking is None else f"{target}: {blocking} is a file, not a folder"
+
+
+def _blocking_file(target: Path) -> Path | None:
+    for parent in target.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+# errors of a write that name no file (or the temporary): they are about the output being written
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _naming(target: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Re-raise an OSError of creating or writing `target`'s temporary as the same error about `target` itself:
+    the user named `target`, never `.<name>.<random>.tmp` (type and errno stay, for callers that map them)."""
+    try:
+        yield
+    except OSError as exc:
+        name = exc.filename
+        about_tmp = name is not None and tmp is not None and (Path(name) == tmp or tmp in Path(name).parents)
+        if tmp is not None and not about_tmp and not (name is None and exc.errno in _WRITE_ERRNOS):
+            raise  # an input's error (or one of the caller's own): it names its file already
+        blocking = _blocking_file(target) if tmp is None else None
+        if blocking is not None:
+            raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a folder", str(target)) from exc
+        verb = "cannot create it" if tmp is None else "cannot write it"
+        raise type(exc)(exc.errno, f"{verb}: {exc.strerror or exc}", str(target)) from exc
 
 
 @contextlib.contextmanager
@@ -49,15 +87,16 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise FileExistsError(f"{target} exists")
     tmp = temp_dir(target)
     try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: give the folder the mode mkdir would
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        with _naming(target, tmp):
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: give the folder the mode mkdir would
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -67,14 +106,16 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success it is renamed onto `target`, on any error removed."""
     target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: give the file the mode open() would
-        os.replace(tmp, target)
+        with _naming(target, tmp):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600: give the file the mode open() would
+            os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -14,6 +14,7 @@ Readers go through paths only (`is_file`, `read_text`), so a folder whose files 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from ortlora import __version__, naming
 from ortlora.config import ModelArgs
 from ortlora.errors import ModelError, OrtloraError
-from ortlora.fileutil import write_json
+from ortlora.fileutil import output_problem, write_json
 
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
@@ -84,6 +85,9 @@ def check_output_folder(path: str | Path, flag: str = "--output_path") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OrtloraError(f"{flag} {path} is a file: the output is a folder; choose another path")
+    problem = output_problem(path)
+    if problem is not None:
+        raise OrtloraError(f"{flag} {problem}: choose another path")
     if path.is_dir() and any(path.iterdir()) and not is_model_folder(path):
         raise OrtloraError(f"{flag} {path} is a folder that holds other files (not an exported model): refusing "
                            "to replace it; choose a new or empty folder")
@@ -169,23 +173,26 @@ class ModelInfo:
         if not path.is_file():
             raise ModelError(f"{folder} has no {GENAI_CONFIG}: not an exported model folder")
         try:
-            model = json.loads(path.read_text())["model"]
-            dec = model["decoder"]
-            eos = model.get("eos_token_id", [])
-            ins, outs = dec.get("inputs", {}), dec.get("outputs", {})
-            info = cls(
-                folder=folder, filename=dec.get("filename", MODEL_FILE), num_layers=int(dec["num_hidden_layers"]),
-                kv_heads=int(dec["num_key_value_heads"]), head_dim=int(dec["head_size"]),
-                vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
-                eos_ids=tuple([eos] if isinstance(eos, int) else eos), pad_id=int(model.get("pad_token_id", 0)),
-                threads=dec.get("session_options", {}).get("intra_op_num_threads"),
-                past_key=ins.get("past_key_names", cls.past_key),
-                past_value=ins.get("past_value_names", cls.past_value),
-                present_key=outs.get("present_key_names", cls.present_key),
-                present_value=outs.get("present_value_names", cls.present_value),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # ValueError: JSONDecodeError too
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise ModelError(f"{path} is not a valid {GENAI_CONFIG}: {type(exc).__name__}: {exc}") from None
+        f = _Fields(data)
+        eos = f.get("model.eos_token_id", "ints", [])
+        info = cls(
+            folder=folder, filename=f.get("model.decoder.filename", "str", MODEL_FILE),
+            num_layers=f.get("model.decoder.num_hidden_layers", "count"),
+            kv_heads=f.get("model.decoder.num_key_value_heads", "count"),
+            head_dim=f.get("model.decoder.head_size", "count"), vocab_size=f.get("model.vocab_size", "count"),
+            context_length=f.get("model.context_length", "count"),
+            eos_ids=tuple([eos] if isinstance(eos, int) else eos or ()), pad_id=f.get("model.pad_token_id", "int", 0),
+            threads=f.get("model.decoder.session_options.intra_op_num_threads", "int", None),
+            past_key=f.get("model.decoder.inputs.past_key_names", "pattern", cls.past_key),
+            past_value=f.get("model.decoder.inputs.past_value_names", "pattern", cls.past_value),
+            present_key=f.get("model.decoder.outputs.present_key_names", "pattern", cls.present_key),
+            present_value=f.get("model.decoder.outputs.present_value_names", "pattern", cls.present_value),
+        )
+        if f.problems:
+            raise ModelError(f"{path} is not a valid {GENAI_CONFIG}: " + "; ".join(dict.fromkeys(f.problems)))
         if not (folder / info.filename).is_file():
             raise ModelError(f"{folder} has no {info.filename} (named in {GENAI_CONFIG})")
         return info
@@ -194,6 +201,46 @@ class ModelInfo:
         """(past input, present output) pairs, keys then values per layer."""
         return [(pat_in % i, pat_out % i) for i in range(self.num_layers)
                 for pat_in, pat_out in ((self.past_key, self.present_key), (self.past_value, self.present_value))]
+
+
+_REQUIRED = object()
+_KINDS = {  # kind -> (test, what the message says is expected)
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "ints": (lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in v)), "an integer or a list of integers"),
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "pattern": (lambda v: isinstance(v, str) and "%d" in v, "a name with %d for the layer"),
+}
+
+
+class _Fields:
+    """Typed reads of a JSON document by dotted path that collect every problem instead of stopping at the first
+    (onnxruntime-genai's own reader is typed too: "2" is not a layer count)."""
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.problems: list[str] = []
+
+    def get(self, dotted: str, kind: str, default: Any = _REQUIRED) -> Any:
+        node, keys = self.data, dotted.split(".")
+        for i, key in enumerate(keys):
+            if not isinstance(node, dict):
+                where = ".".join(keys[:i]) or "the file"
+                self.problems.append(f"{where} must be an object, got {json.dumps(node)[:40]}")
+                return default if default is not _REQUIRED else None
+            if key not in node:
+                if default is _REQUIRED:
+                    self.problems.append(f"{dotted} is missing")
+                return default if default is not _REQUIRED else None
+            node = node[key]
+        test, expected = _KINDS[kind]
+        if node is None and default is None:  # an optional field written as null
+            return None
+        if not test(node):
+            self.problems.append(f"{dotted} must be {expected}, got {json.dumps(node)[:40]}")
+            return default if default is not _REQUIRED else None
+        return node
 
 
 # -- ortlora.json ------------------------------------------------------------------------------------------------
@@ -269,3 +316,99 @@ def model_lora_inputs(model) -> dict[str, LoraInput]:
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         out[key] = LoraInput(vi.name, np.dtype(tensor_dtype_to_np_dtype(tt.elem_type)), dims)
     return out
+
+
+# -- checks: what stops a folder from loading, found without loading its weights -----------------------------------
+
+def folder_problems(folder: str | Path) -> list[str]:
+    """Every problem that stops the runtime (or onnxruntime-genai) from loading `folder`: genai_config.json (present,
+    with the fields and types `ModelInfo` reads), the model file (`model_file_problems`) and tokenizer.json (loads).
+    [] when the folder is usable. No weight is loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: no such model folder"]
+    problems, filename = [], MODEL_FILE
+    try:
+        filename = ModelInfo.read(folder).filename
+    except ModelError as exc:
+        problems.append(str(exc))
+    missing = f"{folder} has no {filename} (named in {GENAI_CONFIG})"
+    if (folder / filename).is_file():
+        problems += model_file_problems(folder / filename)
+    elif missing not in problems:
+        problems.append(f"{folder} has no {filename}")
+    return problems + tokenizer_problems(folder)
+
+
+def model_file_problems(path: str | Path) -> list[str]:
+    """Problems of an ONNX model file: missing, empty, not parseable, no graph, or external data that is missing,
+    outside its folder or shorter than the ranges the graph reads from it (a truncated `model.onnx.data`)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path}: no such model file"]
+    if path.stat().st_size == 0:
+        return [f"{path} is empty"]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        return [f"{path}: cannot read the ONNX model: {exc}"]
+    if not proto.graph.node:
+        return [f"{path} holds no graph (not an ONNX model)"]
+    return _external_data_problems(proto, path)
+
+
+def _external_data_problems(proto, path: Path) -> list[str]:
+    import onnx
+
+    ends: dict[str, int] = {}  # file -> the end of the furthest range the graph reads from it
+    counts: dict[str, int] = {}
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        length = int(info["length"]) if info.get("length") else _nbytes(t)
+        ends[location] = max(ends.get(location, 0), int(info.get("offset") or 0) + length)
+        counts[location] = counts.get(location, 0) + 1
+    problems = []
+    for location, end in ends.items():
+        data = path.parent / location
+        norm = os.path.normpath(location)  # lexical, as onnxruntime's check: a symlinked data file is fine
+        if not location or os.path.isabs(location) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            problems.append(f"{path} keeps weights in {location!r}, which is not a file in its folder")
+        elif not data.is_file():
+            problems.append(f"{data} is missing ({path.name} keeps {counts[location]} weights in it)")
+        elif data.stat().st_size < end:
+            problems.append(f"{data} is truncated: {data.stat().st_size} bytes, but {path.name} reads {end} "
+                            "bytes from it")
+    return problems
+
+
+def _nbytes(tensor) -> int:
+    """Bytes of a tensor's data from its type and dims (0 when the type is unknown: nothing is checked)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    n = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    try:
+        return n * np.dtype(tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def tokenizer_problems(folder: str | Path, *, required: bool = True) -> list[str]:
+    """[] when `folder`'s tokenizer.json loads (or, unless `required`, is absent); else what is wrong with it."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return [f"{folder} has no tokenizer.json (export copies it from the Hugging Face folder)"] if required else []
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        return [f"{path} cannot be loaded by the tokenizers package: {exc}"]
+    return []

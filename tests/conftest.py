@@ -49,3 +49,13 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Tiny:
     return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def quickstarted(tmp_path_factory):
+    """`ortlora quickstart`'s folder and accuracy table, built once per session (test_quickstart checks the table,
+    test_serve_quickstart serves the folders it wrote)."""
+    from ortlora.quickstart import quickstart
+
+    work = tmp_path_factory.mktemp("quickstart") / "qs"
+    return work, quickstart(work, log=print)

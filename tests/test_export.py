@@ -348,7 +348,7 @@ def test_signal_mid_export_leaves_nothing(tiny, tmp_path, sig, code):
     assert _leftovers(tmp_path) == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int4", "int8"])
 def test_streamed_weights_are_the_whole_tensors_bytes(tiny, tmp_path, monkeypatch, precision):
     """Export reads, converts, transposes and quantizes weights a block of rows at a time (its memory stays at one
     tensor, not the model): blocks of a few values give the same file, byte for byte, as blocks of whole tensors."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ortlora.cli import main as cli
+from ortlora.errors import OrtloraError
 from ortlora.generate import generate
 from test_runtime import lora, model  # noqa: F401  (module fixtures)
 
@@ -74,21 +79,33 @@ def test_errors_are_one_line(lora, capsys, tmp_path):
 
 
 def test_bad_sampling_settings_are_one_line(lora, capsys):
-    """Non-finite or out-of-range sampling settings: one error naming the setting, exit 1, no traceback."""
+    """Out-of-range sampling flags are usage errors: one line naming the flag, exit 2, no traceback; a value in range
+    that generate() cannot use is exit 1; generate() itself refuses what the flags' types refuse."""
     _, folder, _, _ = lora
     res = subprocess.run([sys.executable, "-m", "ortlora.cli", "generate", "-m", str(folder), "-p", "x",
                           "--temperature", "nan"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-    assert "temperature must be a finite number >= 0, got nan" in res.stderr
-    for flags, text in [(["--temperature", "inf"], "temperature must be a finite number"),
-                        (["--temperature", "-1"], "temperature must be a finite number >= 0, got -1"),
-                        (["--temperature", "1e-30"], "too small to sample with"),
-                        (["--temperature", "0.5", "--top-p", "nan"], "top_p must be in (0, 1], got nan"),
-                        (["--seed", "-3"], "seed must be an integer >= 0"),
-                        (["--max-new-tokens", "0"], "max_new_tokens must be at least 1")]:
-        assert cli(["generate", "-m", str(folder), "-p", "x", *flags]) == 1, flags
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr == "ortlora generate: error: argument --temperature: must be a finite number >= 0, got nan\n"
+    for flags, text in [(["--temperature", "inf"], "argument --temperature: must be a finite number >= 0, got inf"),
+                        (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got -1"),
+                        (["--top-p", "nan"], "argument --top-p: must be a finite number in (0, 1], got nan"),
+                        (["--top-p", "5"], "argument --top-p: must be a finite number in (0, 1], got 5"),
+                        (["--top-p", "0"], "argument --top-p: must be a finite number in (0, 1], got 0"),
+                        (["--top-k", "-2"], "argument --top-k: must be an integer >= 0, got -2"),
+                        (["--seed", "-3"], "argument --seed: must be an integer >= 0, got -3"),
+                        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+                        (["--threads", "-1"], "argument --threads: must be an integer >= 1, got -1")]:
+        assert cli(["generate", "-m", str(folder), "-p", "x", *flags]) == 2, flags
         assert text in capsys.readouterr().err, flags
+    assert cli(["generate", "-m", str(folder), "-p", "x", "--temperature", "1e-30"]) == 1
+    assert "too small to sample with" in capsys.readouterr().err
+    for kwargs, text in [({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+                         ({"top_p": 5.0}, "top_p must be in (0, 1], got 5"),  # greedy, but still refused
+                         ({"seed": -3}, "seed must be an integer >= 0"),
+                         ({"max_new_tokens": 0}, "max_new_tokens must be at least 1")]:
+        with pytest.raises(OrtloraError, match=re.escape(text)):
+            generate(folder, prompt="x", out=io.StringIO(), **kwargs)
 
 
 def test_example_app(lora, model):

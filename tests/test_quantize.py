@@ -142,14 +142,16 @@ def test_hessians_in_several_passes_equal_one_pass(tiny):
     src.close()
 
 
-# -- an HF checkpoint gives exactly what `export --precision int4` gives -----------------------------------
+# -- an HF checkpoint gives exactly what `export --precision int4|int8` gives ------------------------------
 
+@pytest.mark.parametrize("precision", ["int4", "int8"])
 @pytest.mark.parametrize("arch,kw", [("llama", {}), ("qwen2", {"tie_word_embeddings": True})])
-def test_hf_input_equals_export_int4(tiny, tmp_path, arch, kw):
+def test_hf_input_equals_export(tiny, tmp_path, arch, kw, precision):
     model = tiny.model(arch, **kw)
     adapter = tiny.adapter(model, "qv")
-    want = _initializers(tiny.export(model, "int4-qv", adapter_path=[adapter], precision="int4"))
-    out = quantize(model, tmp_path / "q", adapter_path=[adapter], eval_samples=1, progress=False)
+    want = _initializers(tiny.export(model, f"{precision}-qv", adapter_path=[adapter], precision=precision))
+    out = quantize(model, tmp_path / "q", precision=precision, adapter_path=[adapter], eval_samples=1,
+                   progress=False)
     got = _initializers(out)
     assert sorted(got) == sorted(want)
     for name in want:
@@ -195,9 +197,10 @@ def test_adapter_steers_quantized_model_like_fp32(trained, tmp_path, precision, 
     before, after = _lora_tensors(folder), _lora_tensors(out)
     assert after == before and len(before["defaults"]) == 12  # q, v, down_proj x 2 layers x A/B
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    ops = [(n.op_type, n.input[1]) for n in proto.graph.node if n.op_type in ("MatMul", "MatMulNBits")]
+    quantized_op = "MatMulNBits" if precision == "int4" else "MatMulIntegerToFloat"
+    ops = [(n.op_type, n.input[1]) for n in proto.graph.node if n.op_type in ("MatMul", quantized_op)]
     assert all(".lora_" in b for op, b in ops if op == "MatMul")  # only the LoRA MatMuls stay float
-    assert sum(op == "MatMulNBits" for op, _ in ops) == 15  # 7 linears x 2 layers + lm_head
+    assert sum(op == quantized_op for op, _ in ops) == 15  # 7 linears x 2 layers + lm_head
     assert json.loads((out / "ortlora.json").read_text())["precision"] == precision
     assert json.loads((out / "genai_config.json").read_text()) == json.loads((folder / "genai_config.json").read_text())
 
@@ -286,7 +289,8 @@ def test_bad_options_are_listed_together(tiny, tmp_path):
     assert "block size 48 is invalid: it must be a power of two of at least 16" in msg
     for kw, text in [(dict(block_size=8), "block size 8 is invalid"), (dict(block_size=0), "block size 0"),
                      (dict(algorithm="gptq"), "gptq needs calibration text"),
-                     (dict(algorithm="hqq", precision="int8"), "int4 only"),
+                     (dict(algorithm="hqq", precision="int8"), "hqq is an int4 algorithm"),
+                     (dict(algorithm="gptq", precision="int8", data=__file__), "gptq is an int4 algorithm"),
                      (dict(precision="int8", embeddings=True), "embedding quantization"),
                      (dict(adapter_path=[tmp_path / "nope"]), "not a PEFT adapter folder")]:
         with pytest.raises(OrtloraError, match=text):

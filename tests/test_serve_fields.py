@@ -19,12 +19,6 @@ ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
 
 
-@pytest.fixture(autouse=True)
-def all_fields_honoured(monkeypatch):
-    """These tests check the fields' own rules, as the routes will see them once each is honoured."""
-    monkeypatch.setattr(P, "NOT_HONOURED_YET", set())
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     from ortlora.runtime.tokenizer import Tokenizer
@@ -82,17 +76,6 @@ def test_structured_outputs_and_guided_aliases_become_one_constraint(model, base
 def test_invalid_fields_are_400s_whose_param_names_the_field(extra, param, fragment):
     err = _error(P.ChatCompletionRequest, {"model": "m", "messages": MSGS, **extra})
     assert err.status == 400 and err.param == param and fragment in err.message, (err.param, err.message)
-
-
-def test_fields_not_honoured_yet_are_refused_not_dropped(monkeypatch):
-    monkeypatch.setattr(P, "NOT_HONOURED_YET", {"skip_special_tokens", "chat_template_kwargs", "prompt_logprobs"})
-    P.ChatCompletionRequest.model_validate({"model": "m", "messages": MSGS, "skip_special_tokens": True,
-                                            "chat_template_kwargs": {}})  # defaults are fine
-    for extra, param in (({"skip_special_tokens": False}, "skip_special_tokens"),
-                         ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
-                         ({"prompt_logprobs": 0}, "prompt_logprobs")):
-        err = _error(P.ChatCompletionRequest, {"model": "m", "messages": MSGS, **extra})
-        assert err.param == param and "not supported" in err.message
 
 
 def test_output_grammar_compiles_each_kind_and_a_bad_one_is_a_400_naming_its_field(tok):

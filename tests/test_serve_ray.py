@@ -203,11 +203,30 @@ MATRIX = [
                               "top_logprobs": 2, "response_format": {"type": "json_object"}}),
     ("/v1/chat/completions", {"model": "base", "messages": CHAT, "max_tokens": 8, "temperature": 0,
                               "adapters": [{"name": "a2", "weight": 1.0}], "adapter_scale": 0.25}),
+    # vLLM's fields (prompt_logprobs only unstreamed: streamed it is a 400)
+    ("/v1/completions", {**_greedy("a2", PROMPTS[0]), "prompt_logprobs": 2, "echo": True, "logprobs": 1,
+                         "return_tokens_as_token_ids": True}),
+    ("/v1/chat/completions", {"model": "a4", "messages": CHAT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                              "chat_template_kwargs": {"enable_thinking": False}, "skip_special_tokens": False,
+                              "include_stop_str_in_output": True, "stop": ["e"], "prompt_logprobs": 1}),
+    ("/v1/chat/completions", {"model": "a1", "messages": CHAT, "max_tokens": 20, "temperature": 0,
+                              "structured_outputs": {"regex": "[0-9]{2,4}"}}),
+    # the Responses API: text, a required call, text.format on a weighted combination
+    ("/v1/responses", {"model": "a2", "input": "Add two and three.", "instructions": "Be brief.",
+                       "max_output_tokens": 10, "temperature": 0, "include": ["message.output_text.logprobs"],
+                       "top_logprobs": 2}),
+    ("/v1/responses", {"model": "a3", "input": CHAT, "max_output_tokens": 40, "temperature": 0,
+                       "tool_choice": "required", "tools": [{"type": "function", **ADD["function"]}]}),
+    ("/v1/responses", {"model": "base", "input": CHAT, "max_output_tokens": 30, "temperature": 0,
+                       "adapters": [{"name": "a1", "weight": 0.5}, {"name": "a4", "weight": 0.5}],
+                       "text": {"format": {"type": "json_object"}}}),
 ]
 
 
 def _answer(url: str, path: str, body: dict, stream: bool) -> object:
     """The parts of an answer that must not depend on where it ran (ids, times and call ids left out)."""
+    if path == "/v1/responses":
+        return _response(url, body, stream)
     if not stream:
         r = _post(url, path, body)
         assert r.status_code == 200, (path, body, r.text)
@@ -215,7 +234,7 @@ def _answer(url: str, path: str, body: dict, stream: bool) -> object:
         for c in out["choices"]:
             for call in (c.get("message") or {}).get("tool_calls") or ():
                 call.pop("id")
-        return out["choices"], out["usage"]
+        return out["choices"], out["usage"], out.get("prompt_logprobs")
     with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=120,
                       headers={"Authorization": f"Bearer {ADMIN}"}) as r:
         assert r.status_code == 200, (path, body)
@@ -230,12 +249,42 @@ def _answer(url: str, path: str, body: dict, stream: bool) -> object:
     return texts
 
 
+def _response(url: str, body: dict, stream: bool) -> object:
+    """A Responses API answer without its ids and times: the output items and usage, or the streamed events'
+    types and deltas."""
+    if not stream:
+        r = _post(url, "/v1/responses", body)
+        assert r.status_code == 200, (body, r.text)
+        out = r.json()
+        for item in out["output"]:
+            item.pop("id")
+            item.pop("call_id", None)
+        return out["output"], out["usage"], out["status"]
+    with httpx.stream("POST", url + "/v1/responses", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status_code == 200, body
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return [(e["type"], e.get("delta")) for e in events]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_ray_answers_the_whole_request_matrix_as_the_single_process(ray_server, single, stream):
-    """Scales, combinations, echo + logprobs, n > 1, tools, structured outputs, logprobs, streaming: equal
-    answers from one process and from two Ray replicas."""
+    """Scales, combinations, echo + logprobs, n > 1, tools, structured outputs, logprobs, vLLM's fields, the
+    Responses API, streaming: equal answers from one process and from two Ray replicas."""
     for path, body in MATRIX:
+        if stream and "prompt_logprobs" in body:
+            continue
         assert _same(_answer(ray_server, path, body, stream), _answer(single, path, body, stream)), (path, body)
+
+
+def test_ray_serves_the_tokenizer_endpoints_as_the_single_process(ray_server, single):
+    for method, path, body in (("POST", "/tokenize", {"prompt": PROMPTS[1], "return_token_strs": True}),
+                               ("POST", "/tokenize", {"messages": CHAT, "chat_template_kwargs": {"x": 1}}),
+                               ("POST", "/detokenize", {"tokens": [5, 6, 7, 300]}),
+                               ("POST", "/detokenize", {"tokens": [10 ** 6]}),
+                               ("GET", "/tokenizer_info", None), ("GET", "/version", None)):
+        r, d = (_post(u, path, body) if method == "POST" else _get(u, path) for u in (ray_server, single))
+        assert (r.status_code, r.json()) == (d.status_code, d.json()), path
 
 
 def _same(a, b) -> bool:

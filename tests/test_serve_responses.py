@@ -25,12 +25,6 @@ ADD = {"type": "function", "name": "add", "description": "add two integers", "pa
 USAGE = P.Usage(prompt_tokens=7, completion_tokens=5, total_tokens=12)
 
 
-@pytest.fixture(autouse=True)
-def all_fields_honoured(monkeypatch):
-    """The route comes with chat_template_kwargs honoured (reasoning.effort travels in it)."""
-    monkeypatch.setattr(P, "NOT_HONOURED_YET", set())
-
-
 @pytest.fixture(scope="module")
 def shapes():
     from openai.types.responses import Response, ResponseStreamEvent
@@ -132,15 +126,17 @@ def test_what_ortlora_cannot_do_is_a_400_naming_the_field(fields, param, fragmen
     assert err.status == 400 and err.param == param and fragment in err.message, (err.param, err.message)
 
 
-def test_chat_refusals_come_back_as_400s_too():
+def test_chat_refusals_come_back_as_400s_too_and_a_required_call_outranks_text_format():
     from ortlora.serve.errors import APIError
 
     with pytest.raises(APIError) as info:
         to_chat(_request(tool_choice="required"))  # no tools
     assert info.value.status == 400 and info.value.param == "tool_choice" and "tools" in info.value.message
-    with pytest.raises(APIError) as info:  # two constraints on one output
-        to_chat(_request(tools=[ADD], tool_choice="required", text={"format": {"type": "json_object"}}))
-    assert info.value.param == "response_format"
+    # a required call is the output: text.format (an agent's output type, sent along) shapes only text
+    chat = to_chat(_request(tools=[ADD], tool_choice="required", text={"format": {"type": "json_object"}}))
+    assert chat.response_format is None and chat.tool_choice == "required"
+    assert to_chat(_request(tools=[ADD], text={"format": {"type": "json_object"}})).response_format.type == \
+        "json_object"
     assert _request(store=False, stream_options={"include_obfuscation": False}).store is False
 
 

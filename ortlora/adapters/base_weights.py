@@ -5,7 +5,8 @@
 
 A float weight is export's `<module>.MatMul.weight` [in, out]; an int4 one is the `<module>/MatMulNBits` node's
 inputs, dequantized by running that node on an identity matrix, so the values are exactly the ones the model
-multiplies by (whatever packing or zero points the quantizer chose).
+multiplies by (whatever packing or zero points the quantizer chose); an int8 one (`<module>/MatMulIntegerToFloat`)
+is its codes times its per-column scales.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ class BaseWeights:
         node = self.nodes.get(f"{module}/MatMulNBits")
         if node is not None:
             return self._dequantize(node)
-        raise AdapterError(f"{self.folder / MODEL_FILE}: no base weight of {module} (a MatMul or MatMulNBits node "
-                           f"named {module}/MatMul[NBits], as ortlora's export and quantize write, was expected)")
+        node = self.nodes.get(f"{module}/MatMulIntegerToFloat")
+        if node is not None:  # inputs: x codes, W codes [in, out], x scale, W scales [out], x zero point
+            codes, scales = self._array(node.input[1]), self._array(node.input[3])
+            return np.ascontiguousarray((codes.astype(np.float32) * scales.astype(np.float32)).T)
+        raise AdapterError(f"{self.folder / MODEL_FILE}: no base weight of {module} (a MatMul, MatMulNBits or "
+                           f"MatMulIntegerToFloat node named {module}/<op>, as ortlora's export and quantize write, "
+                           "was expected)")
 
     def _array(self, name: str) -> np.ndarray:
         from onnx import numpy_helper

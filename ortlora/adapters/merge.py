@@ -108,6 +108,8 @@ def combine(params: Sequence[Params], weights: Sequence[float], labels: Sequence
         if is_dora(p) and w != 1.0 and base is None:
             raise AdapterError(f"{label} is a DoRA adapter: DoRA's factor magnitude / ||W + s·B·A|| changes with "
                                "the scale through the base weights, which are not at hand here (give the model)")
+    if len(params) > 1:
+        check_same_shapes(params, labels)
     if len(params) == 1 and weights[0] == 1.0:
         return dict(params[0])
     if len(params) == 1 and is_dora(params[0]) and weights[0] != 0.0:
@@ -131,6 +133,34 @@ def combine(params: Sequence[Params], weights: Sequence[float], labels: Sequence
         out[b_name] = np.concatenate([(b.astype(np.float32) * np.float32(w)).astype(dtype) for _, b, w in parts],
                                      axis=0)
     return out
+
+
+def check_same_shapes(params: Sequence[Params], labels: Sequence[str]) -> None:
+    """Raise one AdapterError listing every module whose input or output size differs between adapters (adapters
+    of different base models: their A's [in, r] or B's [r, out] cannot be put side by side)."""
+    seen: dict[str, tuple[int, str]] = {}  # "<module> in|out" -> (size, label of the first adapter with it)
+    problems = []
+    for p, label in zip(params, labels):
+        for name, arr in p.items():
+            parsed = naming.parse_input_name(name)
+            if parsed is None or parsed[1] == naming.DORA_SCALE or np.ndim(arr) != 2:
+                continue
+            side, size = ("in", arr.shape[0]) if parsed[1] == naming.LORA_A else ("out", arr.shape[1])
+            first = seen.setdefault(f"{parsed[0]} {side}", (size, label))
+            if first[0] != size:
+                problems.append(f"{parsed[0]}: {side}_features {first[0]} in {first[1]}, {size} in {label}")
+    if problems:
+        raise AdapterError(f"the adapters do not share a base model ({len(problems)} module"
+                           f"{'s' if len(problems) != 1 else ''} differ in size):\n  "
+                           + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+
+
+def check_finite(params: Params, label: str, why: str = "") -> None:
+    """Raise AdapterInvalid naming the tensors of `params` that hold NaN or infinities."""
+    bad = sorted(k for k, v in params.items() if not np.isfinite(v).all())
+    if bad:
+        raise AdapterInvalid(f"{label}: {len(bad)} of {len(params)} tensors hold NaN or infinite values ("
+                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}){why}")
 
 
 def _scaled_dora(params: Params, c: float, base: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
@@ -170,15 +200,31 @@ def merge_adapters(adapter_path: Sequence[str | Path], output_path: str | Path, 
     if len(weights) != len(paths):
         raise OrtloraError(f"{len(paths)} adapters but {len(weights)} --weights: give one weight per adapter")
     params = [read_params(p, dtype, model=model) for p in paths]
+    for p, path in zip(params, paths):
+        check_finite(p, str(path))
+    lora_inputs = model_lora_inputs(model) if model is not None else None
+    if lora_inputs is not None:  # each input against the model first: its own misfits, named by its own file
+        problems = []
+        for p, path in zip(params, paths):
+            try:
+                check_adapter(p, lora_inputs, str(path), allow_cast=True)
+            except AdapterError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise AdapterError("\n".join(problems))
     base = None
     if model is not None:
         from ortlora.adapters.base_weights import BaseWeights
 
         base = BaseWeights(model)
-    merged = combine(params, weights, [str(p) for p in paths], base)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as an error
+        merged = combine(params, weights, [str(p) for p in paths], base)
+        merged = {k: np.ascontiguousarray(v, dtype=np.dtype(dtype)) for k, v in merged.items()}
     if not merged:
         raise AdapterError("every weight is zero: the combination holds no LoRA weights")
-    if model is not None:
-        check_adapter(merged, model_lora_inputs(model), str(output_path), allow_cast=True)
-    merged = {k: np.ascontiguousarray(v, dtype=np.dtype(dtype)) for k, v in merged.items()}
+    if lora_inputs is not None:
+        check_adapter(merged, lora_inputs, str(output_path), allow_cast=True)
+    check_finite(merged, f"the combination ({output_path})",
+                 f": the weights {weights} overflow {dtype}; give smaller --weights"
+                 + (" or --dtype float32" if dtype == "float16" else ""))
     return write_onnx_adapter(output_path, merged)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ortlora.argtypes import finite_float
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapters", nargs="+", help="adapters to combine: .onnx_adapter files or PEFT adapter folders")
-    p.add_argument("-w", "--weights", type=float, nargs="+", default=None,
+    p.add_argument("-w", "--weights", type=finite_float, nargs="+", default=None,
                    help="one weight per adapter (default 1 each): the result is sum_i w_i * delta_i")
     p.add_argument("-o", "--output_path", "--output", required=True, help="the .onnx_adapter file to write")
     p.add_argument("-m", "--model", default=None,

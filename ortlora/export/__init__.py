@@ -22,11 +22,12 @@ from ortlora.export.arch import get_arch
 from ortlora.export.arch.base import Arch
 from ortlora.export.decoder import DecoderBuilder
 from ortlora.export.graph import GraphBuilder
+from ortlora.export import int8
 from ortlora.export.int4 import check_block_size
 from ortlora.export.rope import default_context_length
 from ortlora.fileutil import atomic_dir
 
-PRECISIONS = ("fp32", "fp16", "int4")
+PRECISIONS = ("fp32", "fp16", "int4", "int8")
 _UNSUPPORTED_TARGETS = ("lm_head", "embed_tokens")
 
 
@@ -128,10 +129,15 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
         raise OrtloraError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
     if precision == "int4":
         check_block_size(block_size)
+    if precision == "int8" and device != "cpu":
+        raise OrtloraError("precision int8 runs on the CPU's int8 units (MatMulIntegerToFloat); for a GPU export "
+                           "int4 or fp16")
     for flag, value in (("--context-length", context_length), ("--threads", threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise OrtloraError(f"{flag} must be a positive integer, got {value!r}")
     model_folder.check_output_folder(output)
+    if precision == "int8":
+        int8.warn_without_int8_units("export")
     model_dir = Path(model)
     if not model_dir.exists():
         raise ModelError(f"{model}: no such folder. Hub names are not downloaded by export: download the model "
@@ -151,7 +157,8 @@ def export(model: str | Path, output: str | Path, *, adapter_path: Sequence[str 
         try:
             DecoderBuilder(
                 g, args, arch, ckpt, io_dtype=io_dtype, int4_block_size=block_size if precision == "int4" else None,
-                lora_modules=lora, context_length=context, on_layer=lambda i: bar.update(1), dora=dora,
+                int8_weights=precision == "int8", lora_modules=lora, context_length=context,
+                on_layer=lambda i: bar.update(1), dora=dora,
             ).build()
             g.save()
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ortlora import olive
+from ortlora.argtypes import positive_int
 
 BUILDER = "ortlora builds the graph itself from the weights; no torch exporter or Model Builder runs"
 
@@ -36,8 +37,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     # ortlora export's own options (capture-onnx-graph was an alias of export)
     p.add_argument("--lora-targets", "--lora_targets", default=None,
                    help="comma-separated module names to give LoRA inputs (q_proj,v_proj,... or all-linear)")
-    p.add_argument("--context-length", type=int, default=None, help="maximum total tokens (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="intra_op_num_threads written to genai_config.json")
+    p.add_argument("--context-length", type=positive_int, default=None,
+                   help="maximum total tokens (default: the model's)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="intra_op_num_threads written to genai_config.json")
     p.add_argument("--no-progress", action="store_true")
     olive.add_input_model(p)
     olive.no_effect(p, "--model_variant", reason="it selects a diffusers pipeline; ortlora exports causal LMs")

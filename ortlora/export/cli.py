@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ortlora import olive
+from ortlora.argtypes import positive_int
 
 OLIVE_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "JsExecutionProvider",
                    "MIGraphXExecutionProvider", "NvTensorRTRTXExecutionProvider", "OpenVINOExecutionProvider",
@@ -27,13 +28,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dora", action="store_true",
                    help="give the LoRA modules DoRA inputs (<module>.dora_scale) even without a DoRA --adapter_path")
     p.add_argument("--precision", default="fp32", choices=OLIVE_PRECISIONS,
-                   help="fp32 (default), fp16, int4, or int8 (weight-only, through ortlora quantize)")
+                   help="fp32 (default), fp16, int4 (weights), or int8 (weights and activations: the CPU's int8 "
+                        "units)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu", "npu"])
     p.add_argument("--provider", default=None, choices=OLIVE_PROVIDERS + ["cpu", "cuda", "dml", "webgpu"],
                    help="execution provider written to genai_config.json (default: the --device's)")
-    p.add_argument("--context-length", type=int, default=None, help="maximum total tokens (default: the model's)")
+    p.add_argument("--context-length", type=positive_int, default=None,
+                   help="maximum total tokens (default: the model's)")
     p.add_argument("--block-size", "--block_size", type=int, default=32, help="int4 quantization block size")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="intra_op_num_threads written to genai_config.json (default: this machine's cores)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--trust_remote_code", action="store_true", help="accepted; the export reads no model code")
@@ -66,25 +69,16 @@ def main(args: argparse.Namespace) -> None:
         raise OrtloraError("--device npu: ortlora exports for the CPU and GPUs only (Olive's NPU flow uses QDQ "
                            "models and its own passes)")
     if args.precision not in ("fp32", "fp16", "int4", "int8"):
-        raise OrtloraError(f"--precision {args.precision}: ortlora writes fp32, fp16, int4 or int8 (weight-only) "
-                           "models")
+        raise OrtloraError(f"--precision {args.precision}: ortlora writes fp32, fp16, int4 or int8 models")
     if args.dry_run:
         print("dry run: arguments accepted; nothing written")
         return
-    if args.precision == "int8":
-        from ortlora.quantize import quantize
+    from ortlora.export import export
 
-        # int8 weight-only is a quantize of the Hugging Face folder, which exports first
-        out = quantize(args.model_name_or_path, args.output_path, precision="int8", block_size=args.block_size,
-                       adapter_path=args.adapter_path, lora_targets=targets, eval_samples=0,
-                       progress=not args.no_progress)
-    else:
-        from ortlora.export import export
-
-        out = export(
-            args.model_name_or_path, args.output_path, adapter_path=args.adapter_path, lora_targets=targets,
-            precision=args.precision, device=args.device, provider=args.provider,
-            context_length=args.context_length, block_size=args.block_size, threads=args.threads,
-            progress=not args.no_progress, dora=args.dora,
-        )
+    out = export(
+        args.model_name_or_path, args.output_path, adapter_path=args.adapter_path, lora_targets=targets,
+        precision=args.precision, device=args.device, provider=args.provider,
+        context_length=args.context_length, block_size=args.block_size, threads=args.threads,
+        progress=not args.no_progress, dora=args.dora,
+    )
     print(f"exported {out}")

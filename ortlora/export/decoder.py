@@ -5,9 +5,10 @@ Per layer (llama; gemma2 adds the norms marked *):
     h ─SkipSimplifiedLayerNorm(residual)─> x ─q,k,v─> [q/k norm] ─GroupQueryAttention(rotary, KV cache)─> o_proj
       ─[*post_attention_norm]─ SkipSimplifiedLayerNorm(residual) ─> gate,up ─act(gate)·up─> down ─[*post_ff_norm]─> h
 
-Each linear layer named in `lora_modules` also gets the float LoRA term `(x·A)·B` from two graph inputs whose
-defaults have rank 0, so the model without adapter inputs is the base model; with `dora`, also DoRA's per-output
-factor `dora_scale` (default ones) before the bias.
+Projections are MatMul (float), MatMulNBits (int4) or MatMulIntegerToFloat (int8: int8.py). Each linear layer
+named in `lora_modules` also gets the float LoRA term `(x·A)·B` from two graph inputs whose defaults have rank 0,
+so the model without adapter inputs is the base model; with `dora`, also DoRA's per-output factor `dora_scale`
+(default ones) before the bias.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnx import TensorProto, helper
 from ortlora import naming
 from ortlora.checkpoint import Checkpoint
 from ortlora.config import ModelArgs
-from ortlora.export import rope
+from ortlora.export import int8, rope
 from ortlora.export.arch.base import Arch, Linear
 from ortlora.export.graph import MS_DOMAIN, ONNX_FLOAT, GraphBuilder
 from ortlora.export.int4 import quantize_4bits, shared_embedding
@@ -33,11 +34,13 @@ class DecoderBuilder:
     def __init__(self, g: GraphBuilder, args: ModelArgs, arch: Arch, ckpt: Checkpoint, *, io_dtype=np.float32,
                  int4_block_size: int | None = None, lora_modules: dict[str, tuple[int, int]] | None = None,
                  context_length: int, accuracy_level: int = 4, on_layer: Callable[[int], None] | None = None,
-                 dora: bool = False):
+                 dora: bool = False, int8_weights: bool = False):
         self.g, self.args, self.arch, self.ckpt = g, args, arch, ckpt
         self.dtype = np.dtype(io_dtype)
         self.onnx_type = ONNX_FLOAT[self.dtype]
         self.block_size = int4_block_size
+        self.int8 = int8_weights  # int8 weights per output channel, activations per row (int8.py)
+        self._int8_inputs: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 codes, its row scales)
         self.lora_modules = lora_modules or {}
         self.context_length = context_length
         self.accuracy_level = accuracy_level
@@ -122,6 +125,12 @@ class DecoderBuilder:
             self.tied_head = self.quantized("lm_head", name)
             h = g.unique("model.embed_tokens/out")
             nodes, consts = shared_embedding(self.tied_head, ids, h, v, hidden, self.block_size)
+            g.nodes += nodes
+            g.initializers += consts
+        elif self.int8 and self.tied:
+            self.tied_head = list(self.quantized_int8("lm_head", name))
+            h = g.unique("model.embed_tokens/out")
+            nodes, consts = int8.shared_embedding("lm_head", ids, h, self.dtype)
             g.nodes += nodes
             g.initializers += consts
         else:
@@ -281,8 +290,10 @@ class DecoderBuilder:
         g, a = self.g, self.args
         start = g.op("Unsqueeze", [g.op("Neg", [keep], "lm_head/neg_keep"), g.const([0])], "lm_head/start")
         x = g.op("Slice", [x, start, g.const([INT64_MAX]), g.const([1])], "lm_head/keep")
-        if self.tied and not self.block_size:  # share the embedding [vocab, hidden] instead of storing its transpose
+        if self.tied and not self.block_size and not self.int8:  # share the embedding [vocab, hidden]: no transpose
             logits = g.op("FusedMatMul", [x, self.embed_weight], "lm_head/FusedMatMul", domain=MS_DOMAIN, transB=1)
+        elif self.tied_head and self.int8:  # int8, tied: the weights embed() quantized and shares
+            logits = self.matmul_integer("lm_head", x, a.hidden_size)
         elif self.tied_head:  # int4, tied: the weights embed() quantized and shares
             n, k = self.ckpt.shape("model.embed_tokens.weight")
             logits = self.matmul_nbits("lm_head", x, self.tied_head, n, k)
@@ -296,13 +307,18 @@ class DecoderBuilder:
         g.output(logits, "logits", self.onnx_type, ["batch_size", "logits_length", a.vocab_size])
 
     def matmul(self, module: str, x: str, weight: str) -> str:
-        """x·Wᵀ for the checkpoint's weight `weight` [out, in]: MatMul on [in, out], or MatMulNBits when int4.
+        """x·Wᵀ for the checkpoint's weight `weight` [out, in]: MatMul on [in, out], MatMulNBits when int4,
+        MatMulIntegerToFloat when int8.
 
-        Streamed: int4 reads and quantizes the weight a block of rows (outputs) at a time, so only the packed
-        result (1/8 of float32) accumulates; float holds the weight once and writes its transpose by blocks."""
+        Streamed: int4 and int8 read and quantize the weight a block of rows (outputs) at a time, so only the
+        quantized result (1/8, 1/4 of float32) accumulates; float holds the weight once and writes its transpose
+        by blocks."""
         g = self.g
         n, k = self.ckpt.shape(weight)
         rows = max(1, _BLOCK_VALUES // k)
+        if self.int8:
+            self.quantized_int8(module, weight)
+            return self.matmul_integer(module, x, k)
         if not self.block_size:
             w = np.empty((n, k), self.dtype)
             for r in range(0, n, rows):
@@ -325,6 +341,34 @@ class DecoderBuilder:
         if parts[0][2] is not None:
             names.append(g.weight(f"{module}.MatMulNBits.qzeros", np.concatenate([p[2] for p in parts])))
         return names
+
+    def quantized_int8(self, module: str, weight: str) -> tuple[str, str]:
+        """The int8 initializers (codes [K, N], scales [N]) of the checkpoint's weight [N, K]: each block of rows
+        (outputs) quantized as read; the codes, a quarter of float32, are written transposed."""
+        g = self.g
+        n, k = self.ckpt.shape(weight)
+        rows = max(1, _BLOCK_VALUES // k)
+        codes = np.empty((n, k), np.int8)
+        scales = np.empty(n, np.float32)
+        for r in range(0, n, rows):
+            block_codes, scales[r:r + rows] = int8.quantize_8bits(self.ckpt.get_rows(weight, r, min(n, r + rows)).T)
+            codes[r:r + rows] = block_codes.T
+        w_name, s_name = int8.weight_names(module)
+        return (g.weight_from_blocks(w_name, (k, n), np.int8, _transposed_blocks(codes)), g.weight(s_name, scales))
+
+    def matmul_integer(self, module: str, x: str, k: int) -> str:
+        """x [.., k] ─[per-row int8 quantization, once per x]─ MatMulIntegerToFloat(<module>'s int8 weights)."""
+        g = self.g
+        if x not in self._int8_inputs:
+            nodes, xq, scale = int8.activation_nodes(x, k)
+            g.nodes += nodes
+            if not self._int8_inputs:
+                g.initializers += int8.constants()
+            self._int8_inputs[x] = (xq, scale)
+        xq, scale = self._int8_inputs[x]
+        out = g.unique(f"{module}/{int8.OP}/out")
+        g.nodes.append(int8.matmul_node(module, xq, scale, out))
+        return out
 
     def matmul_nbits(self, module: str, x: str, weights: list[str], n: int, k: int) -> str:
         return self.g.op("MatMulNBits", [x, *weights], f"{module}/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,

@@ -8,6 +8,7 @@ above 0 is given; `--chat` starts an interactive multi-turn session (one convers
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
@@ -44,10 +45,11 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
     out = out or sys.stdout
     if prompt is None and not chat:
         raise OrtloraError("give a prompt with -p (or start an interactive session with --chat)")
-    # greedy (temperature 0) ignores top-p/top-k; SamplingParams refuses what is out of range or not finite
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p if temperature > 0 else 1.0, top_k=top_k if temperature > 0 else 0,
+    # SamplingParams refuses what is out of range or not finite (top-p 5 too, even where greedy would ignore it)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
+    if temperature == 0:  # greedy ignores top-p/top-k
+        params = dataclasses.replace(params, top_p=1.0, top_k=0)
     return _run(model, adapters, template, system, prompt, params, chat, threads, provider, out, read)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from ortlora.argtypes import non_negative_float, non_negative_int, positive_int, probability
+
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, help="exported model folder")
@@ -16,15 +18,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="prompt template with {system} and {input} (default: the model's chat template, if any)")
     p.add_argument("-s", "--system", default=None, help="system prompt")
     p.add_argument("-p", "--prompt", default=None, help="user prompt (required unless --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="above 0 samples; 0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="above 0 samples; 0 (default) is greedy")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: in (0, 1]")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 (default): no top-k cut")
+    p.add_argument("--seed", type=non_negative_int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens (benchmarks)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn session")
-    p.add_argument("--threads", type=int, default=None, help="default: genai_config.json's, else every core")
+    p.add_argument("--threads", type=positive_int, default=None, help="default: genai_config.json's, else every core")
     p.add_argument("--provider", default=None,
                    help="run on this execution provider (cpu, cuda, dml, ...) instead of the one genai_config.json "
                         "names; --provider cpu runs a GPU-exported folder on the CPU")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ortlora import naming
-from ortlora.errors import OrtloraError
+from ortlora.errors import AdapterInvalid, ModelError, OrtloraError
 
 
 def inspect(path: str | Path, as_json: bool = False) -> str:
@@ -36,6 +36,7 @@ def _model(path: Path) -> dict:
     from ortlora.model_folder import load_model_proto, model_lora_inputs, read_genai_config, read_manifest
 
     folder = path if path.is_dir() else path.parent
+    _raise_problems(path, _model_problems(path))
     proto = load_model_proto(path)
     manifest = read_manifest(folder)
     genai = read_genai_config(folder)
@@ -68,10 +69,36 @@ def _model(path: Path) -> dict:
     }
 
 
+def _model_problems(path: Path) -> list[str]:
+    """What stops the runtime or onnxruntime-genai from loading the folder (or the model file) at `path`."""
+    from ortlora.model_folder import GENAI_CONFIG, ModelInfo, folder_problems, model_file_problems
+
+    if path.is_dir():
+        return folder_problems(path)
+    problems = model_file_problems(path)
+    if (path.parent / GENAI_CONFIG).is_file():  # a bare .onnx file elsewhere has none, and needs none
+        try:
+            ModelInfo.read(path.parent)
+        except ModelError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _raise_problems(path: Path, problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ModelError(problems[0])
+    if problems:
+        raise ModelError(f"{path}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
 def _adapter_file(path: Path) -> dict:
     from ortlora.adapters.onnx_adapter import open_onnx_adapter
 
     f = open_onnx_adapter(path)
+    bad = sorted(k for k, v in f.params.items() if not np.isfinite(v).all())
+    if bad:  # the runtime refuses such an adapter on load
+        raise AdapterInvalid(f"{path}: {len(bad)} of {len(f.params)} tensors hold NaN or infinite values "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     return {
         "kind": "onnx_adapter",
         "path": str(path),

@@ -1,9 +1,11 @@
-"""`quantize`: int4/int8 weight-only quantization of an ortlora model whose LoRA inputs stay float.
+"""`quantize`: int4 or int8 quantization of an ortlora model whose LoRA inputs stay float.
 
     from ortlora.quantize import quantize
     quantize("exported_or_hf_dir", "out_dir", precision="int4", algorithm="rtn", adapter_path=["adapter"])
 
-An exported folder (fp32/fp16) has its base MatMuls rewritten as MatMulNBits; a Hugging Face folder is first
+int4 is weight-only: an exported folder (fp32/fp16) has its base MatMuls rewritten as MatMulNBits. int8 runs the
+projections on the CPU's int8 units: weights int8 per output channel, activations quantized per row at run time
+(MatMulIntegerToFloat; export/int8.py), as `export --precision int8` writes. A Hugging Face folder is first
 exported to fp32 (a temporary folder, also the accuracy reference). LoRA inputs and their defaults are copied
 unchanged, so every adapter that fitted the float model fits the quantized one. The output folder gets
 `quantize_report.json`: sizes and, on text windows, perplexity and top-1 agreement against the float model,
@@ -19,12 +21,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import onnx
 from tqdm import tqdm
 
 from ortlora import model_folder
 from ortlora.adapters import adapter_kind
 from ortlora.adapters.onnx_adapter import SUFFIX
 from ortlora.errors import ModelError, OrtloraError
+from ortlora.export import int8
 from ortlora.export.int4 import check_block_size
 from ortlora.fileutil import atomic_dir, temp_dir, write_json
 from ortlora.model_folder import MANIFEST, model_lora_inputs
@@ -89,9 +93,10 @@ def _check_options(precision, block_size, algorithm, symmetric, embeddings, data
         check_block_size(block_size)
     except OrtloraError as exc:
         problems.append(str(exc))
+    if precision == "int8" and algorithm != "rtn":
+        problems.append(f"{algorithm} is an int4 algorithm: int8 rounds each output channel to nearest "
+                        "(benchmarks/NOTES.md#int8); drop --algorithm")
     if algorithm == "hqq":
-        if precision == "int8":
-            problems.append("hqq makes float zero points, which MatMulNBits on CPU supports for int4 only")
         if symmetric:
             problems.append("hqq optimizes the zero points: --symmetric does not apply to it")
         if importlib.util.find_spec("torch") is None:
@@ -120,6 +125,10 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
         except OrtloraError as exc:
             problems.append(str(exc))
     if (model_dir / model_folder.MODEL_FILE).is_file():
+        broken = model_folder.folder_problems(model_dir)  # refused before anything is written or copied
+        if broken:
+            problems.extend(broken)
+            return None
         try:
             precision = model_folder.read_manifest(model_dir).get("precision")
         except ModelError as exc:
@@ -151,6 +160,10 @@ def _model_kind(model_dir: Path, out: Path, problems: list[str]) -> str | None:
             problems.append(f"{model_dir} is an already quantized checkpoint (quantization_config: "
                             f"{qc.get('quant_method', qc) if isinstance(qc, dict) else qc}): use the float one")
             return None
+        broken = model_folder.tokenizer_problems(model_dir, required=False)  # export would copy it as it is
+        if broken:
+            problems.extend(broken)
+            return None
         return "hf"
     problems.append(f"{model_dir} holds neither model.onnx (an ortlora export) nor config.json (Hugging Face)")
     return None
@@ -175,6 +188,9 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     from ortlora.quantize.evaluate import Hessians, Runner, compare
 
     ref = src.folder
+    if settings.bits == 8:
+        _check_int8_source(src)
+        int8.warn_without_int8_units("quantize")
     targets = find_targets(src, settings)
     if not any(t.kind == "matmul" for t in targets):
         raise ModelError(f"{ref}/model.onnx has no base MatMul weights (`*.MatMul.weight` initializers): "
@@ -231,10 +247,28 @@ def _quantize_source(src: SourceModel, out: Path, settings: Settings, text: str,
     return out
 
 
+def _check_int8_source(src: SourceModel) -> None:
+    """int8's MatMulIntegerToFloat computes in float32 and its per-row QuantizeLinear is opset 21's."""
+    elem = {i.type.tensor_type.elem_type for i in src.graph.input if i.name.startswith("past_key_values.")}
+    opset = next((o.version for o in src.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    problems = []
+    if elem - {onnx.TensorProto.FLOAT}:
+        problems.append("int8 needs an fp32 export (its MatMulIntegerToFloat computes in float32); this one is "
+                        "fp16: quantize the fp32 export or the Hugging Face checkpoint")
+    if opset < 21:
+        problems.append(f"int8 needs opset 21 (per-row QuantizeLinear); {src.path} is opset {opset}: re-export it")
+    if problems:
+        raise ModelError(f"cannot quantize {src.folder} to int8:\n  " + "\n  ".join(problems))
+
+
 def _describe(settings: Settings, targets) -> dict:
     kind = f"int{settings.bits}"
     kinds = {t.kind for t in targets}
-    embeddings = "int4, the LM head's" if "shared" in kinds else "int4" if "gather" in kinds else "float"
+    embeddings = f"{kind}, the LM head's" if "shared" in kinds else "int4" if "gather" in kinds else "float"
+    if settings.bits == 8:  # per output channel, symmetric; no blocks, no MatMulNBits accuracy level
+        return {"precision": kind, "algorithm": "rtn", "block_size": None, "symmetric": True,
+                "accuracy_level": None, "weights": "per output channel", "activations": "per row",
+                "lm_head": kind if settings.lm_head else "float", "embeddings": embeddings}
     return {
         "precision": kind, "algorithm": settings.algorithm, "block_size": settings.block_size,
         "symmetric": settings.symmetric, "accuracy_level": settings.accuracy_level,

@@ -1,4 +1,5 @@
-"""`ortlora quantize`: int4/int8 weight-only quantization that keeps LoRA inputs float, with an accuracy report.
+"""`ortlora quantize`: int4 (weight-only) or int8 (weights and activations) quantization that keeps LoRA inputs
+float, with an accuracy report.
 
 Every flag of Olive 0.13's `quantize` is accepted (docs/olive.md).
 """
@@ -23,11 +24,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output_path", "--output", default="quantized-model",
                    help="output folder (default, as Olive's: %(default)s)")
     p.add_argument("--precision", default=None, choices=OLIVE_PRECISIONS,
-                   help="int4 (default; Olive's default is int8, a note says so) or int8")
+                   help="int4 (default; Olive's default is int8, a note says so): weights, MatMulNBits; or int8: "
+                        "weights per output channel and activations per row, on the CPU's int8 units")
     p.add_argument("--block_size", "--block-size", type=int, default=32,
-                   help="weights per scale along the input dimension: a power of two >= 16 (default 32)")
+                   help="int4: weights per scale along the input dimension, a power of two >= 16 (default 32); "
+                        "int8 has one scale per output channel")
     p.add_argument("--algorithm", default="rtn", choices=OLIVE_ALGORITHMS,
-                   help="rtn (round to nearest, default), hqq (no data; needs torch) or gptq (needs -d)")
+                   help="rtn (round to nearest, default), hqq (no data; needs torch) or gptq (needs -d); int8: rtn")
     p.add_argument("--symmetric", action="store_true", help="no zero points (rtn, gptq)")
     p.add_argument("--lm_head", "--lm-head", choices=["quantize", "keep"], default="quantize",
                    help="quantize the LM head like the other linears (default) or keep it float")
@@ -56,7 +59,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust_remote_code", action="store_true", help="accepted; quantize reads no model code")
     p.add_argument("--no-progress", action="store_true")
     olive.add_input_model(p)
-    olive.no_effect(p, "--act_precision", reason="weight-only quantization: activations stay float")
+    olive.no_effect(p, "--act_precision", reason="int4 keeps activations float; int8 quantizes them to int8 per row")
     olive.no_effect(p, "--implementation", reason="ortlora has one implementation of each algorithm")
     olive.no_effect(p, "--use_qdq_encoding", nargs=0, reason="MatMulNBits is written, not QDQ (an NPU format)")
     olive.no_effect(p, "--subset", reason=WINDOWS)
@@ -82,7 +85,7 @@ def main(args: argparse.Namespace) -> None:
         args.precision = "int4"
         olive.note("quantize", "--precision int4 (Olive's quantize defaults to int8; pass --precision int8 for it)")
     if args.precision not in ("int4", "int8"):
-        raise OrtloraError(f"--precision {args.precision}: ortlora writes int4 or int8 weight-only models")
+        raise OrtloraError(f"--precision {args.precision}: ortlora writes int4 or int8 models")
     if args.data_files:
         files = args.data_files.split(",")
         if len(files) != 1:
@@ -106,9 +109,11 @@ def main(args: argparse.Namespace) -> None:
 
 def format_report(r: dict) -> str:
     size = r["size_bytes"]
+    grid = (f"weights {r['weights']}, activations {r['activations']}" if r.get("weights") else
+            f"{r['algorithm']} block {r['block_size']} {'sym' if r['symmetric'] else 'asym'}")
     lines = [
-        f"{r['precision']} {r['algorithm']} block {r['block_size']} {'sym' if r['symmetric'] else 'asym'}, "
-        f"lm_head {r['lm_head']}, embeddings {r['embeddings']}: {len(r['quantized_weights'])} weights",
+        f"{r['precision']} {grid}, lm_head {r['lm_head']}, embeddings {r['embeddings']}: "
+        f"{len(r['quantized_weights'])} weights",
         f"size {size['before'] / 2**20:.2f} MiB -> {size['after'] / 2**20:.2f} MiB ({size['ratio']:.2f}x smaller)",
     ]
     if r["results"]:

@@ -1,11 +1,13 @@
 """Rewrite an exported folder's `model.onnx` with quantized base weights, one weight at a time.
 
     x ─MatMul(<module>.MatMul.weight [K, N])─>          x ─MatMulNBits(<module>.MatMulNBits.qweight,
-                                                 ==>                 .scales[, .qzeros], K, N, bits, block)─>
-    x ─FusedMatMul(model.embed_tokens.weight, transB)─>  ==>  MatMulNBits(lm_head.MatMulNBits.*) (tied LM head)
+                                                 ==>                 .scales[, .qzeros], K, N, bits 4, block)─>
+                                                 int8: x ─[per-row quantization, once per x]─MatMulIntegerToFloat(
+                                                             <module>.MatMulInteger.weight, .scales)─> (export/int8.py)
+    x ─FusedMatMul(model.embed_tokens.weight, transB)─>  ==>  the same, of lm_head.* (tied LM head)
     x ─MatMul(<module>.lora_A.weight)─MatMul(<module>.lora_B.weight)─>   unchanged (B is a graph input)
     ids ─Gather(model.embed_tokens.weight)─>     ==>  (with embeddings) GatherBlockQuantized, int4
-                                                      (tied, int4) GatherBlockQuantized of the LM head's weights
+                                                      (tied) a lookup of the LM head's int4 / int8 weights
 
 Only MatMuls whose B is an initializer named `*.MatMul.weight` and not a graph input are rewritten, so the LoRA
 inputs, their rank-0 default initializers and every other tensor are copied byte for byte. Source tensors are
@@ -25,11 +27,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ortlora.errors import ModelError
+from ortlora.export import int8
 from ortlora.export.int4 import shared_embedding
 from ortlora.quantize.algorithms import quantize_weight, quiet_onnxruntime_quantizer
 
 MS_DOMAIN = "com.microsoft"
-QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulInteger", "DequantizeLinear")
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulInteger", "DequantizeLinear",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 EMBEDDING = "model.embed_tokens.weight"
 _WEIGHT_SUFFIX = ".MatMul.weight"
 _ALIGN = 4096
@@ -156,9 +160,9 @@ def find_targets(src: SourceModel, settings: Settings) -> list[Target]:
             found.append(Target(i, EMBEDDING, "model.embed_tokens", "gather", tuple(inits[EMBEDDING].dims)))
     if not settings.lm_head:
         found = [t for t in found if t.module != "lm_head"]
-    if settings.bits == 4 and settings.algorithm != "hqq" and any(t.transposed for t in found):
-        # a tied model: the lookup reads the LM head's int4 weights, as export writes it (hqq's float zero points
-        # are MatMulNBits-only: its lookup stays float)
+    if settings.algorithm != "hqq" and any(t.transposed for t in found):
+        # a tied model: the lookup reads the LM head's int4 / int8 weights, as export writes it (hqq's float zero
+        # points are MatMulNBits-only: its lookup stays float)
         found = [t for t in found if t.kind != "gather"]
         found += [Target(i, EMBEDDING, "model.embed_tokens", "shared", tuple(inits[EMBEDDING].dims))
                   for i, node in enumerate(src.graph.node) if node.op_type == "Gather" and node.input[0] == EMBEDDING]
@@ -256,6 +260,43 @@ def _quantize_matmul(w: np.ndarray, t: Target, settings: Settings, writer: Tenso
     return out
 
 
+def _int8_nodes(src: SourceModel, targets: list[Target]) -> tuple[dict[int, list[onnx.NodeProto]], list]:
+    """int8: each target MatMul becomes MatMulIntegerToFloat, its activation quantized per row once, just before
+    the first node that reads it (q, k and v share one); a tied model's lookup reads the LM head's int8 weights."""
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    quantized: set[str] = set()
+    for t in sorted(targets, key=lambda t: t.node):
+        node = src.graph.node[t.node]
+        if t.kind == "shared":
+            new_nodes[t.node] = int8.shared_embedding("lm_head", node.input[1], node.output[0])[0]
+            continue
+        x, k = node.input[0], t.shape[0]
+        chain, xq, scale = int8.activation_nodes(x, k)
+        new_nodes[t.node] = ([] if x in quantized else chain) + [int8.matmul_node(t.module, xq, scale, node.output[0])]
+        quantized.add(x)
+    consts = int8.constants()
+    if any(t.kind == "shared" for t in targets):
+        consts += int8.shared_embedding("lm_head", "ids", "out")[1]
+    return new_nodes, consts
+
+
+def _quantize_int8(w: np.ndarray, t: Target, writer: TensorWriter) -> list[TensorProto]:
+    """Per-output-channel int8 of a [K, N] weight (or its [N, K] transpose), a slice of output channels at a time
+    (each channel is quantized alone), so memory stays near the int8 result plus one float slice."""
+    k, n = t.shape
+    codes = np.empty((k, n), np.int8)
+    scales = np.empty(n, np.float32)
+    cols = max(1, _CHUNK_VALUES // k)
+    for c in range(0, n, cols):
+        chunk = w[c:c + cols].T if t.transposed else w[:, c:c + cols]
+        codes[:, c:c + cols], scales[c:c + cols] = int8.quantize_8bits(chunk)
+    names = int8.weight_names(t.module)
+    return [writer.add_array(names[0], codes), writer.add_array(names[1], scales)]
+
+
+_CHUNK_VALUES = 1 << 24
+
+
 def rewrite(src: SourceModel, out_dir: Path, targets: list[Target], settings: Settings, *,
             hessian: Callable[[str], np.ndarray] | None = None,
             on_weight: Callable[[Target], None] | None = None) -> None:
@@ -269,8 +310,12 @@ def rewrite(src: SourceModel, out_dir: Path, targets: list[Target], settings: Se
         by_weight.setdefault(t.weight, []).append(t)
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     initializers: list[TensorProto] = []
+    if settings.bits == 8:
+        new_nodes, initializers = _int8_nodes(src, targets)
     for t in targets:
         node = src.graph.node[t.node]
+        if settings.bits == 8:
+            continue
         if t.kind == "shared":
             head = next(h for h in targets if h.transposed)
             vocab, hidden = t.shape
@@ -293,6 +338,8 @@ def rewrite(src: SourceModel, out_dir: Path, targets: list[Target], settings: Se
                 w = src.array(t.weight)
                 if t.kind == "gather":
                     initializers += _quantize_embedding(w, t, settings, writer)
+                elif settings.bits == 8:
+                    initializers += _quantize_int8(w, t, writer)
                 else:
                     h = hessian(t.activation) if settings.algorithm == "gptq" else None
                     initializers += _quantize_matmul(w, t, settings, writer, h)

@@ -2,7 +2,7 @@
 
     base model (tokenizer + Llama-style checkpoint, pre-trained to copy letter strings)
       -> finetune two LoRA adapters (`upper`, `shift`) on shipped task data
-      -> export fp32 and int4, convert the adapters to .onnx_adapter (checked against the model)
+      -> export fp32, int4 and int8, convert the adapters to .onnx_adapter (checked against each model)
       -> generate on held-out prompts with the base and each adapter, in mixed-adapter batches
       -> exact-match table: each adapter should solve its own task, and neither the base nor the other adapter
 """
@@ -16,12 +16,27 @@ from typing import Callable
 from ortlora.quickstart import tasks
 
 MODELS = ("base", *tasks.ADAPTER_TASKS)
-PRECISIONS = ("fp32", "int4")
+PRECISIONS = ("fp32", "int4", "int8")
 
 
 def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: int = 250, finetune_steps: int = 150,
                n_eval: int = 64, log: Callable[[str], None] = print) -> dict[str, dict[str, dict[str, float]]]:
     """Run every stage; returns accuracy[precision][model][task] (exact match on held-out prompts)."""
+    check_options(workdir, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps, n_eval=n_eval)
+    work = Path(workdir)
+    created = not work.exists()
+    try:
+        return _run(work, pretrain_steps, finetune_steps, n_eval, log)
+    except BaseException:
+        # each stage's output is written atomically (a finished stage is reused by the next run); a workdir this
+        # run created and that is still empty goes too
+        if created and work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+        raise
+
+
+def _run(work: Path, pretrain_steps: int, finetune_steps: int, n_eval: int,
+         log: Callable[[str], None]) -> dict[str, dict[str, dict[str, float]]]:
     import torch
 
     from ortlora.adapters.convert import convert_adapter
@@ -31,7 +46,6 @@ def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: in
     from ortlora.quickstart.base import build_base
 
     torch.set_num_threads(1)  # tiny matrices: one thread beats two (and leaves a core for the OS)
-    work = Path(workdir)
     t0 = time.perf_counter()
     stage = lambda n, text: log(f"[{n}/5] {text} ({time.perf_counter() - t0:.0f}s)")  # noqa: E731
 
@@ -50,7 +64,7 @@ def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: in
                  logging_steps=50, save_steps=10_000, overwrite=True, progress=False)
         log(f"  adapter {task}: {peft_dirs[task]}")
 
-    stage(3, "export fp32 and int4 (LoRA inputs from the adapters' target modules)")
+    stage(3, f"export {', '.join(PRECISIONS)} (LoRA inputs from the adapters' target modules)")
     folders = {p: export(base, work / "onnx" / p, adapter_path=list(peft_dirs.values()), precision=p,
                          progress=False) for p in PRECISIONS}
 
@@ -63,6 +77,22 @@ def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: in
     log(table(accuracy))
     log(f"done in {time.perf_counter() - t0:.0f}s; everything is in {work}/")
     return accuracy
+
+
+def check_options(workdir: str | Path, **counts: int) -> None:
+    """Refuse, before anything is created, a `workdir` that cannot be a folder and counts below 1 (all at once)."""
+    from ortlora.errors import OrtloraError
+    from ortlora.fileutil import output_problem
+
+    problems = [f"{name} must be an integer >= 1, got {value!r}" for name, value in counts.items()
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+    work = Path(workdir)
+    if work.exists() and not work.is_dir():
+        problems.append(f"workdir {work} is a file, not a folder")
+    elif output_problem(work) is not None:
+        problems.append(f"workdir {output_problem(work)}")
+    if problems:
+        raise OrtloraError("; ".join(problems))
 
 
 def evaluate(folder: Path, adapter_files: dict[str, Path], n_eval: int, log) -> dict[str, dict[str, float]]:

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from ortlora.fileutil import atomic_dir
 from ortlora.quickstart import tasks
 
 CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -37,13 +38,18 @@ def train_tokenizer(out: Path, vocab_size: int = 300) -> None:
 def build_base(out: Path, steps: int = 400, batch: int = 32, lr: float = 3e-3, seed: int = 0,
                log: Callable[[str], None] = print) -> Path:
     """Create and pre-train the base checkpoint in `out` (skipped when it already exists)."""
+    if (out / "model.safetensors").is_file():
+        return out
+    with atomic_dir(out) as tmp:  # an interrupted or failed run leaves no half-built base to be reused next time
+        _build(tmp, steps, batch, lr, seed, log)
+    return out
+
+
+def _build(out: Path, steps: int, batch: int, lr: float, seed: int, log: Callable[[str], None]) -> None:
     import torch
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (out / "model.safetensors").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     torch.manual_seed(seed)
@@ -63,7 +69,6 @@ def build_base(out: Path, steps: int = 400, batch: int = 32, lr: float = 3e-3, s
         if step % 100 == 0 or step == steps - 1:
             log(f"  pre-training step {step + 1}/{steps}: loss {loss.item():.3f}")
     model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 def _batch(rows):

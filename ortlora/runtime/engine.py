@@ -55,7 +55,7 @@ class Row:
 
 def session_options(threads: int | None) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failed run raises its message: onnxruntime's own error line would repeat it
     so.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -76,7 +76,7 @@ class Request:
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
-        self.detok: StreamDecoder = self.tokenizer.stream()
+        self.detok: StreamDecoder = self.tokenizer.stream(self.params.skip_special_tokens)
         self._held = ""  # text that may be the start of a stop string
         self._stop_ids = frozenset(self.params.stop_token_ids)
         self._eos_list = sorted(self.eos_ids)
@@ -85,6 +85,11 @@ class Request:
             from ortlora.runtime.constraints import Constraint  # llguidance only when a request uses a grammar
 
             self.constraint = Constraint(self.params.grammar, self.tokenizer, self.eos_ids, self.params.max_new_tokens)
+        self.gate = None  # open while a reasoning model thinks: the grammar waits for its end tag
+        if self.constraint is not None and self.params.grammar_after:
+            from ortlora.runtime.constraints import ReasoningGate
+
+            self.gate = ReasoningGate(self.params.grammar_after)
 
     @property
     def finished(self) -> bool:
@@ -98,11 +103,14 @@ class Request:
         banned = self._eos_list if len(self.token_ids) < p.min_new_tokens else ()
         try:
             allowed = None
-            if self.constraint is not None:
+            constrained = self.constraint is not None and (self.gate is None or self.gate.ended)
+            if constrained:
                 allowed = self.constraint.allowed(len(logits), p.max_new_tokens - len(self.token_ids))
             token = self.sampler(logits, history, banned, generated=self.token_ids, allowed=allowed)
-            if self.constraint is not None:
+            if constrained:
                 self.constraint.advance(token)
+            elif self.gate is not None:
+                self.gate.feed(token)
         except OrtloraError as exc:
             label = self.label or (self.adapter.name if self.adapter is not None else None)
             name = f"adapter {label!r}" if label else "the base model"
@@ -112,8 +120,9 @@ class Request:
         self.token_ids.append(token)
         logprobs = None if p.logprobs is None else [token_logprob(logits, token, p.logprobs)]
         stop_token = token in self._stop_ids or (token in self.eos_ids and not p.ignore_eos)
-        if stop_token:  # the EOS / stop token's own text is not part of the output
-            piece, _ = self._scan(self.detok.flush(), final=True)
+        if stop_token:  # the EOS / stop token's own text is not part of the output (unless asked for)
+            piece, _ = self._scan((self.detok.add(token) if p.include_stop_str_in_output else "")
+                                  + self.detok.flush(), final=True)
             chunk = self._finish("stop", piece, [token])
         else:
             piece, hit = self._scan(self.detok.add(token))
@@ -134,9 +143,10 @@ class Request:
         stops = self.params.stop
         text = self._held + new
         self._held = ""
-        hits = [text.find(s) for s in stops if s in text]
+        hits = [(text.find(s), -len(s)) for s in stops if s in text]
         if hits:
-            return text[:min(hits)], True
+            at, length = min(hits)  # the first stop string; of two there, the longer
+            return text[:at - length if self.params.include_stop_str_in_output else at], True
         if not stops or final:
             return text, False
         hold = 0
@@ -247,6 +257,8 @@ class Batch:
         collapsing = getattr(self.engine, "hugepages_thread", None)
         if collapsing is not None:  # it competes for the cores and memory bandwidth: times taken meanwhile run long
             collapsing.join()
+        large = min(large, self.engine.max_len)  # a short context (the quickstart's 128 tokens) bounds it
+        small = min(small, large // 2)
         times = []
         for n in (small, large, small, large):
             t0 = time.perf_counter()

@@ -44,6 +44,9 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k = the sampled token's logprob and the k most likely (0-20)
     grammar: str | None = None  # an llguidance grammar (ortlora.runtime.constraints) the output must match
     prompt_logprobs: int | None = None  # None = off; k = each prompt token's logprob and the k most likely
+    grammar_after: tuple[int, ...] | None = None  # the grammar applies after these ids (a reasoning's end tag)
+    skip_special_tokens: bool = True  # special tokens' text left out of the output
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) that ended it is kept
 
     def __post_init__(self):
         problems = []

@@ -44,9 +44,10 @@ def serve(model: str | None = None, *, config=None, **options) -> int:
         log.warning("removed %s: left by an interrupted upload", removed.name)
     log.info("model %s (%s), %d adapters registered, batch %d, context %d", engine.limits.model_name, config.model,
              len(engine.adapters.names()), config.max_batch, engine.limits.context_length)
-    uconfig = uvicorn.Config(create_app(engine, config, tenants), host=config.host, port=config.port,
-                             log_level=config.log_level, timeout_graceful_shutdown=120,
-                             access_log=config.log_level == "debug")
+    app = create_app(engine, config, tenants)
+    engine.start()  # here, not in the app's start-up: a model that cannot run is a one-line error (ModelError)
+    uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                             timeout_graceful_shutdown=120, access_log=config.log_level == "debug")
     # uvicorn re-raises the signal that stopped it once it has drained; after a clean drain SIGTERM exits 0
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:

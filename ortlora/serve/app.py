@@ -1,6 +1,7 @@
-"""The HTTP layer: a FastAPI app with OpenAI's completion, chat and model endpoints, adapter management, health,
-metrics and an OpenAPI document. It only authenticates, validates and translates (`translate.py`); the work runs
-behind an `EngineClient` (`engine_client.py`): this process's engine thread, or Ray engine replicas.
+"""The HTTP layer: a FastAPI app with OpenAI's completion, chat, Responses and model endpoints, vLLM's tokenizer
+endpoints, adapter management, health, metrics and an OpenAPI document. It only authenticates, validates and
+translates (`translate.py`, `responses.py`); the work runs behind an `EngineClient` (`engine_client.py`): this
+process's engine thread, or Ray engine replicas.
 
     app = create_app(LocalEngine(config), config)
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -25,15 +26,18 @@ from ortlora.runtime.sources import is_url
 from ortlora.serve import openai_compat as compat
 from ortlora.serve import playground
 from ortlora.serve import protocol as P
+from ortlora.serve import responses
+from ortlora.serve import responses_protocol as R
 from ortlora.serve import streaming
+from ortlora.serve import tokenize as TK
 from ortlora.serve import translate as T
 from ortlora.serve.config import ServeConfig
 from ortlora.serve.engine_client import AdapterChoice, EngineClient
 from ortlora.serve.errors import APIError, error_response, status_of, validation_error
 from ortlora.serve.metrics import CONTENT_TYPE
 from ortlora.serve.middleware import Outermost
+from ortlora.serve.reasoning import get_parser
 from ortlora.serve.tenants import Tenant, Tenants
-from ortlora.serve.tools import ToolPlan, template_messages
 
 log = logging.getLogger("ortlora.serve")
 _bearer = HTTPBearer(auto_error=False, description="API key (any, or none, when the server runs without --tenants)")
@@ -47,6 +51,12 @@ _SSE = {"content": {"text/event-stream": {"schema": {
         "data": {"type": "string", "description": "a JSON chunk (the response shape, with deltas), or [DONE]"},
         "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}},
         "description": "JSON, or server-sent events when `stream` is true"}
+# the Responses API streams typed events: `event: TYPE` and `data: {the event}`, no [DONE]
+_RESPONSE_EVENTS = {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string", "description": "the event's type, e.g. response.output_text.delta"},
+        "data": {"type": "string", "description": "the event as JSON (a ResponseStreamEvent)"}}}}},
+    "description": "the Response, or server-sent events when `stream` is true"}
 
 
 def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | None = None) -> FastAPI:
@@ -54,7 +64,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
     if tenants is None:
         tenants = Tenants.load(config.tenants) if config.tenants else Tenants.open()
     limits, tokenizer = engine.limits, engine.tokenizer
-    texts = compat.TokenText(tokenizer)
+    plain, as_ids = compat.TokenText(tokenizer), compat.TokenText(tokenizer, as_ids=True)
+    parser = get_parser(config.reasoning_parser, tokenizer) if config.reasoning_parser else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -123,10 +134,24 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         return AdapterChoice(spec, body.adapter_scale) if spec is not None else None
 
     def work(body, tenant: Tenant, prompts, max_tokens, *, explicit_max: bool, adapter, grammar=None,
-             prompt_logprobs=None):
+             prompt_logprobs=None, grammar_after=None):
         return T.build_work(body, limits, prompts, max_tokens, explicit_max=explicit_max, adapter=adapter,
                             tenant=tenant.name, cache_namespace=tenants.cache_namespace(tenant.name),
-                            grammar=grammar, prompt_logprobs=prompt_logprobs)
+                            grammar=grammar, prompt_logprobs=prompt_logprobs, grammar_after=grammar_after)
+
+    def token_text(body) -> compat.TokenText:
+        return as_ids if body.return_tokens_as_token_ids else plain
+
+    async def submit_chat(body: P.ChatCompletionRequest, tenant: Tenant, stream: bool):
+        """Chat's way to the engine (the Responses API comes this way too): the template rendered with the request's
+        options, tools, the grammar (after the reasoning, with --reasoning-parser) and the adapter choice."""
+        adapter = choose(tenant, body)
+        chat = await run_in_threadpool(T.chat_inputs, limits, tokenizer, body, parser)  # templates: off the loop
+        explicit = body.max_completion_tokens or body.max_tokens
+        jobs = await engine.submit(work(body, tenant, [chat.prompt], explicit, explicit_max=explicit is not None,
+                                        adapter=adapter, grammar=chat.grammar, grammar_after=chat.grammar_after,
+                                        prompt_logprobs=body.prompt_logprobs), incremental=stream)
+        return chat, jobs
 
     # -- generation ----------------------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=P.CompletionResponse, tags=["openai"],
@@ -138,12 +163,14 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
             raise APIError(400, "best_of is supported only equal to n", param="best_of")
         prompts = await run_in_threadpool(T.completion_prompts, limits, tokenizer, body.prompt)  # off the loop
         grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body)
-        scored = body.echo and body.logprobs is not None  # the prompt's own logprobs, from the same prefill
+        # the prompt's own logprobs, from one scoring: echo's (k = logprobs) and prompt_logprobs' (its k)
+        wanted = [k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None]
         jobs = await engine.submit(work(body, tenant, prompts, 16 if body.max_tokens is None else body.max_tokens,
                                         explicit_max=True, adapter=adapter, grammar=grammar,
-                                        prompt_logprobs=body.logprobs if scored else None),
+                                        prompt_logprobs=max(wanted) if wanted else None),
                                    incremental=bool(body.stream))
         echo = [tokenizer.decode(p) if body.echo else "" for p in prompts]
+        texts = token_text(body)
         if body.stream:
             return await streaming.stream(request, jobs, streaming.completion_chunks(body, jobs, echo, texts))
         return await streaming.collect(request, jobs, lambda outs, usage: compat.completion_response(
@@ -153,19 +180,46 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})
     async def chat_completions(body: P.ChatCompletionRequest, request: Request,
                                tenant: Tenant = Depends(authenticate)):
-        adapter = choose(tenant, body)
         compat.warn_ignored(body)
-        plan = ToolPlan.of(body)
-        prompt = await run_in_threadpool(T.chat_prompt, limits, tokenizer, template_messages(body), plan.tools)
-        # a required or named tool call follows the functions' schemas, else response_format
-        grammar = await run_in_threadpool(T.output_grammar, tokenizer, limits.eos_ids, body, plan.schema)
-        explicit = body.max_completion_tokens or body.max_tokens
-        jobs = await engine.submit(work(body, tenant, [prompt], explicit, explicit_max=explicit is not None,
-                                        adapter=adapter, grammar=grammar), incremental=bool(body.stream))
+        chat, jobs = await submit_chat(body, tenant, bool(body.stream))
+        texts = token_text(body)
         if body.stream:
-            return await streaming.stream(request, jobs, streaming.chat_chunks(body, jobs, plan, texts))
+            return await streaming.stream(request, jobs, streaming.chat_chunks(body, jobs, chat.plan, texts, parser,
+                                                                               chat.thinking))
         return await streaming.collect(request, jobs, lambda outs, usage: compat.chat_response(
-            streaming.new_id("chatcmpl"), int(time.time()), body, outs, usage, plan, texts))
+            streaming.new_id("chatcmpl"), int(time.time()), body, outs, usage, chat.plan, texts, parser,
+            chat.thinking, chat.prompt))
+
+    @app.post("/v1/responses", response_model=R.ResponseObject, tags=["openai"],
+              responses={200: _RESPONSE_EVENTS, **{k: _ERRORS[k] for k in (404, 429, 503)}})
+    async def create_response(body: R.ResponsesRequest, request: Request, tenant: Tenant = Depends(authenticate)):
+        """OpenAI's Responses API, stateless: the request runs as chat (serve/responses.py)."""
+        compat.warn_ignored(body)
+        chat_body = responses.to_chat(body)
+        chat, jobs = await submit_chat(chat_body, tenant, bool(body.stream))
+        if body.stream:
+            builder = responses.ResponseBuilder(body, chat.plan, parser, chat.thinking, plain)
+            return await streaming.response_stream(request, jobs, builder)
+        return await streaming.collect(request, jobs, lambda outs, usage: responses.build_response(
+            body, chat.plan, outs[0].text, outs[0].finish_reason, usage, parser, chat.thinking, plain,
+            outs[0].logprobs, token_ids=outs[0].token_ids))
+
+    # -- vLLM's tokenizer endpoints (lm-evaluation-harness's tokenizer_backend=remote) --------------------------
+    @app.post("/tokenize", response_model=TK.TokenizeResponse, tags=["tokenizer"])
+    async def tokenize(body: TK.TokenizeRequest, tenant: Tenant = Depends(authenticate)) -> TK.TokenizeResponse:
+        return await run_in_threadpool(TK.tokenize, tokenizer, body, limits.context_length)
+
+    @app.post("/detokenize", response_model=TK.DetokenizeResponse, tags=["tokenizer"])
+    async def detokenize(body: TK.DetokenizeRequest, tenant: Tenant = Depends(authenticate)):
+        return await run_in_threadpool(TK.detokenize, tokenizer, body)
+
+    @app.get("/tokenizer_info", response_model=TK.TokenizerInfo, tags=["tokenizer"])
+    def tokenizer_info(tenant: Tenant = Depends(authenticate)) -> TK.TokenizerInfo:
+        return TK.tokenizer_info(tokenizer, limits.context_length)
+
+    @app.get("/version", response_model=TK.Version, tags=["operations"])
+    def version() -> TK.Version:
+        return TK.version()
 
     # -- vLLM's adapter endpoints (aliases, so operators' tools work unchanged) ------------------------------
     @app.post("/v1/load_lora_adapter", tags=["adapters"], responses={

@@ -18,16 +18,19 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ortlora.argtypes import int_range
 from ortlora.errors import OrtloraError
 
 DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # serve.reasoning.PARSERS' names (checked there to agree)
 
 
-def _opt(default, help_: str, *, minimum: int | None = None, choices: tuple[str, ...] | None = None,
-         flag: str | None = None, short: str | None = None, metavar: str | None = None):
-    return field(default=default, metadata={"help": help_, "min": minimum, "choices": choices, "flag": flag,
-                                            "short": short, "metavar": metavar})
+def _opt(default, help_: str, *, minimum: int | None = None, maximum: int | None = None,
+         choices: tuple[str, ...] | None = None, flag: str | None = None, short: str | None = None,
+         metavar: str | None = None):
+    return field(default=default, metadata={"help": help_, "min": minimum, "max": maximum, "choices": choices,
+                                            "flag": flag, "short": short, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ServeConfig:
                                       "by URL) naming each adapter's URL. URL adapters are fetched on first use into "
                                       "--adapter-cache (default: none)", metavar="DIR|URL|INDEX")
     host: str = _opt("127.0.0.1", "address to listen on (default: %(default)s, loopback only)")
-    port: int = _opt(8000, "default: %(default)s", minimum=0)
+    port: int = _opt(8000, "default: %(default)s; 0: any free port", minimum=0, maximum=65535)
     max_batch: int = _opt(16, "rows decoded together (KV cache slots; default: %(default)s)", minimum=1)
     max_loaded_adapters: int = _opt(64, "adapters held in memory (LRU, shared fairly among tenants: one over its "
                                         "share evicts its own first; default: %(default)s)", minimum=1)
@@ -85,6 +88,11 @@ class ServeConfig:
     max_upload_bytes: int = _opt(1 << 30, "largest adapter upload in bytes (default: %(default)s)", minimum=1)
     max_choices: int = _opt(64, "most choices (prompts x n) one request may ask for (default: %(default)s)",
                             minimum=1)
+    reasoning_parser: str | None = _opt(None, "a thinking model's <think> block returned apart from the answer "
+                                              "(chat: reasoning_content / reasoning; Responses: a reasoning item), "
+                                              "grammars applied after it, as vLLM's parser of that name does "
+                                              "(default: none: the reasoning stays in the text)",
+                                        choices=REASONING_PARSERS)
 
     def __post_init__(self):
         problems = []
@@ -96,10 +104,10 @@ class ServeConfig:
                 continue
             if meta["min"] is not None and value < meta["min"]:
                 problems.append(f"{_flag(f)} must be at least {meta['min']}, got {value}")
+            if meta["max"] is not None and value > meta["max"]:
+                problems.append(f"{_flag(f)} must be at most {meta['max']}, got {value}")
             if meta["choices"] is not None and value not in meta["choices"]:
                 problems.append(f"{_flag(f)} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"--port must be in 0..65535, got {self.port}")
         if self.replicas is not None:
             try:
                 self.scaling()
@@ -129,8 +137,9 @@ class ServeConfig:
                 kw["action"] = "append"
                 if meta["metavar"]:
                     kw["metavar"] = meta["metavar"]
-            else:
-                kw.update(type=kind, default=f.default)
+            else:  # a value out of range is a usage error at parse time (exit 2, nothing started)
+                ranged = kind is int and (meta["min"] is not None or meta["max"] is not None)
+                kw.update(type=int_range(meta["min"], meta["max"]) if ranged else kind, default=f.default)
                 if meta["choices"]:
                     kw["choices"] = meta["choices"]
                 if meta["metavar"]:

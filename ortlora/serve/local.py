@@ -12,6 +12,7 @@ from typing import BinaryIO
 from starlette.concurrency import run_in_threadpool
 
 from ortlora import __version__
+from ortlora.errors import ModelError
 from ortlora.model_folder import ModelInfo
 from ortlora.runtime.adapters import Adapter, AdapterEvent, AdapterLoaded, Adapters, AdapterUnloaded, AdapterUsed
 from ortlora.runtime.engine import Engine
@@ -53,11 +54,21 @@ class LocalEngine:
         self.adapters.listen(self._adapter_event)
         self.adapters.load_pins()  # a pin that names nothing, or pins that fill the capacity: refused at start
         self._scorer = None
+        self._started = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
+        """Calibrate (the model's first runs) and start the engine thread; again: nothing (the CLI starts the engine
+        before the HTTP server, so that a model that cannot run is a one-line error, then the app's start-up)."""
+        if self._started:
+            return
+        try:
+            self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
+        except Exception as exc:  # onnxruntime's error: a model that cannot run, before any request
+            raise ModelError(f"the model in {self.config.model} failed its start-up run: "
+                             + " ".join(str(exc).split())) from None
         self.scheduler.start()
+        self._started = True
 
     def drain(self) -> None:
         self.scheduler.drain()

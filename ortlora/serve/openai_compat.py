@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ortlora import __version__
 from ortlora.runtime.logprobs import TokenLogprob
@@ -101,6 +101,12 @@ def _by_text(texts: TokenText, top) -> dict[str, float]:
     return out
 
 
+def top(scores: list[TokenLogprob | None], k: int | None) -> list[TokenLogprob | None]:
+    """Prompt scores with at most `k` alternatives each (echo and prompt_logprobs share one scoring, at the larger
+    of their two k)."""
+    return [lp if lp is None or k is None or len(lp.top) <= k else replace(lp, top=lp.top[:k]) for lp in scores]
+
+
 def prompt_logprobs_json(texts: TokenText, prompt: list[int], scores: list[TokenLogprob | None]
                          ) -> list[dict[str, dict] | None]:
     """vLLM's `prompt_logprobs`: per prompt position, {token id: {logprob, rank, decoded_token}} for the prompt's
@@ -125,23 +131,27 @@ def completion_response(rid: str, created: int, body: P.CompletionRequest, outs:
     n = body.n or 1
     choices = []
     for i, out in enumerate(outs):
-        prefix = echo[i // n]
-        logprobs = None
+        prefix, prompt = echo[i // n], prompts[i // n]
+        logprobs = scored = None
         if body.logprobs is not None:
             ids, lps = out.token_ids[:len(out.logprobs)], list(out.logprobs)
             if body.echo:
-                ids, lps = prompts[i // n] + ids, list(out.prompt_logprobs or ()) + lps
+                ids, lps = prompt + ids, top(out.prompt_logprobs or [], body.logprobs) + lps
             logprobs = completion_logprobs(texts, ids, lps)
+        if body.prompt_logprobs is not None:
+            scored = prompt_logprobs_json(texts, prompt, top(out.prompt_logprobs or [], body.prompt_logprobs))
         choices.append(P.CompletionChoice(index=i, text=prefix + out.text, finish_reason=out.finish_reason,
-                                          logprobs=logprobs))
+                                          logprobs=logprobs, prompt_logprobs=scored))
     return P.CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=choices,
                                 system_fingerprint=FINGERPRINT)
 
 
 def chat_response(rid: str, created: int, body: P.ChatCompletionRequest, outs: list[Output], usage: P.Usage,
-                  plan, texts: TokenText, reasoning=None, thinking: bool = True) -> P.ChatCompletionResponse:
+                  plan, texts: TokenText, reasoning=None, thinking: bool = True,
+                  prompt: list[int] | None = None) -> P.ChatCompletionResponse:
     """`reasoning` (a serve.reasoning.ReasoningParser) splits each output's reasoning off before tools are parsed
-    from the answer; `thinking`: whether the output starts inside the reasoning (ReasoningParser.starts_thinking)."""
+    from the answer; `thinking`: whether the output starts inside the reasoning (ReasoningParser.starts_thinking).
+    `prompt`: its ids, for `prompt_logprobs` (one list for the request, as vLLM places it)."""
     choices = []
     for i, out in enumerate(outs):
         thought, answer = reasoning.split(out.text, thinking) if reasoning is not None else (None, out.text)
@@ -151,5 +161,8 @@ def chat_response(rid: str, created: int, body: P.ChatCompletionRequest, outs: l
         message = P.AssistantMessage(content=content, tool_calls=calls or None, reasoning_content=thought,
                                      reasoning=thought)
         choices.append(P.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason))
+    scored = None
+    if body.prompt_logprobs is not None and prompt is not None and outs:
+        scored = prompt_logprobs_json(texts, prompt, top(outs[0].prompt_logprobs or [], body.prompt_logprobs))
     return P.ChatCompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=choices,
-                                    system_fingerprint=FINGERPRINT)
+                                    system_fingerprint=FINGERPRINT, prompt_logprobs=scored)

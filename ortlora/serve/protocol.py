@@ -118,11 +118,6 @@ class StructuredOutputs(_Request):
 
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-# vLLM fields modelled here whose wiring into the engine and the routes is still to come: a request that sets one
-# away from its default is a 400 until it is honoured (the routes drop a name from this set as they honour it)
-NOT_HONOURED_YET = {"include_stop_str_in_output", "skip_special_tokens", "prompt_logprobs",
-                    "return_tokens_as_token_ids", "chat_template_kwargs", "add_generation_prompt",
-                    "continue_final_message"}
 
 
 MAX_COMBINED = 8  # adapters in one weighted combination
@@ -201,14 +196,6 @@ class _Sampling(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return v
-
-    @model_validator(mode="after")
-    def _honoured(self):
-        for name in sorted(NOT_HONOURED_YET & set(type(self).model_fields)):
-            field = type(self).model_fields[name]
-            if getattr(self, name) not in (field.default, None, {}):
-                raise FieldError(name, f"{name} is not supported by this server yet")
-        return self
 
     @model_validator(mode="after")
     def _structured(self):

@@ -128,6 +128,16 @@ class ReasoningParser:
         a, b = stream.feed(text), stream.finish()
         return (a.reasoning + b.reasoning) or None, (a.content + b.content) or None
 
+    def count(self, token_ids: list[int], thinking: bool = True) -> int:
+        """How many of an output's tokens are reasoning: up to and including the end tag's."""
+        if not thinking:
+            return 0
+        gate = self.gate(True)
+        for n, token in enumerate(token_ids, 1):
+            if gate.feed(token):
+                return n
+        return len(token_ids)
+
     def gate(self, thinking: bool = True) -> ReasoningGate:
         """For the engine: a grammar applies to the tokens after the end tag (or from the first, if not thinking)."""
         return ReasoningGate(self.end_ids, open=thinking)

@@ -45,7 +45,8 @@ def to_chat(body: R.ResponsesRequest) -> P.ChatCompletionRequest:
         "max_completion_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
         "seed": body.seed, "stop": body.stop, "top_k": body.top_k, "min_p": body.min_p,
         "repetition_penalty": body.repetition_penalty, "ignore_eos": body.ignore_eos, "min_tokens": body.min_tokens,
-        "stop_token_ids": body.stop_token_ids, "user": body.user, "adapter_scale": body.adapter_scale,
+        "stop_token_ids": body.stop_token_ids, "logit_bias": body.logit_bias, "user": body.user,
+        "adapter_scale": body.adapter_scale,
         "adapters": [a.model_dump() for a in body.adapters] if body.adapters else None,
         "logprobs": body.logprobs(), "top_logprobs": body.top_logprobs if body.logprobs() else None,
         "chat_template_kwargs": _template_kwargs(body),
@@ -63,6 +64,9 @@ def to_chat(body: R.ResponsesRequest) -> P.ChatCompletionRequest:
     if parallel is not None:
         chat["parallel_tool_calls"] = parallel
     fmt = body.text.format if body.text else None
+    if body.tools and body.tool_choice not in (None, "none", "auto"):
+        fmt = None  # the output is a call, not text: text.format has nothing to shape (an agent with an output
+        # type sends both until its tool has run; OpenAI answers with the call)
     if fmt is not None and fmt.type == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {
             "name": fmt.name or "response", "schema": fmt.schema_, "description": fmt.description,
@@ -349,11 +353,14 @@ def _format(body: R.ResponsesRequest) -> dict:
 
 def build_response(body: R.ResponsesRequest, plan: ToolPlan, text: str, finish_reason: str, usage: P.Usage,
                    reasoning=None, thinking: bool = True, texts=None, logprobs: list | None = None,
-                   cached_tokens: int = 0) -> R.ResponseObject:
-    """The non-streamed answer: the whole output through the same builder, so both forms agree."""
+                   cached_tokens: int = 0, token_ids: list[int] | None = None) -> R.ResponseObject:
+    """The non-streamed answer: the whole output through the same builder, so both forms agree. `token_ids`: the
+    output's, to count the reasoning's tokens (else all of them count when the output starts thinking)."""
     b = ResponseBuilder(body, plan, reasoning, thinking, texts)
     b.start()
     b.feed(text, usage.completion_tokens, logprobs)
+    if reasoning is not None and token_ids is not None:
+        b.reasoning_tokens = reasoning.count(token_ids, thinking)
     b.finish(finish_reason, usage, cached_tokens)
     return b.response
 

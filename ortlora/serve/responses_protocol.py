@@ -37,11 +37,12 @@ def _refuse(what: str):
     return Refused
 
 
-def _kind(default: str, known: set[str]):
-    """A discriminator on `type`; its tags are bracketed so that error locations drop them (serve.errors)."""
+def _kind(default: str, known: set[str], tag=lambda kind: f"[{kind}]"):
+    """A discriminator on `type` (anything without one: refused, a 400); its tags are bracketed so that error
+    locations drop them (serve.errors)."""
     def pick(v):
         kind = v.get("type", default) if isinstance(v, dict) else getattr(v, "type", default)
-        return f"[{kind}]" if kind in known else "[refused]"
+        return tag(kind) if kind in known else "[refused]"
     return Discriminator(pick)
 
 
@@ -55,10 +56,9 @@ class TextIn(_In):
         return self.text if self.text is not None else (self.refusal or "")
 
 
+_TEXTS = ("input_text", "output_text", "text", "refusal", "reasoning_text", "summary_text")
 Part = Annotated[Union[Annotated[TextIn, Tag("[text]")], Annotated[_refuse("content parts"), Tag("[refused]")]],
-                 Discriminator(lambda v: "[text]" if (v.get("type") if isinstance(v, dict) else v.type) in (
-                     "input_text", "output_text", "text", "refusal", "reasoning_text", "summary_text")
-                     else "[refused]")]
+                 _kind("", set(_TEXTS), tag=lambda kind: "[text]")]
 
 
 def _text(content: str | list[TextIn]) -> str:
@@ -212,6 +212,8 @@ class ResponsesRequest(BaseModel):
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=1024, description="token id (as a string) -> bias added to its logit, as on chat")
     chat_template_kwargs: dict[str, Any] | None = None
     adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
     adapters: list[AdapterWeight] | None = Field(None, min_length=1, max_length=MAX_COMBINED)

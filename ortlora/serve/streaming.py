@@ -1,6 +1,6 @@
 """Engine events back into OpenAI answers: a request's jobs' events gathered into one response body, or streamed as
-server-sent events (completions and chat chunks). Leaving early (client disconnect, error) cancels every job,
-which frees its slot.
+server-sent events (completions and chat chunks, with reasoning deltas under --reasoning-parser; the Responses
+API's typed events). Leaving early (client disconnect, error) cancels every job, which frees its slot.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from ortlora.errors import OrtloraError
 from ortlora.serve import protocol as P
 from ortlora.serve.engine_client import Event, Jobs
 from ortlora.serve.errors import APIError, error_response, status_of
-from ortlora.serve.openai_compat import FINGERPRINT, Output, TokenText, chat_logprobs_json, completion_logprobs
-from ortlora.serve.tools import OPEN_TAG, ToolPlan, call_id
+from ortlora.serve.openai_compat import (FINGERPRINT, Output, TokenText, chat_logprobs_json, completion_logprobs,
+                                         top)
+from ortlora.serve.reasoning import Split, chat_delta
+from ortlora.serve.tools import ToolPlan, ToolStream, call_id
 
 
 async def _events(jobs: Jobs) -> AsyncIterator[Event]:
@@ -142,7 +144,8 @@ async def completion_chunks(body: P.CompletionRequest, jobs: Jobs, echo: list[st
         i = ev.index
         if ev.prompt_logprobs is not None and scored:
             prompt = jobs[i].prompt_ids
-            yield chunk(i, echo[i // n], completion_logprobs(texts, prompt, ev.prompt_logprobs).model_dump())
+            lps = top(ev.prompt_logprobs, body.logprobs)
+            yield chunk(i, echo[i // n], completion_logprobs(texts, prompt, lps).model_dump())
             offsets[i] = len(echo[i // n])
         if not (ev.token_ids or ev.text or ev.finish_reason):
             continue
@@ -156,9 +159,11 @@ async def completion_chunks(body: P.CompletionRequest, jobs: Jobs, echo: list[st
         yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
 
 
-async def chat_chunks(body: P.ChatCompletionRequest, jobs: Jobs, plan: ToolPlan, texts: TokenText):
-    """Text as content deltas, or, when the output is a tool call, as tool_calls deltas: a named function's
-    arguments stream as they come; `required` arrays and `auto` calls are parsed once complete."""
+async def chat_chunks(body: P.ChatCompletionRequest, jobs: Jobs, plan: ToolPlan, texts: TokenText, reasoning=None,
+                      thinking: bool = True):
+    """Reasoning (with a parser: `reasoning_content` / `reasoning` deltas) and then the answer: as content deltas,
+    or, when it is a tool call, as tool_calls deltas: a named function's arguments stream as they come; `required`
+    arrays and `auto` calls are parsed once complete (serve.tools.ToolStream)."""
     rid, created = new_id("chatcmpl"), int(time.time())
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
             "system_fingerprint": FINGERPRINT}
@@ -166,53 +171,82 @@ async def chat_chunks(body: P.ChatCompletionRequest, jobs: Jobs, plan: ToolPlan,
     def chunk(i, delta, logprobs=None, finish=None):
         return {**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
+    def arguments(i, text):
+        if called[i]:
+            return [chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": text}}]})]
+        called[i] = True
+        return [chunk(i, {"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
+                                          "function": {"name": plan.name, "arguments": text}}]})]
+
     for i in range(len(jobs)):
         yield chunk(i, {"role": "assistant", "content": "" if plan.mode != "named" else None})
-    held = [""] * len(jobs)  # text that may be a tool call (not streamed as content)
+    splits = [reasoning.stream(thinking) if reasoning is not None else None for _ in jobs]
+    tools = [ToolStream(plan) for _ in jobs]
     called = [False] * len(jobs)
     completion = 0
     async for ev in _events(jobs):
         completion += ev.new_tokens
-        lp = chat_logprobs_json(texts, ev.logprobs) if ev.logprobs is not None else None
-        i, reason = ev.index, ev.finish_reason
-        if plan.mode == "named":
-            if not called[i]:
-                called[i] = True
-                yield chunk(i, {"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
-                                                "function": {"name": plan.name, "arguments": ""}}]})
-            if ev.text or lp:
-                yield chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": ev.text}}]}, lp)
-        elif plan.mode == "required" or (plan.mode == "auto" and _maybe_call(held[i] + ev.text)):
-            held[i] += ev.text
-            if lp:
-                yield chunk(i, {}, lp)
-        else:
-            text, held[i] = held[i] + ev.text, ""  # what looked like a call's start was not
-            if text or lp:
-                yield chunk(i, {"content": text}, lp)
+        i, lp = ev.index, chat_logprobs_json(texts, ev.logprobs) if ev.logprobs is not None else None
+        part = splits[i].feed(ev.text) if splits[i] is not None else Split(content=ev.text)
+        if ev.finish_reason and splits[i] is not None:  # what was held back (an output cut inside the reasoning)
+            rest = splits[i].finish()
+            part = Split(part.reasoning + rest.reasoning, part.content + rest.content)
+        delta = chat_delta(part)
+        content, args = tools[i].feed(part.content) if part.content else ("", "")
+        if content:
+            delta["content"] = content
+        pieces = ([chunk(i, delta)] if delta else []) + (arguments(i, args) if args else [])
         if ev.finish_reason:
-            if held[i]:
-                content, calls = plan.parse(held[i])
-                if calls:
-                    called[i] = True
-                    yield chunk(i, {"tool_calls": [{"index": k, "id": c.id, "type": "function",
-                                                    "function": c.function.model_dump()}
-                                                   for k, c in enumerate(calls)]})
-                elif content:
-                    yield chunk(i, {"content": content})
-            yield chunk(i, {}, None, _tool_reason(reason, called[i]))
+            content, calls = tools[i].finish()
+            if content:
+                pieces.append(chunk(i, {"content": content}))
+            if calls and plan.mode != "named":  # (a named call's arguments went out as they came)
+                called[i] = True
+                pieces.append(chunk(i, {"tool_calls": [{"index": k, "id": c.id, "type": "function",
+                                                        "function": c.function.model_dump()}
+                                                       for k, c in enumerate(calls)]}))
+        if lp and not pieces:
+            pieces.append(chunk(i, {}))
+        if lp:
+            pieces[0]["choices"][0]["logprobs"] = lp
+        for piece in pieces:
+            yield piece
+        if ev.finish_reason:
+            yield chunk(i, {}, None, _tool_reason(ev.finish_reason, called[i]))
     if body.stream_options and body.stream_options.include_usage:
         yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
 
 
-def _maybe_call(text: str) -> bool:
-    """Could this output (so far) be an `auto` tool call? Then it is held back, not streamed as content."""
-    start = text.lstrip()
-    return bool(start) and (OPEN_TAG.startswith(start) or start.startswith(OPEN_TAG))
-
-
 def _tool_reason(reason: str | None, called: bool) -> str | None:
     return "tool_calls" if called and reason == "stop" else reason
+
+
+# -- the Responses API -------------------------------------------------------------------------------------------
+async def response_stream(request: Request, jobs: Jobs, builder) -> StreamingResponse:
+    """One response's events (serve.responses.ResponseBuilder) as OpenAI streams them: `event:` and `data:` lines,
+    no [DONE]; an engine failure after the headers went out is `response.failed`."""
+    from ortlora.serve.responses import sse
+
+    await _first_event(request, jobs)
+
+    async def body():
+        completion = 0
+        try:
+            yield sse(builder.start())
+            async for ev in _events(jobs):
+                completion += ev.new_tokens
+                events = builder.feed(ev.text, ev.new_tokens, ev.logprobs)
+                if ev.finish_reason:
+                    events += builder.finish(ev.finish_reason, _usage(jobs, completion))
+                if events:
+                    yield sse(events)
+        except OrtloraError as exc:
+            yield sse(builder.fail(str(exc)))
+        finally:
+            jobs.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def new_id(prefix: str) -> str:

@@ -2,6 +2,7 @@
 both engine clients (one process, Ray).
 
     prompts = completion_prompts(limits, tokenizer, body.prompt)       # text / ids -> token ids, size-checked
+    chat = chat_inputs(limits, tokenizer, body, parser)                # chat: prompt, tools, grammar, reasoning
     grammar = output_grammar(tokenizer, limits.eos_ids, body)          # structured outputs: compiled, or a 400
     work = build_work(body, limits, prompts, max_tokens, explicit_max=True, grammar=grammar, adapter=..., tenant=...)
 
@@ -10,12 +11,14 @@ Everything here may raise APIError (a 400 naming the field); nothing touches an 
 
 from __future__ import annotations
 
-from typing import Hashable
+from dataclasses import dataclass
+from typing import Any, Hashable
 
 from ortlora.errors import OrtloraError
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.serve.engine_client import AdapterChoice, Limits, Work
 from ortlora.serve.errors import APIError
+from ortlora.serve.tools import ToolPlan
 
 MIN_TEMPERATURE = 1e-5  # logits / 1e-300 overflow: a temperature this low is greedy anyway
 
@@ -60,13 +63,14 @@ def completion_prompts(limits: Limits, tokenizer, prompt) -> list[list[int]]:
     return out
 
 
-def chat_prompt(limits: Limits, tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def chat_prompt(limits: Limits, tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                options: dict[str, Any] | None = None) -> list[int]:
     """The prompt ids of a conversation; `tools` ([{"type": "function", "function": ...}]) go to the template as
-    transformers' apply_chat_template(tools=...) passes them."""
+    transformers' apply_chat_template(tools=...) passes them; `options`: add_generation_prompt,
+    continue_final_message and the template's own variables (`ChatCompletionRequest.template_options`)."""
     check_size(limits, "".join(str(m.get("content") or "") for m in messages), "messages")
     try:
-        extra = {"tools": tools} if tools else {}
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
+        text = tokenizer.apply_chat_template(messages, **_template_args(tools, options))
     except OrtloraError as exc:
         raise APIError(400, str(exc), param="messages") from None
     except Exception as exc:  # jinja2 TemplateError: the template refused these messages
@@ -77,6 +81,40 @@ def chat_prompt(limits: Limits, tokenizer, messages: list[dict], tools: list[dic
         raise APIError(400, "the messages render to an empty prompt (no tokens) with this model's chat template",
                        param="messages")
     return ids
+
+
+def _template_args(tools: list[dict] | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    return {"add_generation_prompt": True, **(options or {}), **({"tools": tools} if tools else {})}
+
+
+@dataclass(frozen=True)
+class ChatInputs:
+    """What a chat request (or a Responses request, as chat) sends the engine, and how its output is read back."""
+    plan: ToolPlan
+    prompt: list[int]
+    grammar: str | None
+    thinking: bool = False  # with a reasoning parser: the output starts inside the reasoning
+    grammar_after: tuple[int, ...] | None = None  # the grammar waits for these ids (the reasoning's end tag)
+
+
+def chat_inputs(limits: Limits, tokenizer, body, parser=None) -> ChatInputs:
+    """The prompt (the template rendered with the request's options), the tool plan, the grammar (a required or
+    named call's schema, else structured outputs or response_format) and, with a reasoning parser
+    (serve.reasoning), whether the output starts thinking: then the grammar applies after the reasoning ends, as
+    vLLM applies it. Template rendering is slow for long conversations: call it off the event loop."""
+    from ortlora.serve.reasoning import generation_prompt
+    from ortlora.serve.tools import template_messages
+
+    plan = ToolPlan.of(body)
+    messages, options = template_messages(body), body.template_options()
+    prompt = chat_prompt(limits, tokenizer, messages, plan.tools, options)
+    grammar = output_grammar(tokenizer, limits.eos_ids, body, plan.schema)  # a required call: its schema
+    thinking = False
+    if parser is not None:
+        opening = generation_prompt(tokenizer, messages, _template_args(plan.tools, options))
+        thinking = parser.starts_thinking(opening, body.chat_template_kwargs)
+    after = parser.end_ids if thinking and grammar is not None else None
+    return ChatInputs(plan, prompt, grammar, thinking, after)
 
 
 # -- what the output must follow -------------------------------------------------------------------------------------
@@ -108,7 +146,8 @@ def output_grammar(tokenizer, eos_ids: frozenset[int], body, tool_schema: dict |
 
 # -- sampling --------------------------------------------------------------------------------------------------------
 def sampling_params(body, limits: Limits, max_new_tokens: int, seed: int | None, grammar: str | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, grammar_after: tuple[int, ...] | None = None
+                    ) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature < MIN_TEMPERATURE:
         temperature = 0.0
@@ -121,7 +160,8 @@ def sampling_params(body, limits: Limits, max_new_tokens: int, seed: int | None,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
             logit_bias=logit_bias(limits, body.logit_bias), logprobs=body.logprobs_k(), grammar=grammar,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, grammar_after=grammar_after,
+            skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output)
     except OrtloraError as exc:
         if isinstance(exc, APIError):
             raise
@@ -140,7 +180,8 @@ def logit_bias(limits: Limits, bias: dict[str, float] | None) -> tuple[tuple[int
 # -- work --------------------------------------------------------------------------------------------------------------
 def build_work(body, limits: Limits, prompts: list[list[int]], max_tokens: int | None, *, explicit_max: bool,
                adapter: AdapterChoice | None, tenant: str = "", cache_namespace: Hashable = ("tenant", ""),
-               grammar: str | None = None, prompt_logprobs: int | None = None) -> Work:
+               grammar: str | None = None, prompt_logprobs: int | None = None,
+               grammar_after: tuple[int, ...] | None = None) -> Work:
     """One job per (prompt, choice): each prompt checked against the context, its new tokens bounded by what is
     left of it (`max_tokens` None: all of it; asked for explicitly and too many: a 400, as OpenAI answers)."""
     ctx = limits.context_length
@@ -161,5 +202,5 @@ def build_work(body, limits: Limits, prompts: list[list[int]], max_tokens: int |
         raise APIError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} choices; at most "
                             f"{limits.max_choices} per request", param="n")
     params = [sampling_params(body, limits, budget, None if body.seed is None else body.seed + j, grammar,
-                              prompt_logprobs) for budget in budgets for j in range(n)]
+                              prompt_logprobs, grammar_after) for budget in budgets for j in range(n)]
     return Work(adapter, prompts, n, params, tenant, cache_namespace)
