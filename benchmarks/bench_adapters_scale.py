@@ -2,7 +2,7 @@
 the same traffic over 8 of them and against vLLM-CPU, plus registration/listing at 1k/10k and one tenant's flood.
 Not a test: one pass per setting, printed (and written to WORKDIR/results.json). Needs a quiet machine.
 
-    python benchmarks/bench_adapters_scale.py [--workdir /tmp/ortlora-scale-adapters] [--precisions fp32 int4]
+    python benchmarks/bench_adapters_scale.py [--workdir /tmp/ortlora-scale-adapters] [--precisions fp32 int4 int8]
         [--adapters 1000] [--requests 128] [--concurrency 16] [--prompt 32] [--new 32] [--max-loaded 64]
         [--parts traffic vllm listing tenants] [--vllm-venv /work/vllm-venv] [--vllm-dtype float32]
     python benchmarks/bench_adapters_scale.py --tiny --adapters 24 --requests 16 --concurrency 4 --new 8 \\
@@ -520,7 +520,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/ortlora-scale-adapters")
     p.add_argument("--source", default=None, help="where the random checkpoint is built (default: workdir)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "int4"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "int4", "int8"])
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--unique", type=int, default=None, help="distinct adapter files (default: all)")
     p.add_argument("--requests", type=int, default=128)
