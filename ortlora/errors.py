@@ -20,6 +20,11 @@ class AdapterNotFound(AdapterError):
     """No adapter of that name (or one the caller may not see: the message is the same)."""
 
 
+class AdapterUnavailable(AdapterNotFound):
+    """An adapter's source did not answer (timeout, refused connection, denied access, a server error): a not-found
+    to callers that only know that type, which a retry later may cure."""
+
+
 class AdapterExists(AdapterError):
     """An adapter of that name is already registered."""
 

@@ -104,16 +104,20 @@ def test_metrics_filter_covers_rays_merged_exposition():
     m = Metrics()
     for label in ("a1", "b-1", "a1+b-1", "base"):
         m.adapter_requests.inc(adapter=label)
+    for tenant in ("acme", "bops"):  # per-tenant series name tenants: a key sees its own only
+        m.adapter_cache_hits.inc(tenant=tenant)
     held = Gauge("ortlora_replica_adapter_loaded", "adapters this replica holds in memory", ("adapter",))
     held.set(1, adapter="a1")
     held.set(1, adapter="b-1")
     replica = m.render() + "\n".join(held.render()) + "\n"
     merged = merge_expositions([("ingress", Metrics().render()), ("r1", replica), ("r2", replica)])
-    seen = filter_exposition(merged, lambda name: name == "base" or name.startswith("b-"))
+    seen = filter_exposition(merged, lambda name: name == "base" or name.startswith("b-"), "bops")
     named = [line for line in seen.splitlines() if 'adapter="' in line]
     assert len(named) == 6 and all('adapter="b-1"' in line or 'adapter="base"' in line for line in named), named
+    tenants = [line for line in seen.splitlines() if 'tenant="' in line]
+    assert len(tenants) == 2 and all('tenant="bops"' in line for line in tenants), tenants
     assert seen.count("# TYPE") == merged.count("# TYPE")  # totals and families stay
-    assert filter_exposition(merged, lambda name: True) == merged
+    assert 'tenant="acme"' in merged and filter_exposition(merged, lambda name: True, "acme").count('tenant="') == 2
 
 
 def test_admin_table_without_adapters_is_a_load_error(setup, tmp_path):

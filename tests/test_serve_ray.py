@@ -21,6 +21,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray's 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from adapter_site import Site
 from test_serve import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, reference, setup  # noqa: F401 (fixtures)
 
 from ortlora.errors import OrtloraError
@@ -49,7 +50,15 @@ def _wait(pred, what: str, timeout: float = 90.0):
 
 
 @pytest.fixture(scope="module")
-def ray_server(setup):
+def url_site():
+    """A local HTTP server of adapters by URL (the replicas fetch from it into their own cache folders)."""
+    s = Site()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_server(setup, url_site, tmp_path_factory):
     # the replicas' processes import ortlora from this checkout
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", include_dashboard=False, num_cpus=4,
@@ -59,7 +68,9 @@ def ray_server(setup):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"model": str(setup["folder"]), "adapters": str(setup["adapters"]),
                              "tenants": str(setup["tenants"]), "replicas": "2", "threads": 1, "max_batch": 8,
-                             "max_queue": 16, "max_loaded_adapters": 5, "model_name": "base"}), name=APP_NAME)
+                             "max_queue": 16, "max_loaded_adapters": 5, "model_name": "base",
+                             "allow_adapter_urls": [url_site.url + "/a/"],
+                             "adapter_cache": str(tmp_path_factory.mktemp("ray-cache"))}), name=APP_NAME)
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: _get(url, "/health").status_code == 200, "the ingress to see its replicas")
         yield url
@@ -403,6 +414,28 @@ def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(r
     assert r.status_code == 503 and "no engine replica is ready" in r.json()["error"]["message"]
     _wait(lambda: _get(ray_server, "/health").status_code == 200, "the replicas to come back")
     assert _post(ray_server, "/v1/completions", _greedy("a2", PROMPTS[0])).status_code == 200
+
+
+def test_ray_replicas_fetch_a_url_adapter_themselves(ray_server, url_site, setup, reference):
+    """A URL registration is checked by one replica and served by whichever replica a request reaches, each
+    fetching it into its own cache folder: nothing is written to the adapters directory."""
+    _wait(lambda: _get(ray_server, "/health").status_code == 200, "the replicas")
+    before = sorted(p.name for p in setup["adapters"].iterdir())
+    url_site.put("/a/u.onnx_adapter", (setup["adapters"] / "a3.onnx_adapter").read_bytes())
+    r = _post(ray_server, "/v1/adapters", {"name": "b-url", "url": url_site.url + "/a/u.onnx_adapter"})
+    assert r.status_code == 200 and r.json()["url"] == url_site.url + "/a/u.onnx_adapter", r.text
+    try:
+        body = _greedy("b-url", PROMPTS[0])
+        assert _post(ray_server, "/v1/completions", body, BETA).json()["choices"][0]["text"] == \
+            reference("a3", PROMPTS[0])
+        assert any("b-url" in s.loaded for s in _replicas()) and url_site.count("GET") >= 1
+        assert sorted(p.name for p in setup["adapters"].iterdir()) == before
+        r = _post(ray_server, "/v1/adapters", {"name": "b-out", "url": url_site.url + "/b/u.onnx_adapter"})
+        assert r.status_code == 400 and "not under a URL prefix" in r.text
+    finally:
+        assert httpx.delete(ray_server + "/v1/adapters/b-url", headers={"Authorization": f"Bearer {ADMIN}"}) \
+            .status_code == 200
+    assert _post(ray_server, "/v1/completions", body, BETA).status_code == 404
 
 
 def test_example_config_in_the_docs_is_a_valid_serve_config(setup):

@@ -5,8 +5,10 @@ Files are registered by file stem (`acme-support.onnx_adapter` -> `acme-support`
 without being opened, so thousands cost nothing until used; one dropped into the folder later is found on first
 use. A PEFT folder is converted on first use and cached in `.ortlora-cache/` (see `ortlora.adapters.cached`). Names are a
 conservative charset with no separators, and a path (given by a caller or found by discovery) must resolve,
-symlinks followed, to a regular file inside the folder. This class only names and places files: what an adapter
-is, loads and holds is `ortlora.runtime.adapters.Adapters`' business (its only user).
+symlinks followed, to a regular file inside the folder. Listing costs no file I/O per name: the folder is scanned
+when it opens and again only when its own modification time says that entries came or went (`changed`), so a
+listing of thousands stays one stat. This class only names and places files: what an adapter is, loads and holds is
+`ortlora.runtime.adapters.Adapters`' business (through `ortlora.runtime.registry.AdapterRegistry`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -29,6 +32,9 @@ _CHUNK = 1 << 20
 CACHE = ".ortlora-cache"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 log = logging.getLogger("ortlora.adapters")
+# a folder changed this recently may change again within its timestamp's granularity (git's "racy" entries): its
+# next listing scans again rather than trusting an unchanged modification time
+RACY_NS = 2_000_000_000
 
 
 def check_name(name: object) -> str:
@@ -57,6 +63,8 @@ class AdapterDirectory:
         self._lock = threading.Lock()
         self.skipped: list[str] = []
         self.unreadable: str | None = None  # why the last scan failed (the folder was removed, replaced, ...)
+        self._scanned_mtime: int | None = None  # the folder's st_mtime_ns when it was last scanned
+        self._racy = True
         # uploads a killed process left half-written: every temporary whose writer is gone, however recent (a
         # live upload, here or in another process sharing the folder, holds its temporary's lock)
         self.removed = remove_unlocked_temps(self.root)
@@ -64,6 +72,7 @@ class AdapterDirectory:
 
     def _discover(self) -> None:
         found, skipped = {}, []
+        mtime = self._mtime()
         try:
             entries = list(os.scandir(self.root))
         except OSError as exc:  # removed, replaced by a file, unreadable: only what still resolves is served
@@ -91,6 +100,18 @@ class AdapterDirectory:
                 skipped.append(f"{entry.name}: {exc}")
         self._paths.update(found)
         self.skipped = skipped
+        self._scanned_mtime = mtime
+        self._racy = mtime is None or time.time_ns() - mtime < RACY_NS
+
+    def _mtime(self) -> int | None:
+        try:
+            return os.stat(self.root).st_mtime_ns
+        except OSError:
+            return None
+
+    def changed(self) -> bool:
+        """Whether entries may have come or gone since the last scan (one stat of the folder itself)."""
+        return self._racy or self._mtime() != self._scanned_mtime
 
     def refresh(self) -> None:
         """Rescan the folder: files added since are registered, files gone are forgotten (names unregistered by a
@@ -131,6 +152,17 @@ class AdapterDirectory:
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
+
+    def entry(self, name: str) -> tuple[str, bool] | None:
+        """(path relative to the folder, registered by a caller rather than found in the folder) of a listed name,
+        from memory: no file I/O (`path` checks the file)."""
+        with self._lock:
+            path = self._paths.get(name)
+            added = name in self._added
+        if path is None:
+            return None
+        text, prefix = str(path), str(self.root) + os.sep
+        return (text[len(prefix):] if text.startswith(prefix) else self.relative(path)), added
 
     def path(self, name: str) -> Path:
         """The file of adapter `name`, checked again now (it may have been replaced by a symlink since)."""

@@ -1,11 +1,15 @@
-"""`Adapters`: the one owner of every adapter's life in a process.
+"""`Adapters`: the loaded versions of a process's adapters: refcounts, the LRU (tenant shares, pins), derived
+adapters, and the events of their loads and unloads.
 
-    register ──> check (parse, fit the model, finite, probe step) ──> loaded (private copy; LRU of `capacity`)
-        │                                                                 │ acquire / release (refcounts)
-        │                                                                 ▼
-        └── unregister / re-register: the old version retires;     pool slot (mixed batches; the pool's LRU)
-            it is dropped when its last holder releases it                │
-                                                                          ▼ evicted / dropped: on_unload callbacks
+Its helpers, one role each: where an adapter is (names -> sources) is the `AdapterRegistry`'s (registry.py); reading
+and checking one is the `AdapterReader`'s (adapter_reader.py); which loaded adapter goes when room is needed is the
+`LoadedSet`'s (adapter_lru.py); the engine's pool gives loaded adapters slots (multi_lora.py).
+
+    registry.locate(name) ──> reader (parse, fit the model, finite, probe step) ──> loaded version (LoadedSet:
+        │                                                                          capacity, tenant shares, pins)
+        │                                                    acquire / release (refcounts) │
+        └── unregister / re-register / its source's content changed: the old version retires; it is dropped when
+            its last holder releases it ──> AdapterUnloaded (pool slots, bindings, caches keyed on its uid drop it)
 
 A request may also ask for a derived adapter (`acquire("a1", scale=0.5)`, `acquire({"a1": 0.7, "a2": 0.3})`): its
 `Recipe` is combined exactly from the components' current versions (ortlora.adapters.merge.combine), cached by
@@ -15,116 +19,82 @@ derived adapters built from it. Scale 0 (all weights 0) is the base model.
 A name maps to its current version; each (re-)registration is a new `Adapter` with its own uid, so a request holds
 exactly the weights it started with. A registration either fully succeeds or leaves nothing behind (no file, no
 name). Loaded weights are private copies: rewriting a file in place (as `cp` does) cannot reach a running request.
-Registered sources are files; with a `directory`, every `.onnx_adapter` in it is registered by stem without being
-opened and loaded on first use.
+A loaded version of a source's adapter (the adapters folder, a URL) is checked against its source at most every
+`revalidate_s` when used: new content there is a new version; a source that does not answer keeps the loaded one.
+A file that failed its check is not read again until its version changes.
 
-Failures are typed (ortlora.errors): AdapterNotFound, AdapterExists, AdapterInvalid, AdapterBusy.
+Events go to `listen(callback)`'s callbacks: `AdapterLoaded`, `AdapterUsed` (hit or cold), `AdapterUnloaded`. They
+are called on the thread that caused them with the adapters' lock held: a callback must not block or call back.
+
+Failures are typed (ortlora.errors): AdapterNotFound (AdapterUnavailable: the source did not answer), AdapterExists,
+AdapterInvalid, AdapterBusy.
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ortlora import naming
 from ortlora.adapters.merge import AdapterSpec, Recipe, combine  # noqa: F401 (AdapterSpec: for callers)
-from ortlora.adapters.onnx_adapter import SUFFIX, open_onnx_adapter
-from ortlora.adapters.validate import LoraInput, model_feeds
-from ortlora.errors import AdapterBusy, AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
-from ortlora.adapters.cached import PEFT_FILES, convert_cached
-from ortlora.runtime.adapter_dir import CACHE, AdapterDirectory
+from ortlora.adapters.onnx_adapter import SUFFIX
+from ortlora.adapters.validate import LoraInput
+from ortlora.errors import AdapterBusy, AdapterError, AdapterInvalid, AdapterNotFound
+from ortlora.runtime.adapter import (Adapter, AdapterEvent, AdapterInfo, AdapterLeases,  # noqa: F401 (callers)
+                                     AdapterLoaded, AdapterUnloaded, AdapterUsed)
+from ortlora.runtime.adapter_lru import LoadedSet
+from ortlora.runtime.adapter_reader import AdapterReader
 from ortlora.runtime.multi_lora import AdapterPool
+from ortlora.runtime.registry import AdapterRegistry, Origin, default_cache_root, open_cache
+from ortlora.runtime.sources import Located, is_url, local_version, safe_url
 
-_uids = itertools.count(1)
+log = logging.getLogger("ortlora.adapters")
 DERIVED_CAPACITY = 16  # derived adapters kept while idle (rebuilt from their components on a later use)
-
-
-class Adapter:
-    """One loaded version of a named adapter. Its weights (graph input name -> array in the model's dtype: A [in, r],
-    B [r, out], DoRA factors [out]) are held once: privately, or, while it sits in the mixed-batch pool, only in its
-    pool slot (the pool gives them back when the slot goes). `params` reads them either way."""
-
-    def __init__(self, name: str, params: dict[str, np.ndarray], path: Path | None = None):
-        self.name = name
-        self.path = path
-        self.uid = next(_uids)
-        self.refs = 0
-        self.retired = False  # unregistered or replaced: dropped when the last holder releases it
-        self.shapes = {k: v.shape for k, v in params.items()}
-        self.rank = max((v.shape[1] for k, v in params.items() if naming.is_lora_a(k)), default=0)
-        self._params: dict[str, np.ndarray] | None = params
-        self._home: AdapterPool | None = None  # the pool holding the weights instead of _params
-
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        """The weights; while they live in a pool slot, a copy out of it (taken under the pool's lock). Any thread."""
-        while True:  # the engine's thread may lend or take them back meanwhile: read until one side holds them
-            home = self._home
-            if home is not None:
-                return home.weights_of(self)
-            params = self._params
-            if params is not None:
-                return params
-
-    def lend_to(self, pool: AdapterPool) -> None:
-        """(the pool's lock held) The pool's slot now holds the weights: the private copy goes."""
-        self._params, self._home = None, pool
-
-    def take_back(self, params: dict[str, np.ndarray]) -> None:
-        """(the pool's lock held) The slot is going: the weights are private again."""
-        self._params, self._home = params, None
-
-    def __repr__(self) -> str:
-        return f"Adapter({self.name!r}, uid={self.uid}, rank={self.rank}, tensors={len(self.shapes)})"
-
-
-class AdapterLeases(Protocol):
-    """What a running batch needs from the adapters' owner: to give back what a request held."""
-
-    def release(self, adapter: Adapter | None) -> None: ...
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    loaded: bool
-    path: str | None  # relative to the adapters directory (never a server path)
+REVALIDATE_S = 10.0  # how often a used adapter's source is asked for its version (a remote one: also the cache's)
 
 
 class Adapters:
-    """Thread-safe. `probe(params) -> logits` runs one short input through the model with an adapter's tensors;
-    `pool` holds the adapters of mixed batches: the engine places them in it on its own thread, and the unload
-    callbacks (queued to that thread) take them out."""
+    """Thread-safe. `registry` (default: one over `directory`, a folder, URL prefix or index file): names ->
+    sources. `probe(params) -> logits` runs one short input through the model with an adapter's tensors; `pool`
+    holds the adapters of mixed batches (the engine places them in it on its own thread; unload events, queued to
+    that thread, take them out). `capacity`: loaded adapters kept (None: no bound); `pins`: names or patterns that
+    stay loaded once loaded (`load_pins` loads them); `tenant_shares` False: one plain LRU for all tenants."""
 
     def __init__(self, lora_inputs: Mapping[str, LoraInput], *, capacity: int | None = None,
-                 directory: str | Path | None = None, reserved: tuple[str, ...] = (),
-                 probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
-                 pool: AdapterPool | None = None, base: Callable[[str], np.ndarray] | None = None):
+                 directory: str | Path | None = None, registry: AdapterRegistry | None = None,
+                 reserved: tuple[str, ...] = (), probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
+                 pool: AdapterPool | None = None, base: Callable[[str], np.ndarray] | None = None,
+                 pins: Sequence[str] = (), revalidate_s: float | None = REVALIDATE_S, tenant_shares: bool = True):
         if capacity is not None and capacity < 1:
             raise AdapterError(f"adapter capacity must be at least 1, got {capacity}")
+        if registry is None:
+            registry = AdapterRegistry(directory, reserved=reserved, cache=lambda: open_cache(default_cache_root()))
+        self.registry = registry
         self.lora_inputs = dict(lora_inputs)
         self.capacity = capacity
-        self.directory = AdapterDirectory(directory, reserved) if directory is not None else None
-        self.reserved = set(reserved)
+        hidden = {self.registry.directory.root: "<adapters>"} if self.registry.directory is not None else {}
+        self.reader = AdapterReader(lora_inputs, probe, hidden)
         self.probe = probe
         self.pool = pool
         self.base = base  # module -> base weight [out, in]: what scaling a DoRA adapter needs
-        self._files: dict[str, Path] = {}  # registered by path, outside any directory
-        self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # current versions, least recently used first
+        self.revalidate_s = revalidate_s
+        self.lru = LoadedSet(capacity, pins, tenant_shares)
+        self._loaded: dict[str, Adapter] = {}  # name -> current version in memory (its LRU order: self.lru)
         self._retiring: dict[int, Adapter] = {}  # uid -> replaced or unregistered version still held
-        self._failed: dict[str, tuple[tuple, str]] = {}  # name -> (file stat, why): a bad file is not re-read
+        self._failed: dict[str, tuple[str, str]] = {}  # name -> (version, why): a bad file is not read again
+        # (name, version) that passed the probe step: loaded again after an eviction, it is not probed again
+        self._passed: set[tuple[str, str]] = set()
         # (recipe, component uids) -> derived adapter, least recently used first
-        self._derived: OrderedDict[tuple[Recipe, tuple[int, ...]], Adapter] = OrderedDict()
+        self._derived: dict[tuple[Recipe, tuple[int, ...]], Adapter] = {}
+        self._checking: set[str] = set()  # names whose source one thread is asking for its version
+        self._loading: dict[str, threading.Lock] = {}  # name -> held while one thread loads it
+        self._bytes = 0
         self._cond = threading.Condition()
-        self.loads = 0  # loads from files, for metrics
-        self._on_unload: list[Callable[[Adapter], None]] = []
+        self._listeners: list[Callable[[AdapterEvent], None]] = []
 
     @classmethod
     def for_engine(cls, engine, **kw) -> "Adapters":
@@ -134,43 +104,80 @@ class Adapters:
         engine.pool = pool
         return cls(engine.lora_inputs, probe=engine.probe, pool=pool, base=_lazy_base(engine.folder), **kw)
 
+    @property
+    def directory(self):
+        """The adapters folder (`AdapterDirectory`), when the registry's source is one."""
+        return self.registry.directory
+
+    def listen(self, callback: Callable[[AdapterEvent], None]) -> None:
+        """Call `callback(event)` on every load, use and unload (see the module docstring)."""
+        self._listeners.append(callback)
+
     def on_unload(self, callback: Callable[[Adapter], None]) -> None:
-        """Call `callback(adapter)` when a loaded version goes (evicted, replaced or unregistered, and released):
+        """Call `callback(adapter)` when a version leaves memory (evicted, replaced or unregistered, and released):
         caches keyed on its uid (bindings, pool slots) drop it."""
-        self._on_unload.append(callback)
+        self.listen(lambda e: callback(e.adapter) if isinstance(e, AdapterUnloaded) else None)
+
+    def _emit(self, event: AdapterEvent) -> None:
+        for callback in self._listeners:
+            callback(event)
 
     # -- registration --------------------------------------------------------------------------------------------
-    def load(self, path: str | Path, name: str | None = None) -> Adapter:
-        """Register file `path` as `name` (default: its stem) and load it now, replacing an earlier registration
-        of that name (requests holding the old version finish on it)."""
-        path = Path(path)
-        name = name or path.name.removesuffix(SUFFIX)
-        adapter = self._read(path, name, label=str(path))
+    def load(self, path: str | Path, name: str | None = None, tenant: str = "") -> Adapter:
+        """Register file `path` (or a URL: the Python API's caller is trusted) as `name` (default: its stem) and
+        load it now, replacing an earlier registration of that name (requests holding the old version finish on
+        it)."""
+        spec = str(path)
+        name = name or spec.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1].removesuffix(SUFFIX)
+        t0 = time.perf_counter()
+        if is_url(spec):
+            source = self.registry.url_source(name, spec)
+            adapter = self._read(source.locate(name), name, label=f"adapter {name!r} ({safe_url(spec)})", t0=t0)
+            register = lambda: self.registry.add_url(name, spec, source)  # noqa: E731
+        else:
+            path = Path(path)
+            adapter = self._read(Located(name, path, local_version(path)), name, label=str(path))
+            register = lambda: self.registry.add_file(name, path)  # noqa: E731
         with self._cond:
             self._install(adapter)  # AdapterBusy when every loaded adapter is held: then nothing changed
-            self._files[name] = path
+            register()
+            self._emit_loaded(adapter, "registration")
         return adapter
 
     def register(self, name: str, path: str) -> Adapter:
         """Register `path` (inside the adapters directory) as a new name; checked and loaded now."""
-        directory = self._need_directory()
-        directory.claim(name)
-        real = directory.resolve(path)
-        adapter = self._read(real, name)
+        self.registry.claim(name)
+        real = self.registry.resolve_path(path)
+        adapter = self._read(Located(name, real, local_version(real)), name)
         with self._cond:
-            directory.claim(name)  # still free?
-            directory.add(name, real)
+            self.registry.claim(name)  # still free?
+            self.registry.add_path(name, real)
+            self._install_if_room(adapter)
+        return adapter
+
+    def register_url(self, name: str, url: str, *, allowed_only: bool = True) -> Adapter:
+        """Register `url` as a new name; fetched, checked and loaded now. `allowed_only`: the URL must lie under a
+        prefix the registry allows (a client's registration)."""
+        self.registry.claim(name)
+        if allowed_only:
+            self.registry.check_allowed(url)
+        t0 = time.perf_counter()
+        source = self.registry.url_source(name, url)
+        adapter = self._read(source.locate(name), name, t0=t0)
+        with self._cond:
+            self.registry.claim(name)
+            self.registry.add_url(name, url, source)
             self._install_if_room(adapter)
         return adapter
 
     def upload(self, name: str, stream: BinaryIO, max_bytes: int) -> Adapter:
         """Write an uploaded `.onnx_adapter` into the adapters directory as `<name>.onnx_adapter`; checked before
         it is renamed into place, so a refused upload leaves no file and no name."""
-        directory = self._need_directory()
         read: list[Adapter] = []
-        directory.upload(name, stream, max_bytes, check=lambda tmp: read.append(self._read(tmp, name)))
+        path = self.registry.upload(name, stream, max_bytes, check=lambda tmp: read.append(
+            self._read(Located(name, tmp, ""), name)))
         adapter = read[0]
-        adapter.path = directory.path(name)
+        adapter.path, adapter.version = path, local_version(path)
         with self._cond:
             self._install_if_room(adapter)
         return adapter
@@ -178,25 +185,47 @@ class Adapters:
     def check(self, path: str | Path, name: str) -> None:
         """Refuse file `path` as adapter `name` (AdapterInvalid) exactly as a registration would, keeping
         nothing: for a process that registers files but holds no model to probe them (the Ray ingress)."""
-        self._read(Path(path), name)
+        self._read(Located(name, Path(path), ""), name)
+
+    def check_origin(self, name: str, origin: Origin) -> None:
+        """Refuse what another process would register as `name` (a file in the adapters folder, a URL) as a
+        registration would; a URL's copy stays in the cache for its first use."""
+        if origin.kind == "url":
+            self._read(self.registry.url_source(name, origin.where).locate(name), name)
+        elif origin.kind == "path":
+            self.check(self.registry.need_directory().root / origin.where, name)
+        else:
+            raise AdapterInvalid(f"adapter {name!r}: a {origin.kind!r} registration is not checked remotely")
+
+    def adopt(self, name: str, origin: Origin) -> None:
+        """Serve `name` as another process registered it (the Ray ingress): its loaded version retires when the
+        registration differs; loaded (and checked) on first use."""
+        with self._cond:
+            try:
+                if self.registry.origin(name) == origin:
+                    return
+            except AdapterNotFound:
+                pass
+            self.registry.adopt(name, origin)
+            self._forget_loaded(name, "replaced")
 
     def unregister(self, name: str) -> None:
         """Forget `name` now; its loaded version is dropped when the requests holding it end."""
         with self._cond:
-            if name in self._files:
-                del self._files[name]
-            elif self.directory is not None:
-                try:
-                    self.directory.remove(name)  # AdapterNotFound
-                except AdapterNotFound:
-                    if name not in self._loaded:  # a loaded one whose file went away (deleted by another
-                        raise  # process sharing the folder) is still let go
-            else:
-                raise AdapterNotFound(f"adapter {name!r} does not exist")
-            self._failed.pop(name, None)
-            old = self._loaded.pop(name, None)
-            if old is not None:
-                self._retire(old)
+            try:
+                self.registry.remove(name)
+            except AdapterNotFound:
+                if name not in self._loaded:  # a loaded one whose file went away (deleted by another process
+                    raise  # sharing the folder) is still let go
+            self._forget_loaded(name, "unregistered")
+
+    def _forget_loaded(self, name: str, reason: str) -> None:
+        """(lock held)"""
+        self._failed.pop(name, None)
+        old = self._loaded.pop(name, None)
+        if old is not None:
+            self.lru.remove(name)
+            self._retire(old, reason)
 
     def unload(self, name: str, wait: bool | float = False) -> None:
         """Unregister `name`, first waiting for running generations to release it (`wait`: True or seconds) or,
@@ -211,176 +240,256 @@ class Adapters:
                 self._cond.wait(left)
             self.unregister(name)
 
-    def _need_directory(self) -> AdapterDirectory:
-        if self.directory is None:
-            raise AdapterInvalid("there is no adapters directory (start the server with --adapters DIR)")
-        return self.directory
+    def load_pins(self) -> list[str]:
+        """Load every registered adapter the pins name (they stay loaded); AdapterError naming the problem when
+        a pinned name is not registered or the pins would fill the capacity."""
+        pins = self.lru.pins
+        missing = [p for p in pins if not any(c in p for c in "*?[") and p not in self.registry]
+        if missing:
+            raise AdapterNotFound(f"pinned adapter(s) {', '.join(missing)} do not exist")
+        names = [n for n in self.registry.names() if self.lru.is_pinned(n)]
+        if self.capacity is not None and len(names) >= self.capacity:
+            raise AdapterError(f"the pins name {len(names)} adapters but at most {self.capacity} stay loaded: raise "
+                               "--max-loaded-adapters above the pinned count (the rest need room too)")
+        for name in names:
+            self._get(name, "", cause="pin")
+        return names
 
-    def _read(self, path: Path, name: str, label: str | None = None) -> Adapter:
-        """Parse, check against the model, copy and probe `path`; every refusal is AdapterInvalid naming `label`
-        (default: the adapter's name, so that no server path reaches a client)."""
-        label = label or f"adapter {name!r}"
-        try:
-            if path.is_dir():  # a PEFT folder: converted once, checked against the model, cached
-                cache = self.directory.cache if self.directory is not None else path.parent / CACHE
-                path = convert_cached(path, self.lora_inputs, cache)
-            params = open_onnx_adapter(path).params
-            feeds = model_feeds(params, self.lora_inputs, label)
-        except AdapterError as exc:
-            message = str(exc).replace(str(path), label)
-            if self.directory is not None:
-                message = message.replace(str(self.directory.root), "<adapters>")
-            raise AdapterInvalid(message) from None
-        # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
-        feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
-        del params
-        self._check_finite(feeds, label)
-        return Adapter(name, feeds, path)
+    # -- reading and installing (lock held where it says so) --------------------------------------------------
+    def _read(self, located: Located, name: str, label: str | None = None, t0: float | None = None) -> Adapter:
+        """The checked version `located` holds (`t0`: when its fetch began, for its load time)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        seen = (name, located.version)
+        with located:
+            params = self.reader.read(located.path, name, label,
+                                      self.directory.cache if self.directory is not None else None,
+                                      probe=not located.version or seen not in self._passed)
+        if located.version:
+            self._passed.add(seen)
+        adapter = Adapter(name, params, located.path, located.version)
+        adapter.load_s = time.perf_counter() - t0
+        return adapter
 
-    def _check_finite(self, feeds: dict[str, np.ndarray], label: str) -> None:
-        """Refuse weights that hold NaN or infinities, or that make the probe step's logits so."""
-        bad = [k for k, v in feeds.items() if not np.isfinite(v).all()]
-        if bad:
-            raise AdapterInvalid(f"{label}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
-                                 "infinite values")
-        if self.probe is not None and feeds:
-            logits = self.probe(feeds)
-            if not np.isfinite(logits).all():
-                raise AdapterInvalid(f"{label} makes the model's logits NaN or infinite (its weights are too large "
-                                     "for this model): refused")
-
-    def _install(self, adapter: Adapter) -> None:
-        """Make `adapter` the loaded current version of its name (lock held); AdapterBusy, with nothing changed,
-        when it needs room and every loaded adapter is held."""
+    def _install(self, adapter: Adapter, tenant: str = "", reason: str = "replaced") -> None:
+        """(lock held) Make `adapter` the loaded current version of its name; AdapterBusy, with nothing changed,
+        when it needs room and no loaded adapter may go."""
         if adapter.name not in self._loaded:
-            self._make_room(for_name=adapter.name)
-        old = self._loaded.pop(adapter.name, None)
-        if old is not None:
-            self._retire(old)
-        self._failed.pop(adapter.name, None)
+            self._make_room(adapter.name, tenant)
+        self._forget_loaded(adapter.name, reason)
         self._loaded[adapter.name] = adapter
-        self.loads += 1
+        self._bytes += adapter.nbytes
+        self.lru.add(adapter.name, tenant)
 
     def _install_if_room(self, adapter: Adapter) -> None:
-        """A registration stands even when there is no room to keep it loaded: it loads on first use."""
+        """(lock held) A registration stands even when there is no room to keep it loaded: it loads on first use."""
         try:
             self._install(adapter)
         except AdapterBusy:
-            old = self._loaded.pop(adapter.name, None)
-            if old is not None:
-                self._retire(old)
+            self._forget_loaded(adapter.name, "replaced")
+            return
+        self._emit_loaded(adapter, "registration")
 
-    def _retire(self, adapter: Adapter) -> None:
-        adapter.retired = True
+    def _emit_loaded(self, adapter: Adapter, cause: str) -> None:
+        self._emit(AdapterLoaded(adapter, getattr(adapter, "load_s", 0.0), cause, len(self._loaded), self._bytes))
+
+    def _make_room(self, for_name: str, tenant: str) -> None:
+        """(lock held)"""
+        while self.lru.full():
+            found = self.lru.victim(tenant, lambda n: not self._loaded[n].refs)
+            if found is None:
+                idle = any(not a.refs for n, a in self._loaded.items() if not self.lru.is_pinned(n))
+                if self.lru.shares and idle:
+                    raise AdapterBusy(f"cannot load adapter {for_name!r} now: its tenant holds its share "
+                                      f"({self.lru.share(tenant)}) of the {self.capacity} loaded adapters, all in "
+                                      "use by its running generations; retry when one ends")
+                raise AdapterBusy(f"cannot load adapter {for_name!r} now: all {self.capacity} loaded adapters are in "
+                                  "use by running generations (or pinned); retry when one ends (or raise the "
+                                  "capacity)")
+            name, reason = found
+            self.lru.remove(name)
+            self._drop(self._loaded.pop(name), reason)  # still registered: loaded again on its next use
+
+    def _retire(self, adapter: Adapter, reason: str) -> None:
+        """(lock held)"""
+        adapter.retired, adapter.reason = True, reason
         if adapter.refs:
             self._retiring[adapter.uid] = adapter
         else:
-            self._drop(adapter)
+            self._drop(adapter, reason)
 
-    def _drop(self, adapter: Adapter) -> None:
-        """(lock held) Callbacks must not block: they queue work for the engine's thread."""
+    def _drop(self, adapter: Adapter, reason: str) -> None:
+        """(lock held) The version leaves memory (each passes here once)."""
         self._retiring.pop(adapter.uid, None)
-        for callback in self._on_unload:
-            callback(adapter)
+        adapter.reason = reason
+        self._bytes -= adapter.nbytes
+        self._emit(AdapterUnloaded(adapter, reason, len(self._loaded), self._bytes))
         for key in [k for k in self._derived if adapter.uid in k[1]]:  # built from a version that is gone
-            self._retire(self._derived.pop(key))
-
-    def _make_room(self, for_name: str) -> None:
-        if self.capacity is None or len(self._loaded) < self.capacity:
-            return
-        idle = next((a for a in self._loaded.values() if not a.refs), None)
-        if idle is None:
-            raise AdapterBusy(f"cannot load adapter {for_name!r} now: all {self.capacity} loaded adapters are in use "
-                              f"by running generations; retry when one ends (or raise the capacity)")
-        del self._loaded[idle.name]
-        self._drop(idle)  # still registered: loaded again on its next use
+            self._retire(self._derived.pop(key), "component_gone")
 
     # -- use ------------------------------------------------------------------------------------------------
-    def _source(self, name: str) -> Path:
-        if name in self._files:
-            return self._files[name]
-        if self.directory is not None:
-            return self.directory.path(name)
-        raise AdapterNotFound(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._loaded) or 'none'})")
-
     def get(self, name: str) -> Adapter:
         """The current version of `name`, loaded now if it is not."""
+        return self._get(name, "")[0]
+
+    def _get(self, name: str, tenant: str, cause: str = "request") -> tuple[Adapter, bool]:
+        """(current version, whether this call loaded it)."""
         with self._cond:
             adapter = self._loaded.get(name)
             if adapter is not None:
-                return adapter
-            path = self._source(name)
+                if not self._stale(adapter) or name in self._checking:
+                    return adapter, False
+                self._checking.add(name)
+        if adapter is not None:
+            try:
+                return self._revalidate(adapter, tenant)
+            finally:
+                with self._cond:
+                    self._checking.discard(name)
+        with self._cond:
+            loading = self._loading.setdefault(name, threading.Lock())
+        with loading:  # one thread loads a name; the others then find it loaded
+            with self._cond:
+                current = self._loaded.get(name)
+                if current is not None:
+                    return current, True
+            try:
+                return self._load(name, tenant, cause), True
+            finally:
+                with self._cond:
+                    self._loading.pop(name, None)
+
+    def _stale(self, adapter: Adapter) -> bool:
+        return self.revalidate_s is not None and time.monotonic() - adapter.checked >= self.revalidate_s
+
+    def _locate(self, name: str) -> tuple[Located, Origin]:
+        try:
+            origin = self.registry.origin(name)
+            return self.registry.locate(name), origin
+        except AdapterNotFound as exc:
+            if self.registry.source is None and type(exc) is AdapterNotFound:
+                with self._cond:
+                    loaded = ", ".join(self.lru) or "none"
+                raise AdapterNotFound(f"no adapter named {name!r} is loaded (loaded: {loaded})") from None
+            raise
+
+    def _load(self, name: str, tenant: str, cause: str) -> Adapter:
+        t0 = time.perf_counter()
+        located, origin = self._locate(name)
+        with self._cond:
             failed = self._failed.get(name)
-        stat = _stat(path)
-        if failed is not None and failed[0] == stat:
+        if failed is not None and failed[0] == located.version and located.version:
+            located.release()
             raise AdapterInvalid(failed[1])
         try:
-            adapter = self._read(path, name, label=str(path) if name in self._files else None)
+            adapter = self._read(located, name, self.registry.label(name), t0)
         except AdapterInvalid as exc:
             with self._cond:
-                self._failed[name] = (stat, str(exc))
+                self._failed[name] = (located.version, str(exc))
             raise
         with self._cond:
             current = self._loaded.get(name)
             if current is not None:  # another thread loaded it meanwhile
                 return current
-            if self._source(name) != path:  # unregistered or re-registered meanwhile
+            try:
+                changed = self.registry.origin(name) != origin
+            except AdapterNotFound:
+                changed = True
+            if changed:  # unregistered or re-registered meanwhile
                 raise AdapterBusy(f"adapter {name!r} changed while it was loading: retry")
-            self._install(adapter)
-            return adapter
+            self._install(adapter, tenant)
+            self._emit_loaded(adapter, cause)
+        return adapter
 
-    def acquire(self, spec: AdapterSpec, scale: float = 1.0) -> Adapter | None:
-        """Hold an adapter for a generation: a name, {name: weight} (an exact weighted combination), each at `scale`;
-        None (or scale 0) is the base model. Pair with `release`."""
+    def _revalidate(self, adapter: Adapter, tenant: str) -> tuple[Adapter, bool]:
+        """Ask `adapter`'s source for its version: the same keeps it; new content is loaded as a new version (the
+        old one retires); a source that does not answer, or new content that is refused, keeps it."""
+        name = adapter.name
+        t0 = time.perf_counter()
+        try:
+            if self.registry.origin(name).kind == "file":  # registered by the Python API: reloaded by `load`
+                located = None
+            else:
+                located, _ = self._locate(name)
+        except AdapterError as exc:
+            log.warning("%s; serving the loaded version", exc)
+            located = None
+        if located is None or located.version == adapter.version:
+            if located is not None:
+                located.release()
+            adapter.checked = time.monotonic()
+            return adapter, False
+        try:
+            new = self._read(located, name, self.registry.label(name), t0)
+        except AdapterError as exc:
+            log.warning("%s; serving the loaded version", exc)
+            adapter.checked = time.monotonic()
+            return adapter, False
+        with self._cond:
+            if self._loaded.get(name) is not adapter:  # replaced meanwhile
+                return self._loaded.get(name) or adapter, False
+            self._install(new, tenant, reason="source_changed")
+            self._emit_loaded(new, "revalidation")
+        return new, True
+
+    def acquire(self, spec: AdapterSpec, scale: float = 1.0, tenant: str = "") -> Adapter | None:
+        """Hold an adapter for a generation of `tenant`: a name, {name: weight} (an exact weighted combination),
+        each at `scale`; None (or scale 0) is the base model. Pair with `release`."""
         recipe = Recipe.of(spec, scale)
         if recipe is None:
             return None
         if recipe.plain:
-            return self._acquire_named(recipe.parts[0][0])
-        return self._acquire_derived(recipe)
+            return self._acquire_named(recipe.parts[0][0], tenant)
+        return self._acquire_derived(recipe, tenant)
 
-    def _acquire_named(self, name: str) -> Adapter:
+    def _acquire_named(self, name: str, tenant: str) -> Adapter:
+        cold = False
         for _ in range(8):
-            adapter = self.get(name)
+            adapter, loaded = self._get(name, tenant)
+            cold = cold or loaded
             with self._cond:
                 if self._loaded.get(name) is adapter:  # not evicted or replaced since
                     adapter.refs += 1
-                    self._loaded.move_to_end(name)
+                    self.lru.touch(name, tenant)
+                    self._emit(AdapterUsed(adapter, tenant, cold))
                     return adapter
         raise AdapterBusy(f"adapter {name!r} keeps being evicted by other loads: retry")
 
-    def _acquire_derived(self, recipe: Recipe) -> Adapter:
+    def _acquire_derived(self, recipe: Recipe, tenant: str) -> Adapter:
         """The cached derived adapter of `recipe` over its components' current versions, else built now (the
         components are held while it is built, so none goes away half-way)."""
         components: list[Adapter] = []
         try:
             for name, _ in recipe.parts:
-                components.append(self._acquire_named(name))
+                components.append(self._acquire_named(name, tenant))
             key = (recipe, tuple(c.uid for c in components))
             with self._cond:
-                found = self._derived.get(key)
+                found = self._derived.pop(key, None)
                 if found is not None:
+                    self._derived[key] = found  # the most recently used
                     found.refs += 1
-                    self._derived.move_to_end(key)
                     return found
+            t0 = time.perf_counter()
             try:
                 params = combine([c.params for c in components], [w for _, w in recipe.parts],
                                  [f"adapter {c.name!r}" for c in components], self.base)
             except AdapterError as exc:
                 raise AdapterInvalid(str(exc)) from None
             adapter = Adapter(recipe.label, params)
-            self._check_finite(adapter.params, f"adapter {recipe.label!r}")
+            self.reader.check_finite(adapter.params, f"adapter {recipe.label!r}")
+            adapter.load_s = time.perf_counter() - t0
             with self._cond:
-                found = self._derived.get(key)  # another thread built it meanwhile
+                found = self._derived.pop(key, None)  # another thread built it meanwhile
                 if found is None:
-                    found = self._derived[key] = adapter
+                    found = adapter
+                    self._bytes += adapter.nbytes
+                    self._emit_loaded(adapter, "derived")
+                self._derived[key] = found
                 found.refs += 1
-                self._derived.move_to_end(key)
                 while len(self._derived) > DERIVED_CAPACITY:  # the least recently used idle ones go
                     idle = next((k for k, a in self._derived.items() if not a.refs), None)
                     if idle is None:
                         break
-                    self._retire(self._derived.pop(idle))
+                    self._retire(self._derived.pop(idle), "idle")
                 return found
         finally:
             for c in components:
@@ -392,32 +501,44 @@ class Adapters:
         with self._cond:
             adapter.refs -= 1
             if adapter.retired and adapter.refs == 0 and adapter.uid in self._retiring:
-                self._drop(adapter)
+                self._drop(adapter, adapter.reason or "unregistered")
             self._cond.notify_all()
 
     # -- listing ------------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Every registered name (loaded or not)."""
-        with self._cond:
-            found = set(self._files) | set(self._loaded)
-        if self.directory is not None:
-            found |= set(self.directory.names())
-        return sorted(found)
+        """Every registered name (loaded or not), from memory."""
+        return self.registry.names()
 
     def loaded(self) -> list[str]:
         """The names whose current version is in memory, least recently used first."""
         with self._cond:
-            return list(self._loaded)
+            return list(self.lru)
+
+    def loaded_bytes(self) -> int:
+        """Bytes of weights held: loaded, derived and retired-but-held versions."""
+        with self._cond:
+            return self._bytes
 
     def info(self, name: str) -> AdapterInfo:
+        entry = self.registry.info(name)
         with self._cond:
-            path = self._source(name)
-            relative = self.directory.relative(path) if self.directory is not None and name not in self._files else None
-            return AdapterInfo(name, name in self._loaded, relative)
+            return AdapterInfo(name, name in self._loaded, entry.path, entry.url)
+
+    def infos(self, names: Sequence[str] | None = None) -> list[AdapterInfo]:
+        """`info` of every registered name (or of `names`), in one pass (a listing of thousands)."""
+        with self._cond:
+            loaded = set(self._loaded)
+        out = []
+        for name in self.names() if names is None else names:
+            try:
+                entry = self.registry.info(name)
+            except AdapterNotFound:  # its file went away (or now escapes the folder) since it was listed
+                continue
+            out.append(AdapterInfo(name, name in loaded, entry.path, entry.url))
+        return out
 
     def refresh(self) -> None:
-        if self.directory is not None:
-            self.directory.refresh()
+        self.registry.refresh()
 
     def held(self) -> int:
         """Generations holding an adapter right now (all versions)."""
@@ -426,12 +547,7 @@ class Adapters:
                     + sum(a.refs for a in self._derived.values()))
 
     def __contains__(self, name: str) -> bool:
-        try:
-            with self._cond:
-                self._source(name)
-        except AdapterError:
-            return False
-        return True
+        return name in self.registry
 
     def __len__(self) -> int:
         return len(self._loaded)
@@ -454,15 +570,3 @@ def _lazy_base(folder: Path) -> Callable[[str], np.ndarray]:
         return held[0](module)
 
     return weight
-
-
-def _stat(path: Path) -> tuple:
-    """What changes when the file (or a PEFT folder's files) is replaced or rewritten."""
-    out = []
-    for p in [path / f for f in PEFT_FILES] if path.is_dir() else [path]:
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)

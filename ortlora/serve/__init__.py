@@ -38,7 +38,7 @@ def serve(model: str | None = None, *, config=None, **options) -> int:
     engine = LocalEngine(config)
     log = logging.getLogger("ortlora.serve")
     directory = engine.adapters.directory
-    for skipped in directory.skipped if directory else ():
+    for skipped in directory.skipped if directory else getattr(engine.registry.source, "skipped", ()):
         log.warning("adapter skipped: %s", skipped)
     for removed in directory.removed if directory else ():
         log.warning("removed %s: left by an interrupted upload", removed.name)

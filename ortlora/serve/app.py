@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ortlora.errors import AdapterNotFound, OrtloraError
+from ortlora.runtime.sources import is_url
 from ortlora.serve import openai_compat as compat
 from ortlora.serve import playground
 from ortlora.serve import protocol as P
@@ -42,8 +43,8 @@ log = logging.getLogger("ortlora.serve")
 _bearer = HTTPBearer(auto_error=False, description="API key (any, or none, when the server runs without --tenants)")
 _ERRORS = {code: {"model": P.ErrorResponse, "description": text} for code, text in (
     (400, "invalid request"), (401, "missing or unknown API key"), (404, "no such model or adapter"),
-    (413, "request body too large"), (429, "queue full: retry later"), (503, "shutting down"),
-    (507, "no disk space left for the upload"))}
+    (413, "request body too large"), (429, "queue full: retry later"),
+    (503, "shutting down, or an adapter's source did not answer"), (507, "no disk space left for the upload"))}
 _TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "a sentence, as vLLM answers"}
 # OpenAPI 3.1: an event stream's `schema` describes one event; each `data` is a JSON chunk, the last `[DONE]`
 _SSE = {"content": {"text/event-stream": {"schema": {
@@ -239,7 +240,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
         409: {"model": P.ErrorResponse, "description": "name taken"}, 507: _ERRORS[507]})
     async def vllm_load(spec: P.VLLMLoadAdapter, tenant: Tenant = Depends(admin)) -> PlainTextResponse:
         may_create(tenant, spec.lora_name)
-        await run_in_threadpool(engine.register_adapter, spec.lora_name, spec.lora_path)
+        path, url = (None, spec.lora_path) if is_url(spec.lora_path) else (spec.lora_path, None)
+        await run_in_threadpool(engine.register_adapter, spec.lora_name, path, url)
         return PlainTextResponse(f"Success: LoRA adapter '{spec.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", tags=["adapters"], responses={200: _TEXT, 404: _ERRORS[404]})
@@ -258,14 +260,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
 
     @app.get("/v1/adapters", response_model=P.AdapterList, tags=["adapters"])
     def list_adapters(tenant: Tenant = Depends(authenticate)) -> P.AdapterList:
-        infos = []
-        for name in engine.adapter_names():
-            if tenant.may_use(name):
-                try:
-                    infos.append(engine.adapter_info(name))
-                except AdapterNotFound:  # its file went away (or now escapes the folder) since it was listed
-                    pass
-        return P.AdapterList(data=infos)
+        return P.AdapterList(data=engine.adapter_infos([n for n in engine.adapter_names() if tenant.may_use(n)]))
 
     @app.post("/v1/adapters", response_model=P.AdapterInfo, tags=["adapters"], openapi_extra={"requestBody": upload_body},
               responses={403: {"model": P.ErrorResponse, "description": "not an admin key, or a name outside its "
@@ -280,7 +275,7 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
             except ValidationError as exc:
                 raise validation_error(exc.errors()) from None
             may_create(tenant, spec.name)
-            await run_in_threadpool(engine.register_adapter, spec.name, spec.path)
+            await run_in_threadpool(engine.register_adapter, spec.name, spec.path, spec.url)
             return engine.adapter_info(spec.name)
         if ctype == "multipart/form-data":
             async with request.form(max_files=1, max_fields=2) as form:
@@ -290,7 +285,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                 may_create(tenant, name)
                 await run_in_threadpool(engine.upload_adapter, name, upload.file)
             return engine.adapter_info(name)
-        raise APIError(415, "send application/json {name, path} or multipart/form-data with name and file")
+        raise APIError(415, "send application/json {name, path} or {name, url}, or multipart/form-data with name "
+                            "and file")
 
     @app.delete("/v1/adapters/{name}", tags=["adapters"], responses={404: _ERRORS[404]})
     def delete_adapter(name: str, tenant: Tenant = Depends(admin)) -> dict[str, object]:
@@ -315,8 +311,9 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
                               "content": {"application/json": {}}}})
     def metrics(tenant: Tenant = Depends(admin)):
         text = engine.metrics_text()
-        if not tenant.sees_all:  # series labelled with an adapter this key may not see are left out
-            text = filter_exposition(text, lambda name: name == limits.model_name or tenant.may_use(name))
+        if not tenant.sees_all:  # series labelled with an adapter this key may not see, or another tenant, left out
+            text = filter_exposition(text, lambda name: name == limits.model_name or tenant.may_use(name),
+                                     tenant.name)
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     playground.install(app)
@@ -351,7 +348,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OrtloraError)
     async def _ortlora(request: Request, exc: OrtloraError):
         status = status_of(exc)
-        return respond(status, str(exc), headers={"Retry-After": "1"} if status == 429 else None)
+        return respond(status, str(exc), headers={"Retry-After": "1"} if status in (429, 503) else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

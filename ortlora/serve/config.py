@@ -37,12 +37,33 @@ def _opt(default, help_: str, *, minimum: float | None = None, maximum: float | 
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = _opt(None, "exported model folder (ortlora export)", short="-m")
-    adapters: str | None = _opt(None, "folder of .onnx_adapter files (or PEFT folders), each served under its "
-                                      "file stem (default: none)")
+    adapters: str | None = _opt(None, "where the adapters are: a folder of .onnx_adapter files (or PEFT folders), "
+                                      "each served under its file stem; a URL prefix (s3://bucket/prefix/, gs://, "
+                                      "hf://org/repo) listed the same way; or an index file (.toml/.json, local or "
+                                      "by URL) naming each adapter's URL. URL adapters are fetched on first use into "
+                                      "--adapter-cache (default: none)", metavar="DIR|URL|INDEX")
     host: str = _opt("127.0.0.1", "address to listen on (default: %(default)s, loopback only)")
     port: int = _opt(8000, "default: %(default)s; 0: any free port", minimum=0, maximum=65535)
     max_batch: int = _opt(16, "rows decoded together (KV cache slots; default: %(default)s)", minimum=1)
-    max_loaded_adapters: int = _opt(64, "adapters held in memory (LRU; default: %(default)s)", minimum=1)
+    max_loaded_adapters: int = _opt(64, "adapters held in memory (LRU, shared fairly among tenants: one over its "
+                                        "share evicts its own first; default: %(default)s)", minimum=1)
+    pin: tuple[str, ...] = _opt((), "keep this adapter loaded (a name or shell-style pattern; repeatable): loaded "
+                                    "at start, never evicted", metavar="NAME")
+    adapter_cache: str | None = _opt(None, "folder for local copies of adapters fetched by URL, bounded by "
+                                           "--adapter-cache-bytes and kept across restarts; each process (each Ray "
+                                           "replica) takes its own subfolder (default: "
+                                           "$XDG_CACHE_HOME/ortlora/adapters, used only for URL adapters)",
+                                     metavar="DIR")
+    adapter_cache_bytes: int = _opt(8 << 30, "bytes of adapter copies the cache keeps (least recently used go "
+                                             "first; default: %(default)s)", minimum=1)
+    adapter_revalidate: float = _opt(60.0, "seconds after which a used adapter's source is asked again whether "
+                                           "its content changed (a file: one stat; a URL: one metadata request); "
+                                           "new content is a new version (default: %(default)s)", minimum=0,
+                                     metavar="SECONDS")
+    allow_adapter_urls: tuple[str, ...] = _opt((), "let admins register adapters by URL under this prefix "
+                                                   "(https://host/path/, s3://bucket/prefix/; repeatable). Without "
+                                                   "it, URL registrations are refused: the server would fetch "
+                                                   "whatever address a caller names", metavar="PREFIX")
     max_queue: int = _opt(256, "waiting requests before answering 429 (default: %(default)s)", minimum=1)
     prefill_chunk: int | None = _opt(None, "prompt tokens prefilled per step while other requests decode "
                                            "(default: sized from measured step times, so running streams keep "
@@ -99,7 +120,7 @@ class ServeConfig:
             problems.append("model is required")
         for f in dataclasses.fields(self):
             value, meta = getattr(self, f.name), f.metadata
-            if value is None:
+            if value is None or isinstance(value, tuple):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{_flag(f)} must be a finite number, got {value}")
@@ -115,6 +136,13 @@ class ServeConfig:
                 self.scaling()
             except OrtloraError as exc:
                 problems.append(str(exc))
+        for prefix in self.allow_adapter_urls:
+            from ortlora.runtime.registry import check_prefix
+
+            try:
+                check_prefix(prefix)
+            except OrtloraError as exc:
+                problems.append(str(exc))
         if problems:
             raise OrtloraError("; ".join(problems))
 
@@ -128,6 +156,10 @@ class ServeConfig:
             kw: dict = {"dest": f.name, "help": meta["help"]}
             if kind is bool:
                 kw["action"] = "store_true"
+            elif kind is tuple:  # repeatable
+                kw["action"] = "append"
+                if meta["metavar"]:
+                    kw["metavar"] = meta["metavar"]
             else:  # a value out of range is a usage error at parse time (exit 2, nothing started)
                 ranged = meta["min"] is not None or meta["max"] is not None
                 if kind is float:  # finite, and in range when bounded
@@ -145,7 +177,9 @@ class ServeConfig:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "ServeConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                      if not (v is None and _base(k) is tuple)})
 
     @classmethod
     def parse(cls, values: dict) -> "ServeConfig":
@@ -169,9 +203,20 @@ class ServeConfig:
         return dataclasses.replace(self, **changes)
 
     def absolute(self) -> "ServeConfig":
-        """Paths made absolute (Ray replicas run in another working directory)."""
-        return self.replace(**{k: str(Path(getattr(self, k)).resolve()) for k in ("model", "adapters", "tenants")
-                               if getattr(self, k)})
+        """Paths made absolute (Ray replicas run in another working directory); URLs stay as they are."""
+        return self.replace(**{k: str(Path(getattr(self, k)).expanduser().resolve())
+                               for k in ("model", "adapters", "tenants", "adapter_cache")
+                               if getattr(self, k) and "://" not in getattr(self, k)})
+
+    def adapter_registry(self, reserved: tuple[str, ...] = ()):
+        """The `AdapterRegistry` of these options (`--adapters`, the cache, the allowed URL prefixes): the single
+        process, the Ray ingress and each replica open their own, each with its own cache folder."""
+        from ortlora.runtime.registry import AdapterRegistry, default_cache_root, open_cache
+
+        root = self.adapter_cache or default_cache_root()
+        return AdapterRegistry(self.adapters, reserved=reserved, allow_urls=self.allow_adapter_urls,
+                               cache=lambda: open_cache(root, max_bytes=self.adapter_cache_bytes,
+                                                        revalidate_s=self.adapter_revalidate))
 
     # -- derived -------------------------------------------------------------------------------------------------
     def scaling(self) -> dict:
@@ -203,7 +248,7 @@ def _base(name: str) -> type:
     hint = typing.get_type_hints(ServeConfig)[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    return typing.get_origin(hint) or hint  # tuple[str, ...] -> tuple
 
 
 def _convert(value, kind: type):
@@ -224,7 +269,12 @@ def _convert(value, kind: type):
         if isinstance(value, bool):
             raise TypeError(value)
         return float(value)
+    if kind is tuple:  # a list, or one comma-separated string
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise TypeError(value)
+        return tuple(i.strip() for i in items if i.strip())
     return str(value)
 
 
-_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", tuple: "a list of strings"}

@@ -150,8 +150,12 @@ class EngineClient(Protocol):
 
     def adapter_info(self, name: str) -> P.AdapterInfo: ...
 
-    def register_adapter(self, name: str, path: str) -> None:
-        """Register a file (or PEFT folder) inside the adapters directory as `name`: checked and probed first."""
+    def adapter_infos(self, names: list[str]) -> list[P.AdapterInfo]:
+        """`adapter_info` of each of `names` still registered, in one pass (listings of thousands)."""
+
+    def register_adapter(self, name: str, path: str | None = None, url: str | None = None) -> None:
+        """Register a file (or PEFT folder) inside the adapters directory, or a URL under a prefix the operator
+        allows, as `name`: fetched, checked and probed first (AdapterUnavailable: the URL did not answer)."""
 
     def upload_adapter(self, name: str, stream: BinaryIO) -> None:
         """Write an uploaded `.onnx_adapter` into the adapters directory as `name`, checked before it is kept."""

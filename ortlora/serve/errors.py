@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 
-from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, GenerationError,
-                            OrtloraError, StorageFull)
+from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, AdapterUnavailable,
+                            GenerationError, OrtloraError, StorageFull)
 from ortlora.runtime.grammar_cache import GrammarBudget
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -63,7 +63,7 @@ def status_of(exc: BaseException) -> int:
         return 507
     if isinstance(exc, (QueueFull, AdapterBusy, GrammarBudget)):
         return 429
-    if isinstance(exc, ShuttingDown):
+    if isinstance(exc, (ShuttingDown, AdapterUnavailable)):  # an adapter's source did not answer: retry later
         return 503
     if isinstance(exc, AdapterNotFound):
         return 404

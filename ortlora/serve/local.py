@@ -1,6 +1,7 @@
 """`LocalEngine`: the `EngineClient` of one process — the runtime's engine, tokenizer and adapters
-(`ortlora.runtime.adapters.Adapters`, the one owner of every adapter's life), metrics and the scheduler's engine
-thread, wired together. A Ray engine replica is one of these without HTTP.
+(`ortlora.runtime.adapters.Adapters`, the one owner of every loaded adapter's life, over the `AdapterRegistry` of
+names and sources), metrics and the scheduler's engine thread, wired together. A Ray engine replica is one of these
+without HTTP. Adapter metrics follow the adapters' events (loads, uses, unloads).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ortlora import __version__
 from ortlora.errors import ModelError
 from ortlora.model_folder import ModelInfo
 from ortlora.runtime import constraints
-from ortlora.runtime.adapters import Adapter, Adapters
+from ortlora.runtime.adapters import Adapter, AdapterEvent, AdapterLoaded, Adapters, AdapterUnloaded, AdapterUsed
 from ortlora.runtime.engine import Engine
 from ortlora.runtime.generation import Batch
 from ortlora.runtime.tokenizer import Tokenizer
@@ -29,7 +30,8 @@ from ortlora.serve.scheduler import Job, Scheduler
 class LocalEngine:
     """Implements `ortlora.serve.engine_client.EngineClient` on this process's engine thread."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, *, tenant_shares: bool = True):
+        """`tenant_shares` False: the loaded adapters are one plain LRU (a Ray replica: see replica.py)."""
         self.config = config
         max_len = config.max_model_len or min(DEFAULT_MAX_LEN, ModelInfo.read(config.model).context_length)
         # KV cache: [slots, kv_heads, max_len, head_dim] per layer, reserved up front, touched as it fills
@@ -44,12 +46,15 @@ class LocalEngine:
                              max_token_chars=self.tokenizer.max_token_chars(), max_choices=config.max_choices,
                              eos_ids=eos_ids)
         self.metrics = Metrics(config.max_batch)
-        self.adapters = Adapters.for_engine(self.engine, capacity=config.max_loaded_adapters,
-                                            directory=config.adapters, reserved=(model_name,))
+        self.registry = config.adapter_registry(reserved=(model_name,))
+        self.adapters = Adapters.for_engine(self.engine, capacity=config.max_loaded_adapters, registry=self.registry,
+                                            pins=config.pin, revalidate_s=config.adapter_revalidate,
+                                            tenant_shares=tenant_shares)
         self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=config.prefill_chunk),
                                    self.tokenizer, eos_ids, self.metrics, max_queue=config.max_queue,
                                    release=self.adapters.release, base_label=model_name)
-        self.adapters.on_unload(self._unloaded)
+        self.adapters.listen(self._adapter_event)
+        self.adapters.load_pins()  # a pin that names nothing, or pins that fill the capacity: refused at start
         self._scorer = None
         self._started = False
         constraints.GRAMMARS.configure(config.grammar_cache_bytes, config.grammar_cache_tenant_bytes)
@@ -72,7 +77,9 @@ class LocalEngine:
         self.scheduler.drain()
 
     def stop(self, timeout: float | None = 30.0) -> bool:
-        return self.scheduler.shutdown(timeout)
+        done = self.scheduler.shutdown(timeout)
+        self.registry.close()
+        return done
 
     def health(self) -> EngineHealth:
         s = self.scheduler
@@ -80,6 +87,9 @@ class LocalEngine:
                             waiting=s.waiting_count)
 
     def metrics_text(self) -> str:
+        cache = self.registry.opened_cache()
+        if cache is not None:
+            self.metrics.adapter_disk_cache_bytes.set(cache.nbytes())
         return self.metrics.render()
 
     # -- work -------------------------------------------------------------------------------------------------------
@@ -94,7 +104,7 @@ class LocalEngine:
             held = await run_in_threadpool(constraints.hold, grammar, self.tokenizer, self.limits.eos_ids, work.tenant)
         try:
             for _ in work.params:
-                leases.append(await run_in_threadpool(self.acquire, work.adapter))
+                leases.append(await run_in_threadpool(self.acquire, work.adapter, work.tenant))
             await self._score_prompts(work, leases, events)
             label = work.adapter.label if work.adapter is not None else None
             arrival = time.monotonic()
@@ -126,39 +136,48 @@ class LocalEngine:
                                              held.params if held is not None else None)
             events.sink(Event(i, prompt_logprobs=scores))
 
-    def acquire(self, choice: AdapterChoice | None) -> Adapter | None:
-        """Hold the adapter (or scaled / combined choice) for one job, loaded on first use; None = the base model."""
+    def acquire(self, choice: AdapterChoice | None, tenant: str = "") -> Adapter | None:
+        """Hold the adapter (or scaled / combined choice) for one job of `tenant`, loaded on first use; None = the
+        base model."""
         if choice is None:
             return None
-        loads = self.adapters.loads
-        adapter = self.adapters.acquire(choice.spec, scale=choice.scale)
-        if self.adapters.loads == loads:
-            self.metrics.adapter_cache_hits.inc()
-        else:
-            self.metrics.adapter_loads.inc()
-            self.metrics.loaded_adapters.set(len(self.adapters))
-        return adapter
+        return self.adapters.acquire(choice.spec, scale=choice.scale, tenant=tenant)
 
-    def _unloaded(self, adapter: Adapter) -> None:
-        """(any thread, the adapters' lock held) The engine drops its cached tensors on its own thread."""
-        self.metrics.adapter_evictions.inc()
-        self.metrics.loaded_adapters.set(len(self.adapters))
-        self.scheduler.forget_adapter(adapter)
+    def _adapter_event(self, event: AdapterEvent) -> None:
+        """(any thread, the adapters' lock held) Metrics; an unloaded version's cached tensors are dropped by the
+        engine on its own thread."""
+        m = self.metrics
+        if isinstance(event, AdapterUsed):
+            (m.adapter_cache_misses if event.cold else m.adapter_cache_hits).inc(tenant=event.tenant)
+            return
+        if isinstance(event, AdapterLoaded) and event.cause != "derived":
+            m.adapter_loads.inc()
+            m.adapter_load_seconds.observe(event.seconds)
+        elif isinstance(event, AdapterUnloaded):
+            m.adapter_evictions.inc(reason=event.reason)
+            self.scheduler.forget_adapter(event.adapter)
+        m.loaded_adapters.set(event.loaded)
+        m.loaded_adapter_bytes.set(event.loaded_bytes)
 
     # -- adapters ---------------------------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
-        self.adapters.refresh()  # files dropped into the folder since: listed too
-        return self.adapters.names()
+        return self.adapters.names()  # from memory: the folder is scanned again only when it changed
 
     def has_adapter(self, name: str) -> bool:
         return name != self.limits.model_name and name in self.adapters
 
     def adapter_info(self, name: str) -> P.AdapterInfo:
         info = self.adapters.info(name)
-        return P.AdapterInfo(name=info.name, loaded=info.loaded, path=info.path)
+        return P.AdapterInfo(name=info.name, loaded=info.loaded, path=info.path, url=info.url)
 
-    def register_adapter(self, name: str, path: str) -> None:
-        self.adapters.register(name, path)
+    def adapter_infos(self, names: list[str]) -> list[P.AdapterInfo]:
+        return [P.AdapterInfo(name=i.name, loaded=i.loaded, path=i.path, url=i.url) for i in self.adapters.infos(names)]
+
+    def register_adapter(self, name: str, path: str | None = None, url: str | None = None) -> None:
+        if url is not None:
+            self.adapters.register_url(name, url)
+        else:
+            self.adapters.register(name, path)
 
     def upload_adapter(self, name: str, stream: BinaryIO) -> None:
         self.adapters.upload(name, stream, self.config.max_upload_bytes)

@@ -15,6 +15,7 @@ from typing import Callable
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ADAPTER_LABEL = "adapter"  # the one label whose values are adapter names (`a1`, or a combination `a1+a2`)
 _ADAPTER_VALUE = re.compile(r'[{,]' + ADAPTER_LABEL + r'="((?:[^"\\]|\\.)*)"')
+_TENANT_VALUE = re.compile(r'[{,]tenant="((?:[^"\\]|\\.)*)"')
 
 
 def _escape(value: str) -> str:
@@ -138,6 +139,7 @@ class Histogram(_Metric):
 
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LOAD = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -151,9 +153,20 @@ class Metrics:
         self.prompt_tokens = Counter("ortlora_prompt_tokens", "prompt tokens prefilled")
         self.generation_tokens = Counter("ortlora_generation_tokens", "tokens generated")
         self.adapter_requests = Counter("ortlora_adapter_requests", "generation requests per adapter", ("adapter",))
-        self.adapter_loads = Counter("ortlora_adapter_loads", "adapters loaded from disk into the store")
-        self.adapter_cache_hits = Counter("ortlora_adapter_cache_hits", "requests whose adapter was already loaded")
-        self.adapter_evictions = Counter("ortlora_adapter_evictions", "adapters evicted from the store (LRU)")
+        self.adapter_loads = Counter("ortlora_adapter_loads", "adapter versions loaded from their source (files, "
+                                     "URLs) into memory")
+        self.adapter_load_seconds = Histogram("ortlora_adapter_load_seconds", "time to fetch, read and check one "
+                                              "adapter", _LOAD)
+        self.adapter_cache_hits = Counter("ortlora_adapter_cache_hits", "requests whose adapter was already loaded",
+                                          ("tenant",))
+        self.adapter_cache_misses = Counter("ortlora_adapter_cache_misses", "requests whose adapter was loaded for "
+                                            "them (cold)", ("tenant",))
+        self.adapter_evictions = Counter("ortlora_adapter_evictions", "adapter versions let go, by reason: lru, "
+                                         "tenant_share (evicted for room), replaced, unregistered, source_changed; "
+                                         "idle, component_gone (scaled or combined adapters)", ("reason",))
+        self.loaded_adapter_bytes = Gauge("ortlora_loaded_adapter_bytes", "bytes of adapter weights in memory")
+        self.adapter_disk_cache_bytes = Gauge("ortlora_adapter_disk_cache_bytes", "bytes of adapters fetched by URL "
+                                              "kept on local disk")
         self.finished = Counter("ortlora_requests_finished", "generation requests finished", ("reason",))
         self.decode_steps = Counter("ortlora_decode_steps", "batched decode steps run")
         self.prefills = Counter("ortlora_prefill_steps", "prefill steps run")
@@ -180,16 +193,23 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def filter_exposition(text: str, visible: Callable[[str], bool]) -> str:
+def filter_exposition(text: str, visible: Callable[[str], bool], tenant: str) -> str:
     """`text` (an exposition, one process's or Ray's merged one) without the samples whose `adapter` label names an
-    adapter that `visible` refuses (a combination `a1+a2` needs every part visible). HELP/TYPE lines and samples
-    without the label stay: totals tell how much, never whose."""
+    adapter that `visible` refuses (a combination `a1+a2` needs every part visible) or whose `tenant` label names
+    another tenant than `tenant`. HELP/TYPE lines and samples without those labels stay: totals tell how much,
+    never whose."""
     out = []
     for line in text.splitlines():
-        m = None if line.startswith("#") else _ADAPTER_VALUE.search(line)
-        if m is not None:
-            value = re.sub(r"\\(.)", lambda c: "\n" if c.group(1) == "n" else c.group(1), m.group(1))
-            if not all(visible(part) for part in value.split("+")):
+        if not line.startswith("#"):
+            m = _ADAPTER_VALUE.search(line)
+            if m is not None and not all(visible(part) for part in _unescape(m.group(1)).split("+")):
+                continue
+            m = _TENANT_VALUE.search(line)
+            if m is not None and _unescape(m.group(1)) != tenant:
                 continue
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda c: "\n" if c.group(1) == "n" else c.group(1), value)

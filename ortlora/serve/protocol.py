@@ -516,15 +516,27 @@ class ModelList(BaseModel):
 
 class LoadAdapterRequest(_Request, Unicode):
     name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    path: StrictStr = Field(min_length=1, max_length=4096,
-                            description="an .onnx_adapter file inside the server's adapters directory")
+    path: StrictStr | None = Field(None, min_length=1, max_length=4096,
+                                   description="an .onnx_adapter file (or PEFT folder) inside the server's adapters "
+                                               "directory")
+    url: StrictStr | None = Field(None, min_length=1, max_length=4096,
+                                  description="an .onnx_adapter file (or, without that suffix, a PEFT folder) at an "
+                                              "http(s)://, s3://, gs:// or hf:// URL under a prefix the server allows "
+                                              "(--allow-adapter-urls); fetched by the server into its cache")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.url is None):
+            raise FieldError("path", "give exactly one of path (in the adapters directory) and url")
+        return self
 
 
 class VLLMLoadAdapter(_Request, Unicode):
     """vLLM's `POST /v1/load_lora_adapter` body."""
     lora_name: StrictStr = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     lora_path: StrictStr = Field(min_length=1, max_length=4096,
-                                 description="an .onnx_adapter file inside the server's adapters directory")
+                                 description="an .onnx_adapter file inside the server's adapters directory, or a URL "
+                                             "under a prefix the server allows (--allow-adapter-urls)")
 
 
 class VLLMUnloadAdapter(_Request, Unicode):
@@ -536,6 +548,8 @@ class AdapterInfo(BaseModel):
     name: str
     loaded: bool = Field(description="held in memory by the adapter store now")
     path: str | None = Field(None, description="relative to the adapters directory")
+    url: str | None = Field(None, exclude_if=lambda v: v is None,
+                            description="where the server fetches it (no credentials or query string)")
 
 
 class AdapterList(BaseModel):

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 from ortlora.errors import OrtloraError
 from ortlora.serve.config import ServeConfig
@@ -50,15 +51,15 @@ def build_app(args: "dict | ServeConfig"):
 
 
 def check(config: ServeConfig) -> None:
-    """What would make every replica fail to start, refused before Ray starts: the model folder, the adapters
-    folder, the tenants file."""
+    """What would make every replica fail to start, refused before Ray starts: the model folder, a local adapters
+    folder or index file, the tenants file (a URL source is listed by the ingress when it starts)."""
     from ortlora.model_folder import ModelInfo
-    from ortlora.runtime.adapter_dir import AdapterDirectory
+    from ortlora.runtime.sources import is_url
     from ortlora.serve.tenants import Tenants
 
     ModelInfo.read(config.model)
-    if config.adapters:
-        AdapterDirectory(config.adapters)
+    if config.adapters and not is_url(config.adapters) and not Path(config.adapters).exists():
+        raise OrtloraError(f"adapter source {config.adapters}: no such folder or index file")
     if config.tenants:
         Tenants.load(config.tenants)
 

