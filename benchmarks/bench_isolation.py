@@ -132,7 +132,8 @@ async def _timed(url, key, model, n, tokens, prompt="question"):
 
 def chunks(folder, chunk: int | None) -> dict:
     from ortlora.runtime.model import Model
-    from ortlora.runtime.generation import Batch, Request
+    from ortlora.runtime.batch import Batch
+    from ortlora.runtime.request import Request
     from ortlora.runtime.sampling import SamplingParams
 
     m = Model(folder, slots=8, max_len=2048, prefix_cache_bytes=0)

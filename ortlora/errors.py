@@ -35,3 +35,11 @@ class AdapterBusy(AdapterError):
 
 class GenerationError(OrtloraError):
     """A generation cannot go on (e.g. the model's logits hold NaN); it ends that request only."""
+
+
+class QueueFull(OrtloraError):
+    """More requests wait than the scheduler's queue allows (`--max-queue`): refused at once (HTTP 429)."""
+
+
+class ShuttingDown(OrtloraError):
+    """The scheduler is draining or stopped and takes no new work (HTTP 503)."""

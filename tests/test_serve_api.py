@@ -538,7 +538,7 @@ def test_auto_tool_calls_stream_as_tool_call_deltas_and_plain_text_as_content():
 
     from ortlora.serve import protocol as P
     from ortlora.serve.jobs import JobEvents, Jobs, chat_chunks
-    from ortlora.serve.scheduler import Event
+    from ortlora.runtime.scheduler import Event
     from ortlora.serve.tools import ToolPlan
 
     body = P.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[ADD])

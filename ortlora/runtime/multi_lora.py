@@ -150,7 +150,9 @@ class AdapterPool:
 
     `place(adapters)` puts every adapter of a batch in a slot (copying only those not already there) and returns
     their slots; `groups(row_slots)` arranges a run's rows by slot; `views(first, count)` are the bound slots.
-    R grows (the buffers are rebuilt, `generation` counts it) when an adapter of a higher rank arrives."""
+    R follows the adapters placed (the buffers are rebuilt, `generation` counts it): it grows when an adapter of a
+    higher rank arrives and shrinks to theirs once the placed adapters need at most half of it, so memory and the
+    step's cost do not stay grown after a large adapter leaves."""
 
     def __init__(self, lora_inputs: Mapping[str, LoraInput], capacity: int, dtype: np.dtype):
         if capacity < 1:
@@ -184,6 +186,7 @@ class AdapterPool:
                     self._put(self._free_slot(adapters), adapter)
                     lent = lent or hasattr(adapter, "lend_to")
                 self._used[self.where[uid]] = now
+            self._fit()
         if lent:  # the lent private copies were many small arrays: their pages stay in the heap unless trimmed
             _trim_heap()
         return {uid: self.where[uid] for uid in adapters}
@@ -255,6 +258,14 @@ class AdapterPool:
             slot = self.where.get(adapter.uid)
             if slot is not None:
                 self.evict_slot(slot)
+                self._fit()
+
+    def _fit(self) -> None:
+        """(lock held) Shrink the buffers once the placed adapters need at most half of the pool's rank."""
+        needed = max((a.rank for a in self.occupant if a is not None), default=0)
+        if needed < self.rank and needed <= self.rank // 2:
+            self._rebuild(needed)
+            _trim_heap()
 
     def _rebuild(self, rank: int) -> None:
         """(lock held) Buffers of rank `rank`; the adapters placed keep their slots."""

@@ -14,7 +14,8 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
           max_batch: int = 16, max_loaded_adapters: int = 64, max_queue: int = 256, max_model_len: int | None = None,
           tenants: str | Path | None = None, model_name: str | None = None, threads: int | None = None,
           insecure_no_auth: bool = False, log_level: str = "info", prefill_chunk: int | None = None,
-          provider: str | None = None, replicas: str | None = None, ray_address: str | None = None) -> int:
+          provider: str | None = None, replicas: str | None = None, ray_address: str | None = None,
+          max_num_batched_tokens: int | None = None, max_lora_rank: int = 64) -> int:
     """Build the server and run it until SIGINT/SIGTERM (which drain: in-flight requests finish first).
     `provider` overrides genai_config.json's execution provider (e.g. "cpu"). With `replicas` (N or MIN:MAX) the
     same API runs on Ray Serve over that many engine replicas (ortlora.serve.ray), on a local Ray instance or the
@@ -39,12 +40,13 @@ def serve(model: str | Path, *, adapters: str | Path | None = None, host: str = 
                                   tenants=tenants and str(tenants), replicas=replicas or "1", threads=threads,
                                   max_batch=max_batch, max_loaded_adapters=max_loaded_adapters, max_queue=max_queue,
                                   max_model_len=max_model_len, model_name=model_name, prefill_chunk=prefill_chunk,
-                                  provider=provider))
+                                  provider=provider, max_num_batched_tokens=max_num_batched_tokens,
+                                  max_lora_rank=max_lora_rank))
         return serve_ray(args, host=host, port=port, ray_address=ray_address, log_level=log_level)
     server = Server(model, adapters=adapters, tenants=Tenants.load(tenants) if tenants else None,
                     max_batch=max_batch, max_loaded_adapters=max_loaded_adapters, max_queue=max_queue,
                     max_model_len=max_model_len, model_name=model_name, threads=threads, prefill_chunk=prefill_chunk,
-                    provider=provider)
+                    provider=provider, max_num_batched_tokens=max_num_batched_tokens, max_lora_rank=max_lora_rank)
     log = logging.getLogger("ortlora.serve")
     directory = server.adapters.directory
     for skipped in directory.skipped if directory else ():

@@ -1,6 +1,6 @@
 """The HTTP layer: a FastAPI app with OpenAI's completion, chat and model endpoints, adapter management, health,
 metrics and an OpenAPI document. It only validates, authenticates and translates; generation runs on the
-scheduler's engine thread (`ortlora.serve.scheduler`), reached through thread-safe queues.
+scheduler's engine thread (`ortlora.runtime.scheduler`), reached through thread-safe queues.
 
     app = create_app(server)          # server: ortlora.serve.server.Server
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -128,22 +128,12 @@ def create_app(server) -> FastAPI:
         default_max = 16 if body.max_tokens is None else body.max_tokens
         jobs = await jobs_.submit(server, body, adapter, prompts, default_max, explicit_max=True,
                                   tenant=tenant.name)
-        n, texts = body.n or 1, compat.token_text(server)
+        texts = compat.token_text(server)
         echo = [server.tokenizer.decode(p) if body.echo else "" for p in prompts]
-        echo_lps = [None] * len(prompts)
-        if body.echo and body.logprobs is not None:  # the prompt's own logprobs: a separate forward pass
-            try:
-                echo_lps = [await run_in_threadpool(compat.echo_scores, server, p, body.logprobs, jobs[i * n].adapter)
-                            for i, p in enumerate(prompts)]
-            except BaseException:
-                for job in jobs:
-                    job.cancel()
-                raise
-        if body.stream:
-            shaped = [compat.completion_logprobs(texts, p, lp) if lp else None for p, lp in zip(prompts, echo_lps)]
-            return await jobs_.stream(request, jobs, jobs_.completion_chunks(body, jobs, echo, texts, shaped))
+        if body.stream:  # the prompt's own logprobs come with each choice's first event (the engine's prefill)
+            return await jobs_.stream(request, jobs, jobs_.completion_chunks(body, jobs, echo, texts, prompts))
         return await jobs_.collect(request, jobs, lambda outs, usage: compat.completion_response(
-            jobs_.new_id("cmpl"), int(time.time()), body, outs, usage, echo, prompts, echo_lps, texts))
+            jobs_.new_id("cmpl"), int(time.time()), body, outs, usage, echo, prompts, texts))
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, tags=["openai"],
               responses={200: _SSE, **{k: _ERRORS[k] for k in (404, 429, 503)}})

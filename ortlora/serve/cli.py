@@ -24,6 +24,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled per step while other requests decode (default: sized from measured "
                         "step times, so running streams keep their pace)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="prompt tokens a step prefills while nothing decodes, many prompts packed per run (default: "
+                        "sized from measured run costs, 512-2048)")
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="adapters (and weighted combinations: the sum of their ranks) above this rank are refused "
+                        "(default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="tokens per sequence (prompt + output); default min(context length, 4096)")
     p.add_argument("--tenants", default=None,
@@ -52,4 +58,5 @@ def main(args: argparse.Namespace) -> int:
                  max_model_len=args.max_model_len, tenants=args.tenants, model_name=args.model_name,
                  threads=args.threads, insecure_no_auth=args.insecure_no_auth, log_level=args.log_level,
                  prefill_chunk=args.prefill_chunk, provider=args.provider,
+                 max_num_batched_tokens=args.max_num_batched_tokens, max_lora_rank=args.max_lora_rank,
                  replicas=args.replicas, ray_address=args.ray_address)

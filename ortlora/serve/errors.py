@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, GenerationError,
-                            OrtloraError)
+                            OrtloraError, QueueFull, ShuttingDown)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
@@ -19,14 +19,6 @@ class APIError(OrtloraError):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
-
-
-class QueueFull(OrtloraError):
-    """More requests wait than --max-queue allows: answered 429 at once."""
-
-
-class ShuttingDown(OrtloraError):
-    """The server is draining (SIGTERM): answered 503."""
 
 
 class BodyTooLarge(Exception):

@@ -19,10 +19,10 @@ from ortlora.errors import OrtloraError
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.serve import protocol as P
 from ortlora.serve.openai_compat import (FINGERPRINT, Output, TokenText, chat_logprobs_json,
-                                        completion_logprobs)
+                                        completion_logprobs, vllm_prompt_logprobs)
 from ortlora.serve.tools import OPEN_TAG, ToolPlan, call_id
 from ortlora.serve.errors import APIError, error_response, status_of
-from ortlora.serve.scheduler import Event, Job
+from ortlora.runtime.scheduler import Event, Job
 from ortlora.serve.server import adapter_label
 
 
@@ -136,7 +136,7 @@ async def submit(server, body, adapter: str | None, prompts: list[list[int]], ma
                                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
                                 "completion). Reduce the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
-        limits.append(min(max_tokens or room, room))
+        limits.append(room if max_tokens is None else min(max_tokens, room))
     if len(prompts) * n > server.max_choices:
         raise APIError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} choices; at most "
                             f"{server.max_choices} per request", param="n")
@@ -198,6 +198,8 @@ async def collect(request: Request, jobs: list[Job], build) -> Any:
             out.text += ev.text
             out.token_ids += ev.token_ids
             out.logprobs += ev.logprobs or ()
+            if ev.prompt_logprobs is not None:
+                out.prompt_logprobs = ev.prompt_logprobs
             completion += ev.new_tokens
             if ev.finish_reason:
                 out.finish_reason = ev.finish_reason
@@ -274,26 +276,38 @@ async def stream(request: Request, jobs: Jobs, chunks: AsyncIterator[dict]) -> S
 
 
 async def completion_chunks(body: P.CompletionRequest, jobs: list[Job], echo: list[str], texts: TokenText,
-                            echo_logprobs: list[P.CompletionLogprobs | None]):
+                            echo_ids: list[list[int]]):
+    """One chunk per engine event; with `echo`, a choice's first chunk is its prompt (with the prompt's logprobs,
+    which come with the choice's first event)."""
     rid, created, n = new_id("cmpl"), int(time.time()), body.n or 1
     base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
             "system_fingerprint": FINGERPRINT}
     offsets = [0] * len(jobs)
-    if body.echo:
-        for i in range(len(jobs)):
-            lp = echo_logprobs[i // n]
-            yield {**base, "choices": [{"index": i, "text": echo[i // n], "logprobs": lp and lp.model_dump(),
-                                        "finish_reason": None}]}
-            offsets[i] = len(echo[i // n])
+    started = [False] * len(jobs)
     completion = 0
     async for ev in _events(jobs):  # one chunk per token, even when its text is held back (half a character)
+        i = ev.index
+        if not started[i]:
+            started[i] = True
+            extra = {}
+            if body.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = vllm_prompt_logprobs(texts, ev.prompt_logprobs)
+            if body.echo:
+                lp = None
+                if body.logprobs is not None and ev.prompt_logprobs is not None:
+                    lp = completion_logprobs(texts, echo_ids[i // n], ev.prompt_logprobs).model_dump()
+                yield {**base, "choices": [{"index": i, "text": echo[i // n], "logprobs": lp, "finish_reason": None,
+                                            **extra}]}
+                offsets[i] = len(echo[i // n])
+            elif extra:
+                yield {**base, "choices": [{"index": i, "text": "", "logprobs": None, "finish_reason": None,
+                                            **extra}]}
         completion += ev.new_tokens
         lp = None
         if ev.logprobs is not None:
-            lp = completion_logprobs(texts, ev.token_ids, ev.logprobs, offsets[ev.index]).model_dump()
-        offsets[ev.index] += len(ev.text)
-        yield {**base, "choices": [{"index": ev.index, "text": ev.text, "logprobs": lp,
-                                    "finish_reason": ev.finish_reason}]}
+            lp = completion_logprobs(texts, ev.token_ids, ev.logprobs, offsets[i]).model_dump()
+        offsets[i] += len(ev.text)
+        yield {**base, "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}]}
     if body.stream_options and body.stream_options.include_usage:
         yield {**base, "choices": [], "usage": _usage(jobs, completion).model_dump()}
 

@@ -10,7 +10,7 @@ import weakref
 from dataclasses import dataclass, field
 
 from ortlora import __version__
-from ortlora.runtime.logprobs import PromptScorer, TokenLogprob
+from ortlora.runtime.logprobs import TokenLogprob
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError
 
@@ -25,6 +25,7 @@ class Output:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # from the engine's prefill of the prompt
 
 
 def warn_ignored(body) -> None:
@@ -72,7 +73,6 @@ class TokenText:
 
 
 _TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> TokenText
-_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> PromptScorer (built on first echo)
 
 
 def token_text(server) -> TokenText:
@@ -117,17 +117,27 @@ def _by_text(texts: TokenText, top) -> dict[str, float]:
     return out
 
 
-def echo_scores(server, prompt: list[int], k: int, adapter) -> list[TokenLogprob | None]:
-    """Logprobs of a prompt's own tokens (completions `echo` + `logprobs`), with the adapter the choice uses."""
-    if server not in _SCORERS:
-        _SCORERS[server] = PromptScorer(server.folder, getattr(server.engine, "threads", None))
-    return _SCORERS[server].score(prompt, k, adapter.params if adapter is not None else None)
+def vllm_prompt_logprobs(texts: TokenText, lps: list[TokenLogprob | None] | None) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else token id -> (logprob, rank, text) for
+    the token there and the k most likely."""
+    if lps is None:
+        return None
+    out: list = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        ranks = {t: i + 1 for i, (t, _) in enumerate(lp.top)}
+        entry = {str(lp.token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": texts(lp.token)[0]}}
+        for t, v in lp.top:
+            entry.setdefault(str(t), {"logprob": v, "rank": ranks[t], "decoded_token": texts(t)[0]})
+        out.append(entry)
+    return out
 
 
 # -- responses -----------------------------------------------------------------------------------------------------
 def completion_response(rid: str, created: int, body: P.CompletionRequest, outs: list[Output], usage: P.Usage,
-                        echo: list[str], echo_ids: list[list[int]], echo_lps: list, texts: TokenText
-                        ) -> P.CompletionResponse:
+                        echo: list[str], echo_ids: list[list[int]], texts: TokenText) -> P.CompletionResponse:
     n = body.n or 1
     choices = []
     for i, out in enumerate(outs):
@@ -135,11 +145,13 @@ def completion_response(rid: str, created: int, body: P.CompletionRequest, outs:
         logprobs = None
         if body.logprobs is not None:
             ids, lps = out.token_ids[:len(out.logprobs)], list(out.logprobs)
-            if body.echo:
-                ids, lps = echo_ids[i // n] + ids, echo_lps[i // n] + lps
+            if body.echo:  # the prompt's own logprobs came with the choice's first event
+                ids, lps = echo_ids[i // n] + ids, list(out.prompt_logprobs or []) + lps
             logprobs = completion_logprobs(texts, ids, lps)
         choices.append(P.CompletionChoice(index=i, text=prefix + out.text, finish_reason=out.finish_reason,
-                                          logprobs=logprobs))
+                                          logprobs=logprobs, prompt_logprobs=vllm_prompt_logprobs(
+                                              texts, out.prompt_logprobs) if body.prompt_logprobs is not None
+                                          else None))
     return P.CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=choices,
                                 system_fingerprint=FINGERPRINT)
 
@@ -152,6 +164,7 @@ def chat_response(rid: str, created: int, body: P.ChatCompletionRequest, outs: l
         reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
         logprobs = chat_logprobs(texts, out.logprobs) if body.logprobs else None
         choices.append(P.ChatChoice(index=i, message=P.AssistantMessage(content=content, tool_calls=calls or None),
-                                    logprobs=logprobs, finish_reason=reason))
+                                    logprobs=logprobs, finish_reason=reason,
+                                    prompt_logprobs=vllm_prompt_logprobs(texts, out.prompt_logprobs)))
     return P.ChatCompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=choices,
                                     system_fingerprint=FINGERPRINT)

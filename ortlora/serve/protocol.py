@@ -91,6 +91,8 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     min_tokens: StrictInt = Field(0, ge=0)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                              description="each prompt token's logprob and this many alternatives")
     _grammar: str | None = PrivateAttr(None)  # what the output must follow (response_format, required tools)
     # ortlora extras: adapter strength and combinations (exact; derived adapters are cached by recipe)
     adapter_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False,
@@ -132,7 +134,8 @@ class CompletionRequest(_Sampling):
     prompt: _Text | Annotated[list[_Text], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)] \
         | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)] = Field(
         description="text, a batch of texts, token ids, or a batch of token-id lists")
-    max_tokens: StrictInt | None = Field(16, ge=1, description="new tokens per choice (default 16, as OpenAI)")
+    max_tokens: StrictInt | None = Field(16, ge=0, description="new tokens per choice (default 16, as OpenAI; 0 "
+                                                              "with echo: only score the prompt)")
     echo: StrictBool | None = Field(False, description="prefix each choice with its prompt")
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                        description="the sampled tokens' logprobs and this many alternatives")
@@ -255,11 +258,22 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one alternative at a prompt position."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # per prompt token: token id -> alternative; None first
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None = _absent
 
 
 class CompletionResponse(BaseModel):
@@ -299,6 +313,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
+    prompt_logprobs: PromptLogprobs | None = _absent
 
 
 class ChatCompletionResponse(BaseModel):

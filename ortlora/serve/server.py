@@ -11,17 +11,17 @@ from pathlib import Path
 from ortlora import __version__
 from dataclasses import dataclass
 
-from ortlora.runtime.adapters import Adapter, Adapters, AdapterSpec, Recipe
+from ortlora.runtime.adapters import DEFAULT_MAX_RANK, Adapter, Adapters, AdapterSpec, Recipe
 from ortlora.model_folder import ModelInfo
 from ortlora.runtime.engine import Engine
-from ortlora.runtime.generation import Batch
+from ortlora.runtime.batch import Batch
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
 from ortlora.serve import jobs as jobs_
 from ortlora.serve import protocol as P
 from ortlora.serve.errors import APIError
 from ortlora.serve.metrics import Metrics
-from ortlora.serve.scheduler import Scheduler
+from ortlora.runtime.scheduler import Scheduler
 from ortlora.serve.tenants import Tenants
 
 DEFAULT_MAX_LEN = 4096
@@ -33,10 +33,13 @@ class Server:
                  max_batch: int = 16, max_loaded_adapters: int = 64, max_queue: int = 256,
                  max_model_len: int | None = None, model_name: str | None = None, threads: int | None = None,
                  max_body_bytes: int = 16 << 20, max_upload_bytes: int = 1 << 30, max_choices: int = 64,
-                 prefill_chunk: int | None = None, provider: str | None = None):
+                 prefill_chunk: int | None = None, provider: str | None = None,
+                 max_num_batched_tokens: int | None = None, max_lora_rank: int = DEFAULT_MAX_RANK):
         problems = [f"{flag} must be at least 1, got {v}" for flag, v in (
             ("--max-batch", max_batch), ("--max-loaded-adapters", max_loaded_adapters), ("--max-queue", max_queue),
-            ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk)) if v < 1]
+            ("--prefill-chunk", 1 if prefill_chunk is None else prefill_chunk),
+            ("--max-num-batched-tokens", 1 if max_num_batched_tokens is None else max_num_batched_tokens),
+            ("--max-lora-rank", max_lora_rank)) if v < 1]
         if problems:
             raise APIError(400, "; ".join(problems))  # a CLI error (OrtloraError) before anything is loaded
         self.version = __version__
@@ -55,15 +58,17 @@ class Server:
         self.tenants = tenants or Tenants.open()
         self.metrics = Metrics(max_batch)
         self.adapters = Adapters.for_engine(self.engine, capacity=max_loaded_adapters, directory=adapters,
-                                            reserved=(self.model_name,))
-        self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=prefill_chunk), self.tokenizer,
+                                            reserved=(self.model_name,), max_rank=max_lora_rank)
+        batch = Batch(self.engine, self.adapters, prefill_chunk=prefill_chunk,
+                      max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler = Scheduler(batch, self.tokenizer,
                                    self.eos_ids, self.metrics, max_queue=max_queue, release=self.adapters.release,
                                    base_label=self.model_name, cache_namespace=self.tenants.cache_namespace)
         self.adapters.on_unload(self._unloaded)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
+        self.scheduler.batch.calibrate()  # run costs: the first steps are planned with the right budget
         self.scheduler.start()
 
     def stop(self, timeout: float | None = 30.0) -> bool:
@@ -132,7 +137,8 @@ class Server:
             ignore_eos=body.ignore_eos, min_new_tokens=min(body.min_tokens, max_new_tokens),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=self._logit_bias(body.logit_bias), logprobs=body.logprobs_k(), grammar=body._grammar)
+            logit_bias=self._logit_bias(body.logit_bias), logprobs=body.logprobs_k(), grammar=body._grammar,
+            prompt_logprobs=_prompt_logprobs(body))
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         out = tuple((int(k), float(v)) for k, v in (bias or {}).items())
@@ -141,6 +147,14 @@ class Server:
             raise APIError(400, f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
                            param="logit_bias")
         return out
+
+
+def _prompt_logprobs(body) -> int | None:
+    """vLLM's `prompt_logprobs`, or for completions' `echo` with `logprobs` that many alternatives (the more of
+    both when both are asked)."""
+    asked = [k for k in (body.prompt_logprobs, body.logprobs if getattr(body, "echo", False) else None)
+             if k is not None]
+    return max(asked) if asked else None
 
 
 @dataclass(frozen=True)

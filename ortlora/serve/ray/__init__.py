@@ -46,6 +46,8 @@ class AppArgs:
     model_name: str | None = None
     prefill_chunk: int | None = None
     provider: str | None = None
+    max_num_batched_tokens: int | None = None
+    max_lora_rank: int = 64
 
     @classmethod
     def parse(cls, args: dict) -> "AppArgs":
@@ -98,7 +100,8 @@ def build_app(args: dict):
     absolute = {k: str(Path(v).resolve()) if v else None for k, v in
                 (("model", a.model), ("adapters", a.adapters), ("tenants", a.tenants))}  # replicas' cwd differs
     options = dict(max_batch=a.max_batch, max_queue=a.max_queue, max_model_len=a.max_model_len,
-                   model_name=a.model_name, threads=a.threads, prefill_chunk=a.prefill_chunk, provider=a.provider)
+                   model_name=a.model_name, threads=a.threads, prefill_chunk=a.prefill_chunk, provider=a.provider,
+                   max_num_batched_tokens=a.max_num_batched_tokens, max_lora_rank=a.max_lora_rank)
     engine = serve.deployment(
         EngineReplica, name=ENGINE, ray_actor_options={"num_cpus": a.threads or 1},
         # the replica's own fair queue holds what waits: Ray keeps routing by adapter instead of spilling over

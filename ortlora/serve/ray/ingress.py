@@ -29,7 +29,7 @@ from ortlora.serve.errors import APIError
 from ortlora.serve.jobs import JobEvents, Jobs
 from ortlora.serve.metrics import Metrics
 from ortlora.serve.ray.replica import EngineInfo, Failure, ReplicaState, Work
-from ortlora.serve.scheduler import Event
+from ortlora.runtime.scheduler import Event
 from ortlora.serve.server import Server
 from ortlora.serve.tenants import Tenants
 

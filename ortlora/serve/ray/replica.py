@@ -27,7 +27,7 @@ from ortlora.runtime.sampling import SamplingParams
 from ortlora.serve import jobs as jobs_
 from ortlora.serve.errors import APIError, status_of
 from ortlora.serve.metrics import Gauge
-from ortlora.serve.scheduler import Event
+from ortlora.runtime.scheduler import Event
 
 
 @dataclass(frozen=True)
