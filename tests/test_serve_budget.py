@@ -116,7 +116,10 @@ def test_an_echo_flood_and_a_high_rank_adapter_leave_another_tenant_alone(server
 
 def test_a_model_with_a_128_token_context_serves(tiny, tmp_path):
     """Start-up measures run costs with prompts the context holds (a 144-token probe would not fit 128)."""
-    model = tiny.model("llama", max_position_embeddings=128)
+    from ortlora.testing import build_model
+
+    model = build_model(tmp_path / "hf", "llama", max_position_embeddings=128,  # the quickstart base's rope, context
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     folder = tiny.export(model, "ctx128")
     s = ServerProcess(folder, log=tmp_path / "ctx128.log")
     try:

@@ -4,11 +4,13 @@ A run takes about `fixed + tokens x per_token` seconds: `fixed` is a pass over t
 few rows costs too), `per_token` the compute of one more token. Both are measured at start (`calibrate`: two runs of
 different lengths, within the model's context) and tracked online from every prefill run and decode step.
 
-    nothing decoding:  budget = max_num_batched_tokens (default: a run's fixed cost amortized over many tokens,
-                       `IDLE_RUNS` x fixed / per_token, within [IDLE_MIN, IDLE_MAX]) + one run's overhead
+    nothing decoding:  budget = max_num_batched_tokens (default IDLE_TOKENS) + one run's overhead: a burst of
+                       prompts is prefilled in one step, in runs of at most RUN_TOKENS padded tokens (each
+                       run's fixed cost amortized over many prompts), before any of them starts streaming
     streams decoding:  budget = (GAP - 1) x decode_step / per_token   so a step (decode run + prompt runs) takes
                        at most GAP decode steps: running streams keep their pace while prompts come in
                        (`prefill_chunk` instead: that many tokens a step, the old fixed chunk)
+    always:            the first waiting prompt gets at least max(MIN_CHUNK, overhead / 2) tokens a step
 
 Costs are in tokens: a run's overhead is fixed / per_token tokens, so the planner weighs one more run against
 padding in one currency. The numbers behind GAP and the defaults: benchmarks/NOTES.md#token-budget.
@@ -22,8 +24,7 @@ from ortlora.errors import OrtloraError
 from ortlora.runtime.planner import Limits
 
 GAP = 2.5  # a step with prompt work takes at most this many decode steps (bench_isolation: longest gap <= 3x median)
-IDLE_RUNS = 8  # with nothing decoding, a run holds this many fixed costs' worth of tokens
-IDLE_MIN, IDLE_MAX = 512, 2048  # ... within these (padded tokens)
+IDLE_TOKENS = 8192  # prompt tokens a step with nothing decoding (vLLM's max_num_batched_tokens default, offline)
 MIN_CHUNK = 8  # the least a step gives the first waiting prompt
 RUN_TOKENS = 2048  # padded tokens a run holds at most (see engine.PREFILL_CHUNK)
 LOGIT_BYTES = 64 << 20  # logits a run returns at most, in bytes (prompt logprobs: a vocabulary of floats a position)
@@ -54,9 +55,7 @@ class Budget:
         return self.fixed / self.per_token if self.known else 0.0
 
     def idle_tokens(self) -> int:
-        if self.max_num_batched_tokens is not None:
-            return self.max_num_batched_tokens
-        return int(min(IDLE_MAX, max(IDLE_MIN, IDLE_RUNS * self.overhead)))
+        return IDLE_TOKENS if self.max_num_batched_tokens is None else self.max_num_batched_tokens
 
     def tokens(self, decoding: int) -> float:
         """The budget of a step in which `decoding` rows decode (overheads and padding count as tokens)."""
@@ -69,7 +68,11 @@ class Budget:
         return (GAP - 1) * self.decode_s / self.per_token
 
     def limits(self) -> Limits:
-        min_chunk = MIN_CHUNK if self.prefill_chunk is None else min(MIN_CHUNK, self.prefill_chunk)
+        """The planner's limits: the first prompt's least chunk keeps its run at least a third useful (half the
+        run's fixed cost in tokens), however small the budget; a fixed `prefill_chunk` caps it."""
+        min_chunk = max(MIN_CHUNK, int(self.overhead / 2))
+        if self.prefill_chunk is not None:
+            min_chunk = min(min_chunk, self.prefill_chunk)
         return Limits(run_tokens=RUN_TOKENS, logit_rows=self.logit_rows, overhead=self.overhead, min_chunk=min_chunk)
 
     # -- measuring ----------------------------------------------------------------------------------------------

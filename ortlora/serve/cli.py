@@ -25,8 +25,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens prefilled per step while other requests decode (default: sized from measured "
                         "step times, so running streams keep their pace)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="prompt tokens a step prefills while nothing decodes, many prompts packed per run (default: "
-                        "sized from measured run costs, 512-2048)")
+                   help="prompt tokens a step prefills while nothing decodes, many prompts packed per run "
+                        "(default: 8192)")
     p.add_argument("--max-lora-rank", type=int, default=64,
                    help="adapters (and weighted combinations: the sum of their ranks) above this rank are refused "
                         "(default: %(default)s)")
