@@ -239,8 +239,8 @@ def main() -> None:
     print(f"\nbest of {args.rounds} rounds{' (smoke settings: not a measurement)' if args.smoke else ''}")
     for w in workloads:
         print(f"{w}:")
-        for name, r in results.items():
-            ratio = ""
+        for name, res in results.items():
+            r, ratio = res[w], ""
             if base is not None and name != "vllm bfloat16":
                 b = base[w]
                 ratio = (f"   vs vLLM bf16: tok/s {r.tok_s / b.tok_s:.2f}x, TTFT p50 {r.ttft_p50 / b.ttft_p50:.2f}x, "

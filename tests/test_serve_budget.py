@@ -132,3 +132,31 @@ def test_a_model_with_a_128_token_context_serves(tiny, tmp_path):
         assert long.status_code == 200 and long.json()["usage"]["prompt_tokens"] == 120
     finally:
         s.stop()
+
+
+def test_prompt_logprobs_and_scoring_only_through_the_engine(server, setup):
+    """vLLM's `prompt_logprobs` (token id -> logprob, rank, text; None first) and completions' `echo` with
+    `max_tokens: 0` (the prompt scored, nothing generated) come from the engine's prefill and agree with each other
+    and with a plain onnxruntime run of the whole prompt."""
+    from reference import OnnxDecoder
+
+    prompt = [5, 17, 33, 9, 81, 100, 7, 12]
+    client = _client(server, BETA)
+    scored = client.post("/v1/completions", json={"model": "a3", "prompt": prompt, "max_tokens": 0, "echo": True,
+                                                  "logprobs": 2})
+    assert scored.status_code == 200, scored.text
+    choice = scored.json()["choices"][0]
+    assert choice["finish_reason"] == "length" and scored.json()["usage"]["completion_tokens"] == 0
+    echo = choice["logprobs"]["token_logprobs"]
+    assert echo[0] is None and len(echo) == len(prompt)
+    vllm = client.post("/v1/completions", json={"model": "a3", "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                                                "prompt_logprobs": 2}).json()["choices"][0]["prompt_logprobs"]
+    assert vllm[0] is None and len(vllm) == len(prompt)
+    logits, _ = OnnxDecoder(setup["folder"], setup["params"]["a3"]).run([prompt], [[]])
+    for i in range(1, len(prompt)):
+        ref = logits[0][i - 1].astype(np.float64)
+        ref = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())
+        entry = vllm[i][str(prompt[i])]
+        assert abs(entry["logprob"] - ref[prompt[i]]) < 1e-4 and abs(echo[i] - entry["logprob"]) < 1e-6
+        assert entry["rank"] == 1 + int((ref > ref[prompt[i]] + 1e-6).sum())
+        assert len(vllm[i]) in (2, 3)  # the token and the 2 most likely (the token may be one of them)
