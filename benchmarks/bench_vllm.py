@@ -227,7 +227,8 @@ def main() -> None:
     makers = {f"ortlora {p}": (lambda p=p: OrtloraServer(folders[p], adapter_dirs[p], work / f"ortlora-{p}.log"))
               for p in args.precisions}
     for dtype in args.vllm_dtypes:
-        makers[f"vllm {dtype}"] = lambda d=dtype: VllmServer(Path(args.vllm_venv), model, peft, d, work / f"vllm-{d}.log")
+        makers[f"vllm {dtype}"] = lambda d=dtype: VllmServer(Path(args.vllm_venv), model, peft, d,
+                                                             work / f"vllm-{d}.log")
     runs: dict[str, list[dict[str, Result]]] = {name: [] for name in makers}
     for k in range(args.rounds):
         print(f"round {k + 1}/{args.rounds}", flush=True)

@@ -32,10 +32,9 @@ RunOptions' active adapters.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -45,6 +44,7 @@ from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
 from ortlora.naming import is_dora_scale
 from ortlora.runtime import combined, hugepages, multi_lora
+from ortlora.runtime.bindings import Binding, BindingKey, DecodeInputs, Graph, LoraRun, PoolKey, ort_value
 from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
 
@@ -73,81 +73,6 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     # denormals (e.g. from exp() underflow) take slow microcode paths; see benchmarks/NOTES.md#denormals
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
-
-
-def _value(arr: np.ndarray) -> ort.OrtValue:
-    return ort.OrtValue.ortvalue_from_numpy(arr)
-
-
-class PoolKey(NamedTuple):
-    """The adapter pool as bound by one run: its buffers' generation and the slots [first, first + count); `only`:
-    the uid of the one adapter whose modules alone are bound (0: every pool input)."""
-    generation: int
-    first: int
-    count: int
-    only: int = 0
-
-
-class BindingKey(NamedTuple):
-    lo: int  # slots [lo, hi) bound
-    hi: int
-    last_only: bool  # decode: one position per row, into a persistent output buffer
-    lora: int | PoolKey  # 0: no adapter; else the pool slots (and inputs) the run binds
-
-
-@dataclass
-class Binding:
-    """An IOBinding kept between runs and the values it holds (they must live as long as it does)."""
-    io: ort.IOBinding
-    kv: list[ort.OrtValue]  # views of the cache, bound as past and present
-    logits: np.ndarray | None  # [hi - lo, 1, vocab], bound as output when last_only
-    lora: list[tuple[str, ort.OrtValue]]
-    keep: ort.OrtValue | None = None  # decode's num_logits_to_keep = 1 or logits_rows = [0, hi - lo)
-    inputs: tuple[ort.OrtValue, ort.OrtValue] | None = None  # decode's persistent input_ids / attention_mask
-    groups: dict[str, tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)  # the row grouping bound
-
-
-@dataclass
-class DecodeInputs:
-    """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's count
-    of ones. A mask as wide as the cache gives every step the same shapes, so onnxruntime reuses its memory plan;
-    GroupQueryAttention reads each row's length from the mask's ones."""
-    ids: np.ndarray
-    mask: np.ndarray
-    ones: np.ndarray
-    values: tuple[ort.OrtValue, ort.OrtValue]  # made once (~20 us each a step otherwise)
-
-    @classmethod
-    def make(cls, hi: int, max_len: int) -> "DecodeInputs":
-        ids, mask = np.zeros((hi, 1), np.int64), np.zeros((hi, max_len), np.int64)
-        return cls(ids, mask, np.zeros(hi, np.int64), (_value(ids), _value(mask)))
-
-    def fill(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Row b feeds tokens[b] over lengths[b] cached + new positions; only the changed mask ends are written."""
-        self.ids[:, 0] = tokens
-        for b, (n, m) in enumerate(zip(lengths.tolist(), self.ones.tolist())):
-            if n > m:
-                self.mask[b, m:n] = 1
-            elif n < m:
-                self.mask[b, n:m] = 0
-        self.ones[:] = lengths
-
-
-@dataclass
-class LoraRun:
-    """How one run meets its adapters: the binding's LoRA key, the tensors to bind for a new binding, and per-run
-    index inputs (the row grouping)."""
-    key: int | PoolKey
-    params: Callable[[], dict[str, np.ndarray]]
-    feeds: dict[str, np.ndarray]
-
-
-class _Graph:
-    """One session and the IOBindings it keeps per BindingKey (KV and logits stay bound between calls)."""
-
-    def __init__(self, session: ort.InferenceSession):
-        self.session = session
-        self.bindings: OrderedDict[BindingKey, Binding] = OrderedDict()  # least recently used first
 
 
 class Engine:
@@ -179,7 +104,7 @@ class Engine:
         data = combined.relocate_external_data(model, self.folder)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
         # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
-        self._graph = _Graph(self._session(model.SerializeToString(), so))
+        self._graph = Graph(self._session(model.SerializeToString(), so))
         del model
         self._one_slot: dict[int, dict[str, np.ndarray]] = {}  # per row count: the index inputs of a one-slot run
         past = {i.name: i for i in self._graph.session.get_inputs()}
@@ -312,11 +237,12 @@ class Engine:
         lora = self._lora([r.adapter for r in rows])
         io = self._graph.session.io_binding()
         for past_name, present_name in self.info.kv_names():
-            value = _value(staging[past_name])
+            value = ort_value(staging[past_name])
             io.bind_ortvalue_input(past_name, value)
             io.bind_ortvalue_output(present_name, value)
-        held = [(name, _value(np.ascontiguousarray(arr))) for name, arr in {**lora.params(), **lora.feeds}.items()]
-        held += [("input_ids", _value(ids)), ("attention_mask", _value(mask))]
+        held = [(name, ort_value(np.ascontiguousarray(arr)))
+                for name, arr in {**lora.params(), **lora.feeds}.items()]
+        held += [("input_ids", ort_value(ids)), ("attention_mask", ort_value(mask))]
         held += self._position_inputs(positions, width, len(rows))
         for name, value in held:
             io.bind_ortvalue_input(name, value)
@@ -336,9 +262,9 @@ class Engine:
     def _position_inputs(self, positions: np.ndarray, width: int, rows: int) -> list[tuple[str, ort.OrtValue]]:
         """The input naming the positions whose logits a run computes (at least one: the graph needs a row)."""
         if self.has_rows:
-            return [(ROWS, _value(positions if len(positions) else np.zeros(1, np.int64)))]
+            return [(ROWS, ort_value(positions if len(positions) else np.zeros(1, np.int64)))]
         if self.has_keep:  # every position (0 = all), picked in `_pick`
-            return [(KEEP, _value(np.array(0, np.int64)))]
+            return [(KEEP, ort_value(np.array(0, np.int64)))]
         return []
 
     def _pick(self, logits: np.ndarray, positions: np.ndarray, width: int, rows: int) -> np.ndarray:
@@ -409,7 +335,7 @@ class Engine:
         last_only = positions is None
         b = self._binding(lora, BindingKey(lo, hi, last_only, lora.key))
         if values is None or b.inputs is not values:  # decode's persistent buffers stay bound
-            ids_value, mask_value = values or (_value(ids), _value(mask))
+            ids_value, mask_value = values or (ort_value(ids), ort_value(mask))
             b.io.bind_ortvalue_input("input_ids", ids_value)
             b.io.bind_ortvalue_input("attention_mask", mask_value)
             b.inputs = values
@@ -420,7 +346,7 @@ class Engine:
         for name, arr in lora.feeds.items():  # rebinding an input costs far more than comparing a few indices
             bound = b.groups.get(name)
             if bound is None or not np.array_equal(bound[0], arr):
-                b.groups[name] = (arr, _value(arr))
+                b.groups[name] = (arr, ort_value(arr))
                 b.io.bind_ortvalue_input(name, b.groups[name][1])
         self._graph.session.run_with_iobinding(b.io)
         if last_only:
@@ -460,23 +386,23 @@ class Engine:
             io = self._graph.session.io_binding()
             kv = []
             for past_name, present_name in self.info.kv_names():
-                value = _value(self.kv[past_name][key.lo:key.hi])  # a view: the same memory as the cache
+                value = ort_value(self.kv[past_name][key.lo:key.hi])  # a view: the same memory as the cache
                 io.bind_ortvalue_input(past_name, value)
                 io.bind_ortvalue_output(present_name, value)
                 kv.append(value)
             found = Binding(io, kv, None, [])
             if key.last_only and (self.has_rows or self.has_keep):  # one position per row
-                found.keep = _value(np.arange(key.hi - key.lo) if self.has_rows else np.array(1, np.int64))
+                found.keep = ort_value(np.arange(key.hi - key.lo) if self.has_rows else np.array(1, np.int64))
                 io.bind_ortvalue_input(ROWS if self.has_rows else KEEP, found.keep)
             if key.last_only:
                 found.logits = self._logits.get((key.lo, key.hi))
                 if found.logits is None:
                     found.logits = self._logits[(key.lo, key.hi)] = np.empty(
                         (key.hi - key.lo, 1, self.info.vocab_size), self.dtype)
-                io.bind_ortvalue_output("logits", _value(found.logits))
+                io.bind_ortvalue_output("logits", ort_value(found.logits))
             else:  # the shape varies: onnxruntime allocates it
                 io.bind_output("logits")
-            found.lora = [(name, _value(np.ascontiguousarray(arr))) for name, arr in lora.params().items()]
+            found.lora = [(name, ort_value(np.ascontiguousarray(arr))) for name, arr in lora.params().items()]
             for name, value in found.lora:
                 io.bind_ortvalue_input(name, value)
         bindings[key] = found  # most recently used last
