@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from ortlora.adapters.validate import LoraInput
-from ortlora.runtime.multi_lora import GATHER, GROUP_SHAPE, SCATTER, UNGROUP_SHAPE, AdapterPool, mixed_adapter_model
+from ortlora.runtime.multi_lora import GATHER, GROUP_SHAPE, SCATTER, UNGROUP_SHAPE, mixed_adapter_model
+from ortlora.runtime.pool import AdapterPool
 
 M = "model.layers.0.mlp.up_proj"
 A, B = f"{M}.lora_A.weight", f"{M}.lora_B.weight"

@@ -44,7 +44,7 @@ from ortlora.adapters.validate import LoraInput, model_feeds
 from ortlora.errors import AdapterBusy, AdapterError, AdapterExists, AdapterInvalid, AdapterNotFound
 from ortlora.adapters.cached import PEFT_FILES, convert_cached
 from ortlora.runtime.adapter_dir import CACHE, AdapterDirectory
-from ortlora.runtime.multi_lora import AdapterPool
+from ortlora.runtime.pool import AdapterPool
 
 _uids = itertools.count(1)
 DERIVED_CAPACITY = 16  # derived adapters kept while idle (rebuilt from their components on a later use)

@@ -43,8 +43,9 @@ from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
 from ortlora.naming import is_dora_scale
-from ortlora.runtime import combined, hugepages, multi_lora
+from ortlora.runtime import combined, hugepages
 from ortlora.runtime.bindings import Binding, BindingKey, DecodeInputs, Graph, LoraRun, PoolKey, ort_value
+from ortlora.runtime.pool import AdapterPool
 from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
 
@@ -77,7 +78,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 class Engine:
     def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
-                 pool: multi_lora.AdapterPool | None = None, provider: str | None = None,
+                 pool: AdapterPool | None = None, provider: str | None = None,
                  prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given.
         `provider`: the execution provider, None for genai_config.json's (see providers.py). `prefix_cache_bytes`:
@@ -415,13 +416,13 @@ class Engine:
         found = self._one_slot.get(rows)
         if found is None:
             dora = any(is_dora_scale(k) for k in self.lora_inputs)
-            found = self._one_slot[rows] = multi_lora.AdapterPool.groups([1] * rows, dora).feeds
+            found = self._one_slot[rows] = AdapterPool.groups([1] * rows, dora).feeds
         return found
 
-    def _adapter_pool(self) -> multi_lora.AdapterPool:
+    def _adapter_pool(self) -> AdapterPool:
         """The pool mixed runs use: the adapters' owner's, or (an engine used alone) one of its own."""
         if self.pool is None:
-            self.pool = multi_lora.AdapterPool(self.lora_inputs, self.slots, self.dtype)
+            self.pool = AdapterPool(self.lora_inputs, self.slots, self.dtype)
         return self.pool
 
     def forget_adapter(self, adapter) -> None:
