@@ -4,11 +4,12 @@ Not a test: one pass, printed; each scenario side by side with its baseline in t
     python benchmarks/bench_isolation.py [--workdir /tmp/ortlora-bench-isolation] [--scenarios gap huge fair]
 
 gap:  4 streams decode (200 new tokens each); after their 20th token a 1500-token prompt arrives. The streams'
-      median and largest inter-token gap, and the long prompt's time to first token: with the default chunked
-      prefill vs `--prefill-chunk 2048` (the whole prompt in one piece, as before chunking).
-chunks: the same at engine level, no HTTP (Batch steps timed directly): the calibrated prefill cost (fixed part +
-      per token), the chunk size chosen, the longest step against a plain decode step, and the long prompt's TTFT,
-      chunked vs one piece.
+      median and largest inter-token gap, and the long prompt's time to first token: with the default step budget
+      (prompt work while streams decode sized so a step takes at most ~2.5 decode steps) vs `--prefill-chunk 2048`
+      (the whole prompt in one piece).
+chunks: the same at engine level, no HTTP (Batch steps timed directly): the calibrated run cost (fixed part + per
+      token), the step budget, the chunks the planner chose, the longest step against a plain decode step, and the
+      long prompt's TTFT, budgeted vs one piece.
 huge: a 15 MB prompt, three times, while a short request runs: the 4xx time, the short request's latency against
       its latency alone, and the server's RSS before and after.
 fair: tenant beta sends 200 requests at once (its own process), tenant acme 10 shortly after: acme's p99 latency
@@ -131,14 +132,15 @@ async def _timed(url, key, model, n, tokens, prompt="question"):
 
 
 def chunks(folder, chunk: int | None) -> dict:
+    from ortlora.runtime.batch import Batch
     from ortlora.runtime.model import Model
-    from ortlora.runtime.generation import Batch, Request
+    from ortlora.runtime.request import Request
     from ortlora.runtime.sampling import SamplingParams
 
     m = Model(folder, slots=8, max_len=2048, prefix_cache_bytes=0)
     batch = Batch(m.engine, m.adapters, prefill_chunk=chunk)
     batch.calibrate()
-    fixed, per_token = batch.prefill_cost
+    fixed, per_token = batch.budget.fixed, batch.budget.per_token
     for i in range(4):
         batch.add(Request([10 + i] * 16, SamplingParams(max_new_tokens=400, ignore_eos=True), m.tokenizer))
     for _ in range(20):
@@ -146,19 +148,21 @@ def chunks(folder, chunk: int | None) -> dict:
     t0 = time.perf_counter()
     long = Request([10 + (7 * i) % 290 for i in range(1500)], SamplingParams(max_new_tokens=1), m.tokenizer)
     batch.add(long)
-    steps = []
+    steps, pieces = [], []
     while not long.finished:
         s = time.perf_counter()
         batch.step()
         steps.append(time.perf_counter() - s)
+        pieces += [p.tokens for r in batch.last_runs for p in r.pieces if p.key is long]
     ttft = time.perf_counter() - t0
     plain = []
     for _ in range(10):
         s = time.perf_counter()
         batch.step()
         plain.append(time.perf_counter() - s)
-    return {"fixed_s": fixed, "per_token_ms": 1000 * per_token, "budget": batch.prefill_budget(), "runs": len(steps),
-            "max_step_s": max(steps), "decode_step_s": statistics.median(plain), "ttft_s": ttft}
+    return {"fixed_s": fixed, "per_token_ms": 1000 * per_token, "budget": batch.budget.tokens(4),
+            "chunk": statistics.median(pieces), "runs": len(steps), "max_step_s": max(steps),
+            "decode_step_s": statistics.median(plain), "ttft_s": ttft}
 
 
 def huge(folder, adapters, work) -> dict:
@@ -236,19 +240,22 @@ def main() -> None:
     results = {}
     if "gap" in args.scenarios:
         results["gap"] = {"one piece (--prefill-chunk 2048)": gap(folder, adapters, work, "2048"),
-                          "chunked (default)": gap(folder, adapters, work, None)}
+                          "budgeted (default)": gap(folder, adapters, work, None)}
         for name, r in results["gap"].items():
             print(f"gap  {name:34s} streams' median gap {r['median_gap_ms']:.0f} ms, max {r['max_gap_ms']:.0f} ms "
                   f"({r['max_gap_ms'] / r['median_gap_ms']:.1f}x); long prompt ({r['long_prompt_tokens']} tokens) "
                   f"TTFT {r['long_ttft_s']:.2f} s", flush=True)
         a, b = results["gap"].values()
-        print(f"gap  chunked / one piece: long-prompt TTFT {b['long_ttft_s'] / a['long_ttft_s']:.2f}x")
+        print(f"gap  budgeted / one piece: long-prompt TTFT {b['long_ttft_s'] / a['long_ttft_s']:.2f}x")
     if "chunks" in args.scenarios:
-        results["chunks"] = {"one piece": chunks(folder, 2048), "chunked": chunks(folder, None)}
+        results["chunks"] = {"one piece": chunks(folder, 2048), "budgeted": chunks(folder, None)}
         for name, r in results["chunks"].items():
-            print(f"chunks {name:9s} prefill run {r['fixed_s']:.3f} s + {r['per_token_ms']:.2f} ms/token; chunk "
-                  f"{r['budget']} tokens over {r['runs']} steps; longest step {r['max_step_s']:.3f} s vs decode step "
-                  f"{r['decode_step_s']:.3f} s; long prompt's TTFT {r['ttft_s']:.2f} s", flush=True)
+            print(f"chunks {name:9s} prefill run {r['fixed_s']:.3f} s + {r['per_token_ms']:.2f} ms/token; budget "
+                  f"{r['budget']:.0f} tokens, chunks of {r['chunk']:.0f} over {r['runs']} steps; longest step "
+                  f"{r['max_step_s']:.3f} s vs decode step {r['decode_step_s']:.3f} s "
+                  f"({r['max_step_s'] / r['decode_step_s']:.1f}x); long prompt's TTFT {r['ttft_s']:.2f} s", flush=True)
+        a, b = results["chunks"].values()
+        print(f"chunks budgeted / one piece: long-prompt TTFT {b['ttft_s'] / a['ttft_s']:.2f}x")
     if "huge" in args.scenarios:
         r = results["huge"] = huge(folder, adapters, work)
         print(f"huge 15 MB prompt x3: {r['refused']} in at most {r['refusal_s']:.2f} s; a short request meanwhile "

@@ -12,7 +12,9 @@ decode: ortlora's int4 folder, greedy, a 64-token prompt and `--tokens` new toke
     export writes into genai_config.json = this machine's cores) on the same folder and adapter file, each in its
     own process: load seconds, best of 3 alternating rounds of decode tok/s and TTFT, RSS after the runs and peak.
 serve: `ortlora serve` on the int4 folder with two adapters (PEFT folders in --adapters, converted on first use);
-    4 concurrent completions (adapter a, adapter b, base, a; ~70-token prompts) decoded in one batch; RSS after start and after.
+    one completion alone (adapter a), then 4 concurrent completions (adapter a, adapter b, base, a; ~70-token
+    prompts: prefilled in one packed run, decoded in one batch): tok/s of each, and their ratio (the issue's target:
+    4 concurrent >= 2x one alone); RSS after start and after.
 
 Not a test: one pass, printed; each engine in its own process.
 """
@@ -242,6 +244,11 @@ def bench_serve(folder: Path, adapters_dir: Path, tokens: int, work: Path) -> di
             post(base + "/v1/completions", {"model": m, "prompt": "warm", "max_tokens": 1})
         out["rss_adapters_gib"] = rss_of(proc.pid) / GIB
         t = time.perf_counter()
+        alone = post(base + "/v1/completions", {"model": "a", "prompt": prompt, "max_tokens": tokens,
+                                                "temperature": 0, "ignore_eos": True})
+        out["alone_s"] = time.perf_counter() - t
+        out["alone_tok_s"] = alone["usage"]["completion_tokens"] / out["alone_s"]
+        t = time.perf_counter()
         with ThreadPoolExecutor(len(models)) as pool:
             answers = list(pool.map(lambda m: post(base + "/v1/completions", {
                 "model": m, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
@@ -249,6 +256,8 @@ def bench_serve(folder: Path, adapters_dir: Path, tokens: int, work: Path) -> di
         out["batch_s"] = time.perf_counter() - t
         generated = sum(a["usage"]["completion_tokens"] for a in answers)
         out["batch_tok_s"] = generated / out["batch_s"]
+        out["concurrent_vs_alone"] = out["batch_tok_s"] / out["alone_tok_s"]
+        out["same_text_alone_and_in_batch"] = alone["choices"][0]["text"] == answers[0]["choices"][0]["text"]
         out["tokens"] = generated
         out["prompt_tokens"] = sum(a["usage"]["prompt_tokens"] for a in answers)
         out["same_text_for_same_adapter"] = answers[0]["choices"][0]["text"] == answers[3]["choices"][0]["text"]

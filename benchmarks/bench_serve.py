@@ -332,8 +332,8 @@ def cold_load_ms(folder: Path, adapters: Path) -> tuple[float, float]:
     import numpy as np
 
     from ortlora.model_folder import model_lora_inputs
-    from ortlora.runtime import multi_lora
     from ortlora.runtime.adapters import Adapters
+    from ortlora.runtime.pool import AdapterPool
 
     lora_inputs = model_lora_inputs(folder)
     times = []
@@ -344,7 +344,7 @@ def cold_load_ms(folder: Path, adapters: Path) -> tuple[float, float]:
         times.append((time.perf_counter() - t0) * 1000)
     held = [Adapters(lora_inputs).load(adapters / f"a{i}.onnx_adapter", "x") for i in range(N_ADAPTERS)]
     dtype = next(iter(held[0].params.values())).dtype
-    pool = multi_lora.AdapterPool(lora_inputs, N_ADAPTERS, np.dtype(dtype))
+    pool = AdapterPool(lora_inputs, N_ADAPTERS, np.dtype(dtype))
     pool.place({held[0].uid: held[0]})  # allocates the buffers
     places = []
     for a in held[1:]:

@@ -138,7 +138,8 @@ def decode_rates(folder: Path, adapters: list[Path], grammars: dict[str, str | N
     engine, the settings alternated round by round (the machine is shared: load drifts), best round each."""
     from ortlora.runtime.adapters import Adapters
     from ortlora.runtime.engine import Engine
-    from ortlora.runtime.generation import Batch, Request
+    from ortlora.runtime.batch import Batch
+    from ortlora.runtime.request import Request
     from ortlora.runtime.sampling import SamplingParams
     from ortlora.runtime.tokenizer import Tokenizer
 

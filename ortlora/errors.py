@@ -44,3 +44,11 @@ class GenerationError(OrtloraError):
 
 class StorageFull(OrtloraError):
     """The filesystem (or the quota) has no room for what was being written; nothing half-written is kept."""
+
+
+class QueueFull(OrtloraError):
+    """More requests wait than the scheduler's queue allows (`--max-queue`): refused at once (HTTP 429)."""
+
+
+class ShuttingDown(OrtloraError):
+    """The scheduler is draining or stopped and takes no new work (HTTP 503)."""

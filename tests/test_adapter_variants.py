@@ -391,7 +391,8 @@ def test_pool_keeps_ones_for_rows_without_a_dora_factor():
     row's slot (relative to the bound ones) is fed as adapter_row_slot."""
     from ortlora.model_folder import LoraInput
     from ortlora.runtime.adapters import Adapter
-    from ortlora.runtime.multi_lora import ROW_SLOT, AdapterPool
+    from ortlora.runtime.multi_lora import ROW_SLOT
+    from ortlora.runtime.pool import AdapterPool
 
     f32 = np.dtype(np.float32)
     inputs = {"m.lora_A.weight": LoraInput("m.lora_A.weight", f32, (3, "r")),

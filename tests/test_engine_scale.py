@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ortlora.runtime.generation import Batch, Request, run_to_end
+from ortlora.runtime.batch import Batch, run_to_end
+from ortlora.runtime.request import Request
 from ortlora.runtime.sampling import SamplingParams
 from test_runtime import lora  # noqa: F401 (fixture: the tiny qwen2 and its two adapters)
 

@@ -129,7 +129,8 @@ def test_mixed_batch_equals_single_rows(model):
 
 def test_adapter_pool_churn_equals_single_rows(tiny, lora):
     """More adapters than pool slots, ranks 4/8/16 arriving in turn (the pool grows its rank, evicts the least
-    recently used adapter): every row still gets its own adapter's tokens."""
+    recently used adapter, shrinks when the adapters placed need half its rank): every row still gets its own
+    adapter's tokens; unloading the rank-16 adapter shrinks the pool to the rank the others need."""
     from ortlora import Model
 
     hf_dir, folder, _, files = lora
@@ -144,7 +145,14 @@ def test_adapter_pool_churn_equals_single_rows(tiny, lora):
     assert len({tuple(s) for s in singles[:3]}) == 3  # the three adapters give three different texts
     assert_batch_equals_singles(m, prompts, adapters, singles, n=4)
     pool = m.adapters.pool
-    assert pool.rank == 16 and pool.generation == 3 and pool.capacity == 2  # ranks 4, 8, 16 as each arrived
+    placed = [a.rank for a in pool.occupant if a is not None]
+    assert pool.capacity == 2 and pool.rank == max(placed) and pool.generation >= 3  # ranks 4, 8, 16 in turn
+    greedy(m, PROMPTS[0], "a3", n=1)  # a3 (rank 16) placed
+    greedy(m, PROMPTS[0], "a1", n=1)
+    assert pool.rank == 16
+    m.adapters.unload("a3")
+    assert greedy(m, PROMPTS[0], "a1", n=4) == singles[0]  # the engine thread let go of a3 before this step
+    assert pool.rank == 4 and 16 not in [a.rank for a in pool.occupant if a is not None]
 
 
 def test_adapter_with_nan_or_huge_weights_is_refused_at_registration(tmp_path, lora, model):
@@ -175,7 +183,8 @@ def test_a_row_whose_logits_turn_nan_ends_alone(lora, model):
     from ortlora.adapters.onnx_adapter import read_onnx_adapter
     from ortlora.errors import GenerationError
     from ortlora.runtime.adapters import Adapter
-    from ortlora.runtime.generation import Batch, Request
+    from ortlora.runtime.batch import Batch
+    from ortlora.runtime.request import Request
 
     _, _, _, files = lora
     a1 = model.adapters.get("a1")
@@ -282,25 +291,26 @@ def test_engine_batched_prefill_equals_per_row(lora):
     assert not np.allclose(results[0][0][0], results[0][0][1], atol=0.1)  # rows differ: a mix-up would show
 
 
-def test_similar_prompts_are_prefilled_together(model, monkeypatch):
+def test_prompts_arriving_together_are_prefilled_in_one_run(model, monkeypatch):
+    """Prompts queued at once (each with its own adapter) share one prefill run, and each gets its own tokens."""
     calls = []
-    prefill = model.engine.prefill
-    monkeypatch.setattr(model.engine, "prefill",
-                        lambda rows, batched=False: (calls.append((len(rows), batched)), prefill(rows, batched))[1])
+    run = model.engine.run
+    monkeypatch.setattr(model.engine, "run", lambda rows: (calls.append([len(r.tokens) for r in rows]), run(rows))[1])
     prompts = [PROMPTS[2][:10], PROMPTS[2][1:10], PROMPTS[0] + PROMPTS[1][:3]]  # 10, 9, 10 tokens
     adapters = ["a2", None, "a1"]
     singles = [greedy(model, p, a) for p, a in zip(prompts, adapters)]
-    assert all(n == 1 for n, _ in calls)  # one prompt at a time: nothing to batch
+    assert all(len(c) == 1 for c in calls)  # one prompt at a time: nothing to pack
     calls.clear()
     assert_batch_equals_singles(model, prompts, adapters, singles)
-    assert calls == [(3, True)]
+    assert calls == [[9, 10, 10]]
 
 
 def test_chunked_prefill_and_preemption_keep_every_rows_tokens(model):
     """A prompt prefilled in pieces of 3 tokens between the decode steps of running rows, and rows preempted
     mid-generation then resumed (prompt + output prefilled again), give the tokens of uninterrupted single runs,
     greedy and seeded-sampled."""
-    from ortlora.runtime.generation import Batch, Request
+    from ortlora.runtime.batch import Batch
+    from ortlora.runtime.request import Request
 
     long_prompt = PROMPTS[2] + PROMPTS[0]
     prompts, names = [PROMPTS[0], PROMPTS[1], long_prompt], ["a1", None, "a2"]

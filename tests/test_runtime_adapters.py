@@ -67,8 +67,15 @@ def test_unknown_adapter_names_the_loaded_ones(model):
     assert not any(a.refs for a in model.adapters)  # nothing left held
 
 
-def test_unload_while_generating_fails_or_waits(lora, model):
+def _slow_steps(model, monkeypatch, seconds=0.05):
+    """Decode steps take `seconds` (the engine thread generates on its own: a tiny model would finish at once)."""
+    decode = model.engine.decode
+    monkeypatch.setattr(model.engine, "decode", lambda rows: (time.sleep(seconds), decode(rows))[1])
+
+
+def test_unload_while_generating_fails_or_waits(lora, model, monkeypatch):
     _, folder, _, files = lora
+    _slow_steps(model, monkeypatch)
     model.adapters.load(files["a1"], name="busy")
     gen = model.stream(PROMPTS[0], adapter="busy", max_new_tokens=20, ignore_eos=True)
     next(gen)  # running: the adapter is held
@@ -89,8 +96,9 @@ def test_unload_while_generating_fails_or_waits(lora, model):
     assert rest[-1].finish_reason == "length"
 
 
-def test_closing_a_stream_releases_slot_and_adapter(model):
-    gen = model.stream(PROMPTS[1], adapter="a2", max_new_tokens=20)
+def test_closing_a_stream_releases_slot_and_adapter(model, monkeypatch):
+    _slow_steps(model, monkeypatch)
+    gen = model.stream(PROMPTS[1], adapter="a2", max_new_tokens=20, ignore_eos=True)
     next(gen)
     assert model.adapters.get("a2").refs == 1 and model.engine.free_slots == 3
     gen.close()
@@ -196,13 +204,13 @@ def test_bad_inputs(lora, model, tmp_path):
 
 def test_conversation_lease_reuses_the_cached_prefix(model, monkeypatch):
     fed = []
-    prefill = model.engine.prefill
+    engine_run = model.engine.run
 
-    def counting(rows, **kw):
-        fed.append(len(rows[0].tokens))
-        return prefill(rows, **kw)
+    def counting(rows):
+        fed.append(sum(len(r.tokens) for r in rows))
+        return engine_run(rows)
 
-    monkeypatch.setattr(model.engine, "prefill", counting)
+    monkeypatch.setattr(model.engine, "run", counting)
     lease = model.reserve_slot()
     try:
         first = PROMPTS[0]

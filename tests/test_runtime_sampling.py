@@ -101,7 +101,7 @@ def test_banned_tokens_never_come():
 
 def test_invalid_settings_listed_at_once():
     with pytest.raises(OrtloraError) as e:
-        SamplingParams(max_new_tokens=0, temperature=-1, top_p=0, min_p=1.5, stop=("",))
+        SamplingParams(max_new_tokens=-1, temperature=-1, top_p=0, min_p=1.5, stop=("",))
     msg = str(e.value)
     for word in ("max_new_tokens", "temperature", "top_p", "min_p", "stop strings"):
         assert word in msg

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ortlora.errors import OrtloraError
-from ortlora.runtime.generation import Request
+from ortlora.runtime.request import Request
 from ortlora.runtime.sampling import Sampler, SamplingParams
 from ortlora.runtime.tokenizer import Tokenizer
 

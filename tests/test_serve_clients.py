@@ -314,9 +314,10 @@ def test_vllm_output_fields_are_honoured(server, tok, setup):
         for i, entry in enumerate(scores[1:], 1):
             mine = entry[str(prompt[i])]
             assert abs(mine["logprob"] - ref[i - 1, prompt[i]]) < 1e-4
-            best = [t for t, e in entry.items() if e["rank"] is not None]
+            best = [t for t, e in entry.items() if e["rank"] <= 3]  # the 3 asked for; the prompt's own token
             assert [int(t) for t in sorted(best, key=lambda t: entry[t]["rank"])] == \
                 list(np.argsort(-ref[i - 1], kind="stable")[:3])
+            assert mine["rank"] == 1 + int((ref[i - 1] > ref[i - 1, prompt[i]] + 1e-6).sum())  # exact, as vLLM
         # echo's logprobs come from the same scoring, with its own k
         assert all(top is None or len(top) <= 1 for top in choice["logprobs"]["top_logprobs"][:len(prompt)])
         assert choice["logprobs"]["token_logprobs"][1:len(prompt)] == pytest.approx(

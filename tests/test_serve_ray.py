@@ -361,35 +361,25 @@ def test_ray_client_leaving_mid_stream_frees_the_replicas_slot(ray_server):
 
 
 def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(ray_server, reference):
-    long = {**_greedy("a1", PROMPTS[1], 600), "stream": True}
-    assert _post(ray_server, "/v1/completions", _greedy("a1", PROMPTS[0])).status_code == 200
-    victim = next(s for s in _replicas() if "a1" in s.loaded)
-
-    def survivors():  # adapters only the other replica holds: their requests are routed there
-        other = next(s for s in _replicas() if s.replica != victim.replica)
-        return [a for a in ("a2", "a3", "a4") if a in other.loaded and a not in victim.loaded]
-
-    for name in ("a2", "a3", "a4"):  # routing is the router's choice: load adapters until one lands there
-        if survivors():
-            break
-        assert _post(ray_server, "/v1/completions", _greedy(name, PROMPTS[0])).status_code == 200
-    victim = next(s for s in _replicas() if s.replica == victim.replica)
-    survivor = survivors()[0]
     headers = {"Authorization": f"Bearer {ADMIN}"}
 
     def stream(body):
         with httpx.stream("POST", ray_server + "/v1/completions", json=body, headers=headers, timeout=120) as r:
-            lines = []
-            for line in r.iter_lines():
-                lines.append(line)
-                if len(lines) == 6 and body["model"] == "a1":
-                    os.kill(victim.pid, signal.SIGKILL)  # mid-stream, the headers long gone
-            return r.status_code, lines
+            return r.status_code, list(r.iter_lines())
+
+    def running(replica: str) -> int:
+        return next((s.running for s in _replicas() if s.replica == replica), 0)
 
     with ThreadPoolExecutor(2) as pool:
-        killed = pool.submit(stream, long)
-        time.sleep(0.5)
-        unaffected = pool.submit(stream, {**_greedy(survivor, PROMPTS[0], 40), "stream": True})
+        killed = pool.submit(stream, {**_greedy("a1", PROMPTS[1], 900), "stream": True})
+        # the only request in flight: the replica running it is the one to kill (routing is the router's choice)
+        victim = _wait(lambda: next((s for s in _replicas() if s.running), None), "the long stream to start")
+        other = next(s for s in _replicas() if s.replica != victim.replica)
+        # an adapter the other replica holds goes there (its holder; of two holders, the less loaded one)
+        survivor = next((a for a in ("a2", "a3", "a4") if a in other.loaded), "a2")
+        unaffected = pool.submit(stream, {**_greedy(survivor, PROMPTS[0], 200), "stream": True})
+        _wait(lambda: running(other.replica), "the second stream to start on the other replica", 30)
+        os.kill(victim.pid, signal.SIGKILL)  # mid-stream, the headers long gone
         status, lines = killed.result(timeout=120)
         ok_status, ok_lines = unaffected.result(timeout=120)
     assert status == 200
@@ -399,7 +389,7 @@ def test_ray_replica_killed_mid_stream_fails_its_requests_cleanly_and_recovers(r
     # the other replica's stream went on undisturbed, to its last token
     assert ok_status == 200 and [line for line in ok_lines if line][-1] == "data: [DONE]"
     text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in ok_lines if line.startswith("data: {"))
-    assert text == reference(survivor, PROMPTS[0], 40)
+    assert text == reference(survivor, PROMPTS[0], 200)
 
     # Ray restarts the replica; the deployment serves a1 again, with the same output
     _wait(lambda: len(_replicas()) == 2 and victim.pid not in {s.pid for s in _replicas()}, "the restarted replica")

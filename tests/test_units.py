@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from ortlora.adapters.validate import LoraInput
-from ortlora.runtime.multi_lora import GATHER, GROUP_SHAPE, SCATTER, UNGROUP_SHAPE, AdapterPool, mixed_adapter_model
+from ortlora.runtime.multi_lora import GATHER, GROUP_SHAPE, SCATTER, UNGROUP_SHAPE, mixed_adapter_model
+from ortlora.runtime.pool import AdapterPool
 
 M = "model.layers.0.mlp.up_proj"
 A, B = f"{M}.lora_A.weight", f"{M}.lora_B.weight"
@@ -147,7 +148,7 @@ def test_mixed_adapter_graph_refuses_unknown_uses(tmp_path):
 class _CharTokenizer:
     """One token per character (ids = code points): stop-string scanning without a model."""
 
-    def stream(self):
+    def stream(self, skip_special_tokens: bool = True):
         return SimpleNamespace(add=chr, flush=lambda: "")
 
 
@@ -158,7 +159,7 @@ class _CharTokenizer:
     (["ab"], ["a"], "a", False),  # the end of the text releases what was held
 ])
 def test_stop_string_scan(stops, pieces, want_text, want_hit):
-    from ortlora.runtime.generation import Request
+    from ortlora.runtime.request import Request
     from ortlora.runtime.sampling import SamplingParams
 
     req = Request([1], SamplingParams(stop=tuple(stops), max_new_tokens=len(pieces)), _CharTokenizer())
@@ -174,7 +175,7 @@ def test_stop_string_scan(stops, pieces, want_text, want_hit):
 # -- the scheduler's fair queue, and the scheduler over a fake batch ---------------------------------------------------
 def _job(tenant, i=0, sink=None):
     from ortlora.runtime.sampling import SamplingParams
-    from ortlora.serve.scheduler import Job
+    from ortlora.runtime.scheduler import Job
 
     return Job(index=i, prompt_ids=[1, 2], adapter=None, adapter_name=None, params=SamplingParams(max_new_tokens=2),
                sink=sink or (lambda ev: None), tenant=tenant)
@@ -182,7 +183,7 @@ def _job(tenant, i=0, sink=None):
 
 def test_fair_queue_round_robin_and_flooder_gives_way():
     from ortlora.serve.errors import QueueFull
-    from ortlora.serve.scheduler import FairQueue
+    from ortlora.runtime.scheduler import FairQueue
 
     q = FairQueue(limit=6)
     flood = [_job("a", i) for i in range(5)]
@@ -207,6 +208,7 @@ class FakeBatch:
         self.running, self.waiting = [], []
         self.order = []
         self.forgotten = []
+        self.last_runs = []  # the prompt runs of the last step (none: this fake has no prompt work)
 
     @property
     def free_slots(self):
@@ -231,7 +233,7 @@ class FakeBatch:
                 group.remove(req)
 
     def step(self):
-        from ortlora.runtime.generation import Chunk
+        from ortlora.runtime.request import Chunk
 
         self.running += self.waiting
         self.waiting = []
@@ -249,10 +251,10 @@ class FakeBatch:
 
 def test_scheduler_over_a_fake_batch_admits_fairly_and_finishes_everything():
     from ortlora.serve.metrics import Metrics
-    from ortlora.serve.scheduler import Scheduler
+    from ortlora.runtime.scheduler import Scheduler
 
     batch = FakeBatch(slots=2)
-    tokenizer = SimpleNamespace(stream=lambda: None)
+    tokenizer = SimpleNamespace(stream=lambda skip_special_tokens=True: None)
     sched = Scheduler(batch, tokenizer, frozenset(), Metrics(2), max_queue=64)
     events, lock = [], threading.Lock()
 
@@ -278,10 +280,10 @@ def test_scheduler_preempts_a_tenant_over_its_share_for_one_below_it():
     """Tenant a holds all 4 slots with long jobs; b's 2 jobs arrive: a gives up 2 slots at once (fair share 4/2),
     b's jobs finish long before a's, and a's preempted jobs resume and finish with all their tokens."""
     from ortlora.serve.metrics import Metrics
-    from ortlora.serve.scheduler import Scheduler
+    from ortlora.runtime.scheduler import Scheduler
 
     batch = FakeBatch(slots=4, steps=40)
-    sched = Scheduler(batch, SimpleNamespace(stream=lambda: None), frozenset(), Metrics(4), max_queue=64)
+    sched = Scheduler(batch, SimpleNamespace(stream=lambda skip_special_tokens=True: None), frozenset(), Metrics(4), max_queue=64)
     done: dict[int, float] = {}
     jobs = [_job("a", 0) for _ in range(4)]
     for j in jobs:

@@ -45,6 +45,8 @@ def generate(model: str | Path, *, adapters: Sequence[str | Path] = (), template
     out = out or sys.stdout
     if prompt is None and not chat:
         raise OrtloraError("give a prompt with -p (or start an interactive session with --chat)")
+    if max_new_tokens < 1:  # SamplingParams takes 0 (a prompt only scored); generating nothing is no generation
+        raise OrtloraError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     # SamplingParams refuses what is out of range or not finite (top-p 5 too, even where greedy would ignore it)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)

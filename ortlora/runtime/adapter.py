@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from ortlora import naming
-from ortlora.runtime.multi_lora import AdapterPool
+from ortlora.runtime.pool import AdapterPool
 
 _uids = itertools.count(1)
 

@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ortlora import naming
 from ortlora.adapters.cached import convert_cached
 from ortlora.adapters.onnx_adapter import open_onnx_adapter
 from ortlora.adapters.validate import LoraInput, model_feeds
@@ -23,15 +24,24 @@ from ortlora.runtime.adapter_dir import CACHE
 Weights = dict[str, np.ndarray]  # graph input name -> array in the model's dtype: A [in, r], B [r, out], DoRA [out]
 
 
+# rank 64 covers the ranks adapters are trained with (8-64) while the LoRA path stays a few % of a step and a pool
+# slot's memory bounded (benchmarks/NOTES.md#isolation)
+DEFAULT_MAX_RANK = 64
+
+
 class AdapterReader:
     """`probe(weights) -> logits` runs one short input through the model with an adapter's tensors (None: no
     probe). `hidden`: {root: placeholder} paths that messages must not show."""
 
     def __init__(self, lora_inputs: Mapping[str, LoraInput],
-                 probe: Callable[[Weights], np.ndarray] | None = None, hidden: Mapping[Path, str] | None = None):
+                 probe: Callable[[Weights], np.ndarray] | None = None, hidden: Mapping[Path, str] | None = None,
+                 max_rank: int | None = DEFAULT_MAX_RANK):
+        if max_rank is not None and max_rank < 1:
+            raise AdapterError(f"the maximum LoRA rank must be at least 1, got {max_rank}")
         self.lora_inputs = dict(lora_inputs)
         self.probe = probe
         self.hidden = dict(hidden or {})
+        self.max_rank = max_rank
 
     def read(self, path: Path, name: str, label: str | None = None, peft_cache: Path | None = None,
              probe: bool = True) -> Weights:
@@ -48,6 +58,7 @@ class AdapterReader:
             for root, placeholder in self.hidden.items():
                 message = message.replace(str(root), placeholder)
             raise AdapterInvalid(message) from None
+        check_rank(ranks(feeds), self.max_rank, label)  # before any copy: a huge rank is refused cheaply
         # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
         feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
         del params
@@ -65,3 +76,24 @@ class AdapterReader:
             if not np.isfinite(logits).all():
                 raise AdapterInvalid(f"{label} makes the model's logits NaN or infinite (its weights are too large "
                                      "for this model): refused")
+
+
+def ranks(shapes: Mapping[str, object]) -> dict[str, int]:
+    """Module -> rank of an adapter's tensors (or their shapes): the width of each A [in, r]."""
+    out = {}
+    for name, value in shapes.items():
+        if naming.is_lora_a(name):
+            shape = getattr(value, "shape", value)
+            out[naming.parse_input_name(name)[0]] = int(shape[1])
+    return out
+
+
+def check_rank(module_ranks: Mapping[str, int], max_rank: int | None, label: str) -> None:
+    """Refuse ranks (per module) above `max_rank` (vLLM's --max-lora-rank): every row of a batch pays for the
+    pool's rank, and the pool's memory is slots x rank."""
+    if max_rank is None or not module_ranks:
+        return
+    module, rank = max(module_ranks.items(), key=lambda kv: kv[1])
+    if rank > max_rank:
+        raise AdapterInvalid(f"{label} has rank {rank} ({module}), above this server's limit of {max_rank} "
+                             "(--max-lora-rank); a combination's rank is the sum of its parts'")

@@ -3,7 +3,7 @@ adapters, and the events of their loads and unloads.
 
 Its helpers, one role each: where an adapter is (names -> sources) is the `AdapterRegistry`'s (registry.py); reading
 and checking one is the `AdapterReader`'s (adapter_reader.py); which loaded adapter goes when room is needed is the
-`LoadedSet`'s (adapter_lru.py); the engine's pool gives loaded adapters slots (multi_lora.py).
+`LoadedSet`'s (adapter_lru.py); the engine's pool gives loaded adapters slots (pool.py).
 
     registry.locate(name) ──> reader (parse, fit the model, finite, probe step) ──> loaded version (LoadedSet:
         │                                                                          capacity, tenant shares, pins)
@@ -26,6 +26,9 @@ A file that failed its check is not read again until its version changes.
 Events go to `listen(callback)`'s callbacks: `AdapterLoaded`, `AdapterUsed` (hit or cold), `AdapterUnloaded`. They
 are called on the thread that caused them with the adapters' lock held: a callback must not block or call back.
 
+Ranks are bounded (`max_rank`, vLLM's `--max-lora-rank`): an adapter, or a combination (its rank is the sum of its
+parts' per module), above the bound is refused with AdapterInvalid naming it.
+
 Failures are typed (ortlora.errors): AdapterNotFound (AdapterUnavailable: the source did not answer), AdapterExists,
 AdapterInvalid, AdapterBusy.
 """
@@ -47,8 +50,8 @@ from ortlora.errors import AdapterBusy, AdapterError, AdapterInvalid, AdapterNot
 from ortlora.runtime.adapter import (Adapter, AdapterEvent, AdapterInfo, AdapterLeases,  # noqa: F401 (callers)
                                      AdapterLoaded, AdapterUnloaded, AdapterUsed)
 from ortlora.runtime.adapter_lru import LoadedSet
-from ortlora.runtime.adapter_reader import AdapterReader
-from ortlora.runtime.multi_lora import AdapterPool
+from ortlora.runtime.adapter_reader import DEFAULT_MAX_RANK, AdapterReader, check_rank, ranks
+from ortlora.runtime.pool import AdapterPool
 from ortlora.runtime.registry import AdapterRegistry, Origin, default_cache_root, open_cache
 from ortlora.runtime.sources import Located, is_url, local_version, safe_url
 
@@ -68,7 +71,8 @@ class Adapters:
                  directory: str | Path | None = None, registry: AdapterRegistry | None = None,
                  reserved: tuple[str, ...] = (), probe: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
                  pool: AdapterPool | None = None, base: Callable[[str], np.ndarray] | None = None,
-                 pins: Sequence[str] = (), revalidate_s: float | None = REVALIDATE_S, tenant_shares: bool = True):
+                 pins: Sequence[str] = (), revalidate_s: float | None = REVALIDATE_S, tenant_shares: bool = True,
+                 max_rank: int | None = DEFAULT_MAX_RANK):
         if capacity is not None and capacity < 1:
             raise AdapterError(f"adapter capacity must be at least 1, got {capacity}")
         if registry is None:
@@ -77,7 +81,8 @@ class Adapters:
         self.lora_inputs = dict(lora_inputs)
         self.capacity = capacity
         hidden = {self.registry.directory.root: "<adapters>"} if self.registry.directory is not None else {}
-        self.reader = AdapterReader(lora_inputs, probe, hidden)
+        self.reader = AdapterReader(lora_inputs, probe, hidden, max_rank)
+        self.max_rank = max_rank
         self.probe = probe
         self.pool = pool
         self.base = base  # module -> base weight [out, in]: what scaling a DoRA adapter needs
@@ -468,6 +473,11 @@ class Adapters:
                     self._derived[key] = found  # the most recently used
                     found.refs += 1
                     return found
+            combined: dict[str, int] = {}  # the combination's rank per module, before any weight is combined
+            for c, (_, w) in zip(components, recipe.parts):
+                for module, r in (ranks(c.shapes) if w else {}).items():
+                    combined[module] = combined.get(module, 0) + r
+            check_rank(combined, self.max_rank, f"adapter {recipe.label!r}")
             t0 = time.perf_counter()
             try:
                 params = combine([c.params for c in components], [w for _, w in recipe.parts],

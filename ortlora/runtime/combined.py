@@ -7,6 +7,9 @@ binds the one pool slot it sits in, and a run without one binds nothing: every p
 here ([1, in, 0] / [1, 0, out]), as the exported graph's LoRA inputs have (binding all of them each run costs time,
 benchmarks/NOTES.md#engine-step-costs).
 
+The LM head reads only the positions a run asks for (`gather_logits_rows`): a packed prefill of several prompts needs
+each row's last position, a prompt being scored every position of its own, a chunk in the middle of a prompt none.
+
 The model goes to onnxruntime as bytes, its external data found from the folder the data files really lie in
 (`relocate_external_data`): a folder of symlinks (the Hugging Face cache's layout) loads too, and the folder on disk
 stays as exported (onnxruntime-genai loads it).
@@ -28,10 +31,21 @@ from ortlora.naming import is_dora_scale, is_lora_a
 from ortlora.runtime import multi_lora
 
 
+LOGITS_ROWS = "logits_rows"  # int64 [N]: flat positions (row * width + position) whose logits a run computes
+_CAP_OPS = ("Identity", "Mul", "Div", "Tanh")  # between the LM head's MatMul and `logits` (gemma2's soft-capping)
+_HEAD_OPS = ("MatMul", "FusedMatMul", "MatMulNBits")
+
+
 def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -> onnx.ModelProto:
-    """For a model with LoRA inputs: the mixed-adapter graph of `model_path` with a rank-0, one-slot default for
-    every pool input (weights external)."""
+    """The graph the engine runs: for a model with LoRA inputs, the mixed-adapter graph of `model_path` with a
+    rank-0, one-slot default for every pool input; the LM head on the positions `logits_rows` names where the head
+    can be found (weights external)."""
+    if not lora_inputs:
+        proto = onnx.load(str(model_path), load_external_data=False)
+        gather_logits_rows(proto)
+        return proto
     proto = multi_lora.mixed_adapter_model(model_path, lora_inputs)
+    gather_logits_rows(proto)
     graph = proto.graph
     pool = {li.name for li in lora_inputs.values()}
     # each module's rank keeps its own symbol, as in the exported graph (probe runs bind an adapter's own ranks, rank
@@ -46,6 +60,57 @@ def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -
     graph.initializer.extend(numpy_helper.from_array(_empty(vi, vi.name in dora), vi.name) for vi in graph.input
                              if vi.name in pool and vi.name not in have)
     return proto
+
+
+def gather_logits_rows(proto: onnx.ModelProto) -> bool:
+    """Feed the LM head only the positions named by a new input `logits_rows`; False (graph unchanged) when the head
+    is not where an exported decoder puts it.
+
+        x [B,S,H] ─Flatten(axis 2)─> [B·S,H] ─Gather(logits_rows [N])─> [N,H] ─Unsqueeze(1)─> [N,1,H] ─head─> logits
+
+    Row n of the logits [N, 1, vocab] is position logits_rows[n] = b·S + s of the run. The Slice of the last
+    `num_logits_to_keep` positions it replaces goes, with that input."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type in _CAP_OPS:
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in _HEAD_OPS or LOGITS_ROWS in {i.name for i in graph.input}:
+        return False
+    x = node.input[0]
+    sliced = producer.get(x)
+    if sliced is not None and sliced.op_type == "Slice":
+        x = sliced.input[0]
+    flat, rows, picked = "logits_rows/flat", "logits_rows/rows", "logits_rows/picked"
+    head = list(graph.node).index(node)
+    graph.node.insert(head, helper.make_node("Unsqueeze", [rows, "logits_rows/axis"], [picked], name=picked))
+    graph.node.insert(head, helper.make_node("Gather", [flat, LOGITS_ROWS], [rows], name=rows, axis=0))
+    graph.node.insert(head, helper.make_node("Flatten", [x], [flat], name=flat, axis=2))
+    node.input[0] = picked
+    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "logits_rows/axis"))
+    graph.input.append(helper.make_tensor_value_info(LOGITS_ROWS, onnx.TensorProto.INT64, ["logits_rows"]))
+    _drop_dead(graph)
+    for out in graph.output:
+        if out.name == "logits":
+            dims = out.type.tensor_type.shape.dim
+            dims[0].dim_param, dims[1].dim_value = "logits_rows", 1
+    return True
+
+
+def _drop_dead(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads, then inputs and initializers nothing reads."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in read for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {i for n in graph.node for i in n.input} | outputs
+    for field in (graph.input, graph.initializer):
+        for item in [x for x in field if x.name not in read]:
+            field.remove(item)
 
 
 def _empty(vi: onnx.ValueInfoProto, dora: bool) -> np.ndarray:

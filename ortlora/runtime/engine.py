@@ -1,6 +1,7 @@
-"""The step-level engine: one onnxruntime session, a static KV cache, `prefill(rows)` and `decode(rows)`.
+"""The step-level engine: one onnxruntime session, a static KV cache, `run(rows)` (a prefill run), `decode(rows)`.
 
-A row of a batch is (slot, new tokens, adapter). What each run reads and writes, per row b in slot s:
+A row of a batch is (slot, new tokens, adapter, how many of its last positions' logits). What each run reads and
+writes, per row b in slot s:
 
     kv[layer][s, :, :len[s]]            read: the slot's cached keys/values (its attention-mask prefix of ones)
     kv[layer][s, :, len[s]:len[s]+T]    written in place: the T new tokens' keys/values (past and present are one
@@ -13,6 +14,14 @@ A row of a batch is (slot, new tokens, adapter). What each run reads and writes,
 A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
 gets a dummy token written at position len[s] (scratch its next real token overwrites) and its length stays.
 
+A prefill run (`run`) is either one row over any cached past, or several rows whose slots are empty (prompts not yet
+begun), right-padded to the run's width, in any slots: onnxruntime's GroupQueryAttention refuses a batch of more
+than one row with more than one new token once a past is given (its CPU kernel would compute each row's own past,
+its input check stops it: benchmarks/NOTES.md#packed-prefill). Such a packed run writes its keys and values into a
+staging cache as wide as the run, [rows, kv_heads, width, head_dim], copied into each row's slot afterwards (the
+real tokens only): the slots need not be adjacent, and the attention scratch is rows x width x width, not x max_len.
+The LM head computes only the positions a run asks for (combined.gather_logits_rows).
+
 Every run goes through one session of the mixed-adapter graph (multi_lora.py, combined.py), so the weights are held
 once: a run with adapters binds the adapter pool's slots they sit in (one adapter on every row: one slot), whose
 slots hold the only copy of a placed adapter's weights; a run without adapters binds none (rank-0 defaults). The
@@ -23,10 +32,9 @@ RunOptions' active adapters.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -35,12 +43,15 @@ from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
 from ortlora.naming import is_dora_scale
-from ortlora.runtime import combined, hugepages, multi_lora
+from ortlora.runtime import combined, hugepages
+from ortlora.runtime.bindings import Binding, BindingKey, DecodeInputs, Graph, LoraRun, PoolKey, ort_value
+from ortlora.runtime.pool import AdapterPool
 from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
 
 KEEP = "num_logits_to_keep"
-PREFILL_CHUNK = 2048  # longer prompts are prefilled in pieces (GQA's attention scratch grows with chunk x total)
+ROWS = combined.LOGITS_ROWS
+PREFILL_CHUNK = 2048  # padded tokens in one run at most (GQA's attention scratch grows with tokens x cache length)
 BINDING_CACHE = 32  # IOBindings kept per session, one per (slot range, adapter or adapter set)
 PROBE_TOKENS = (1, 2, 3, 4)  # any short input shows an adapter that makes the logits non-finite
 PREFIX_CACHE_BYTES = 512 << 20  # default bound of the prefix cache (Qwen2.5-0.5B fp32: ~21k tokens)
@@ -51,6 +62,7 @@ class Row:
     slot: int
     tokens: Sequence[int]
     adapter: "Adapter | None" = None  # ortlora.runtime.adapters.Adapter: params (input name -> array) and uid
+    logits: int = 1  # logits of the row's last `logits` positions (0: none, len(tokens): every one; prefill only)
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -64,84 +76,9 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def _value(arr: np.ndarray) -> ort.OrtValue:
-    return ort.OrtValue.ortvalue_from_numpy(arr)
-
-
-class PoolKey(NamedTuple):
-    """The adapter pool as bound by one run: its buffers' generation and the slots [first, first + count); `only`:
-    the uid of the one adapter whose modules alone are bound (0: every pool input)."""
-    generation: int
-    first: int
-    count: int
-    only: int = 0
-
-
-class BindingKey(NamedTuple):
-    lo: int  # slots [lo, hi) bound
-    hi: int
-    last_only: bool  # logits of the last position only (a persistent output buffer)
-    lora: int | PoolKey  # 0: no adapter; else the pool slots (and inputs) the run binds
-
-
-@dataclass
-class Binding:
-    """An IOBinding kept between runs and the values it holds (they must live as long as it does)."""
-    io: ort.IOBinding
-    kv: list[ort.OrtValue]  # views of the cache, bound as past and present
-    logits: np.ndarray | None  # [hi - lo, 1, vocab], bound as output when last_only
-    lora: list[tuple[str, ort.OrtValue]]
-    keep: ort.OrtValue | None = None
-    inputs: tuple[ort.OrtValue, ort.OrtValue] | None = None  # decode's persistent input_ids / attention_mask
-    groups: dict[str, tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)  # the row grouping bound
-
-
-@dataclass
-class DecodeInputs:
-    """input_ids [hi, 1] and attention_mask [hi, max_len] kept between decode steps, with each mask row's count
-    of ones. A mask as wide as the cache gives every step the same shapes, so onnxruntime reuses its memory plan;
-    GroupQueryAttention reads each row's length from the mask's ones."""
-    ids: np.ndarray
-    mask: np.ndarray
-    ones: np.ndarray
-    values: tuple[ort.OrtValue, ort.OrtValue]  # made once (~20 us each a step otherwise)
-
-    @classmethod
-    def make(cls, hi: int, max_len: int) -> "DecodeInputs":
-        ids, mask = np.zeros((hi, 1), np.int64), np.zeros((hi, max_len), np.int64)
-        return cls(ids, mask, np.zeros(hi, np.int64), (_value(ids), _value(mask)))
-
-    def fill(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Row b feeds tokens[b] over lengths[b] cached + new positions; only the changed mask ends are written."""
-        self.ids[:, 0] = tokens
-        for b, (n, m) in enumerate(zip(lengths.tolist(), self.ones.tolist())):
-            if n > m:
-                self.mask[b, m:n] = 1
-            elif n < m:
-                self.mask[b, n:m] = 0
-        self.ones[:] = lengths
-
-
-@dataclass
-class LoraRun:
-    """How one run meets its adapters: the binding's LoRA key, the tensors to bind for a new binding, and per-run
-    index inputs (the row grouping)."""
-    key: int | PoolKey
-    params: Callable[[], dict[str, np.ndarray]]
-    feeds: dict[str, np.ndarray]
-
-
-class _Graph:
-    """One session and the IOBindings it keeps per BindingKey (KV and logits stay bound between calls)."""
-
-    def __init__(self, session: ort.InferenceSession):
-        self.session = session
-        self.bindings: OrderedDict[BindingKey, Binding] = OrderedDict()  # least recently used first
-
-
 class Engine:
     def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
-                 pool: multi_lora.AdapterPool | None = None, provider: str | None = None,
+                 pool: AdapterPool | None = None, provider: str | None = None,
                  prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given.
         `provider`: the execution provider, None for genai_config.json's (see providers.py). `prefix_cache_bytes`:
@@ -162,13 +99,13 @@ class Engine:
         self._huge_pages = any(n.op_type == "MatMulNBits" for n in proto.graph.node)
         # the mixed graph serves every run (one session, one copy of the weights); given as bytes, with the external
         # data found where the folder's files resolve to (a folder of symlinks loads too)
-        model = combined.engine_model(self.model_path, self.lora_inputs) if self.lora_inputs else proto
         del proto
+        model = combined.engine_model(self.model_path, self.lora_inputs)
         so = session_options(self.threads)
         data = combined.relocate_external_data(model, self.folder)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
         # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
-        self._graph = _Graph(self._session(model.SerializeToString(), so))
+        self._graph = Graph(self._session(model.SerializeToString(), so))
         del model
         self._one_slot: dict[int, dict[str, np.ndarray]] = {}  # per row count: the index inputs of a one-slot run
         past = {i.name: i for i in self._graph.session.get_inputs()}
@@ -178,6 +115,7 @@ class Engine:
         self.dtype = np.dtype(np.float16 if "float16" in past[first].type else np.float32)
         session = self._graph.session
         self.has_keep = KEEP in past or KEEP in {i.name for i in session.get_overridable_initializers()}
+        self.has_rows = ROWS in past  # the LM head computes only the positions asked for
         shape = (slots, self.info.kv_heads, self.max_len, self.info.head_dim)  # [slots, kv_heads, max_len, head_dim]
         self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
         self.lengths = np.zeros(slots, np.int64)  # cached tokens per slot
@@ -221,62 +159,120 @@ class Engine:
         self.lengths[slot] = min(int(self.lengths[slot]), length)
 
     # -- steps ----------------------------------------------------------------------------------------------
-    def prefill(self, rows: Sequence[Row], batched: bool = False) -> np.ndarray:
-        """Append each row's tokens to its slot; returns each row's last-position logits [rows, vocab].
+    def packable(self, row: Row) -> bool:
+        """Can `row` share a run with others? Only while its slot holds nothing (see `run`)."""
+        return not self.lengths[row.slot]
 
-        One row per run by default. `batched` runs new rows (empty slots, no other occupied slot between them)
-        together, right-padded, with the logits of each row's own last position."""
+    def run(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """One prefill run: append each row's tokens to its slot; returns per row the logits [row.logits, vocab] of
+        its last `row.logits` positions. One row over any past, or several rows whose slots are all empty."""
+        if not rows:
+            return []
         for row in rows:
             self._check_room(row)
-        if batched and len(rows) > 1 and self._can_batch(rows):
-            return self._prefill_batch(rows)
+        if len({r.slot for r in rows}) != len(rows):
+            raise OrtloraError(f"rows of one run share a slot: {[r.slot for r in rows]}")
+        if len(rows) == 1:
+            return self._run_one(rows[0])
+        begun = [r.slot for r in rows if not self.packable(r)]
+        if begun:
+            raise OrtloraError(f"slots {begun} hold tokens: a row with a past runs alone (onnxruntime's "
+                               "GroupQueryAttention takes one such row per run)")
+        return self._run_packed(rows)
+
+    def prefill(self, rows: Sequence[Row], batched: bool = True) -> np.ndarray:
+        """Every row's tokens into its slot in as few runs as `run` allows (with `batched`, rows over empty slots
+        together, at most PREFILL_CHUNK padded tokens a run; the others alone, in pieces of PREFILL_CHUNK); returns
+        each row's last-position logits [rows, vocab]."""
         out = np.empty((len(rows), self.info.vocab_size), np.float32)
-        for i, row in enumerate(rows):
-            tokens = list(row.tokens)
+        fresh = [i for i, r in enumerate(rows) if batched and self.packable(r) and len(r.tokens) <= PREFILL_CHUNK]
+        alone = [i for i in range(len(rows)) if i not in fresh]
+        fresh.sort(key=lambda i: len(rows[i].tokens))
+        while fresh:  # the shortest first: similar lengths share a run
+            group = [fresh.pop(0)]
+            while fresh and (len(group) + 1) * len(rows[fresh[0]].tokens) <= PREFILL_CHUNK:
+                group.append(fresh.pop(0))
+            for i, logits in zip(group, self.run([Row(rows[i].slot, rows[i].tokens, rows[i].adapter) for i in group])):
+                out[i] = logits[-1]
+        for i in alone:
+            row, tokens = rows[i], list(rows[i].tokens)
             for k in range(0, len(tokens), PREFILL_CHUNK):
-                chunk = tokens[k:k + PREFILL_CHUNK]
-                total = int(self.lengths[row.slot]) + len(chunk)
-                ids = np.asarray([chunk], np.int64)
-                mask = np.ones((1, total), np.int64)
-                logits = self._run(row.slot, row.slot + 1, ids, mask, [row.adapter])
-                self.lengths[row.slot] = total
-            out[i] = logits[0, -1]
+                piece = tokens[k:k + PREFILL_CHUNK]
+                logits = self.run([Row(row.slot, piece, row.adapter, int(k + len(piece) == len(tokens)))])[0]
+            out[i] = logits[-1]
         return out
 
     def _check_room(self, row: Row) -> None:
         if not len(row.tokens):
             raise OrtloraError("a prefill row needs at least one token")
+        if not 0 <= row.logits <= len(row.tokens):
+            raise OrtloraError(f"a row of {len(row.tokens)} tokens has no {row.logits} positions' logits")
         start = int(self.lengths[row.slot])
         if start + len(row.tokens) > self.max_len:
             raise OrtloraError(f"slot {row.slot}: {start} cached + {len(row.tokens)} new tokens exceed the context "
                                f"of {self.max_len} tokens")
 
-    def _can_batch(self, rows: Sequence[Row]) -> bool:
-        slots = {r.slot for r in rows}
-        lo, hi = min(slots), max(slots) + 1
-        others_free = all(s in slots or s in self._free for s in range(lo, hi))
-        return (len(slots) == len(rows) and others_free and not self.lengths[lo:hi].any()
-                and max(len(r.tokens) for r in rows) <= PREFILL_CHUNK)
+    def _run_one(self, row: Row) -> list[np.ndarray]:
+        """A row over its slot's past: the slot's cache bound directly (past and present one buffer)."""
+        n, total = len(row.tokens), int(self.lengths[row.slot]) + len(row.tokens)
+        ids = np.asarray([row.tokens], np.int64)
+        logits = self._run(row.slot, row.slot + 1, ids, np.ones((1, total), np.int64), [row.adapter],
+                           positions=np.arange(n - max(row.logits, 1), n))
+        self.lengths[row.slot] = total
+        return [logits[len(logits) - row.logits:]]
 
-    def _prefill_batch(self, rows: Sequence[Row]) -> np.ndarray:
-        """Right-padded rows in slots [lo, hi) as one first prompt; free slots in between get a dummy token."""
-        lo, hi = min(r.slot for r in rows), max(r.slot for r in rows) + 1
-        lens = np.ones(hi - lo, np.int64)
+    def _run_packed(self, rows: Sequence[Row]) -> list[np.ndarray]:
+        """Rows over empty slots, right-padded to width S, through a staging cache [rows, kv_heads, S, head_dim];
+        each row's real tokens' keys and values are then copied into its slot."""
         width = max(len(r.tokens) for r in rows)
-        ids = np.zeros((hi - lo, width), np.int64)  # [hi - lo, width], right-padded
-        adapters = [rows[0].adapter] * (hi - lo)
-        for r in rows:
-            ids[r.slot - lo, :len(r.tokens)] = r.tokens
-            lens[r.slot - lo] = len(r.tokens)
-            adapters[r.slot - lo] = r.adapter
-        mask = (np.arange(width)[None, :] < lens[:, None]).astype(np.int64)
-        keep = width - int(min(len(r.tokens) for r in rows)) + 1  # enough positions for every row's last one
-        logits = self._run(lo, hi, ids, mask, adapters, keep=keep)  # [hi - lo, keep or width, vocab]
-        out = np.empty((len(rows), self.info.vocab_size), np.float32)
-        for i, r in enumerate(rows):
-            out[i] = logits[r.slot - lo, len(r.tokens) - 1 - (width - logits.shape[1])]
-            self.lengths[r.slot] = len(r.tokens)
+        ids = np.zeros((len(rows), width), np.int64)  # [rows, S], right-padded
+        mask = np.zeros((len(rows), width), np.int64)  # a first prompt: GQA reads each row's length from it
+        wanted = []
+        for b, r in enumerate(rows):
+            n = len(r.tokens)
+            ids[b, :n], mask[b, :n] = r.tokens, 1
+            wanted.append(np.arange(n - r.logits, n) + b * width)
+        positions = np.concatenate(wanted)
+        shape = (len(rows), self.info.kv_heads, width, self.info.head_dim)
+        staging = {name: np.empty(shape, self.dtype) for name in self.kv}
+        lora = self._lora([r.adapter for r in rows])
+        io = self._graph.session.io_binding()
+        for past_name, present_name in self.info.kv_names():
+            value = ort_value(staging[past_name])
+            io.bind_ortvalue_input(past_name, value)
+            io.bind_ortvalue_output(present_name, value)
+        held = [(name, ort_value(np.ascontiguousarray(arr)))
+                for name, arr in {**lora.params(), **lora.feeds}.items()]
+        held += [("input_ids", ort_value(ids)), ("attention_mask", ort_value(mask))]
+        held += self._position_inputs(positions, width, len(rows))
+        for name, value in held:
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits")
+        self._graph.session.run_with_iobinding(io)
+        logits = self._pick(io.get_outputs()[len(staging)].numpy(), positions, width, len(rows))
+        out, at = [], 0
+        for b, r in enumerate(rows):
+            n = len(r.tokens)
+            for name, arr in self.kv.items():
+                arr[r.slot, :, :n] = staging[name][b, :, :n]
+            self.lengths[r.slot] = n
+            out.append(logits[at:at + r.logits])
+            at += r.logits
         return out
+
+    def _position_inputs(self, positions: np.ndarray, width: int, rows: int) -> list[tuple[str, ort.OrtValue]]:
+        """The input naming the positions whose logits a run computes (at least one: the graph needs a row)."""
+        if self.has_rows:
+            return [(ROWS, ort_value(positions if len(positions) else np.zeros(1, np.int64)))]
+        if self.has_keep:  # every position (0 = all), picked in `_pick`
+            return [(KEEP, ort_value(np.array(0, np.int64)))]
+        return []
+
+    def _pick(self, logits: np.ndarray, positions: np.ndarray, width: int, rows: int) -> np.ndarray:
+        """[len(positions), vocab] float32 out of a run's logits output."""
+        if self.has_rows:
+            return logits[:len(positions), 0].astype(np.float32, copy=False)
+        return logits.reshape(rows * width, -1)[positions].astype(np.float32, copy=False)
 
     def decode(self, rows: Sequence[Row]) -> np.ndarray:
         """One new token per row, all rows in one run; returns logits [rows, vocab] in the order of `rows`,
@@ -323,34 +319,40 @@ class Engine:
             feeds.update(self._one_slot_inputs(1), **{name: arr[None] for name, arr in params.items()})
         empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), self.dtype)
         feeds.update({past_name: empty for past_name, _ in self.info.kv_names()})
-        if self.has_keep:
+        if self.has_rows:
+            feeds[ROWS] = np.array([ids.shape[1] - 1], np.int64)
+        elif self.has_keep:
             feeds[KEEP] = np.array(1, np.int64)
-        return self._graph.session.run(["logits"], feeds)[0][0, -1]
+        return self._graph.session.run(["logits"], feeds)[0][-1, -1]
 
     # -- running ------------------------------------------------------------------------------------------
     def _run(self, lo: int, hi: int, ids: np.ndarray, mask: np.ndarray, adapters: Sequence,
-             keep: int = 1, values: tuple[ort.OrtValue, ort.OrtValue] | None = None) -> np.ndarray:
-        """One run over slots [lo, hi); returns logits [hi - lo, positions, vocab] for the last `keep` positions
-        (all positions for a model without num_logits_to_keep). `values`: OrtValues over `ids` and `mask`."""
+             positions: np.ndarray | None = None, values: tuple[ort.OrtValue, ort.OrtValue] | None = None
+             ) -> np.ndarray:
+        """One run over slots [lo, hi) bound as the cache; returns logits [positions, vocab] for one row's
+        `positions`, or (decode: None) [hi - lo, 1, vocab] for every row's one position. `values`: OrtValues over
+        `ids` and `mask`."""
         lora = self._lora(adapters)
-        last_only = (self.has_keep and keep == 1) or ids.shape[1] == 1
+        last_only = positions is None
         b = self._binding(lora, BindingKey(lo, hi, last_only, lora.key))
         if values is None or b.inputs is not values:  # decode's persistent buffers stay bound
-            ids_value, mask_value = values or (_value(ids), _value(mask))
+            ids_value, mask_value = values or (ort_value(ids), ort_value(mask))
             b.io.bind_ortvalue_input("input_ids", ids_value)
             b.io.bind_ortvalue_input("attention_mask", mask_value)
             b.inputs = values
-        if self.has_keep and not last_only:
-            b.io.bind_ortvalue_input(KEEP, _value(np.array(keep, np.int64)))
+        if not last_only:
+            for name, value in self._position_inputs(positions, ids.shape[1], hi - lo):
+                b.io.bind_ortvalue_input(name, value)
+            b.io.bind_output("logits")  # a fresh output: the last run's has another shape
         for name, arr in lora.feeds.items():  # rebinding an input costs far more than comparing a few indices
             bound = b.groups.get(name)
             if bound is None or not np.array_equal(bound[0], arr):
-                b.groups[name] = (arr, _value(arr))
+                b.groups[name] = (arr, ort_value(arr))
                 b.io.bind_ortvalue_input(name, b.groups[name][1])
         self._graph.session.run_with_iobinding(b.io)
         if last_only:
             return b.logits
-        return b.io.get_outputs()[len(b.kv)].numpy()  # outputs come in binding order
+        return self._pick(b.io.get_outputs()[len(b.kv)].numpy(), positions, ids.shape[1], hi - lo)
 
     def _lora(self, adapters: Sequence) -> LoraRun:
         """Rows with adapters: the pool, whose slots hold them (one adapter on every row = one slot bound; the pool
@@ -385,23 +387,23 @@ class Engine:
             io = self._graph.session.io_binding()
             kv = []
             for past_name, present_name in self.info.kv_names():
-                value = _value(self.kv[past_name][key.lo:key.hi])  # a view: the same memory as the cache
+                value = ort_value(self.kv[past_name][key.lo:key.hi])  # a view: the same memory as the cache
                 io.bind_ortvalue_input(past_name, value)
                 io.bind_ortvalue_output(present_name, value)
                 kv.append(value)
             found = Binding(io, kv, None, [])
-            if self.has_keep and key.last_only:
-                found.keep = _value(np.array(1, np.int64))
-                io.bind_ortvalue_input(KEEP, found.keep)
+            if key.last_only and (self.has_rows or self.has_keep):  # one position per row
+                found.keep = ort_value(np.arange(key.hi - key.lo) if self.has_rows else np.array(1, np.int64))
+                io.bind_ortvalue_input(ROWS if self.has_rows else KEEP, found.keep)
             if key.last_only:
                 found.logits = self._logits.get((key.lo, key.hi))
                 if found.logits is None:
                     found.logits = self._logits[(key.lo, key.hi)] = np.empty(
                         (key.hi - key.lo, 1, self.info.vocab_size), self.dtype)
-                io.bind_ortvalue_output("logits", _value(found.logits))
+                io.bind_ortvalue_output("logits", ort_value(found.logits))
             else:  # the shape varies: onnxruntime allocates it
                 io.bind_output("logits")
-            found.lora = [(name, _value(np.ascontiguousarray(arr))) for name, arr in lora.params().items()]
+            found.lora = [(name, ort_value(np.ascontiguousarray(arr))) for name, arr in lora.params().items()]
             for name, value in found.lora:
                 io.bind_ortvalue_input(name, value)
         bindings[key] = found  # most recently used last
@@ -414,21 +416,25 @@ class Engine:
         found = self._one_slot.get(rows)
         if found is None:
             dora = any(is_dora_scale(k) for k in self.lora_inputs)
-            found = self._one_slot[rows] = multi_lora.AdapterPool.groups([1] * rows, dora).feeds
+            found = self._one_slot[rows] = AdapterPool.groups([1] * rows, dora).feeds
         return found
 
-    def _adapter_pool(self) -> multi_lora.AdapterPool:
+    def _adapter_pool(self) -> AdapterPool:
         """The pool mixed runs use: the adapters' owner's, or (an engine used alone) one of its own."""
         if self.pool is None:
-            self.pool = multi_lora.AdapterPool(self.lora_inputs, self.slots, self.dtype)
+            self.pool = AdapterPool(self.lora_inputs, self.slots, self.dtype)
         return self.pool
 
     def forget_adapter(self, adapter) -> None:
         """Drop the pool slot, bindings and cached prefixes of `adapter` (its owner calls this, on this engine's
         thread, when it unloads it)."""
         if self.pool is not None:
+            generation = self.pool.generation
             self.pool.forget(adapter)
+            if self.pool.generation != generation:  # shrunk: bindings hold the old buffers
+                self._graph.bindings.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.forget(adapter.uid)
         for key in [k for k in self._graph.bindings if isinstance(k.lora, PoolKey) and k.lora.only == adapter.uid]:
             del self._graph.bindings[key]
+

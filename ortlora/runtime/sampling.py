@@ -42,16 +42,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # None = off; k = the sampled token's logprob and the k most likely (0-20)
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the k most likely there (0-20)
     grammar: str | None = None  # an llguidance grammar (ortlora.runtime.constraints) the output must match
-    prompt_logprobs: int | None = None  # None = off; k = each prompt token's logprob and the k most likely
     grammar_after: tuple[int, ...] | None = None  # the grammar applies after these ids (a reasoning's end tag)
     skip_special_tokens: bool = True  # special tokens' text left out of the output
     include_stop_str_in_output: bool = False  # the stop string (or stop token's text) that ended it is kept
 
     def __post_init__(self):
         problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:  # 0: the prompt is only scored (prompt_logprobs)
+            problems.append(f"max_new_tokens must be at least 0, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails every comparison
             problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
         elif 0 < self.temperature < _MIN_TEMPERATURE:  # logits / temperature would overflow float32
@@ -75,8 +75,10 @@ class SamplingParams:
         bad = [(t, b) for t, b in self.logit_bias if t < 0 or not -100 <= b <= 100]
         if bad:
             problems.append(f"logit_bias takes token ids >= 0 with biases in [-100, 100], got {bad[:3]}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                problems.append(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not s for s in self.stop):

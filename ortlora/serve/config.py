@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ortlora.argtypes import float_range, int_range
 from ortlora.errors import OrtloraError
+from ortlora.runtime.adapter_reader import DEFAULT_MAX_RANK
 
 DEFAULT_MAX_LEN = 4096  # tokens per sequence when the model's context is longer (KV cache reserved per slot)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -65,6 +66,11 @@ class ServeConfig:
                                                    "it, URL registrations are refused: the server would fetch "
                                                    "whatever address a caller names", metavar="PREFIX")
     max_queue: int = _opt(256, "waiting requests before answering 429 (default: %(default)s)", minimum=1)
+    max_num_batched_tokens: int | None = _opt(None, "prompt tokens a step may prefill while nothing decodes (vLLM's "
+                                                    "flag; default: sized from measured run costs, see "
+                                                    "README 'Serving')", minimum=1)
+    max_lora_rank: int = _opt(DEFAULT_MAX_RANK, "largest LoRA rank an adapter (or a weighted combination: the sum of its parts') may "
+                                  "have; larger ones are refused (vLLM's flag; default: %(default)s)", minimum=1)
     prefill_chunk: int | None = _opt(None, "prompt tokens prefilled per step while other requests decode "
                                            "(default: sized from measured step times, so running streams keep "
                                            "their pace)", minimum=1)

@@ -21,7 +21,7 @@ from ortlora.adapters.merge import AdapterSpec, Recipe
 from ortlora.runtime.sampling import SamplingParams
 from ortlora.serve import protocol as P
 from ortlora.serve.metrics import Metrics
-from ortlora.serve.scheduler import Event
+from ortlora.runtime.scheduler import Event
 
 
 @dataclass(frozen=True)

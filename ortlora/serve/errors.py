@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 
-from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, AdapterUnavailable,
-                            GenerationError, OrtloraError, StorageFull)
+from ortlora.errors import (AdapterBusy, AdapterError, AdapterExists, AdapterNotFound, AdapterUnavailable,  # noqa: F401
+                            GenerationError, OrtloraError, QueueFull, ShuttingDown, StorageFull)
 from ortlora.runtime.grammar_cache import GrammarBudget
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -33,14 +33,6 @@ class FieldError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
-
-
-class QueueFull(OrtloraError):
-    """More requests wait than --max-queue allows: answered 429 at once."""
-
-
-class ShuttingDown(OrtloraError):
-    """The server is draining (SIGTERM): answered 503."""
 
 
 class BodyTooLarge(Exception):

@@ -18,13 +18,13 @@ from ortlora.model_folder import ModelInfo
 from ortlora.runtime import constraints
 from ortlora.runtime.adapters import Adapter, AdapterEvent, AdapterLoaded, Adapters, AdapterUnloaded, AdapterUsed
 from ortlora.runtime.engine import Engine
-from ortlora.runtime.generation import Batch
+from ortlora.runtime.batch import Batch
 from ortlora.runtime.tokenizer import Tokenizer
 from ortlora.serve import protocol as P
 from ortlora.serve.config import DEFAULT_MAX_LEN, ServeConfig
-from ortlora.serve.engine_client import AdapterChoice, EngineHealth, Event, JobEvents, Jobs, Limits, Work
+from ortlora.serve.engine_client import AdapterChoice, EngineHealth, JobEvents, Jobs, Limits, Work
 from ortlora.serve.metrics import Metrics
-from ortlora.serve.scheduler import Job, Scheduler
+from ortlora.runtime.scheduler import Job, Scheduler
 
 
 class LocalEngine:
@@ -49,13 +49,13 @@ class LocalEngine:
         self.registry = config.adapter_registry(reserved=(model_name,))
         self.adapters = Adapters.for_engine(self.engine, capacity=config.max_loaded_adapters, registry=self.registry,
                                             pins=config.pin, revalidate_s=config.adapter_revalidate,
-                                            tenant_shares=tenant_shares)
-        self.scheduler = Scheduler(Batch(self.engine, self.adapters, prefill_chunk=config.prefill_chunk),
-                                   self.tokenizer, eos_ids, self.metrics, max_queue=config.max_queue,
+                                            tenant_shares=tenant_shares, max_rank=config.max_lora_rank)
+        batch = Batch(self.engine, self.adapters, prefill_chunk=config.prefill_chunk,
+                      max_num_batched_tokens=config.max_num_batched_tokens)
+        self.scheduler = Scheduler(batch, self.tokenizer, eos_ids, self.metrics, max_queue=config.max_queue,
                                    release=self.adapters.release, base_label=model_name)
         self.adapters.listen(self._adapter_event)
         self.adapters.load_pins()  # a pin that names nothing, or pins that fill the capacity: refused at start
-        self._scorer = None
         self._started = False
         constraints.GRAMMARS.configure(config.grammar_cache_bytes, config.grammar_cache_tenant_bytes)
 
@@ -66,7 +66,7 @@ class LocalEngine:
         if self._started:
             return
         try:
-            self.scheduler.batch.calibrate()  # prefill speed: long prompts are chunked from the first one
+            self.scheduler.batch.calibrate()  # run costs: the first steps are planned with the right budget
         except Exception as exc:  # onnxruntime's error: a model that cannot run, before any request
             raise ModelError(f"the model in {self.config.model} failed its start-up run: "
                              + " ".join(str(exc).split())) from None
@@ -105,7 +105,6 @@ class LocalEngine:
         try:
             for _ in work.params:
                 leases.append(await run_in_threadpool(self.acquire, work.adapter, work.tenant))
-            await self._score_prompts(work, leases, events)
             label = work.adapter.label if work.adapter is not None else None
             arrival = time.monotonic()
             jobs = Jobs([Job(index=i, prompt_ids=work.prompts[i // work.n], adapter=leases[i], adapter_name=label,
@@ -121,20 +120,6 @@ class LocalEngine:
         if held is not None:  # the grammar stays compiled (and counted) while the request lives
             weakref.finalize(jobs, held.release)
         return jobs
-
-    async def _score_prompts(self, work: Work, leases: list, events: JobEvents) -> None:
-        """Prompt logprobs for the jobs that ask for them, sent as each one's first event."""
-        for i, params in enumerate(work.params):
-            if params.prompt_logprobs is None:
-                continue
-            if self._scorer is None:
-                from ortlora.runtime.logprobs import PromptScorer
-
-                self._scorer = PromptScorer(self.engine.folder, self.engine.threads)
-            held = leases[i]
-            scores = await run_in_threadpool(self._scorer.score, work.prompts[i // work.n], params.prompt_logprobs,
-                                             held.params if held is not None else None)
-            events.sink(Event(i, prompt_logprobs=scores))
 
     def acquire(self, choice: AdapterChoice | None, tenant: str = "") -> Adapter | None:
         """Hold the adapter (or scaled / combined choice) for one job of `tenant`, loaded on first use; None = the

@@ -110,15 +110,16 @@ def top(scores: list[TokenLogprob | None], k: int | None) -> list[TokenLogprob |
 def prompt_logprobs_json(texts: TokenText, prompt: list[int], scores: list[TokenLogprob | None]
                          ) -> list[dict[str, dict] | None]:
     """vLLM's `prompt_logprobs`: per prompt position, {token id: {logprob, rank, decoded_token}} for the prompt's
-    own token and the alternatives (scored as `echo` scores, `echo_scores`); null for the first position. A rank
-    is known for the alternatives asked for; the prompt's token below them has rank null."""
+    own token and the alternatives (the engine's prefill scores them); null for the first position. The prompt
+    token's rank is exact (1 + the tokens more likely there), the alternatives' their place among the best."""
     out: list[dict[str, dict] | None] = []
     for token, lp in zip(prompt, scores):
         if lp is None:
             out.append(None)
             continue
         ranks = {t: r for r, (t, _) in enumerate(lp.top, 1)}
-        entry = {str(token): {"logprob": lp.logprob, "rank": ranks.get(token), "decoded_token": texts(token)[0]}}
+        rank = lp.rank if lp.rank is not None else ranks.get(token)
+        entry = {str(token): {"logprob": lp.logprob, "rank": rank, "decoded_token": texts(token)[0]}}
         for t, v in lp.top:
             entry.setdefault(str(t), {"logprob": v, "rank": ranks[t], "decoded_token": texts(t)[0]})
         out.append(entry)

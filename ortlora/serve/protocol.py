@@ -269,7 +269,8 @@ class CompletionRequest(_Sampling):
     prompt: _Text | Annotated[list[_Text], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)] \
         | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)] = Field(
         description="text, a batch of texts, token ids, or a batch of token-id lists")
-    max_tokens: StrictInt | None = Field(16, ge=1, description="new tokens per choice (default 16, as OpenAI)")
+    max_tokens: StrictInt | None = Field(16, ge=0, description="new tokens per choice (default 16, as OpenAI; 0 "
+                                                              "with echo: only score the prompt)")
     echo: StrictBool | None = Field(False, description="prefix each choice with its prompt")
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                        description="the sampled tokens' logprobs and this many alternatives")

@@ -1,16 +1,18 @@
-"""The engine thread: continuous batching for the server over the runtime's `Batch` (ortlora.runtime.generation).
+"""The engine thread: continuous batching over the runtime's `Batch`, for the server and the Python API alike.
 
-    HTTP handlers ── submit(jobs) ──> FairQueue (one FIFO per tenant; bounded: QueueFull -> 429) ──┐
-                                                                                                  ▼
-    engine thread:  loop { forget unloaded adapters; drop cancelled jobs; move jobs round-robin across tenants
-                           into the Batch while slots are free; Batch.step() (prefill in chunks, one decode step
+    any thread ── submit(jobs) ──> FairQueue (one FIFO per tenant; bounded: QueueFull) ──┐
+                                                                                         ▼
+    engine thread:  loop { run calls queued for it (forget an unloaded adapter, lease a slot); drop cancelled
+                           jobs; move jobs into the Batch while slots are free, least-served tenant first;
+                           Batch.step() (prompt work within the step's token budget, packed; one decode run
                            for every running row, each row with its own adapter); send each job its events }
-                                                                                                  │
-    HTTP handlers <── job.sink(Event) ────────────────────────────────────────────────────────────┘
+                                                                                         │
+    any thread <── job.sink(Event) ──────────────────────────────────────────────────────┘
 
-The runtime's Batch is single-threaded, so everything that touches it (steps, cancellations, dropping an unloaded
-adapter's cached tensors) happens on this thread; other threads only queue work and set flags. The scheduler
-talks to the Batch alone; the HTTP side hears of a job only through its sink.
+The Batch is single-threaded, so everything that touches it or the engine (steps, cancellations, slot leases,
+dropping an unloaded adapter's cached tensors) happens on this thread; other threads only queue work and set flags.
+Every kind of work (prompts, prompt scoring, n > 1 choices, constrained rows, resumed requests, conversations)
+reaches the engine through here, so all of it pays from one step budget and one fair queue.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import OrtloraError, QueueFull, ShuttingDown
 from ortlora.runtime.adapters import Adapter
-from ortlora.runtime.generation import Batch, Request
+from ortlora.runtime.batch import Batch
+from ortlora.runtime.metrics import Metrics
+from ortlora.runtime.request import Request, SlotLease
 from ortlora.runtime.sampling import SamplingParams
-from ortlora.serve.errors import QueueFull, ShuttingDown
-from ortlora.serve.metrics import Metrics
 
-log = logging.getLogger("ortlora.serve")
+log = logging.getLogger("ortlora.engine")
 
 
 @dataclass
@@ -43,13 +46,14 @@ class Event:
     error: BaseException | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list | None = None  # runtime.logprobs.TokenLogprob per token, when the request asked for them
-    prompt_logprobs: list | None = None  # once, first: per prompt position (None for the first), when asked
+    prompt_logprobs: list | None = None  # the first event of a job asking for them: per prompt token (None first)
 
 
 @dataclass(eq=False)
 class Job:
-    """One choice of one HTTP request: a prompt, an adapter held for it, sampling settings, and where events go
-    (`sink`, called on the engine thread or, for a job refused while queued, on the submitting thread)."""
+    """One choice of one request: a prompt, an adapter held for it, sampling settings, and where events go
+    (`sink`, called on the engine thread or, for a job refused while queued, on the submitting thread). A job with a
+    `lease` continues a conversation in the lease's KV slot."""
     index: int
     prompt_ids: list[int]
     adapter: Adapter | None
@@ -64,6 +68,8 @@ class Job:
     first_token: float | None = None
     done: bool = False
     queued: bool = True  # waiting in the queue (at first, or again after preemption)
+    lease: SlotLease | None = None
+    ended: threading.Event = field(default_factory=threading.Event)  # set once it left the engine's books
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the job before its next step (no-op once it finished)."""
@@ -180,13 +186,14 @@ class FairQueue:
 class Scheduler:
     """Owns the runtime Batch on one thread; `submit` from any thread."""
 
-    def __init__(self, batch: Batch, tokenizer, eos_ids: frozenset[int], metrics: Metrics, max_queue: int = 256,
+    def __init__(self, batch: Batch, tokenizer, eos_ids: frozenset[int], metrics: Metrics | None = None,
+                 max_queue: int = 256,
                  release: Callable[[Adapter | None], None] | None = None, base_label: str = "base",
                  cache_namespace: Callable[[str], object] = lambda tenant: ("tenant", tenant)):
         self.batch = batch
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.metrics = metrics
+        self.metrics = metrics or Metrics(batch.slots)
         self.max_queue = max_queue
         self.base_label = base_label  # the adapter label of base-model requests in the metrics
         self.cache_namespace = cache_namespace  # tenant -> the prefix-cache namespace of its requests
@@ -195,6 +202,7 @@ class Scheduler:
         self.usage = Usage()
         self._jobs: dict[Request, Job] = {}
         self._forget: deque[Adapter] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the engine thread between steps
         self._cond = threading.Condition()
         self._stop = False
         self.draining = False
@@ -204,6 +212,20 @@ class Scheduler:
     # -- any thread -----------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.is_alive()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the engine thread between steps (what touches the batch or the engine: leasing a slot)."""
+        future: Future = Future()
+        with self._cond:
+            if self._stop:
+                raise ShuttingDown("the engine has stopped")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
 
     @property
     def waiting_count(self) -> int:
@@ -250,6 +272,14 @@ class Scheduler:
         with self._cond:
             self._cond.notify()
 
+    def cancel(self, job: Job, timeout: float | None = 60.0) -> None:
+        """Cancel `job` and wait (up to `timeout` s; not on the engine thread itself) until its slot and adapter
+        are given back."""
+        job.cancel()
+        self.wake()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            job.ended.wait(timeout)
+
     def drain(self) -> None:
         """Refuse new requests from now on; running and queued ones still finish."""
         with self._cond:
@@ -268,7 +298,7 @@ class Scheduler:
             finished = not (self._inbox or self._jobs)
             self._stop = True
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         return finished
 
@@ -276,14 +306,20 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._inbox and not self._jobs and not self._forget:
+                while not (self._stop or self._inbox or self._jobs or self._forget or self._calls):
                     self._cond.wait()
                 if self._stop:
                     break
-                forget = list(self._forget)
+                forget, calls = list(self._forget), list(self._calls)
                 self._forget.clear()
+                self._calls.clear()
             for adapter in forget:
                 self.batch.forget_adapter(adapter)
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - the caller's to handle
+                    future.set_exception(exc)
             self._drop_cancelled()
             self._admit()
             if self.batch:
@@ -292,7 +328,12 @@ class Scheduler:
                 except Exception as exc:  # a bug, not a request's input (the batch ends those alone)
                     log.exception("engine step failed")
                     self._fail_all(exc)
-        self._fail_all(ShuttingDown("the server stopped before this request finished"))
+        self._fail_all(ShuttingDown("the engine stopped before this request finished"))
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, future in calls:
+            future.set_exception(ShuttingDown("the engine has stopped"))
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -311,26 +352,28 @@ class Scheduler:
     def _admit(self) -> None:
         """Move queued jobs into the batch while KV slots are free, least-served tenant first (`Usage`); with no
         slot free, a waiting tenant served far less than a running one takes slots from it (preempted jobs
-        resume later, first in their tenant's line)."""
+        resume later, first in their tenant's line). A conversation's job brings its own slot: it goes in at once."""
         admitted = []
         with self._cond:  # out of the queue and into the books at once: shutdown never sees it in neither
             served = self._demand()
+            admitted += self._inbox.remove(lambda job: job.lease is not None)
             self._preempt_for_fairness(served)
             free = self.batch.free_slots
             while free > 0 and (job := self._inbox.take(served)) is not None:
+                served[job.tenant] = served.get(job.tenant, 0) + len(job.prompt_ids)
+                admitted.append(job)
+                free -= 1
+            for job in admitted:
                 if job.request is None:
                     job.request = Request(job.prompt_ids, job.params, self.tokenizer, job.adapter,
-                                          eos_ids=self.eos_ids, label=job.adapter_name,
+                                          eos_ids=self.eos_ids, label=job.adapter_name, lease=job.lease,
                                           cache_namespace=self.cache_namespace(job.tenant)
                                           if job.cache_namespace is None else job.cache_namespace)
                     self._jobs[job.request] = job
                     self.metrics.prefills.inc()
                     self.metrics.prompt_tokens.inc(len(job.prompt_ids))
                     self.usage.add(job.tenant, len(job.prompt_ids))
-                served[job.tenant] = served.get(job.tenant, 0) + len(job.prompt_ids)
                 job.queued = False
-                admitted.append(job)
-                free -= 1
             self.metrics.queue_depth.set(len(self._inbox))
         for job in admitted:
             self.batch.add(job.request)
@@ -350,7 +393,7 @@ class Scheduler:
         what the most-served running tenant has, the latter's most recently admitted job gives up its slot."""
         if self.batch.free_slots or not len(self._inbox):
             return
-        running = [j for j in self._jobs.values() if not j.queued]
+        running = [j for j in self._jobs.values() if not j.queued and j.lease is None]
         promised: dict[str, int] = {}
         for _ in range(self.batch.slots):
             waiting = [t for t in self._inbox.waiting_tenants() if self._inbox.held(t) > promised.get(t, 0)]
@@ -372,6 +415,9 @@ class Scheduler:
     def _step(self) -> None:
         decoding = list(self.batch.running)
         events = self.batch.step()
+        for run in self.batch.last_runs:
+            self.metrics.prefill_runs.inc()
+            self.metrics.prefill_run_rows.observe(len(run.pieces))
         if decoding:
             distinct = len({r.adapter.uid if r.adapter is not None else 0 for r in decoding})
             self.metrics.decode_steps.inc()
@@ -393,7 +439,7 @@ class Scheduler:
                 self.metrics.ttft.observe(now - job.arrival)
             if not job.cancelled:
                 job.sink(Event(job.index, chunk.text, n, chunk.finish_reason, chunk.error, chunk.token_ids,
-                               chunk.logprobs))
+                               chunk.logprobs, chunk.prompt_logprobs))
             if chunk.finish_reason is not None:
                 self.metrics.finished.inc(reason=chunk.finish_reason)
                 self.metrics.latency.observe(now - job.arrival)
@@ -403,6 +449,7 @@ class Scheduler:
         """The job is over (finished or cancelled): it leaves the engine's books; its adapter was released by the
         batch (or, if it never reached the batch, is released here)."""
         job.done = True
+        job.ended.set()
         if req is not None:
             self._jobs.pop(req, None)
         elif job.request is None:
