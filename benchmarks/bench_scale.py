@@ -315,8 +315,10 @@ def main() -> None:
     if export_rows:
         print(f"\n{'checkpoint':14s} {'prec':5s} {'exporter':8s} {'seconds':>8s} {'peak RSS GiB':>12s} "
               f"{'output GiB':>10s}  status")
+        def fmt(v, w, d):
+            return f"{v:{w}.{d}f}" if v is not None else f"{'-':>{w}s}"
+
         for name, prec, tool, secs, peak, outg, status in export_rows:
-            fmt = (lambda v, w, d: f"{v:{w}.{d}f}" if v is not None else f"{'-':>{w}s}")
             print(f"{name:14s} {prec:5s} {tool:8s} {fmt(secs, 8, 0)} {fmt(peak, 12, 2)} {fmt(outg, 10, 2)}  {status}")
     for shape, res in decode.items():
         print(f"\n{shape} int4, {PROMPT}-token prompt, {a.tokens} new tokens, greedy (same folder, same adapter file)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import QWEN25_05B, qwen25_05b  # noqa: E402
+from _models import QWEN25_05B  # noqa: E402
 
 VOCAB = QWEN25_05B["vocab_size"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

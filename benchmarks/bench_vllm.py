@@ -246,8 +246,9 @@ def main() -> None:
                 b = base[w]
                 ratio = (f"   vs vLLM bf16: tok/s {r.tok_s / b.tok_s:.2f}x, TTFT p50 {r.ttft_p50 / b.ttft_p50:.2f}x, "
                          f"p99 {r.ttft_p99 / b.ttft_p99:.2f}x, longest gap {r.max_gap / b.max_gap:.2f}x")
-            print(f"  {name:14s} {r.tok_s:7.1f} tok/s  TTFT {r.ttft_p50:6.2f} / {r.ttft_p99:6.2f} s  ITL p99 "
-                  f"{r.itl_p99:6.3f} s  gap {r.max_gap:6.2f} s{ratio}")
+            spread = [x[w].tok_s for x in runs[name]]  # every round's, to show the machine's noise
+            print(f"  {name:14s} {r.tok_s:7.1f} tok/s [{min(spread):.1f}-{max(spread):.1f}]  TTFT {r.ttft_p50:6.2f} / "
+                  f"{r.ttft_p99:6.2f} s  ITL p99 {r.itl_p99:6.3f} s  gap {r.max_gap:6.2f} s{ratio}")
     (work / "results.json").write_text(json.dumps({n: {w: asdict(r) for w, r in res.items()}
                                                    for n, res in results.items()}, indent=2))
 

@@ -113,7 +113,8 @@ class Checkpoint:
             shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
             if not shards:
                 bins = list(self.dir.glob("*.bin")) + list(self.dir.glob("*.pt"))
-                hint = " (only PyTorch .bin weights found: re-save it with save_pretrained(safe_serialization=True))" if bins else ""
+                hint = (" (only PyTorch .bin weights found: re-save it with save_pretrained(safe_serialization=True))"
+                        if bins else "")
                 raise ModelError(f"{self.dir} holds no .safetensors weights{hint}")
         self._files = {s: SafetensorsFile(self.dir / s) for s in shards}
         self._where = {k: f for f in self._files.values() for k in f.keys()}

@@ -13,7 +13,8 @@ from ortlora.errors import ModelError
 
 @dataclass(frozen=True)
 class RopeArgs:
-    """Rotary embedding settings, normalized from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    """Rotary embedding settings, normalized from `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters`
+    (5)."""
 
     theta: float = 10000.0
     rope_type: str = "default"

@@ -6,4 +6,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/scripts/setup.sh"
 "$root/scripts/setup-browser.sh"  # Chromium for the playground's browser test
 cd "$root"
+ruff check --quiet .  # the linter first: a lint error fails the run before the (long) tests
 exec python -m pytest -q "$@"

@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(__file__))
+# shared fixtures: the runtime tests' tiny model and adapters, the serve tests' server (module-scoped: each module
+# that uses them gets its own)
+pytest_plugins = ["runtime_helpers", "serve_helpers"]
 
 
 class Tiny:
@@ -59,3 +62,32 @@ def quickstarted(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("quickstart") / "qs"
     return work, quickstart(work, log=print)
+
+
+# The suite in layers (`pytest -m unit`, ...): what a module's tests need to run, from cheapest to dearest.
+LAYERS = {
+    # pure pieces, fakes and in-process objects: no model run
+    "unit": {"test_units", "test_planner", "test_serve_units", "test_serve_fields", "test_serve_responses",
+             "test_reasoning", "test_adapter_registry", "test_adapter_sources", "test_serve_connections",
+             "test_model_folder", "test_olive_flags", "test_hugepages"},
+    # tiny models through the real code paths, against references (transformers + PEFT, onnxruntime-genai)
+    "scenario": {"test_runtime", "test_runtime_adapters", "test_runtime_packing", "test_runtime_sampling",
+                 "test_runtime_structured", "test_engine_scale", "test_adapter_variants", "test_adapter_fuzz",
+                 "test_adapters_cached", "test_convert", "test_export", "test_int8", "test_quantize",
+                 "test_finetune", "test_olive_commands", "test_generate_cli", "test_cli_errors", "test_quickstart"},
+    # real `ortlora serve` processes on 127.0.0.1 with real clients
+    "server": {"test_serve", "test_serve_api", "test_serve_budget", "test_serve_clients", "test_serve_quickstart",
+               "test_serve_hostile", "test_serve_isolation", "test_serve_adapter_mix", "test_serve_adapter_sources"},
+    "browser": {"test_playground"},  # Debian's Chromium, headless
+    "ray": {"test_serve_ray"},  # a local Ray instance
+}
+_LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        layer = _LAYER_OF.get(module)
+        if layer is None:
+            raise pytest.UsageError(f"{module} is in no test layer: add it to LAYERS in tests/conftest.py")
+        item.add_marker(getattr(pytest.mark, layer))

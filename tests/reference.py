@@ -89,3 +89,53 @@ class OnnxDecoder:
     def _step(self, ids, mask, past):
         feeds = {"input_ids": ids, "attention_mask": mask, **past, **self.extra}
         return self.sess.run(None, feeds)
+
+
+def genai_greedy(folder, prompt, adapter_file=None, n=8):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter_file is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter_file), "a")
+        gen.set_active_adapter(adapters, "a")
+    gen.append_tokens([prompt])
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def peft_model(hf, adapter_dir, scale: float = 1.0):
+    """transformers + PEFT with every LoRA layer's scaling multiplied by `scale`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                                           attn_implementation="eager"), adapter_dir)
+    for module in model.modules():
+        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+            for k in module.scaling:
+                module.scaling[k] *= scale
+    return model.eval()
+
+
+def torch_logits(model, rows):
+    import torch
+
+    with torch.no_grad():
+        return [model(torch.tensor([r])).logits[0].float().numpy() for r in rows]
+
+
+def torch_greedy(model, prompt, n=8):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pytest
 
-from reference import targets_for
+from reference import OnnxDecoder, targets_for
 
 DATA = Path(__file__).parent / "data"
 
@@ -129,3 +131,50 @@ def openai_validator(name: str):
         return [nullable(v) for v in x] if isinstance(x, list) else x
 
     return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}", **nullable(doc)})
+
+
+PROMPTS = ["The quick brown fox", "LoRA adapters share one base model; many adapters"]
+TOKENS = 12
+
+
+# -- the shared server (module fixtures: each test module gets its own) -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    return build_serve_setup(tiny, tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    s = ServerProcess(setup["folder"], "--adapters", str(setup["adapters"]), "--tenants", str(setup["tenants"]),
+                      "--max-batch", "8", "--max-queue", "16", "--max-loaded-adapters", "5",
+                      log=setup["root"] / "server.log")
+    yield s
+    s.stop()
+
+
+def http_client(server, key=ADMIN, timeout=60, **kw) -> httpx.Client:
+    """An httpx client of `server` with API key `key`."""
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"} if key else {},
+                        timeout=timeout, **kw)
+
+
+# -- references ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(setup):
+    """Greedy text per (adapter or None, prompt) from a plain onnxruntime loop, decoded with `tokenizers`."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(setup["folder"] / "tokenizer.json"))
+    cache = {}
+
+    def run(adapter: str | None, prompt: str, tokens: int = TOKENS) -> str:
+        out = cache.setdefault((adapter, prompt), [])
+        if len(out) < tokens:
+            dec = OnnxDecoder(setup["folder"], setup["params"][adapter] if adapter else None)
+            ids = tok.encode(prompt).ids
+            while len(out) < tokens:
+                prefill, _ = dec.run([ids + out], [[]])
+                out.append(int(np.argmax(prefill[0][-1])))
+        return tok.decode(out[:tokens], skip_special_tokens=True)
+
+    return run

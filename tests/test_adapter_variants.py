@@ -16,7 +16,8 @@ import pytest
 from ortlora.adapters.convert import convert_adapter
 from ortlora.adapters.peft import EXACT, REFUSED, read_peft
 from ortlora.errors import AdapterError, AdapterInvalid
-from reference import OnnxDecoder, hf_greedy, hf_logits
+from reference import OnnxDecoder, genai_greedy, hf_greedy, hf_logits, peft_model, torch_greedy, torch_logits
+from runtime_helpers import assert_batch_equals_singles
 
 N = 8
 PROMPTS = [[5, 17, 33, 9, 81, 100, 7], [12, 40, 66, 3], [8, 9, 10, 11, 12, 13, 14]]
@@ -53,37 +54,6 @@ def greedy(m, prompt, adapter=None, **kw):
     return m.complete([prompt], [adapter], max_new_tokens=N, min_new_tokens=N, **kw)[0].token_ids
 
 
-def peft_model(hf, adapter_dir, scale: float = 1.0):
-    """transformers + PEFT with every LoRA layer's scaling multiplied by `scale`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
-                                                                           attn_implementation="eager"), adapter_dir)
-    for module in model.modules():
-        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
-            for k in module.scaling:
-                module.scaling[k] *= scale
-    return model.eval()
-
-
-def torch_logits(model, rows):
-    import torch
-
-    with torch.no_grad():
-        return [model(torch.tensor([r])).logits[0].float().numpy() for r in rows]
-
-
-def torch_greedy(model, prompt, n=N):
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 # -- DoRA ---------------------------------------------------------------------------------------------------------
 def test_dora_logits_and_greedy_equal_peft(setup, model):
     from ortlora.adapters import read_params
@@ -100,7 +70,6 @@ def test_dora_logits_and_greedy_equal_peft(setup, model):
 
 
 def test_dora_in_a_mixed_batch_with_lora_adapters(setup, model):
-    from test_runtime import assert_batch_equals_singles
 
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
     adapters = ["dora", "l1", None, "l2"]
@@ -134,7 +103,6 @@ def test_onnxruntime_genai_runs_a_dora_export(setup):
     """A folder exported with DoRA inputs still loads in onnxruntime-genai (factors default to ones = base), and
     its DoRA adapter file gives PEFT's tokens there too."""
     og = pytest.importorskip("onnxruntime_genai")
-    from test_runtime import genai_greedy
 
     prompt = PROMPTS[0]
     assert genai_greedy(setup["folder"], prompt, n=N) == hf_greedy(setup["hf"], prompt, N)
@@ -200,7 +168,6 @@ def test_scale_equals_peft_with_its_scaling_multiplied(setup, model, name, scale
 
 
 def test_rows_with_different_scales_share_a_batch(model):
-    from test_runtime import assert_batch_equals_singles
 
     prompts = [PROMPTS[0]] * 4
     scales = [1.0, 0.5, 2.0, 0.0]

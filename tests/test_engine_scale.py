@@ -8,12 +8,10 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 
 from ortlora.runtime.batch import Batch, run_to_end
 from ortlora.runtime.request import Request
 from ortlora.runtime.sampling import SamplingParams
-from test_runtime import lora  # noqa: F401 (fixture: the tiny qwen2 and its two adapters)
 
 N = 6
 SYSTEM = [(7 * i + 3) % 300 + 5 for i in range(40)]  # a shared "system prompt": 2 full cache blocks and a piece

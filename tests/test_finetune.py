@@ -193,7 +193,9 @@ def test_resume_after_interruption_reaches_the_same_weights(model, data, tmp_pat
         assert got.keys() == ref.keys()
         for k in ref:
             assert np.array_equal(got[k], ref[k]), (run.name, k)
-    losses = lambda p: [r["loss"] for r in json.loads((p / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+    def losses(p):
+        return [r["loss"] for r in json.loads((p / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+
     assert losses(b) == losses(tmp_path / "a") == losses(killed) and len(losses(b)) == 6
 
 

@@ -14,7 +14,6 @@ import pytest
 from ortlora.cli import main as cli
 from ortlora.errors import OrtloraError
 from ortlora.generate import generate
-from test_runtime import lora, model  # noqa: F401  (module fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_serve import ACME, ADMIN, BETA, PROMPTS, ServerProcess, server, setup  # noqa: F401 - shared fixtures
+from serve_helpers import ACME, ADMIN, BETA, PROMPTS, ServerProcess
 
 TOKENS = 12
 WAIT_S = 120  # a bound on any one wait for the page (the tiny model answers in well under a second)

@@ -11,7 +11,7 @@ import pytest
 
 from ortlora.adapters.onnx_adapter import read_onnx_adapter, write_onnx_adapter
 from ortlora.errors import AdapterError, ModelError, OrtloraError
-from test_runtime import PROMPTS, lora, model  # noqa: F401  (module fixtures)
+from runtime_helpers import PROMPTS
 
 
 def test_loaded_adapters_are_private_copies(lora, model, tmp_path):

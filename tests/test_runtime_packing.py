@@ -12,7 +12,7 @@ import pytest
 from ortlora.runtime.engine import Engine, Row
 from ortlora.runtime.sampling import SamplingParams
 from reference import hf_logits
-from test_runtime import PROMPTS, lora  # noqa: F401 (fixture: the tiny qwen2 and its two adapters)
+from runtime_helpers import PROMPTS
 
 N = 6
 LONG = [(11 * i + 5) % 300 + 3 for i in range(40)]  # longer than the 16-token prefix-cache block, twice

@@ -24,35 +24,10 @@ import httpx
 import numpy as np
 import pytest
 
-from reference import OnnxDecoder
-from serve_helpers import ACME, ADAPTERS, ADMIN, BETA, ServerProcess, build_serve_setup
-
-PROMPTS = ["The quick brown fox", "LoRA adapters share one base model; many adapters"]
-TOKENS = 12
-
-
-# -- fixtures -----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):
-    return build_serve_setup(tiny, tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def server(setup):
-    s = ServerProcess(setup["folder"], "--adapters", str(setup["adapters"]), "--tenants", str(setup["tenants"]),
-                      "--max-batch", "8", "--max-queue", "16", "--max-loaded-adapters", "5",
-                      log=setup["root"] / "server.log")
-    yield s
-    s.stop()
-
-
-def _client(server, key=ADMIN, timeout=60, **kw) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"} if key else {},
-                        timeout=timeout, **kw)
-
+from serve_helpers import ACME, ADAPTERS, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, http_client
 
 def _metrics(server) -> dict[str, float]:
-    text = _client(server).get("/metrics").text
+    text = http_client(server).get("/metrics").text
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -63,31 +38,9 @@ def _metrics(server) -> dict[str, float]:
 
 def _complete(server, model, prompt, key=ADMIN, **kw) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, **kw}
-    r = _client(server, key).post("/v1/completions", json=body)
+    r = http_client(server, key).post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-# -- references ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference(setup):
-    """Greedy text per (adapter or None, prompt) from a plain onnxruntime loop, decoded with `tokenizers`."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(setup["folder"] / "tokenizer.json"))
-    cache = {}
-
-    def run(adapter: str | None, prompt: str, tokens: int = TOKENS) -> str:
-        out = cache.setdefault((adapter, prompt), [])
-        if len(out) < tokens:
-            dec = OnnxDecoder(setup["folder"], setup["params"][adapter] if adapter else None)
-            ids = tok.encode(prompt).ids
-            while len(out) < tokens:
-                prefill, _ = dec.run([ids + out], [[]])
-                out.append(int(np.argmax(prefill[0][-1])))
-        return tok.decode(out[:tokens], skip_special_tokens=True)
-
-    return run
 
 
 # -- the OpenAI client --------------------------------------------------------------------------------------------
@@ -151,7 +104,7 @@ def test_concurrent_requests_for_four_adapters_equal_single_requests_and_share_b
     def stream(case):
         a, p = case
         body = {"model": a, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
-        with _client(server) as client:
+        with http_client(server) as client:
             client.get("/health")  # connected before the barrier: the 8 requests arrive within milliseconds
             barrier.wait()
             with client.stream("POST", "/v1/completions", json=body) as r:
@@ -186,7 +139,7 @@ def test_auth_401_cross_tenant_404_without_leak(server):
         r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert r.headers["www-authenticate"] == "Bearer"
-    acme, beta = _client(server, ACME), _client(server, BETA)
+    acme, beta = http_client(server, ACME), http_client(server, BETA)
     assert [m["id"] for m in acme.get("/v1/models").json()["data"]] == ["a1", "a2"]
     assert [m["id"] for m in beta.get("/v1/models").json()["data"]] == ["base", "a3", "a4"]
     assert acme.post("/v1/completions", json=body).status_code == 200
@@ -207,7 +160,7 @@ def test_auth_401_cross_tenant_404_without_leak(server):
 
 
 def test_adapter_names_and_paths_are_confined(server, setup):
-    admin = _client(server)
+    admin = http_client(server)
     for path in ("../outside.onnx_adapter", str(setup["root"] / "outside.onnx_adapter"), "escape.onnx_adapter",
                  "/etc/passwd", "../../../../etc/passwd", "a1.onnx_adapter/..", "."):
         r = admin.post("/v1/adapters", json={"name": "evil", "path": path})
@@ -243,7 +196,7 @@ BAD = [
 @pytest.mark.parametrize("label,body,status,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_4xx_with_a_clear_message_and_the_server_keeps_serving(server, label, body, status,
                                                                                  message):
-    client = _client(server)
+    client = http_client(server)
     if isinstance(body, bytes):
         r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
     else:
@@ -255,7 +208,7 @@ def test_bad_requests_get_4xx_with_a_clear_message_and_the_server_keeps_serving(
 
 
 def test_huge_bodies_and_bad_chat_input(server):
-    client = _client(server)
+    client = http_client(server)
     r = client.post("/v1/completions", content=b'{"model": "a1", "prompt": "' + b"x" * (17 << 20) + b'"}',
                     headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
@@ -272,7 +225,7 @@ def test_huge_bodies_and_bad_chat_input(server):
 def test_upload_load_and_delete_while_a_request_runs(server, setup, reference):
     from ortlora.adapters.onnx_adapter import write_onnx_adapter
 
-    admin = _client(server)
+    admin = http_client(server)
     data = (setup["adapters"] / "a1.onnx_adapter").read_bytes()
     r = admin.post("/v1/adapters", data={"name": "b-up"}, files={"file": ("x.onnx_adapter", data)})
     assert r.status_code == 200 and r.json() == {"name": "b-up", "loaded": True, "path": "b-up.onnx_adapter"}, r.text
@@ -293,11 +246,11 @@ def test_upload_load_and_delete_while_a_request_runs(server, setup, reference):
     assert r.status_code == 200 and r.json()["loaded"], r.text
     long = {"model": "b-alias", "prompt": PROMPTS[0], "max_tokens": 150, "temperature": 0, "ignore_eos": True,
             "stream": True}
-    with _client(server, BETA).stream("POST", "/v1/completions", json=long) as stream:
+    with http_client(server, BETA).stream("POST", "/v1/completions", json=long) as stream:
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert admin.delete("/v1/adapters/b-alias").json() == {"name": "b-alias", "deleted": True}
-        assert _client(server, BETA).post("/v1/completions", json={**long, "stream": False}).status_code == 404
+        assert http_client(server, BETA).post("/v1/completions", json={**long, "stream": False}).status_code == 404
         rest = [line[6:] for line in lines if line.startswith("data: ")]
     assert rest[-1] == "[DONE]"
     chunks = [json.loads(first[6:])] + [json.loads(e) for e in rest[:-1]]
@@ -313,7 +266,7 @@ def test_upload_load_and_delete_while_a_request_runs(server, setup, reference):
 def test_adapters_load_on_first_use_into_an_lru(server, setup, reference):
     for i in range(10):  # dropped into the folder while the server runs
         shutil.copy(setup["adapters"] / "a1.onnx_adapter", setup["adapters"] / f"c{i}.onnx_adapter")
-    admin = _client(server)
+    admin = http_client(server)
     assert {f"c{i}" for i in range(10)} <= {m["id"] for m in admin.get("/v1/models").json()["data"]}
     before = _metrics(server)
     for i in range(10):
@@ -354,14 +307,14 @@ def test_adapter_that_overflows_is_refused_by_name_and_hurts_no_one(server, setu
     long = {"model": "a4", "prompt": PROMPTS[1], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
             "stream": True}
     try:
-        with _client(server).stream("POST", "/v1/completions", json=long) as stream:
+        with http_client(server).stream("POST", "/v1/completions", json=long) as stream:
             lines = stream.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
             for _ in range(2):  # the second time from the remembered verdict, as fast
                 with pytest.raises(openai.BadRequestError, match="'huge' makes the model's logits NaN") as e:
                     client.completions.create(model="huge", prompt=PROMPTS[0], max_tokens=5, temperature=0.8)
                 assert str(setup["adapters"]) not in str(e.value)
-            failing = _client(server).post("/v1/completions", json={**long, "model": "huge", "max_tokens": 5})
+            failing = http_client(server).post("/v1/completions", json={**long, "model": "huge", "max_tokens": 5})
             assert failing.status_code == 400 and "'huge'" in failing.json()["error"]["message"]
             rest = [line[6:] for line in lines if line.startswith("data: ")]
         assert rest[-1] == "[DONE]"
@@ -379,7 +332,7 @@ def test_failed_registration_leaves_nothing_behind(server, setup, spoil):
     no blocked name: the same name registers fine right after with a good file."""
     from ortlora.adapters.onnx_adapter import write_onnx_adapter
 
-    admin = _client(server)
+    admin = http_client(server)
     good = dict(setup["params"]["a1"])
     bad = {k: np.array(v) for k, v in good.items()}
     key = next(iter(bad))
@@ -423,7 +376,7 @@ def test_client_disconnect_cancels_the_request(server):
     before = _metrics(server)
     body = {"model": "a2", "prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
             "stream": True}
-    with _client(server).stream("POST", "/v1/completions", json=body) as r:
+    with http_client(server).stream("POST", "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # leave after the first chunk: closing the connection
@@ -440,7 +393,7 @@ def test_client_disconnect_cancels_the_request(server):
     # request cannot finish on its own between the client's leaving and the server's noticing (it once did with
     # one choice and a 0.3 s timeout).
     with pytest.raises(httpx.ReadTimeout):
-        _client(server, timeout=0.1).post("/v1/completions", json={**body, "stream": False, "n": 4})
+        http_client(server, timeout=0.1).post("/v1/completions", json={**body, "stream": False, "n": 4})
     deadline = time.monotonic() + 10
     while _metrics(server).get(key, 0) <= after.get(key, 0):
         assert time.monotonic() < deadline, "the abandoned request was not cancelled"

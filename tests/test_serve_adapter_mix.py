@@ -9,8 +9,8 @@ import concurrent.futures
 import pytest
 
 from ortlora.adapters.convert import convert_adapter
-from test_adapter_variants import peft_model, torch_greedy
-from test_serve import ServerProcess
+from reference import peft_model, torch_greedy
+from serve_helpers import ServerProcess
 
 ADMIN, ACME = "admin-secret", "acme-secret"
 N = 8

@@ -5,8 +5,6 @@ a `required` tool call cut by max_tokens, the streaming tool splitter, and the t
 
 from __future__ import annotations
 
-import json
-from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from test_serve import ACME, ADMIN, BETA, PROMPTS, ServerProcess, _client, reference, setup  # noqa: F401 (fixtures)
+from serve_helpers import ACME, BETA, PROMPTS, ServerProcess, http_client
 
 STREAM_TOKENS = 40
 
@@ -39,7 +39,7 @@ def _stream(server, key, model, prompt, out, started):
     body = {"model": model, "prompt": prompt, "max_tokens": STREAM_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True}
     text, done = "", False
-    with _client(server, key).stream("POST", "/v1/completions", json=body) as r:
+    with http_client(server, key).stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: "):
@@ -68,7 +68,7 @@ def test_empty_chat_next_to_running_streams_answers_400_and_the_streams_finish(s
     for ev in started:
         assert ev.wait(30)
     for key, model in ((ACME, "a1"), (BETA, "a3")):
-        r = _client(server, key).post("/v1/chat/completions", json={
+        r = http_client(server, key).post("/v1/chat/completions", json={
             "model": model, "messages": [{"role": "user", "content": ""}], "max_tokens": 4})
         assert r.status_code == 400 and "empty prompt" in r.json()["error"]["message"], r.text
     for t in threads:
@@ -83,13 +83,13 @@ def test_huge_prompt_is_refused_untokenized_and_memory_returns(server, setup, re
     while a short request sent meanwhile gets its usual text; three of them leave the server's RSS within 100 MB
     of before. (The timings are bench_isolation.py's.)"""
     short = {"model": "a1", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    client = _client(server)
+    client = http_client(server)
     assert client.post("/v1/completions", json=short).status_code == 200
     before = server.rss_mb()
     huge = {"model": "a1", "prompt": "lorem ipsum " * (15_000_000 // 12), "max_tokens": 4}
     for _ in range(3):
         result = {}
-        helper = threading.Thread(target=lambda: result.update(r=_client(server).post("/v1/completions", json=short)))
+        helper = threading.Thread(target=lambda: result.update(r=http_client(server).post("/v1/completions", json=short)))
         helper.start()
         r = client.post("/v1/completions", json=huge)
         helper.join(60)
@@ -102,7 +102,7 @@ def test_huge_prompt_is_refused_untokenized_and_memory_returns(server, setup, re
 
 
 def test_oversized_bodies_answer_413_however_they_arrive(server):
-    client = _client(server, timeout=120)
+    client = http_client(server, timeout=120)
 
     def chunks(total, size=1 << 20):
         yield b'{"model": "a1", "prompt": "'
@@ -170,7 +170,7 @@ def test_a_flooding_tenant_does_not_starve_another(server):
     flood = subprocess.Popen([sys.executable, "-c", FLOOD, server.url, BETA, "a3", "200", str(tokens)],
                              stdout=subprocess.PIPE, text=True)
     try:
-        health = lambda: _client(server).get("/health").json()  # noqa: E731
+        health = lambda: http_client(server).get("/health").json()  # noqa: E731
         deadline = time.monotonic() + 60
         while health()["waiting"] < 150 and time.monotonic() < deadline:
             time.sleep(0.05)  # the flood is queued first

@@ -22,7 +22,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from adapter_site import Site
-from test_serve import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess, reference, setup  # noqa: F401 (fixtures)
+from serve_helpers import ACME, ADMIN, BETA, PROMPTS, TOKENS, ServerProcess
 
 from ortlora.errors import OrtloraError
 from ortlora.serve.config import ServeConfig

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from ortlora.adapters.onnx_adapter import write_onnx_adapter
-from ortlora.errors import OrtloraError
 from ortlora.serve.metrics import Metrics
 from ortlora.adapters.validate import LoraInput
 from ortlora.errors import AdapterExists, AdapterInvalid, AdapterNotFound

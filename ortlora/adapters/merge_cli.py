@@ -1,4 +1,5 @@
-"""`ortlora merge-adapters`: the weighted combination of adapters as one `.onnx_adapter` (exact, rank = sum of ranks)."""
+"""`ortlora merge-adapters`: the weighted combination of adapters as one `.onnx_adapter` (exact, rank = sum of
+ranks)."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ def shared_embedding(head: list[str], ids: str, output: str, vocab: int, hidden:
     padded = blocks * block_size != hidden
     gathered = f"{p}/padded" if padded else output
     nodes.append(helper.make_node("GatherBlockQuantized", inputs, [gathered], name=f"{p}/GatherBlockQuantized",
-                                  domain="com.microsoft", bits=4, block_size=block_size, gather_axis=0, quantize_axis=1))
+                                  domain="com.microsoft", bits=4, block_size=block_size, gather_axis=0,
+                                  quantize_axis=1))
     if padded:
         consts.update({f"{p}.unpad_starts": [0], f"{p}.unpad_ends": [hidden], f"{p}.unpad_axes": [-1]})
         nodes.append(helper.make_node("Slice", [gathered, f"{p}.unpad_starts", f"{p}.unpad_ends", f"{p}.unpad_axes"],

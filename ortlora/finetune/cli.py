@@ -45,7 +45,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     d.add_argument("-d", "--data_name", "--data", help="JSONL/JSON/CSV/Parquet/text file or folder, a folder saved "
                    "with datasets' save_to_disk, a datasets builder name with --data_files, or a hub name")
     d.add_argument("--data_files", help="comma-separated data files (Olive: -d json --data_files a.jsonl)")
-    d.add_argument("--train_split", help='split expression, e.g. "train", "train[:4096]", "train[10%%:]" (default train)')
+    d.add_argument("--train_split",
+                   help='split expression, e.g. "train", "train[:4096]", "train[10%%:]" (default train)')
     d.add_argument("--eval_split", help='split expression for the eval loss, e.g. "train[4096:4224]"')
     d.add_argument("--train_subset", help="dataset configuration (subset) name, for builders and hub datasets")
     d.add_argument("--eval_subset", help="configuration of the eval split (default: --train_subset)")

@@ -193,7 +193,8 @@ def check_rows(ds, source: TextSource, split: str) -> None:
         raise DataError("the data does not fit:\n  " + "\n  ".join(problems))
 
 
-def render(row: dict[str, Any], source: TextSource, tokenizer, completion_only: bool) -> tuple[str, list[tuple[int, int]]]:
+def render(row: dict[str, Any], source: TextSource, tokenizer,
+           completion_only: bool) -> tuple[str, list[tuple[int, int]]]:
     """A row -> (text, trained character spans). Without `completion_only` the whole text is trained."""
     if source.chat:
         return _render_chat(row["messages"], tokenizer, completion_only)

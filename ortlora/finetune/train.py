@@ -37,7 +37,8 @@ def _torch():
         import torch
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise OrtloraError(f"finetune needs the train extra ({exc.name} is missing): pip install ortlora[train]") from None
+        raise OrtloraError(f"finetune needs the train extra ({exc.name} is missing): "
+                           "pip install ortlora[train]") from None
     return torch
 
 
@@ -71,8 +72,8 @@ def check_qlora(device) -> None:
     except ImportError:
         problems.append("bitsandbytes is not installed (pip install bitsandbytes)")
     if problems:
-        raise OrtloraError("--method qlora needs bitsandbytes 4-bit weights on a CUDA GPU, but " + " and ".join(problems)
-                           + ". Use --method lora to train in full precision on this machine.")
+        raise OrtloraError("--method qlora needs bitsandbytes 4-bit weights on a CUDA GPU, but "
+                           + " and ".join(problems) + ". Use --method lora to train in full precision on this machine.")
 
 
 def check_causal_lm(name: str, trust_remote_code: bool):

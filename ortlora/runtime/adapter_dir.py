@@ -3,8 +3,8 @@ confined to it.
 
 Files are registered by file stem (`acme-support.onnx_adapter` -> `acme-support`), PEFT folders by folder name,
 without being opened, so thousands cost nothing until used; one dropped into the folder later is found on first
-use. A PEFT folder is converted on first use and cached in `.ortlora-cache/` (see `ortlora.adapters.cached`). Names are a
-conservative charset with no separators, and a path (given by a caller or found by discovery) must resolve,
+use. A PEFT folder is converted on first use and cached in `.ortlora-cache/` (see `ortlora.adapters.cached`). Names
+are a conservative charset with no separators, and a path (given by a caller or found by discovery) must resolve,
 symlinks followed, to a regular file inside the folder. Listing costs no file I/O per name: the folder is scanned
 when it opens and again only when its own modification time says that entries came or went (`changed`), so a
 listing of thousands stays one stat. This class only names and places files: what an adapter is, loads and holds is

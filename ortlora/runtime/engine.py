@@ -25,8 +25,8 @@ The LM head computes only the positions a run asks for (combined.gather_logits_r
 Every run goes through one session of the mixed-adapter graph (multi_lora.py, combined.py), so the weights are held
 once: a run with adapters binds the adapter pool's slots they sit in (one adapter on every row: one slot), whose
 slots hold the only copy of a placed adapter's weights; a run without adapters binds none (rank-0 defaults). The
-adapters' owner (`ortlora.runtime.adapters.Adapters`) gives the pool its adapters. Adapters are graph inputs: onnxruntime's `run_with_iobinding` ignores
-RunOptions' active adapters.
+adapters' owner (`ortlora.runtime.adapters.Adapters`) gives the pool its adapters. Adapters are graph inputs:
+onnxruntime's `run_with_iobinding` ignores RunOptions' active adapters.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -48,6 +48,9 @@ from ortlora.runtime.bindings import Binding, BindingKey, DecodeInputs, Graph, L
 from ortlora.runtime.pool import AdapterPool
 from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
+
+if TYPE_CHECKING:
+    from ortlora.runtime.adapter import Adapter
 
 KEEP = "num_logits_to_keep"
 ROWS = combined.LOGITS_ROWS
@@ -296,7 +299,7 @@ class Engine:
         self.lengths[slots] += 1
         self.lengths[full] = self.max_len - 1
         if logits.dtype == np.float32 and slots == list(range(hi)):
-            return logits[:, -1]  # a view: a fresh copy a step costs page faults (benchmarks/NOTES.md#engine-step-costs)
+            return logits[:, -1]  # a view: a copy costs page faults (benchmarks/NOTES.md#engine-step-costs)
         return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
 
     def _check_decode(self, rows: Sequence[Row]) -> list[int]:

@@ -262,7 +262,8 @@ def create_app(engine: EngineClient, config: ServeConfig, tenants: Tenants | Non
     def list_adapters(tenant: Tenant = Depends(authenticate)) -> P.AdapterList:
         return P.AdapterList(data=engine.adapter_infos([n for n in engine.adapter_names() if tenant.may_use(n)]))
 
-    @app.post("/v1/adapters", response_model=P.AdapterInfo, tags=["adapters"], openapi_extra={"requestBody": upload_body},
+    @app.post("/v1/adapters", response_model=P.AdapterInfo, tags=["adapters"],
+              openapi_extra={"requestBody": upload_body},
               responses={403: {"model": P.ErrorResponse, "description": "not an admin key, or a name outside its "
                                                                           "patterns"},
                          409: {"model": P.ErrorResponse, "description": "name taken"}, 507: _ERRORS[507],

@@ -69,8 +69,9 @@ class ServeConfig:
     max_num_batched_tokens: int | None = _opt(None, "prompt tokens a step may prefill while nothing decodes (vLLM's "
                                                     "flag; default: sized from measured run costs, see "
                                                     "README 'Serving')", minimum=1)
-    max_lora_rank: int = _opt(DEFAULT_MAX_RANK, "largest LoRA rank an adapter (or a weighted combination: the sum of its parts') may "
-                                  "have; larger ones are refused (vLLM's flag; default: %(default)s)", minimum=1)
+    max_lora_rank: int = _opt(DEFAULT_MAX_RANK, "largest LoRA rank an adapter (or a weighted combination: the sum "
+                                                "of its parts') may have; larger ones are refused (vLLM's flag; "
+                                                "default: %(default)s)", minimum=1)
     prefill_chunk: int | None = _opt(None, "prompt tokens prefilled per step while other requests decode "
                                            "(default: sized from measured step times, so running streams keep "
                                            "their pace)", minimum=1)

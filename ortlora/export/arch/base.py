@@ -37,7 +37,8 @@ class Arch:
         return args.attention_bias
 
     def attention_linears(self, args: ModelArgs) -> list[Linear]:
-        return [Linear("self_attn.q_proj", ("q",)), Linear("self_attn.k_proj", ("k",)), Linear("self_attn.v_proj", ("v",))]
+        return [Linear("self_attn.q_proj", ("q",)), Linear("self_attn.k_proj", ("k",)),
+                Linear("self_attn.v_proj", ("v",))]
 
     def mlp_linears(self, args: ModelArgs) -> list[Linear]:
         return [Linear("mlp.gate_proj", ("gate",)), Linear("mlp.up_proj", ("up",))]
