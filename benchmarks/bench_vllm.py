@@ -144,7 +144,7 @@ class OrtloraServer:
         raise RuntimeError(f"{self.name} did not come up")
 
     def stop(self) -> None:
-        _stop(self.proc.pid)
+        _stop(self.proc.pid, self.proc)
 
 
 class VllmServer:
@@ -164,13 +164,20 @@ class VllmServer:
         _stop(self.pid)
 
 
-def _stop(pid: int) -> None:
-    """SIGTERM the server (the leader of its own process group), then anything left of the group."""
+def _stop(pid: int, child: subprocess.Popen | None = None) -> None:
+    """SIGTERM the server (the leader of its own process group), then anything left of the group. A `child` of
+    ours is waited for (reaped): a dead but unreaped child still answers kill(pid, 0)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
+        if child is not None:
+            try:
+                child.wait(60)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         for _ in range(120):
             try:
                 os.kill(pid, 0)

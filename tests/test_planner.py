@@ -158,7 +158,7 @@ def _batch(engine, overhead=20.0, decode_tokens=40.0):
     batch.budget.per_token, batch.budget.fixed = 1.0, overhead
     batch.budget.decode_s = decode_tokens
     batch.budget.observe_prefill = lambda padded, seconds: None  # fake times: keep the costs set
-    batch.budget.observe_decode = lambda seconds: None
+    batch.budget.observe_decode = lambda seconds, rows=0: None
     return batch
 
 
@@ -170,9 +170,8 @@ def _run(batch, requests, arrivals=None):
     while batch or any(s >= k for s in arrivals):
         for r in arrivals.get(k, ()):
             batch.add(r)
-        budget = batch.budget.tokens(len(batch.running))  # the rows decoding this step
         batch.step()
-        steps.append((budget, list(batch.last_runs)))
+        steps.append((batch.last_budget, list(batch.last_runs)))
         k += 1
         assert k < 10_000
     return steps
@@ -214,6 +213,38 @@ def test_a_long_prompt_is_chunked_while_others_decode_and_no_prompt_starves():
     for budget, runs in steps[3:]:
         if runs:
             assert _cost(runs, batch.budget.limits()) <= budget + 1e-9
+
+
+def test_a_burst_next_to_few_streams_joins_at_once_and_one_prompt_next_to_many_is_chunked():
+    """The budget follows who waits: twelve short prompts arriving next to one stream go in one step (each newcomer
+    may stall the stream as much as one prompt next to a stream would, once), while one long prompt next to four
+    streams is chunked within the gap bound of the batch it joins."""
+    from ortlora.runtime.budget import GAP
+
+    def batch_with(slots):
+        engine = FakeEngine(slots=slots)
+        batch = _batch(engine, overhead=20.0, decode_tokens=21.0)
+        batch.budget.decode_rows = 1.0  # a decode step of 1 row measured at 21 tokens (= fixed + 1 x per_token)
+        return engine, batch
+
+    engine, batch = batch_with(13)
+    stream = _request([3] * 5, n=12)
+    burst = [_request([i + 2] * 20, n=2) for i in range(12)]
+    steps = _run(batch, [stream, *burst], {0: [stream], 2: burst})
+    first = steps[2][1]  # the step the burst arrived in
+    assert {p.key for run in first for p in run.pieces} == set(burst)
+    assert all(p.tokens == 20 for run in first for p in run.pieces)  # whole prompts, in one step
+    decode_13 = 21.0 * (20.0 + 13) / (20.0 + 1)
+    assert steps[2][0] == pytest.approx((GAP - 1) * decode_13 * 12)
+
+    engine, batch = batch_with(6)
+    streams = [_request([i + 1] * 5, n=40) for i in range(4)]
+    long = _request(list(range(1, 301)), n=2)
+    steps = _run(batch, [*streams, long], {0: streams, 2: [long]})
+    chunks = [p.tokens for _, runs in steps for r in runs for p in r.pieces if p.key is long]
+    assert len(chunks) >= 5 and all(budget == pytest.approx((GAP - 1) * 21.0 * 25 / 21)  # rows 4 + 1
+                                    for budget, runs in steps[2:2 + len(chunks)])
+    assert all(r.finished and len(r.token_ids) == r.params.max_new_tokens for r in streams + [long])
 
 
 @pytest.mark.parametrize("scored", [False, True])

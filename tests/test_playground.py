@@ -1,6 +1,7 @@
 """The playground page (`GET /` on `ortlora serve`) in a real headless Chromium, driven by Selenium, against a real
-server (test_serve's fixtures: a tiny random llama, four adapters, tenants). Each panel's streamed text is checked
-against what the `openai` client gets for the same request.
+server (serve_helpers' fixtures: a tiny random llama, four adapters, tenants). Each panel's streamed text is checked
+against what the `openai` client gets for the same request. One test follows the README's "Next" section on the
+quickstart's own folder: its `ortlora serve` command, its curl request, then this page.
 
 Chromium and chromedriver come from the distribution's packages (scripts/setup-browser.sh); without them the
 browser tests skip and say so.
@@ -12,9 +13,14 @@ The README's screenshot comes from this file too, against the quickstart's model
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +29,7 @@ import pytest
 from serve_helpers import ACME, ADMIN, BETA, PROMPTS, ServerProcess
 
 TOKENS = 12
+README = Path(__file__).resolve().parents[1] / "README.md"
 WAIT_S = 120  # a bound on any one wait for the page (the tiny model answers in well under a second)
 
 
@@ -237,6 +244,68 @@ def test_narrow_window_has_one_column_and_no_sideways_scroll(server, browser):
 
 
 # -- the README's screenshot -------------------------------------------------------------------------------------------
+def readme_next_steps() -> tuple[list[str], dict]:
+    """The README's "Next" section as written: its `ortlora serve` command and its curl request's body."""
+    section = README.read_text().split("## Next: serve what the quickstart made", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    serve = next(line for line in blocks[0].splitlines() if line.startswith("ortlora serve"))
+    body = re.search(r"-d '(.*)'", blocks[1].replace("\\\n", " "))[1]
+    return shlex.split(serve), json.loads(body)
+
+
+def test_the_readmes_next_steps_serve_the_quickstart_and_its_playground_answers(quickstarted, browser, tmp_path):
+    """A newcomer's path after the quickstart, as the README writes it: its `ortlora serve` command on the
+    quickstart's folder (the precision the quickstart recommends for this CPU), its curl request, then the
+    playground with the base model and both adapters, each answering its own task."""
+    from ortlora.quickstart import serving_precision
+    from ortlora.quickstart import tasks
+
+    work, _ = quickstarted
+    argv, body = readme_next_steps()
+    assert argv[:2] == ["ortlora", "serve"]
+    argv = [a.replace("ortlora-quickstart", str(work)).replace("/onnx/int8", f"/onnx/{serving_precision()}")
+            for a in argv]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ortlora.cli", *argv[1:], "--port", str(port), "--log-level",
+                                 "warning"], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()
+        rows = {task: tasks.load(f"{task}_test")[0] for task in tasks.ADAPTER_TASKS}
+        assert body["prompt"] == rows["upper"]["prompt"] == rows["shift"]["prompt"]
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == rows[body["model"]]["response"], r.text
+
+        from selenium.webdriver.common.by import By
+
+        models = open_page(browser, url + "/", "")  # no --tenants: no key needed
+        assert set(models) == {"base", *tasks.ADAPTER_TASKS}
+        choose(browser, ["base", *tasks.ADAPTER_TASKS], body["prompt"], max_tokens=16)
+        browser.find_element(By.ID, "run").click()
+        texts = {p["model"]: p["text"] for p in panels_after_run(browser)}
+        for task, row in rows.items():
+            assert texts[task] == row["response"], (task, texts)
+        assert texts["base"] not in {row["response"] for row in rows.values()}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: list[str]) -> int:
     """python tests/test_playground.py MODEL_DIR OUT.png: serve MODEL_DIR (its .onnx_adapter files as adapters),
     run the quickstart's prompt on the base model and every adapter, compare two of them, save a screenshot."""

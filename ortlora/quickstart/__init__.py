@@ -35,6 +35,13 @@ def quickstart(workdir: str | Path = "ortlora-quickstart", *, pretrain_steps: in
         raise
 
 
+def serving_precision() -> str:
+    """The fastest precision that meets the accuracy bar on this machine: int8 where the CPU has int8 units."""
+    from ortlora.export.int8 import cpu_warning
+
+    return "int8" if cpu_warning() is None else "fp32"
+
+
 def _run(work: Path, pretrain_steps: int, finetune_steps: int, n_eval: int,
          log: Callable[[str], None]) -> dict[str, dict[str, dict[str, float]]]:
     import torch
@@ -76,6 +83,9 @@ def _run(work: Path, pretrain_steps: int, finetune_steps: int, n_eval: int,
     accuracy = {p: evaluate(folders[p], {t: files[p, t] for t in tasks.ADAPTER_TASKS}, n_eval, log) for p in PRECISIONS}
     log(table(accuracy))
     log(f"done in {time.perf_counter() - t0:.0f}s; everything is in {work}/")
+    serving = serving_precision()
+    log(f"next: serve it, then open the playground at http://127.0.0.1:8000/\n"
+        f"  ortlora serve -m {work / 'onnx' / serving} --adapters {work / 'onnx' / serving} --model-name base")
     return accuracy
 
 

@@ -48,6 +48,7 @@ class Batch:
         self.running: list[Request] = []  # decoding
         self._fed: dict[Request, int] = {}  # context tokens in the slot, per prefilling request
         self.last_runs: list[planner.Run] = []  # the prompt runs of the last step (for metrics and tests)
+        self.last_budget = 0.0  # and the token budget they were planned against
 
     def __bool__(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -78,7 +79,8 @@ class Batch:
         events: list[tuple[Request, Chunk]] = []
         self._admit(events)
         decoding = list(self.running)
-        runs = planner.plan(self._prompts(), self.budget.tokens(len(decoding)), self.budget.limits())
+        self.last_budget = self.budget.tokens(len(decoding), len(self.prefilling))
+        runs = planner.plan(self._prompts(), self.last_budget, self.budget.limits())
         self.last_runs = runs
         for run in runs:
             self._prefill(run, events)
@@ -187,7 +189,7 @@ class Batch:
                 else:
                     events.append((req, req.feed(one, self._full(req))))
             return
-        self.budget.observe_decode(time.perf_counter() - t0)
+        self.budget.observe_decode(time.perf_counter() - t0, len(rows))
         events += [(r, r.feed(logits[i], self._full(r))) for i, r in enumerate(decoding)]
 
     def _keep(self, req: Request, tokens: list[int]) -> None:

@@ -7,13 +7,19 @@ different lengths, within the model's context) and tracked online from every pre
     nothing decoding:  budget = max_num_batched_tokens (default IDLE_TOKENS) + one run's overhead: a burst of
                        prompts is prefilled in one step, in runs of at most RUN_TOKENS padded tokens (each
                        run's fixed cost amortized over many prompts), before any of them starts streaming
-    streams decoding:  budget = (GAP - 1) x decode_step / per_token   so a step (decode run + prompt runs) takes
-                       at most GAP decode steps: running streams keep their pace while prompts come in
+    streams decoding:  budget = (GAP - 1) x decode_step(rows) x max(1, joining / decoding) / per_token
+                       rows = decoding + joining (the prompts holding slots: they decode once in). A step (decode
+                       run + prompt runs) takes at most GAP decode steps of the batch it leads to while fewer
+                       prompts join than streams decode: streams keep their pace while a long prompt comes in.
+                       When more join than decode (a burst next to a few streams), each newcomer may stall the
+                       streams by as much once, so the burst goes in together (one run's fixed cost, not one a
+                       prompt) and the few streams see one longer gap instead of many
                        (`prefill_chunk` instead: that many tokens a step, the old fixed chunk)
     always:            the first waiting prompt gets at least max(MIN_CHUNK, overhead / 2) tokens a step
 
-Costs are in tokens: a run's overhead is fixed / per_token tokens, so the planner weighs one more run against
-padding in one currency. The numbers behind GAP and the defaults: benchmarks/NOTES.md#token-budget.
+A decode step of n rows is modelled as the run cost fixed + n x per_token, scaled to the steps measured (their
+moving average and the rows they had). Costs are in tokens: a run's overhead is fixed / per_token tokens, so the
+planner weighs one more run against padding in one currency. The numbers behind GAP and the defaults: benchmarks/NOTES.md#token-budget.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Budget:
         self.fixed = 0.0  # seconds: a prefill run's fixed part
         self.per_token = 0.0  # seconds a token
         self.decode_s = 0.0  # seconds a decode step (moving average)
+        self.decode_rows = 0.0  # the rows of those steps (moving average)
 
     @property
     def known(self) -> bool:
@@ -57,15 +64,26 @@ class Budget:
     def idle_tokens(self) -> int:
         return IDLE_TOKENS if self.max_num_batched_tokens is None else self.max_num_batched_tokens
 
-    def tokens(self, decoding: int) -> float:
-        """The budget of a step in which `decoding` rows decode (overheads and padding count as tokens)."""
+    def tokens(self, decoding: int, joining: int = 0) -> float:
+        """The budget of a step in which `decoding` rows decode and `joining` prompts holding slots will join them
+        (overheads and padding count as tokens)."""
         if not decoding:
             return self.idle_tokens() + self.overhead
         if self.prefill_chunk is not None:
             return self.prefill_chunk + self.overhead
         if not (self.known and self.decode_s):
             return RUN_TOKENS  # until the costs are known (`calibrate`)
-        return (GAP - 1) * self.decode_s / self.per_token
+        return (GAP - 1) * self.decode_time(decoding + joining) * max(1.0, joining / decoding) / self.per_token
+
+    def decode_time(self, rows: int) -> float:
+        """Seconds a decode step of `rows` rows takes: the measured steps, scaled by the run cost model."""
+        if not self.decode_rows:
+            return self.decode_s
+
+        def model(n: float) -> float:
+            return self.fixed + n * self.per_token
+
+        return self.decode_s * model(rows) / model(self.decode_rows) if model(self.decode_rows) else self.decode_s
 
     def limits(self) -> Limits:
         """The planner's limits: the first prompt's least chunk keeps its run at least a third useful (half the
@@ -100,8 +118,10 @@ class Budget:
             per_token = (seconds - self.fixed) / padded
             self.per_token = _average(self.per_token, max(per_token, 1e-6))
 
-    def observe_decode(self, seconds: float) -> None:
+    def observe_decode(self, seconds: float, rows: int = 0) -> None:
         self.decode_s = _average(self.decode_s, seconds)
+        if rows:
+            self.decode_rows = _average(self.decode_rows, rows)
 
 
 def _average(mean: float, x: float) -> float:
