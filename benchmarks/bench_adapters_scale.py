@@ -269,7 +269,7 @@ async def run_traffic(url: str, models: list[str], batch: list[list[int]], new: 
         while not queue.empty():
             i, m, p = queue.get_nowait()
             body = {"model": model_field(m), "prompt": p, "max_tokens": new, "temperature": 0, "ignore_eos": True,
-                    "stream": True}
+                    "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             arrival = order[0]
             order[0] += 1
@@ -279,9 +279,10 @@ async def run_traffic(url: str, models: list[str], batch: list[list[int]], new: 
                 async for line in r.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         chunk = json.loads(line[6:])
-                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        if chunk.get("usage"):  # tokens counted by the server: a random model's text may be empty
+                            tokens = chunk["usage"]["completion_tokens"]
+                        if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                             first = first or time.perf_counter()
-                            tokens += 1
             results.append({"i": i, "model": m, "arrival": arrival, "start": start, "status": status,
                             "ttft": (first or time.perf_counter()) - start, "end": time.perf_counter(),
                             "tokens": tokens})
@@ -466,8 +467,8 @@ def tenants(args, folders, peft_root, names, results) -> None:
     adapters = onnx_adapters(folder, peft_root, names, work)
     warm_names, flood_names = names[:4], names[4:4 + min(200, len(names) - 4)]
     file = work / "tenants.toml"
-    file.write_text(f'[tenants.warm]\napi_key_sha256 = ["{hash_key(WARM_KEY)}"]\nadmin = true\n'
-                    f'[tenants.flood]\napi_key_sha256 = ["{hash_key(FLOOD_KEY)}"]\n')
+    file.write_text(f'[tenants.warm]\napi_key_sha256 = ["{hash_key(WARM_KEY)}"]\nadmin = true\nadapters = ["*"]\n'
+                    f'[tenants.flood]\napi_key_sha256 = ["{hash_key(FLOOD_KEY)}"]\nadapters = ["*"]\n')
     capacity = min(args.max_loaded, 16)
     n_flood = max(args.requests, 4 * len(flood_names) // 4)
     vocab = ModelInfo.read(folder).vocab_size
@@ -498,6 +499,7 @@ def tenants(args, folders, peft_root, names, results) -> None:
         while len(lru) > capacity:
             lru.popitem(last=False)
     s = {"capacity": capacity, "warm_requests": len(warm_got), "flood_requests": len(flood_got),
+         "errors": sum(r["status"] != 200 for r in warm_got + flood_got),
          "warm_hit_rate": hits / max(1.0, hits + misses), "plain_lru_hit_rate": plain_hits / max(1, len(warm_got)),
          "warm_ttft_p50": float(np.quantile([r["ttft"] for r in warm_got], 0.5)),
          "flood_ttft_p50": float(np.quantile([r["ttft"] for r in flood_got], 0.5)),

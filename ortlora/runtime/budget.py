@@ -19,7 +19,8 @@ different lengths, within the model's context) and tracked online from every pre
 
 A decode step of n rows is modelled as the run cost fixed + n x per_token, scaled to the steps measured (their
 moving average and the rows they had). Costs are in tokens: a run's overhead is fixed / per_token tokens, so the
-planner weighs one more run against padding in one currency. The numbers behind GAP and the defaults: benchmarks/NOTES.md#token-budget.
+planner weighs one more run against padding in one currency. The numbers behind GAP and the defaults:
+benchmarks/NOTES.md#token-budget.
 """
 
 from __future__ import annotations
