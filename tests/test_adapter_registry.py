@@ -249,19 +249,36 @@ def test_a_url_that_fails_or_serves_garbage_is_refused_like_a_bad_file(tmp_path,
     assert adapters.register_url("x", site.url + "/a/good.onnx_adapter").rank == 2  # the name is free again
 
 
-def test_a_version_that_passed_the_probe_is_not_probed_again_after_an_eviction(tmp_path):
-    """Turnover: an evicted adapter loaded again (same version) skips the model's probe step; a new version of it
-    is probed."""
+def test_a_requests_load_leaves_the_probe_to_its_first_step_and_the_verdict_is_remembered(tmp_path):
+    """A load for a request skips the model's probe step (its first step is the probe): the version comes back
+    unprobed until the batch reports it `passed`; loaded again after an eviction it is not probed again, and a new
+    version is unprobed again. Loads a caller waits on (`get`) still probe. A version the first step `refuse`s is
+    unloaded and refused by name without being read again, until its file changes."""
     root = folder_of(tmp_path, ["a", "b"])
     probed = []
     adapters = Adapters(LORA, directory=root, capacity=1, probe=lambda w: probed.append(1) or np.zeros(4, np.float32))
-    for name in ("a", "b", "a", "b"):
-        adapters.release(adapters.acquire(name))
-    assert len(probed) == 2
+    a = adapters.acquire("a")
+    assert a.unprobed and not probed
+    adapters.passed(a)
+    adapters.release(a)
+    adapters.release(adapters.acquire("b"))  # evicts a (capacity 1)
+    a = adapters.acquire("a")
+    assert not a.unprobed and not probed  # the same version passed before
+    adapters.release(a)
+    assert not adapters.get("b").unprobed and len(probed) == 1  # a load the caller waits on is probed
     (root / "a.onnx_adapter").unlink()
     (root / "a.onnx_adapter").write_bytes(adapter_bytes(tmp_path, 5))
-    adapters.release(adapters.acquire("a"))
-    assert len(probed) == 3
+    a = adapters.acquire("a")
+    assert a.unprobed and len(probed) == 1
+    refusal = adapters.refuse(a)
+    assert refusal.startswith("adapter 'a' makes the model's logits NaN") and adapters.refuse(a) == refusal
+    assert "a" not in adapters.loaded()
+    adapters.release(a)
+    with pytest.raises(AdapterInvalid, match="'a' makes the model's logits NaN"):
+        adapters.acquire("a")
+    (root / "a.onnx_adapter").unlink()
+    (root / "a.onnx_adapter").write_bytes(adapter_bytes(tmp_path, 6))
+    adapters.release(adapters.acquire("a"))  # a new version is read again
 
 
 def test_without_shares_the_loaded_set_is_one_plain_lru():

@@ -295,8 +295,9 @@ def test_adapters_load_on_first_use_into_an_lru(server, setup, reference):
 
 def test_adapter_that_overflows_is_refused_by_name_and_hurts_no_one(server, setup, reference):
     """An adapter file of finite but huge weights (the model's logits overflow to NaN) dropped into the folder is
-    refused at its first use by the probe step: 400 naming it (never a server path), in a stream too, while a
-    request for another adapter decoding meanwhile runs to its end with the reference text."""
+    refused at its first use by that request's first step (loads for requests skip the probe run; the first step is
+    the probe): 400 naming it (never a server path), in a stream too, the second time from the remembered verdict,
+    while a request for another adapter decoding meanwhile runs to its end with the reference text."""
     import openai
 
     from ortlora.adapters.onnx_adapter import write_onnx_adapter

@@ -33,6 +33,9 @@ class Adapter:
         self.reason: str | None = None  # why it retired or went
         self.checked = time.monotonic()  # when its source last confirmed its version
         self.load_s = 0.0  # how long it took to fetch, read and check
+        self.label = f"adapter {name!r}"  # how messages name it
+        self.unprobed = False  # loaded for a request without the probe step: that request's first step checks it
+        self.refusal: str | None = None  # why its first step refused it
         self.shapes = {k: v.shape for k, v in params.items()}
         self.nbytes = sum(v.nbytes for v in params.values())
         self.rank = max((v.shape[1] for k, v in params.items() if naming.is_lora_a(k)), default=0)

@@ -23,6 +23,12 @@ A loaded version of a source's adapter (the adapters folder, a URL) is checked a
 `revalidate_s` when used: new content there is a new version; a source that does not answer keeps the loaded one.
 A file that failed its check is not read again until its version changes.
 
+A load for a request skips the probe step (one model run, under contention with the engine's own runs: most of a
+cold load's time): the request's own first step is the probe. The batch reports what that step found (`passed` /
+`refuse`): logits that are not finite refuse the version as the probe would have (the request fails with
+AdapterInvalid naming it, the version is unloaded and refused by name until its source changes). Loads that a caller
+waits on for a verdict (`load`, registrations, uploads, pins) still run the probe step.
+
 Events go to `listen(callback)`'s callbacks: `AdapterLoaded`, `AdapterUsed` (hit or cold), `AdapterUnloaded`. They
 are called on the thread that caused them with the adapters' lock held: a callback must not block or call back.
 
@@ -261,19 +267,46 @@ class Adapters:
         return names
 
     # -- reading and installing (lock held where it says so) --------------------------------------------------
-    def _read(self, located: Located, name: str, label: str | None = None, t0: float | None = None) -> Adapter:
-        """The checked version `located` holds (`t0`: when its fetch began, for its load time)."""
+    def _read(self, located: Located, name: str, label: str | None = None, t0: float | None = None,
+              probe: bool = True) -> Adapter:
+        """The checked version `located` holds (`t0`: when its fetch began, for its load time). `probe` False: the
+        probe step is left to the first request that uses it (the version comes back `unprobed`)."""
         t0 = time.perf_counter() if t0 is None else t0
         seen = (name, located.version)
+        needed = not located.version or seen not in self._passed
         with located:
             params = self.reader.read(located.path, name, label,
                                       self.directory.cache if self.directory is not None else None,
-                                      probe=not located.version or seen not in self._passed)
-        if located.version:
+                                      probe=needed and probe)
+        if located.version and probe:
             self._passed.add(seen)
         adapter = Adapter(name, params, located.path, located.version)
+        adapter.unprobed = needed and not probe
+        adapter.label = label or f"adapter {name!r}"
         adapter.load_s = time.perf_counter() - t0
         return adapter
+
+    def passed(self, adapter: Adapter) -> None:
+        """(engine thread) A request's first step with the unprobed `adapter` gave finite logits: its version is
+        as good as probed."""
+        with self._cond:
+            adapter.unprobed = False
+            if adapter.version:
+                self._passed.add((adapter.name, adapter.version))
+
+    def refuse(self, adapter: Adapter) -> str:
+        """(engine thread) A request's first step with the unprobed `adapter` gave logits that are not finite:
+        refuse its version as the probe step would have (unloaded; refused by name until its source changes).
+        Returns the refusal, which every request already holding it fails with."""
+        with self._cond:
+            if adapter.refusal is None:
+                adapter.refusal = (f"{adapter.label} makes the model's logits NaN or infinite (its weights are too "
+                                   "large for this model): refused")
+                if self._loaded.get(adapter.name) is adapter:
+                    self._forget_loaded(adapter.name, "invalid")
+                if adapter.version:
+                    self._failed[adapter.name] = (adapter.version, adapter.refusal)
+            return adapter.refusal
 
     def _install(self, adapter: Adapter, tenant: str = "", reason: str = "replaced") -> None:
         """(lock held) Make `adapter` the loaded current version of its name; AdapterBusy, with nothing changed,
@@ -336,8 +369,9 @@ class Adapters:
         """The current version of `name`, loaded now if it is not."""
         return self._get(name, "")[0]
 
-    def _get(self, name: str, tenant: str, cause: str = "request") -> tuple[Adapter, bool]:
-        """(current version, whether this call loaded it)."""
+    def _get(self, name: str, tenant: str, cause: str = "request", probe: bool = True) -> tuple[Adapter, bool]:
+        """(current version, whether this call loaded it); `probe` False: a load leaves the probe step to the
+        request's first step."""
         with self._cond:
             adapter = self._loaded.get(name)
             if adapter is not None:
@@ -358,7 +392,7 @@ class Adapters:
                 if current is not None:
                     return current, True
             try:
-                return self._load(name, tenant, cause), True
+                return self._load(name, tenant, cause, probe), True
             finally:
                 with self._cond:
                     self._loading.pop(name, None)
@@ -377,7 +411,7 @@ class Adapters:
                 raise AdapterNotFound(f"no adapter named {name!r} is loaded (loaded: {loaded})") from None
             raise
 
-    def _load(self, name: str, tenant: str, cause: str) -> Adapter:
+    def _load(self, name: str, tenant: str, cause: str, probe: bool = True) -> Adapter:
         t0 = time.perf_counter()
         located, origin = self._locate(name)
         with self._cond:
@@ -386,7 +420,7 @@ class Adapters:
             located.release()
             raise AdapterInvalid(failed[1])
         try:
-            adapter = self._read(located, name, self.registry.label(name), t0)
+            adapter = self._read(located, name, self.registry.label(name), t0, probe)
         except AdapterInvalid as exc:
             with self._cond:
                 self._failed[name] = (located.version, str(exc))
@@ -449,7 +483,7 @@ class Adapters:
     def _acquire_named(self, name: str, tenant: str) -> Adapter:
         cold = False
         for _ in range(8):
-            adapter, loaded = self._get(name, tenant)
+            adapter, loaded = self._get(name, tenant, probe=False)  # the request's first step probes it
             cold = cold or loaded
             with self._cond:
                 if self._loaded.get(name) is adapter:  # not evicted or replaced since

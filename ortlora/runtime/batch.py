@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ortlora.errors import GenerationError, OrtloraError
+from ortlora.errors import AdapterInvalid, GenerationError, OrtloraError
 from ortlora.runtime import planner
 from ortlora.runtime.adapters import AdapterLeases
 from ortlora.runtime.budget import Budget
@@ -168,12 +168,29 @@ class Batch:
         context = req.context
         if self._fed[req] < len(context):
             return
+        if not self._probed(req, logits, events):
+            return
         self._keep(req, context)  # the whole prompt is in
         self.prefilling.remove(req)
         del self._fed[req]
         self.running.append(req)
         if not req.token_ids:  # its first token (a resumed request has it)
             events.append((req, req.first_chunk(logits[-1] if len(logits) else None, self._full(req))))
+
+    def _probed(self, req: Request, logits: np.ndarray, events: list) -> bool:
+        """The first step with an adapter loaded for it unprobed is that adapter's probe step: logits that are not
+        finite refuse the adapter (this request fails with AdapterInvalid, as every other one holding it will), finite
+        ones pass it."""
+        adapter = req.adapter
+        if adapter is None or not adapter.unprobed or not len(logits) or self.adapters is None:
+            return True
+        if adapter.refusal is None and np.isfinite(logits[-1]).all():
+            self.adapters.passed(adapter)
+            return True
+        req.error = AdapterInvalid(self.adapters.refuse(adapter))
+        req.finish_reason = "error"
+        events.append((req, Chunk("", [], "error", req.error)))
+        return False
 
     def _decode(self, decoding: list[Request], events: list) -> None:
         rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]

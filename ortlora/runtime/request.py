@@ -25,7 +25,7 @@ class Chunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" (EOS, stop token or string), "length" (max tokens or context), "error"
-    error: GenerationError | None = None  # why the request ended with "error"; other requests go on
+    error: OrtloraError | None = None  # why it ended with "error" (GenerationError, AdapterInvalid); others go on
     logprobs: list[TokenLogprob] | None = None  # one per sampled id, when the request asked for logprobs
     # the first chunk of a request that asked for prompt_logprobs: one per prompt token (None for the first)
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -63,7 +63,7 @@ class Request:
     released: bool = False  # the adapter reference went back to the store
     lease: SlotLease | None = None
     reused: int = 0  # prompt tokens whose KV came from the lease
-    error: GenerationError | None = None
+    error: OrtloraError | None = None  # GenerationError, or AdapterInvalid from its adapter's first step
     label: str | None = None  # the adapter's name in messages (a server's store key differs); default its name
     cache_namespace: Hashable = None  # prompt prefixes' KV is reused only within one namespace (a server: tenant)
 
