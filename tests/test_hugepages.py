@@ -102,3 +102,25 @@ def test_collapsing_in_the_background_finds_the_regions_now_and_keeps_contents()
         _unmap(w_addr, 64 << 20)
         if late_addr is not None:
             _unmap(late_addr, 64 << 20)
+
+
+def test_kv_cache_memory_grows_by_the_tokens_written_not_by_huge_pages():
+    """The KV cache is written a token at a time at the start of many stripes (a layer's (slot, head) regions).
+    numpy advises huge pages for a large array, so one token a stripe makes 2 MB resident; `sparse_zeros` keeps
+    such an array on small pages: 4 KB a stripe. Both are measured here on the same pattern."""
+    shape = (16, 2, 2048, 64)  # 16 slots x 2 heads of 2048 positions x 64 floats: 512 KB a stripe, 16 MB in all
+    stripes = shape[0] * shape[1]
+
+    def grown(make) -> tuple[int, int]:
+        arr = make(shape, np.float32)
+        before = _region(arr).get("Rss", 0)
+        arr[:, :, :4] = 1.0  # 4 tokens in every stripe: 1 KB each
+        after = _region(arr)
+        return after.get("Rss", 0) - before, after.get("AnonHugePages", 0)
+
+    plain, plain_huge = grown(np.zeros)  # first: freed memory that was advised otherwise may be reused
+    small, small_huge = grown(hugepages.sparse_zeros)
+    assert small_huge == 0 and small <= stripes * 4 + 8, small  # one 4 KB page a stripe (and the array's edges)
+    if plain_huge == 0:  # this numpy or kernel gave the plain array no huge pages: nothing to compare
+        pytest.skip(f"np.zeros got no huge pages here (RSS grew {plain} kB)")
+    assert plain >= 4 * small, (plain, small)

@@ -120,7 +120,8 @@ class Engine:
         self.has_keep = KEEP in past or KEEP in {i.name for i in session.get_overridable_initializers()}
         self.has_rows = ROWS in past  # the LM head computes only the positions asked for
         shape = (slots, self.info.kv_heads, self.max_len, self.info.head_dim)  # [slots, kv_heads, max_len, head_dim]
-        self.kv = {past_name: np.zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
+        # small pages: a slot's first token must not make 2 MB of each of its stripes resident (hugepages.py)
+        self.kv = {past_name: hugepages.sparse_zeros(shape, self.dtype) for past_name, _ in self.info.kv_names()}
         self.lengths = np.zeros(slots, np.int64)  # cached tokens per slot
         self._free = list(range(slots))
         self.pool = pool

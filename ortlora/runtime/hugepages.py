@@ -1,4 +1,5 @@
-"""Back the weights onnxruntime pre-packs with 2 MB pages (Linux transparent huge pages), best effort.
+"""Back the weights onnxruntime pre-packs with 2 MB pages (Linux transparent huge pages), best effort; keep the KV
+cache on small pages (`sparse_zeros`).
 
 A decode step reads every weight once; with 4 KB pages that is a TLB miss every 4 KB. onnxruntime allocates its
 pre-packed weights with plain malloc, and with the common THP mode `madvise` such memory never gets huge pages by
@@ -15,6 +16,7 @@ for it on int4 (MatMulNBits) models only. `ORTLORA_HUGEPAGES=0` turns it off.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 import threading
@@ -28,6 +30,23 @@ MIN_REGION = 32 << 20  # weight buffers; smaller regions are not worth a look
 
 def enabled() -> bool:
     return sys.platform.startswith("linux") and os.environ.get("ORTLORA_HUGEPAGES", "1") != "0"
+
+
+def sparse_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros for memory written a little at a time at many places (the KV cache: each (slot, head) stripe of a
+    layer fills from its start), in a fresh anonymous mapping kept on small pages. From np.zeros, such an array gets
+    huge pages (numpy advises them for large arrays), and the first token written to a stripe makes 2 MB resident
+    instead of 4 KB (benchmarks/NOTES.md#kv-pages). Elsewhere (no MADV_NOHUGEPAGE): plain zeros."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    if size < HUGE or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype)
+    memory = mmap.mmap(-1, size)  # anonymous: zero-filled, resident only where written; the array keeps it alive
+    try:
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:
+        pass
+    return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def anonymous_regions() -> set[tuple[int, int]]:
