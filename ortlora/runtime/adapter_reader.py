@@ -3,6 +3,9 @@
     path (.onnx_adapter, or a PEFT folder: converted once, cached) ─> parsed ─> fits the model's LoRA inputs ─>
     private copies (the file's mapping let go) ─> finite ─> the model's probe step on them is finite ─> weights
 
+A derived adapter (a weighted combination or scale of loaded ones, `combine`) passes the same checks, its summed
+rank first.
+
 Every refusal names the adapter by `label` (default: `adapter 'NAME'`), never a server path: the file's path and the
 hidden roots (the adapters folder, the cache folder) are replaced in the message.
 """
@@ -10,12 +13,13 @@ hidden roots (the adapters folder, the cache folder) are replaced in the message
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ortlora import naming
 from ortlora.adapters.cached import convert_cached
+from ortlora.adapters.merge import combine
 from ortlora.adapters.onnx_adapter import open_onnx_adapter
 from ortlora.adapters.validate import LoraInput, model_feeds
 from ortlora.errors import AdapterError, AdapterInvalid
@@ -74,8 +78,45 @@ class AdapterReader:
         if probe and self.probe is not None and feeds:
             logits = self.probe(feeds)
             if not np.isfinite(logits).all():
-                raise AdapterInvalid(f"{label} makes the model's logits NaN or infinite (its weights are too large "
-                                     "for this model): refused")
+                raise AdapterInvalid(overflow_refusal(label))
+
+    def combine(self, parts: Sequence, weights: Sequence[float], label: str,
+                base: Callable[[str], np.ndarray] | None) -> Weights:
+        """The checked weights of a derived adapter (`label`): loaded adapters `parts` (their `name`, `shapes` and
+        `params`) combined exactly with `weights` (ortlora.adapters.merge.combine). Its rank per module is the sum
+        of its parts', checked against `max_rank` from their shapes before any weight is read or combined; the
+        result is checked finite and probed like a file."""
+        combined: dict[str, int] = {}
+        for part, w in zip(parts, weights):
+            for module, r in (ranks(part.shapes) if w else {}).items():
+                combined[module] = combined.get(module, 0) + r
+        check_rank(combined, self.max_rank, f"adapter {label!r}")
+        try:
+            params = combine([p.params for p in parts], list(weights), [f"adapter {p.name!r}" for p in parts], base)
+        except AdapterError as exc:
+            raise AdapterInvalid(str(exc)) from None
+        self.check_finite(params, f"adapter {label!r}")
+        return params
+
+
+def overflow_refusal(label: str) -> str:
+    """Why an adapter whose weights make the model's logits NaN or infinite is refused (by the probe step, or by a
+    request's first step)."""
+    return f"{label} makes the model's logits NaN or infinite (its weights are too large for this model): refused"
+
+
+def lazy_base(folder: Path) -> Callable[[str], np.ndarray]:
+    """The model's base weights, read only when a scaled DoRA adapter first needs them."""
+    held: list = []
+
+    def weight(module: str) -> np.ndarray:
+        if not held:
+            from ortlora.adapters.base_weights import BaseWeights
+
+            held.append(BaseWeights(folder))
+        return held[0](module)
+
+    return weight
 
 
 def ranks(shapes: Mapping[str, object]) -> dict[str, int]:

@@ -49,14 +49,14 @@ from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ortlora.adapters.merge import AdapterSpec, Recipe, combine  # noqa: F401 (AdapterSpec: for callers)
+from ortlora.adapters.merge import AdapterSpec, Recipe  # noqa: F401 (AdapterSpec: for callers)
 from ortlora.adapters.onnx_adapter import SUFFIX
 from ortlora.adapters.validate import LoraInput
 from ortlora.errors import AdapterBusy, AdapterError, AdapterInvalid, AdapterNotFound
 from ortlora.runtime.adapter import (Adapter, AdapterEvent, AdapterInfo, AdapterLeases,  # noqa: F401 (callers)
                                      AdapterLoaded, AdapterUnloaded, AdapterUsed)
 from ortlora.runtime.adapter_lru import LoadedSet
-from ortlora.runtime.adapter_reader import DEFAULT_MAX_RANK, AdapterReader, check_rank, ranks
+from ortlora.runtime.adapter_reader import DEFAULT_MAX_RANK, AdapterReader, lazy_base, overflow_refusal
 from ortlora.runtime.pool import AdapterPool
 from ortlora.runtime.registry import AdapterRegistry, Origin, default_cache_root, open_cache
 from ortlora.runtime.sources import Located, is_url, local_version, safe_url
@@ -113,7 +113,7 @@ class Adapters:
         its mixed runs use."""
         pool = AdapterPool(engine.lora_inputs, engine.slots, engine.dtype) if engine.lora_inputs else None
         engine.pool = pool
-        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, base=_lazy_base(engine.folder), **kw)
+        return cls(engine.lora_inputs, probe=engine.probe, pool=pool, base=lazy_base(engine.folder), **kw)
 
     @property
     def directory(self):
@@ -300,8 +300,7 @@ class Adapters:
         Returns the refusal, which every request already holding it fails with."""
         with self._cond:
             if adapter.refusal is None:
-                adapter.refusal = (f"{adapter.label} makes the model's logits NaN or infinite (its weights are too "
-                                   "large for this model): refused")
+                adapter.refusal = overflow_refusal(adapter.label)
                 if self._loaded.get(adapter.name) is adapter:
                     self._forget_loaded(adapter.name, "invalid")
                 if adapter.version:
@@ -507,19 +506,9 @@ class Adapters:
                     self._derived[key] = found  # the most recently used
                     found.refs += 1
                     return found
-            combined: dict[str, int] = {}  # the combination's rank per module, before any weight is combined
-            for c, (_, w) in zip(components, recipe.parts):
-                for module, r in (ranks(c.shapes) if w else {}).items():
-                    combined[module] = combined.get(module, 0) + r
-            check_rank(combined, self.max_rank, f"adapter {recipe.label!r}")
             t0 = time.perf_counter()
-            try:
-                params = combine([c.params for c in components], [w for _, w in recipe.parts],
-                                 [f"adapter {c.name!r}" for c in components], self.base)
-            except AdapterError as exc:
-                raise AdapterInvalid(str(exc)) from None
-            adapter = Adapter(recipe.label, params)
-            self.reader.check_finite(adapter.params, f"adapter {recipe.label!r}")
+            adapter = Adapter(recipe.label, self.reader.combine(components, [w for _, w in recipe.parts], recipe.label,
+                                                                 self.base))
             adapter.load_s = time.perf_counter() - t0
             with self._cond:
                 found = self._derived.pop(key, None)  # another thread built it meanwhile
@@ -601,16 +590,3 @@ class Adapters:
         with self._cond:
             return iter(list(self._loaded.values()) + list(self._derived.values()) + list(self._retiring.values()))
 
-
-def _lazy_base(folder: Path) -> Callable[[str], np.ndarray]:
-    """The model's base weights, read only when a scaled DoRA adapter first needs them."""
-    held: list = []
-
-    def weight(module: str) -> np.ndarray:
-        if not held:
-            from ortlora.adapters.base_weights import BaseWeights
-
-            held.append(BaseWeights(folder))
-        return held[0](module)
-
-    return weight
