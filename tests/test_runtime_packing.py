@@ -177,3 +177,15 @@ def test_ranks_above_the_limit_are_refused_by_name(lora, tmp_path):
         m.complete([PROMPTS[0]], [{"a1": 0.5, "a1b": 0.5}], max_new_tokens=1)
     assert m.complete([PROMPTS[0]], [{"a1": 0.5, "a1b": 0.0}], max_new_tokens=1)  # a zero weight adds no rank
     assert not any(a.refs for a in m.adapters)
+    # a file larger than any adapter within the limit can be is refused before it is read into memory: by its
+    # rank when its metadata says one above the limit, else by its size (here a rank-4 file with 64 MiB of tail)
+    padded = tmp_path / "padded.onnx_adapter"
+    padded.write_bytes(files["a1"].read_bytes() + bytes(64 << 20))
+    with pytest.raises(AdapterInvalid, match=r"padded\.onnx_adapter is \d+ bytes, more than any adapter this server "
+                                             r"takes for this model can be \(rank <= 6\)"):
+        m.adapters.load(padded, name="padded")
+    big = tmp_path / "big.onnx_adapter"
+    big.write_bytes(files["a2"].read_bytes() + bytes(64 << 20))
+    with pytest.raises(AdapterInvalid, match=r"rank 8 .*limit of 6"):
+        m.adapters.load(big, name="big")
+    assert "padded" not in m.adapters and "big" not in m.adapters

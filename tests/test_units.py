@@ -84,7 +84,7 @@ def test_a_placed_adapter_is_held_once_in_its_slot_and_gets_its_weights_back():
     assert a._params is None and a._home is pool  # one copy: the slot's
     for k, v in raw[0].params.items():
         np.testing.assert_array_equal(a.params[k], v)
-        assert a.params[k].shape == v.shape and a.params[k].flags.owndata
+        assert a.params[k].shape == v.shape and not np.shares_memory(a.params[k], pool.buffers[k])
     pool.place({b.uid: b})  # one slot: a goes, with its weights
     assert a._home is None and a.uid not in pool.where and b._params is None
     for k, v in raw[0].params.items():
@@ -95,6 +95,93 @@ def test_a_placed_adapter_is_held_once_in_its_slot_and_gets_its_weights_back():
     pool.forget(big)
     assert big._home is None and not pool.where
     np.testing.assert_array_equal(big.params[A], raw[2].params[A])
+
+
+def test_a_reused_slot_holds_exactly_its_new_adapter_whatever_the_last_one_wrote():
+    """A slot is cleared only where its previous occupant wrote beyond the new weights: after any sequence of
+    adapters of other ranks, other module subsets and with or without DoRA factors, the slot equals the new
+    adapter zero-padded (ones for a factor it lacks), as a fresh slot would."""
+    m2 = "model.layers.0.self_attn.q_proj"
+    a2, b2, dora = f"{m2}.lora_A.weight", f"{m2}.lora_B.weight", f"{m2}.dora_scale"
+    lora = {**LORA, a2: LoraInput(a2, np.dtype(np.float32), (4, f"{m2}.lora_r")),
+            b2: LoraInput(b2, np.dtype(np.float32), (f"{m2}.lora_r", 3)),
+            dora: LoraInput(dora, np.dtype(np.float32), (3,))}
+    rng = np.random.default_rng(7)
+
+    def adapter(uid, modules, rank):
+        params = {}
+        if "up" in modules:
+            params[A], params[B] = rng.standard_normal((IN, rank)), rng.standard_normal((rank, OUT))
+        if "q" in modules:
+            params[a2], params[b2] = rng.standard_normal((4, rank)), rng.standard_normal((rank, 3))
+        if "dora" in modules:
+            params[dora] = rng.standard_normal(3)
+        params = {k: v.astype(np.float32) for k, v in params.items()}
+        return SimpleNamespace(uid=uid, rank=rank, name=f"x{uid}", params=params)
+
+    pool = AdapterPool(lora, capacity=2, dtype=np.float32)
+    keeper = adapter(0, "up", 8)  # placed with each: the pool's rank stays 8 (no rebuild: slots are reused)
+    sequence = [("up q dora", 8), ("q", 2), ("up", 5), ("up q", 8), ("q dora", 3), ("up", 1), ("up q dora", 6)]
+    slots = set()
+    for uid, (modules, rank) in enumerate(sequence, start=1):
+        x = adapter(uid, modules, rank)
+        slot = pool.place({0: keeper, uid: x})[uid]
+        slots.add(slot)
+        assert pool.rank == 8 and pool.generation == 1
+        for key, li in lora.items():
+            want = np.ones(3, np.float32) if key == dora else np.zeros(pool.buffers[key].shape[1:], np.float32)
+            got = x.params.get(key)
+            if got is not None:
+                if key == dora:
+                    want = got
+                elif key in (A, a2):
+                    want[:, :rank] = got
+                else:
+                    want[:rank] = got
+            np.testing.assert_array_equal(pool.buffers[key][slot], want, err_msg=f"{modules} rank {rank}: {key}")
+    assert len(slots) == 1  # one slot, reused by each in turn
+
+
+def test_the_pool_closes_holes_in_the_run_of_busy_slots():
+    """A step binds the run of slots from its lowest to its highest: an idle adapter between busy ones is read for
+    nothing. The last busy adapter moves into such a hole (an idle one leaves the pool; a busy one, held by a
+    running request though not in this batch, never does), its weights intact."""
+    pool = AdapterPool(LORA, capacity=5, dtype=np.float32)
+    xs = [_adapter(uid, rank, uid) for uid, rank in ((1, 2), (2, 4), (3, 3), (4, 4), (5, 1))]
+    for x in xs:
+        x.refs = 1
+    pool.place({x.uid: x for x in xs})
+    assert [pool.where[x.uid] for x in xs] == [1, 2, 3, 4, 5]
+    xs[1].refs = xs[3].refs = 0  # slots 2 and 4 go idle; slot 3's adapter is held by a request, not in this batch
+    slots = pool.place({1: xs[0], 5: xs[4]})
+    assert slots == {1: 1, 5: 2} and pool.where[3] == 3  # 5 moved into the first hole; the busy one stayed
+    assert 2 not in pool.where and 4 in pool.where  # the idle adapter in the hole left; the other one stays placed
+    for key in LORA:  # the moved adapter's slot equals it, zero-padded to the pool's rank (4; it has rank 1)
+        want = np.zeros(pool.buffers[key].shape[1:], np.float32)
+        if key == A:
+            want[:, :1] = xs[4].params[A]
+        else:
+            want[:1] = xs[4].params[B]
+        np.testing.assert_array_equal(pool.buffers[key][2], want)
+    xs[2].refs = 0
+    pool.place({1: xs[0]})  # busy: slots 1 and 2, no hole between: nothing moves
+    assert pool.where[5] == 2 and pool.where[3] == 3
+
+
+def test_a_full_pool_gives_a_new_adapter_the_idle_slot_nearest_the_busy_ones():
+    pool = AdapterPool(LORA, capacity=3, dtype=np.float32)
+    a, b, c = (_adapter(uid, 2, uid) for uid in (1, 2, 3))
+    for x in (a, b, c):
+        x.refs = 0
+    pool.place({1: a, 2: b, 3: c})
+    pool.place({3: c})
+    pool.place({2: b})  # least recently used: slot 1, then slot 3
+    a.refs = 1  # a request holds the adapter in slot 1
+    assert pool.place({4: _adapter(4, 2, 4)}) == {4: 2}  # next to the busy slot, not the least recently used (3)
+    assert 2 not in pool.where and pool.where[3] == 3
+    pool.place({1: a})
+    a.refs = 0  # nothing busy: the least recently used goes (c, slot 3), whatever its place
+    assert pool.place({5: _adapter(5, 2, 5)}) == {5: 3} and 3 not in pool.where
 
 
 # -- the mixed-adapter graph ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """`.onnx_adapter` files (ONNX Runtime's LoRA adapter format): write through `onnxruntime.AdapterFormat`, read
-memory-mapped and zero-copy with our own bounds-checked flatbuffer parser.
+memory-mapped and zero-copy (or into one private copy) with our own bounds-checked flatbuffer parser.
 
 Why our own reader: the runtime may hold thousands of adapters, so tensors must be views of a read-only mapping
 (onnxruntime's `AdapterFormat.read_adapter` copies the file into memory), and every malformed file must end in one
@@ -41,7 +41,7 @@ _STRUCTS = {fmt: struct.Struct(fmt) for fmt in ("<I", "<i", "<H")}
 
 @dataclass(frozen=True)
 class AdapterFile:
-    """What a `.onnx_adapter` holds; `params` are read-only views of the file's mapping."""
+    """What a `.onnx_adapter` holds; `params` are read-only views of the file's mapping (or of a private copy)."""
     path: Path
     format_version: int
     adapter_version: int
@@ -86,15 +86,21 @@ def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
     return open_onnx_adapter(path).params
 
 
-def open_onnx_adapter(path: str | Path) -> AdapterFile:
-    """Parse `path`; any malformed file raises AdapterError naming it and the first problem found."""
+def open_onnx_adapter(path: str | Path, private: bool = False) -> AdapterFile:
+    """Parse `path`; any malformed file raises AdapterError naming it and the first problem found. The params are
+    views of the file's read-only mapping, or with `private` of one private copy of the file, read in one call
+    (what a server that holds the weights wants: a rewrite of the file cannot reach them, and one large read into
+    one allocation costs a fraction of mapping the file and copying its tensors one by one)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             size = f.seek(0, 2)
             if size == 0:
                 raise AdapterError(f"{path} is empty: not an .onnx_adapter file")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if private:
+                buf = _read_whole(f, size, path)
+            else:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise AdapterError(f"{path}: no such adapter file") from None
     except IsADirectoryError:
@@ -106,6 +112,23 @@ def open_onnx_adapter(path: str | Path) -> AdapterFile:
         return _parse(path, buf)
     except _Malformed as exc:
         raise AdapterError(f"{path} is not a valid .onnx_adapter file: {exc}") from None
+
+
+def _read_whole(f, size: int, path: Path) -> memoryview:
+    """The file's bytes in one private, read-only allocation."""
+    if size >= _MAX_BUFFER:  # the parser would refuse it: do not allocate it first
+        raise AdapterError(f"{path} is not a valid .onnx_adapter file: it is {size} bytes; onnxruntime's adapter "
+                           "format holds under 2 GiB")
+    data = np.empty(size, np.uint8)
+    f.seek(0)
+    view, got = memoryview(data), 0
+    while got < size:
+        n = f.readinto(view[got:])
+        if not n:
+            raise AdapterError(f"{path} changed while it was read (it ended after {got} of {size} bytes)")
+        got += n
+    data.flags.writeable = False
+    return memoryview(data)
 
 
 class _Malformed(Exception):

@@ -1,7 +1,7 @@
 """`AdapterReader`: an adapter on local disk -> weights a model can run, or AdapterInvalid saying why not.
 
-    path (.onnx_adapter, or a PEFT folder: converted once, cached) ─> parsed ─> fits the model's LoRA inputs ─>
-    private copies (the file's mapping let go) ─> finite ─> the model's probe step on them is finite ─> weights
+    path (.onnx_adapter, or a PEFT folder: converted once, cached) ─> read into one private copy ─> parsed ─>
+    fits the model's LoRA inputs ─> finite ─> the model's probe step on them is finite ─> weights
 
 A derived adapter (a weighted combination or scale of loaded ones, `combine`) passes the same checks, its summed
 rank first.
@@ -12,6 +12,8 @@ hidden roots (the adapters folder, the cache folder) are replaced in the message
 
 from __future__ import annotations
 
+import math
+import threading
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -46,32 +48,56 @@ class AdapterReader:
         self.probe = probe
         self.hidden = dict(hidden or {})
         self.max_rank = max_rank
+        self._reading = threading.Lock()
 
     def read(self, path: Path, name: str, label: str | None = None, peft_cache: Path | None = None,
              probe: bool = True) -> Weights:
         """The checked weights of `path` (PEFT folders' conversions kept in `peft_cache`, default beside it);
-        `probe` False: content that passed the probe step before (the same version loaded again) skips it."""
+        `probe` False: content that passed the probe step before (the same version loaded again) skips it.
+
+        One file is read and checked at a time, whatever the threads asking: concurrent reads on a few cores
+        contend with the engine's thread for the CPU and the interpreter lock, so each read and every step between
+        them would take longer (benchmarks/NOTES.md#adapter-loads)."""
         label = label or f"adapter {name!r}"
         try:
             if path.is_dir():  # a PEFT folder: converted once, checked against the model, cached
                 path = convert_cached(path, self.lora_inputs, peft_cache or path.parent / CACHE)
-            params = open_onnx_adapter(path).params
-            feeds = model_feeds(params, self.lora_inputs, label)
+            with self._reading:
+                size = _size(path)
+                if size > self._largest_file():  # said from its metadata, never read into memory
+                    check_rank(ranks(model_feeds(open_onnx_adapter(path).params, self.lora_inputs, label)),
+                               self.max_rank, label)
+                    raise AdapterInvalid(f"{label} is {size} bytes, more than any adapter this server takes for "
+                                         f"this model can be (rank <= {self.max_rank})")
+                # a private copy read in one call: a rewrite of the file cannot reach a running request
+                params = open_onnx_adapter(path, private=True).params
+                feeds = model_feeds(params, self.lora_inputs, label)
+                check_rank(ranks(feeds), self.max_rank, label)
+                del params
+                self.check_finite(feeds, label, probe=False)
         except AdapterError as exc:
+            if isinstance(exc, AdapterInvalid):
+                raise
             message = str(exc).replace(str(path), label)
             for root, placeholder in self.hidden.items():
                 message = message.replace(str(root), placeholder)
             raise AdapterInvalid(message) from None
-        check_rank(ranks(feeds), self.max_rank, label)  # before any copy: a huge rank is refused cheaply
-        # private copies: the file's mapping is let go, so a rewrite of the file cannot reach a running request
-        feeds = {k: np.array(v, copy=True) if not v.flags.owndata else v for k, v in feeds.items()}
-        del params
-        self.check_finite(feeds, label, probe)
+        if probe:
+            self.check_finite(feeds, label, finite=False)
         return feeds
 
-    def check_finite(self, feeds: Weights, label: str, probe: bool = True) -> None:
-        """Refuse weights that hold NaN or infinities, or that make the probe step's logits so."""
-        bad = [k for k, v in feeds.items() if not np.isfinite(v).all()]
+    def _largest_file(self) -> float:
+        """Bytes no adapter within `max_rank` can exceed: every LoRA input at the maximum rank in float64, twice
+        over, and 1 MiB for names and tables (no limit without a maximum rank)."""
+        if self.max_rank is None:
+            return float("inf")
+        values = sum(math.prod(d if isinstance(d, int) else self.max_rank for d in li.shape)
+                     for li in self.lora_inputs.values())
+        return 2 * 8 * values + (1 << 20)
+
+    def check_finite(self, feeds: Weights, label: str, probe: bool = True, finite: bool = True) -> None:
+        """Refuse weights that hold NaN or infinities (`finite`), or that make the probe step's logits so (`probe`)."""
+        bad = [k for k, v in feeds.items() if not np.isfinite(v).all()] if finite else []
         if bad:
             raise AdapterInvalid(f"{label}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
                                  "infinite values")
@@ -97,6 +123,14 @@ class AdapterReader:
             raise AdapterInvalid(str(exc)) from None
         self.check_finite(params, f"adapter {label!r}")
         return params
+
+
+def _size(path: Path) -> int:
+    """The file's size; 0 where it cannot be read (opening it then says why)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def overflow_refusal(label: str) -> str:

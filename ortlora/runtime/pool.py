@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import itertools
+import math
 import threading
 from dataclasses import dataclass
 from typing import Mapping
@@ -55,6 +56,7 @@ class AdapterPool:
         self.occupant: list = [None] * (1 + capacity)  # the Adapter in each slot (slot 0: none, ever)
         self.where: dict[int, int] = {}  # adapter uid -> slot
         self._used = [0] * (1 + capacity)  # last use, for LRU eviction
+        self._written: list[dict[str, int]] = [{} for _ in range(1 + capacity)]  # see `_put`
         self._clock = itertools.count(1)
         # slot contents change on the engine's thread; `weights_of` may copy a slot out from any thread
         self._lock = threading.RLock()
@@ -75,36 +77,107 @@ class AdapterPool:
                     lent = lent or hasattr(adapter, "lend_to")
                 self._used[self.where[uid]] = now
             self._fit()
+            self._compact(adapters)
         if lent:  # the lent private copies were many small arrays: their pages stay in the heap unless trimmed
             _trim_heap()
         return {uid: self.where[uid] for uid in adapters}
 
     def _free_slot(self, needed: Mapping[int, object]) -> int:
-        """The lowest empty slot (keeps the bound run short), else the least recently used one not needed."""
+        """The lowest empty slot (keeps the bound run short), else one whose adapter is not `needed`: an idle one
+        (no request holds it) before a busy one; inside the run of busy slots if one is (a hole there is read by
+        every step for nothing), else the nearest to it; the least recently used among equals."""
         for s in range(1, 1 + self.capacity):
             if self.occupant[s] is None:
                 return s
-        candidates = [s for s in range(1, 1 + self.capacity) if self.occupant[s].uid not in needed]
-        return min(candidates, key=lambda s: self._used[s])
+        lo, hi = self._busy_span(needed)
+
+        def cost(s: int) -> tuple[bool, int, int]:
+            outside = 0 if hi < lo or lo <= s <= hi else min(abs(s - lo), abs(s - hi))  # hi < lo: none busy
+            return self._busy(s, needed), outside, self._used[s]
+
+        return min((s for s in range(1, 1 + self.capacity) if self.occupant[s].uid not in needed), key=cost)
+
+    def _busy(self, slot: int, needed: Mapping[int, object]) -> bool:
+        """Is `slot`'s adapter in this batch, or held by a running request (its owner's `refs`)?"""
+        held = self.occupant[slot]
+        return held is not None and (held.uid in needed or getattr(held, "refs", 0) > 0)
+
+    def _busy_span(self, needed: Mapping[int, object]) -> tuple[int, int]:
+        busy = [s for s in range(1, 1 + self.capacity) if self._busy(s, needed)]
+        return (busy[0], busy[-1]) if busy else (1, 0)
+
+    def _compact(self, needed: Mapping[int, object], moves: int = 2) -> None:
+        """(lock held) Close holes in the run of busy slots: the last busy slot's adapter moves into the first hole
+        (an empty slot, or one whose adapter no request holds: it leaves the pool, its weights private again).
+        Requests come and go one at a time, so busy adapters end up spread over the slots with idle ones between,
+        and every step reads the whole run (benchmarks/NOTES.md#adapter-registry); a move copies one adapter once.
+        At most `moves` a call."""
+        for _ in range(moves):
+            lo, hi = self._busy_span(needed)
+            hole = next((s for s in range(lo + 1, hi) if not self._busy(s, needed)), None)
+            if hole is None:
+                return
+            self.evict_slot(hole)
+            self._move(hi, hole)
+
+    def _move(self, src: int, dst: int) -> None:
+        """(lock held; `dst` empty) The adapter in `src` into `dst`: what `src` holds copied, what `dst` held beyond
+        it cleared (see `_put`)."""
+        for key, li in self.lora_inputs.items():
+            buf = self.buffers[li.name]
+            w, old = self._written[src].get(li.name, 0), self._written[dst].get(li.name, 0)
+            if is_dora_scale(key):
+                if w:
+                    buf[dst] = buf[src]
+                elif old:
+                    buf[dst] = 1
+            elif is_lora_a(key):
+                buf[dst][:, :w] = buf[src][:, :w]
+                if old > w:
+                    buf[dst][:, w:old] = 0
+            else:
+                buf[dst][:w] = buf[src][:w]
+                if old > w:
+                    buf[dst][w:old] = 0
+        adapter = self.occupant[src]
+        self._written[dst] = dict(self._written[src])
+        self.occupant[dst], self.occupant[src] = adapter, None
+        self.where[adapter.uid] = dst
+        self._used[dst] = self._used[src]
 
     def _put(self, slot: int, adapter) -> None:
-        """Copy `adapter`'s weights into `slot` (rank padded with zeros: exact). An adapter that can lend its
-        weights (`lend_to`: the adapters' owner's) then drops its private copy: the slot holds the only one."""
+        """Copy `adapter`'s weights into `slot` (rank padded with zeros: exact). Only what the slot's previous
+        occupant wrote beyond the new weights is cleared (`_written`: per slot, input -> rank written; a factor 1), so
+        a small adapter after a small one costs its own bytes, not the slot's. An adapter that can lend its weights
+        (`lend_to`: the adapters' owner's) then drops its private copy: the slot holds the only one."""
         self.evict_slot(slot)
         params = adapter.params
+        was, written = self._written[slot], {}
         for key, li in self.lora_inputs.items():
             block = self.buffers[li.name][slot]
             arr = params.get(li.name)
-            if is_dora_scale(key):
-                block[:] = 1 if arr is None else arr
-            elif arr is None:
-                block[:] = 0
-            elif is_lora_a(key):  # [in, r] into [in, R]
-                block[:, :arr.shape[1]] = arr
-                block[:, arr.shape[1]:] = 0
+            old = was.get(li.name, 0)
+            if is_dora_scale(key):  # [out]; ones where absent
+                if arr is not None:
+                    block[:] = arr
+                    written[li.name] = 1
+                elif old:
+                    block[:] = 1
+                continue
+            r = 0 if arr is None else arr.shape[1] if is_lora_a(key) else arr.shape[0]
+            if is_lora_a(key):  # [in, r] into [in, R]
+                if r:
+                    block[:, :r] = arr
+                if old > r:
+                    block[:, r:old] = 0
             else:  # [r, out] into [R, out]
-                block[:arr.shape[0]] = arr
-                block[arr.shape[0]:] = 0
+                if r:
+                    block[:r] = arr
+                if old > r:
+                    block[r:old] = 0
+            if r:
+                written[li.name] = r
+        self._written[slot] = written
         self.occupant[slot] = adapter
         self.where[adapter.uid] = slot
         if hasattr(adapter, "lend_to"):
@@ -120,15 +193,20 @@ class AdapterPool:
             return self._copy_out(slot, adapter)
 
     def _copy_out(self, slot: int, adapter) -> dict[str, np.ndarray]:
-        out = {}
+        """`adapter`'s weights out of `slot`, as views of one new allocation (freed whole when they go)."""
+        flat = np.empty(sum(math.prod(shape) for shape in adapter.shapes.values()), self.dtype)
+        out, at = {}, 0
         for name, shape in adapter.shapes.items():
+            n = math.prod(shape)
+            dst = out[name] = flat[at:at + n].reshape(shape)
+            at += n
             block = self.buffers[name][slot]
             if is_dora_scale(name):  # [out]
-                out[name] = block.copy()
+                dst[:] = block
             elif is_lora_a(name):  # [in, R] -> [in, r]
-                out[name] = block[:, :shape[1]].copy()
+                dst[:] = block[:, :shape[1]]
             else:  # [R, out] -> [r, out]
-                out[name] = block[:shape[0]].copy()
+                dst[:] = block[:shape[0]]
         return out
 
     def evict_slot(self, slot: int) -> None:
@@ -163,6 +241,7 @@ class AdapterPool:
         self.rank = rank
         self.generation += 1
         self.buffers = {}
+        self._written = [{} for _ in range(1 + self.capacity)]
         for key, li in self.lora_inputs.items():
             if is_dora_scale(key):
                 self.buffers[li.name] = np.ones((1 + self.capacity, li.shape[0]), self.dtype)
