@@ -97,7 +97,7 @@ def open_onnx_adapter(path: str | Path, private: bool = False) -> AdapterFile:
             size = f.seek(0, 2)
             if size == 0:
                 raise AdapterError(f"{path} is empty: not an .onnx_adapter file")
-            if private:
+            if private and size < _MAX_BUFFER:  # (a larger file is mapped: the parser refuses it unread)
                 buf = _read_whole(f, size, path)
             else:
                 buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -116,9 +116,6 @@ def open_onnx_adapter(path: str | Path, private: bool = False) -> AdapterFile:
 
 def _read_whole(f, size: int, path: Path) -> memoryview:
     """The file's bytes in one private, read-only allocation."""
-    if size >= _MAX_BUFFER:  # the parser would refuse it: do not allocate it first
-        raise AdapterError(f"{path} is not a valid .onnx_adapter file: it is {size} bytes; onnxruntime's adapter "
-                           "format holds under 2 GiB")
     data = np.empty(size, np.uint8)
     f.seek(0)
     view, got = memoryview(data), 0

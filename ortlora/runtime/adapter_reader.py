@@ -21,7 +21,7 @@ import numpy as np
 
 from ortlora import naming
 from ortlora.adapters.cached import convert_cached
-from ortlora.adapters.merge import combine
+from ortlora.adapters.merge import check_finite, combine
 from ortlora.adapters.onnx_adapter import open_onnx_adapter
 from ortlora.adapters.validate import LoraInput, model_feeds
 from ortlora.errors import AdapterError, AdapterInvalid
@@ -49,6 +49,11 @@ class AdapterReader:
         self.hidden = dict(hidden or {})
         self.max_rank = max_rank
         self._reading = threading.Lock()
+        # bytes no adapter within max_rank can exceed: every LoRA input at the maximum rank in float64, twice over,
+        # and 1 MiB for names and tables (no bound without a maximum rank)
+        self._largest_file = float("inf") if max_rank is None else 2 * 8 * sum(
+            math.prod(d if isinstance(d, int) else max_rank for d in li.shape) for li in self.lora_inputs.values()
+        ) + (1 << 20)
 
     def read(self, path: Path, name: str, label: str | None = None, peft_cache: Path | None = None,
              probe: bool = True) -> Weights:
@@ -64,7 +69,7 @@ class AdapterReader:
                 path = convert_cached(path, self.lora_inputs, peft_cache or path.parent / CACHE)
             with self._reading:
                 size = _size(path)
-                if size > self._largest_file():  # said from its metadata, never read into memory
+                if size > self._largest_file:  # said from its metadata, never read into memory
                     check_rank(ranks(model_feeds(open_onnx_adapter(path).params, self.lora_inputs, label)),
                                self.max_rank, label)
                     raise AdapterInvalid(f"{label} is {size} bytes, more than any adapter this server takes for "
@@ -74,37 +79,22 @@ class AdapterReader:
                 feeds = model_feeds(params, self.lora_inputs, label)
                 check_rank(ranks(feeds), self.max_rank, label)
                 del params
-                self.check_finite(feeds, label, probe=False)
+                check_finite(feeds, label)
+        except AdapterInvalid:
+            raise  # says `label`, never a path
         except AdapterError as exc:
-            if isinstance(exc, AdapterInvalid):
-                raise
             message = str(exc).replace(str(path), label)
             for root, placeholder in self.hidden.items():
                 message = message.replace(str(root), placeholder)
             raise AdapterInvalid(message) from None
         if probe:
-            self.check_finite(feeds, label, finite=False)
+            self._probe(feeds, label)
         return feeds
 
-    def _largest_file(self) -> float:
-        """Bytes no adapter within `max_rank` can exceed: every LoRA input at the maximum rank in float64, twice
-        over, and 1 MiB for names and tables (no limit without a maximum rank)."""
-        if self.max_rank is None:
-            return float("inf")
-        values = sum(math.prod(d if isinstance(d, int) else self.max_rank for d in li.shape)
-                     for li in self.lora_inputs.values())
-        return 2 * 8 * values + (1 << 20)
-
-    def check_finite(self, feeds: Weights, label: str, probe: bool = True, finite: bool = True) -> None:
-        """Refuse weights that hold NaN or infinities (`finite`), or that make the probe step's logits so (`probe`)."""
-        bad = [k for k, v in feeds.items() if not np.isfinite(v).all()] if finite else []
-        if bad:
-            raise AdapterInvalid(f"{label}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
-                                 "infinite values")
-        if probe and self.probe is not None and feeds:
-            logits = self.probe(feeds)
-            if not np.isfinite(logits).all():
-                raise AdapterInvalid(overflow_refusal(label))
+    def _probe(self, feeds: Weights, label: str) -> None:
+        """Refuse weights that make the probe step's logits NaN or infinite."""
+        if self.probe is not None and feeds and not np.isfinite(self.probe(feeds)).all():
+            raise AdapterInvalid(overflow_refusal(label))
 
     def combine(self, parts: Sequence, weights: Sequence[float], label: str,
                 base: Callable[[str], np.ndarray] | None) -> Weights:
@@ -121,7 +111,8 @@ class AdapterReader:
             params = combine([p.params for p in parts], list(weights), [f"adapter {p.name!r}" for p in parts], base)
         except AdapterError as exc:
             raise AdapterInvalid(str(exc)) from None
-        self.check_finite(params, f"adapter {label!r}")
+        check_finite(params, f"adapter {label!r}")
+        self._probe(params, f"adapter {label!r}")
         return params
 
 

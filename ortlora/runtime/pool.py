@@ -122,23 +122,10 @@ class AdapterPool:
 
     def _move(self, src: int, dst: int) -> None:
         """(lock held; `dst` empty) The adapter in `src` into `dst`: what `src` holds copied, what `dst` held beyond
-        it cleared (see `_put`)."""
+        it cleared (see `_write`)."""
         for key, li in self.lora_inputs.items():
-            buf = self.buffers[li.name]
-            w, old = self._written[src].get(li.name, 0), self._written[dst].get(li.name, 0)
-            if is_dora_scale(key):
-                if w:
-                    buf[dst] = buf[src]
-                elif old:
-                    buf[dst] = 1
-            elif is_lora_a(key):
-                buf[dst][:, :w] = buf[src][:, :w]
-                if old > w:
-                    buf[dst][:, w:old] = 0
-            else:
-                buf[dst][:w] = buf[src][:w]
-                if old > w:
-                    buf[dst][w:old] = 0
+            width = self._written[src].get(li.name, 0)
+            self._write(dst, key, li.name, _region(self.buffers[li.name][src], key, width) if width else None)
         adapter = self.occupant[src]
         self._written[dst] = dict(self._written[src])
         self.occupant[dst], self.occupant[src] = adapter, None
@@ -146,42 +133,40 @@ class AdapterPool:
         self._used[dst] = self._used[src]
 
     def _put(self, slot: int, adapter) -> None:
-        """Copy `adapter`'s weights into `slot` (rank padded with zeros: exact). Only what the slot's previous
-        occupant wrote beyond the new weights is cleared (`_written`: per slot, input -> rank written; a factor 1), so
-        a small adapter after a small one costs its own bytes, not the slot's. An adapter that can lend its weights
-        (`lend_to`: the adapters' owner's) then drops its private copy: the slot holds the only one."""
+        """Copy `adapter`'s weights into `slot` (rank padded with zeros: exact). An adapter that can lend its
+        weights (`lend_to`: the adapters' owner's) then drops its private copy: the slot holds the only one."""
         self.evict_slot(slot)
         params = adapter.params
-        was, written = self._written[slot], {}
+        written = {}
         for key, li in self.lora_inputs.items():
-            block = self.buffers[li.name][slot]
-            arr = params.get(li.name)
-            old = was.get(li.name, 0)
-            if is_dora_scale(key):  # [out]; ones where absent
-                if arr is not None:
-                    block[:] = arr
-                    written[li.name] = 1
-                elif old:
-                    block[:] = 1
-                continue
-            r = 0 if arr is None else arr.shape[1] if is_lora_a(key) else arr.shape[0]
-            if is_lora_a(key):  # [in, r] into [in, R]
-                if r:
-                    block[:, :r] = arr
-                if old > r:
-                    block[:, r:old] = 0
-            else:  # [r, out] into [R, out]
-                if r:
-                    block[:r] = arr
-                if old > r:
-                    block[r:old] = 0
-            if r:
-                written[li.name] = r
+            width = self._write(slot, key, li.name, params.get(li.name))
+            if width:
+                written[li.name] = width
         self._written[slot] = written
         self.occupant[slot] = adapter
         self.where[adapter.uid] = slot
         if hasattr(adapter, "lend_to"):
             adapter.lend_to(self)
+
+    def _write(self, slot: int, key: str, name: str, arr: np.ndarray | None) -> int:
+        """`arr` (A [in, r], B [r, out], a factor [out]; None: absent) into `slot`'s block of input `name`; returns
+        the width written (r, 1 for a factor, 0). Only what the slot's previous occupant wrote beyond it is cleared
+        (`_written`: per slot, input -> width written), so a small adapter after a small one costs its own bytes,
+        not the slot's."""
+        block = self.buffers[name][slot]
+        old = self._written[slot].get(name, 0)
+        if is_dora_scale(key):  # ones where absent
+            if arr is not None:
+                block[:] = arr
+            elif old:
+                block[:] = 1
+            return int(arr is not None)
+        width = 0 if arr is None else arr.shape[1] if is_lora_a(key) else arr.shape[0]
+        if width:
+            _region(block, key, width)[:] = arr
+        if old > width:
+            (block[:, width:old] if is_lora_a(key) else block[width:old])[:] = 0
+        return width
 
     def weights_of(self, adapter) -> dict[str, np.ndarray]:
         """A private copy of `adapter`'s weights as it gave them (shapes `adapter.shapes`), out of its slot; its
@@ -200,13 +185,7 @@ class AdapterPool:
             n = math.prod(shape)
             dst = out[name] = flat[at:at + n].reshape(shape)
             at += n
-            block = self.buffers[name][slot]
-            if is_dora_scale(name):  # [out]
-                dst[:] = block
-            elif is_lora_a(name):  # [in, R] -> [in, r]
-                dst[:] = block[:, :shape[1]]
-            else:  # [R, out] -> [r, out]
-                dst[:] = block[:shape[0]]
+            dst[:] = _region(self.buffers[name][slot], name, shape[1] if is_lora_a(name) else shape[0])
         return out
 
     def evict_slot(self, slot: int) -> None:
@@ -276,6 +255,14 @@ class AdapterPool:
         if dora:
             feeds[ROW_SLOT] = np.asarray(row_slots, np.int64) - first
         return Groups(first, len(members), feeds)
+
+
+def _region(block: np.ndarray, key: str, width: int) -> np.ndarray:
+    """The part of a slot's block that an adapter of rank `width` fills: A [in, R] -> [in, :width], B [R, out] ->
+    [:width, out], a DoRA factor [out] whole."""
+    if is_dora_scale(key):
+        return block
+    return block[:, :width] if is_lora_a(key) else block[:width]
 
 
 def _trim_heap() -> None:
