@@ -24,7 +24,7 @@ from ortlora.errors import ModelError, OrtloraError
 from ortlora.finetune import FinetuneArgs, FinetuneResult
 from ortlora.finetune import state as files
 from ortlora.finetune.data import IGNORE, Example, collate, load_examples
-from ortlora.fileutil import write_json
+from ortlora.fileutil import remove_stale_temps, write_json
 from ortlora.finetune.parallel import Processes
 
 CAUSAL_SUFFIXES = ("ForCausalLM",)
@@ -430,6 +430,9 @@ def _run(args: FinetuneArgs, progress: bool, callbacks: Sequence[Callable[[dict]
         last = None
         if step > 0 and step not in saved_steps:
             last = files.save_checkpoint(out, step, model, optimizer, scaler, snapshot(), args.save_total_limit)
+        # a save the signal cut short removes its temporary, unless the signal came between the temporary's
+        # creation and the cleanup's start: this process was the only writer here, so none of these is live
+        remove_stale_temps(out / files.CHECKPOINTS, grace=0)
         write_json(out / files.TRAINER_STATE, {**snapshot(), "interrupted": True})
         last = last or (files.checkpoints(out)[-1][1] if files.checkpoints(out) else None)
         print(f"interrupted at step {step}; " + (f"checkpoint {last}; continue with --resume" if last else
