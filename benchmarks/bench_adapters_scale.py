@@ -352,8 +352,8 @@ def traffic(args, folders, peft_root, names, results) -> None:
 
 def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: list[list[int]], log: Path) -> dict:
     """One fresh server, one pass of the traffic: throughput, TTFT cold/warm, RSS and adapter metrics."""
-    server = ortlora_server(folder, adapters, log,
-                            "--max-batch", str(args.concurrency), "--max-loaded-adapters", str(args.max_loaded))
+    server = ortlora_server(folder, adapters, log, "--max-batch", str(args.concurrency),
+                            "--max-loaded-adapters", str(args.max_loaded), *args.server_args.split())
     try:
         asyncio.run(run_traffic(server.url, ["base"], [batch[0]], 2, 1))  # warms the allocator, no adapter
         engine_rss = server.rss()
@@ -371,6 +371,9 @@ def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: l
              load_s_mean=(family(after, "ortlora_adapter_load_seconds_sum")
                           / max(1.0, family(after, "ortlora_adapter_load_seconds_count"))),
              decode_steps=family(after, "ortlora_decode_steps_total") - family(before, "ortlora_decode_steps_total"),
+             prompt_runs=family(after, "ortlora_prefill_runs_total") - family(before, "ortlora_prefill_runs_total"),
+             prompt_runs_merged=(family(after, "ortlora_prefill_runs_merged_total")
+                                 - family(before, "ortlora_prefill_runs_merged_total")),
              adapters_per_step=((family(after, "ortlora_decode_batch_adapters_sum")
                                  - family(before, "ortlora_decode_batch_adapters_sum"))
                                 / max(1.0, family(after, "ortlora_decode_steps_total")
@@ -558,6 +561,8 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
     p.add_argument("--rounds", type=int, default=1, help="traffic: rounds of both traffics, alternating")
+    p.add_argument("--server-args", default="", help="more `ortlora serve` flags for the traffic's servers "
+                                                     "(e.g. '--separate-prompt-runs')")
     p.add_argument("--parts", nargs="+", default=["traffic", "vllm", "listing", "tenants"],
                    choices=["traffic", "vllm", "listing", "tenants"])
     p.add_argument("--vllm-venv", default="/work/vllm-venv")

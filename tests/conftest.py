@@ -74,7 +74,8 @@ LAYERS = {
     "scenario": {"test_runtime", "test_runtime_adapters", "test_runtime_packing", "test_runtime_sampling",
                  "test_runtime_structured", "test_engine_scale", "test_adapter_variants", "test_adapter_fuzz",
                  "test_adapters_cached", "test_convert", "test_export", "test_int8", "test_quantize",
-                 "test_finetune", "test_olive_commands", "test_generate_cli", "test_cli_errors", "test_quickstart"},
+                 "test_finetune", "test_olive_commands", "test_generate_cli", "test_cli_errors", "test_quickstart",
+                 "test_unified"},
     # real `ortlora serve` processes on 127.0.0.1 with real clients
     "server": {"test_serve", "test_serve_api", "test_serve_budget", "test_serve_clients", "test_serve_quickstart",
                "test_serve_hostile", "test_serve_isolation", "test_serve_adapter_mix", "test_serve_adapter_sources"},

@@ -62,9 +62,9 @@ def test_engine_packs_rows_in_any_slots_and_refuses_rows_with_a_past(lora):
                                     dict(max_num_batched_tokens=256, prefill_chunk=16),
                                     dict(max_num_batched_tokens=2048)])
 def test_the_same_greedy_tokens_whatever_the_packing(lora, model, budget):
-    """Prompts of several lengths arriving in two waves (the second while the first decodes), with prefix-cache
-    hits (a shared 40-token head), pasts of different lengths, and a request preempted and resumed: every row gets
-    the tokens it gets alone, under small and large step budgets."""
+    """Prompts of several lengths arriving in two waves (the second while the first decodes, so prompt runs share
+    decode steps' runs), with prefix-cache hits (a shared 40-token head), pasts of different lengths, and a request
+    preempted and resumed: every row gets the tokens it gets alone, under small and large step budgets."""
     from ortlora.runtime.batch import Batch
     from ortlora.runtime.request import Request
 
@@ -82,10 +82,11 @@ def test_the_same_greedy_tokens_whatever_the_packing(lora, model, budget):
                     model.adapters.acquire(a), eos_ids=model.eos_ids) for p, a in zip(prompts, adapters)]
     for r in reqs[:3]:
         batch.add(r)
-    step, packed = 0, 0
+    step, packed, merged = 0, 0, 0
     while batch:
         batch.step()
         packed = max(packed, max((len(r.pieces) for r in batch.last_runs), default=0))
+        merged += batch.last_merged is not None
         step += 1
         if step == 2:
             for r in reqs[3:]:
@@ -95,6 +96,7 @@ def test_the_same_greedy_tokens_whatever_the_packing(lora, model, budget):
             batch.add(reqs[0])
     assert [r.token_ids for r in reqs] == singles
     assert model.engine.prefix_cache.hits > 0  # the second wave found the first's prefix
+    assert merged > 0  # prompt work shared decode steps' runs (Engine.step)
     if budget["max_num_batched_tokens"] >= 64:
         assert packed >= 2  # prompts shared runs (a budget of 8 tokens chunks every prompt: each runs alone)
     assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
@@ -115,6 +117,9 @@ def test_prompt_logprobs_through_the_engine_equal_transformers(lora, model, adap
     runs = []
     engine_run = model.engine.run
     monkeypatch.setattr(model.engine, "run", lambda rows: (runs.append(len(rows[0].tokens)), engine_run(rows))[1])
+    engine_step = model.engine.step  # a chunk may share a decode step's run (Engine.step)
+    monkeypatch.setattr(model.engine, "step",
+                        lambda rows, prompt: (runs.append(len(prompt[0].tokens)), engine_step(rows, prompt))[1])
     busy = model.stream(PROMPTS[1], "a1", max_new_tokens=80, ignore_eos=True)
     next(busy)  # decoding: the prompt below is prefilled in chunks between its steps
     chunks = list(model.stream(prompt, adapter, max_new_tokens=0, prompt_logprobs=3))

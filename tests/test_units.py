@@ -296,6 +296,7 @@ class FakeBatch:
         self.order = []
         self.forgotten = []
         self.last_runs = []  # the prompt runs of the last step (none: this fake has no prompt work)
+        self.last_merged = None  # and the one that shared the decode run
 
     @property
     def free_slots(self):

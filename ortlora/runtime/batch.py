@@ -49,6 +49,7 @@ class Batch:
         self._fed: dict[Request, int] = {}  # context tokens in the slot, per prefilling request
         self.last_runs: list[planner.Run] = []  # the prompt runs of the last step (for metrics and tests)
         self.last_budget = 0.0  # and the token budget they were planned against
+        self.last_merged: planner.Run | None = None  # the one of them that ran with the decode rows, if one did
 
     def __bool__(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -82,9 +83,14 @@ class Batch:
         self.last_budget = self.budget.tokens(len(decoding), len(self.prefilling))
         runs = planner.plan(self._prompts(), self.last_budget, self.budget.limits())
         self.last_runs = runs
+        merged = self._mergeable(runs, decoding)
+        self.last_merged = merged
         for run in runs:
-            self._prefill(run, events)
-        if decoding:
+            if run is not merged:
+                self._prefill(run, events)
+        if merged is not None:
+            self._decode_with(decoding, merged, events)
+        elif decoding:
             self._decode(decoding, events)
         for req, _ in events:
             if req.finished:
@@ -143,8 +149,7 @@ class Batch:
     def _prefill(self, run: planner.Run, events: list) -> None:
         """One planned run; if the engine refuses it, each row alone finds the one at fault."""
         reqs = [p.key for p in run.pieces]
-        rows = [Row(req.slot, req.context[self._fed[req]:self._fed[req] + p.tokens], req.adapter, p.logits)
-                for req, p in zip(reqs, run.pieces)]
+        rows = self._rows(run)
         t0 = time.perf_counter()
         try:
             out = self.engine.run(rows)
@@ -158,6 +163,31 @@ class Batch:
         self.budget.observe_prefill(run.padded, time.perf_counter() - t0)
         for req, row, logits in zip(reqs, rows, out):
             self._prefilled(req, len(row.tokens), logits, events)
+
+    def _rows(self, run: planner.Run) -> list[Row]:
+        return [Row(p.key.slot, p.key.context[self._fed[p.key]:self._fed[p.key] + p.tokens], p.key.adapter, p.logits)
+                for p in run.pieces]
+
+    def _mergeable(self, runs: list[planner.Run], decoding: list[Request]) -> planner.Run | None:
+        """The first of `runs` the engine can run with the decode rows (Engine.step: one pass over the weights for
+        both), if the engine can merge at all."""
+        if not decoding or not getattr(self.engine, "unified", False):
+            return None
+        rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
+        return next((run for run in runs if self.engine.mergeable(rows, self._rows(run))), None)
+
+    def _decode_with(self, decoding: list[Request], run: planner.Run, events: list) -> None:
+        """The decode rows and prompt run `run` in one engine run; if it fails, each apart (finding the fault)."""
+        rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
+        try:
+            logits, out = self.engine.step(rows, self._rows(run))
+        except Exception:  # noqa: BLE001 - nothing was kept: the two runs apart find the request at fault
+            self._prefill(run, events)
+            self._decode(decoding, events)
+            return
+        events += [(r, r.feed(logits[i], self._full(r))) for i, r in enumerate(decoding)]
+        for piece, logits in zip(run.pieces, out):
+            self._prefilled(piece.key, piece.tokens, logits, events)
 
     def _prefilled(self, req: Request, n: int, logits: np.ndarray, events: list) -> None:
         """`n` more tokens of `req`'s context are in its slot; `logits` those of the run's last positions of it."""

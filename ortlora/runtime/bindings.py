@@ -30,6 +30,7 @@ class BindingKey(NamedTuple):
     hi: int
     last_only: bool  # decode: one position per row, into a persistent output buffer
     lora: int | PoolKey  # 0: no adapter; else the pool slots (and inputs) the run binds
+    prompt: bool = False  # a unified step's: its prompt group's inputs are bound too (engine.Engine.step)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Binding:
     keep: ort.OrtValue | None = None  # decode's num_logits_to_keep = 1 or logits_rows = [0, hi - lo)
     inputs: tuple[ort.OrtValue, ort.OrtValue] | None = None  # decode's persistent input_ids / attention_mask
     groups: dict[str, tuple[np.ndarray, ort.OrtValue]] = field(default_factory=dict)  # the row grouping bound
+    prompt_lora: object = None  # a unified step's: the pool range its prompt group's LoRA inputs are bound to
+    prompt_held: list = field(default_factory=list)  # and the values bound there
 
 
 @dataclass

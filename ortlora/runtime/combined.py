@@ -33,7 +33,7 @@ from ortlora.runtime import multi_lora
 
 LOGITS_ROWS = "logits_rows"  # int64 [N]: flat positions (row * width + position) whose logits a run computes
 _CAP_OPS = ("Identity", "Mul", "Div", "Tanh")  # between the LM head's MatMul and `logits` (gemma2's soft-capping)
-_HEAD_OPS = ("MatMul", "FusedMatMul", "MatMulNBits")
+_HEAD_OPS = ("MatMul", "FusedMatMul", "MatMulNBits", "MatMulIntegerToFloat")
 
 
 def engine_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -> onnx.ModelProto:
@@ -78,15 +78,25 @@ def gather_logits_rows(proto: onnx.ModelProto) -> bool:
     if node is None or node.op_type not in _HEAD_OPS or LOGITS_ROWS in {i.name for i in graph.input}:
         return False
     x = node.input[0]
+    if node.op_type == "MatMulIntegerToFloat":  # int8: the row-quantized activation; its float rows are picked
+        quantize = producer.get(x)
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            return False
+        x = quantize.input[0]
+    path = _ancestors(node, producer) | {id(node)}
     sliced = producer.get(x)
     if sliced is not None and sliced.op_type == "Slice":
-        x = sliced.input[0]
+        source = sliced.input[0]
+    else:
+        source = x
+    readers = [n for n in graph.node if id(n) in path and x in n.input]
     flat, rows, picked = "logits_rows/flat", "logits_rows/rows", "logits_rows/picked"
-    head = list(graph.node).index(node)
-    graph.node.insert(head, helper.make_node("Unsqueeze", [rows, "logits_rows/axis"], [picked], name=picked))
-    graph.node.insert(head, helper.make_node("Gather", [flat, LOGITS_ROWS], [rows], name=rows, axis=0))
-    graph.node.insert(head, helper.make_node("Flatten", [x], [flat], name=flat, axis=2))
-    node.input[0] = picked
+    at = min(list(graph.node).index(n) for n in readers)
+    graph.node.insert(at, helper.make_node("Unsqueeze", [rows, "logits_rows/axis"], [picked], name=picked))
+    graph.node.insert(at, helper.make_node("Gather", [flat, LOGITS_ROWS], [rows], name=rows, axis=0))
+    graph.node.insert(at, helper.make_node("Flatten", [source], [flat], name=flat, axis=2))
+    for n in readers:
+        n.input[:] = [picked if i == x else i for i in n.input]
     graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "logits_rows/axis"))
     graph.input.append(helper.make_tensor_value_info(LOGITS_ROWS, onnx.TensorProto.INT64, ["logits_rows"]))
     _drop_dead(graph)
@@ -95,6 +105,19 @@ def gather_logits_rows(proto: onnx.ModelProto) -> bool:
             dims = out.type.tensor_type.shape.dim
             dims[0].dim_param, dims[1].dim_value = "logits_rows", 1
     return True
+
+
+def _ancestors(node: onnx.NodeProto, producer: dict) -> set[int]:
+    """ids of the nodes `node` reads from, directly or not."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        for i in stack.pop().input:
+            dep = producer.get(i)
+            if dep is not None and id(dep) not in seen:
+                seen.add(id(dep))
+                stack.append(dep)
+    return seen
 
 
 def _drop_dead(graph: onnx.GraphProto) -> None:

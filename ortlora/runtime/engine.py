@@ -43,7 +43,7 @@ from ortlora.adapters.validate import load_model_proto, model_lora_inputs
 from ortlora.errors import ModelError, OrtloraError
 from ortlora.model_folder import ModelInfo
 from ortlora.naming import is_dora_scale
-from ortlora.runtime import combined, hugepages
+from ortlora.runtime import combined, hugepages, unified
 from ortlora.runtime.bindings import Binding, BindingKey, DecodeInputs, Graph, LoraRun, PoolKey, ort_value
 from ortlora.runtime.pool import AdapterPool
 from ortlora.runtime.prefix_cache import PrefixCache
@@ -82,10 +82,11 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 class Engine:
     def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
                  pool: AdapterPool | None = None, provider: str | None = None,
-                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, unified_steps: bool = True):
         """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given.
         `provider`: the execution provider, None for genai_config.json's (see providers.py). `prefix_cache_bytes`:
-        the bound of the prompt prefixes' KV kept for later requests (prefix_cache.py); 0 turns it off."""
+        the bound of the prompt prefixes' KV kept for later requests (prefix_cache.py); 0 turns it off.
+        `unified_steps`: let `step` run decode rows and a prompt in one run (unified.py; off: always two)."""
         self.provider = provider
         self.info = ModelInfo.read(folder)
         self.folder = self.info.folder
@@ -104,6 +105,8 @@ class Engine:
         # data found where the folder's files resolve to (a folder of symlinks loads too)
         del proto
         model = combined.engine_model(self.model_path, self.lora_inputs)
+        # a step's decode rows and one prompt run in one pass over the weights, where the graph's form allows
+        self.unified = unified_steps and unified.add_prompt_group(model)
         so = session_options(self.threads)
         data = combined.relocate_external_data(model, self.folder)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data))
@@ -128,6 +131,7 @@ class Engine:
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
         self._decode_inputs: dict[int, DecodeInputs] = {}  # per hi
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.rank0: dict[str, ort.OrtValue] | None = None  # a unified step's unbound prompt LoRA inputs
 
     def _session(self, model: str | bytes, so: ort.SessionOptions) -> ort.InferenceSession:
         before = hugepages.anonymous_regions() if self._huge_pages else set()
@@ -239,7 +243,7 @@ class Engine:
         positions = np.concatenate(wanted)
         shape = (len(rows), self.info.kv_heads, width, self.info.head_dim)
         staging = {name: np.empty(shape, self.dtype) for name in self.kv}
-        lora = self._lora([r.adapter for r in rows])
+        lora = self._lora([r.adapter for r in rows for _ in range(width if self.unified else 1)])
         io = self._graph.session.io_binding()
         for past_name, present_name in self.info.kv_names():
             value = ort_value(staging[past_name])
@@ -303,6 +307,61 @@ class Engine:
             return logits[:, -1]  # a view: a copy costs page faults (benchmarks/NOTES.md#engine-step-costs)
         return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
 
+    # -- a decode step and a prompt run in one pass over the weights (unified.py) -----------------------------
+    def mergeable(self, decode_rows: Sequence[Row], prompt_rows: Sequence[Row]) -> bool:
+        """Can `prompt_rows` (one prefill run, as `run` takes it) share the run of `decode_rows` (`step`)? With a
+        prompt group in the graph: rows over empty slots, or one row over a past the decode rows do not bind."""
+        if not (self.unified and decode_rows and prompt_rows):
+            return False
+        if all(self.packable(r) for r in prompt_rows):
+            return True
+        return len(prompt_rows) == 1 and prompt_rows[0].slot > max(r.slot for r in decode_rows)
+
+    def step(self, decode_rows: Sequence[Row], prompt_rows: Sequence[Row]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`decode(decode_rows)` and `run(prompt_rows)` as one run (see `mergeable`): the weights are read once for
+        both. Returns what those two return."""
+        if not self.mergeable(decode_rows, prompt_rows):
+            raise OrtloraError("these prompt rows cannot share the decode rows' run")
+        slots = self._check_decode(decode_rows)
+        for row in prompt_rows:
+            self._check_room(row)
+        taken = [r.slot for r in prompt_rows] + slots
+        if len(set(taken)) != len(taken):
+            raise OrtloraError(f"rows of one run share a slot: {taken}")
+        hi = max(slots) + 1
+        inputs = self._decode_inputs.get(hi) or self._decode_inputs.setdefault(hi, DecodeInputs.make(hi, self.max_len))
+        tokens = np.zeros(hi, np.int64)
+        tokens[slots] = [r.tokens[0] for r in decode_rows]
+        inputs.fill(tokens, np.minimum(self.lengths[:hi] + 1, self.max_len))
+        full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
+        decode_adapters = [None] * hi
+        for r in decode_rows:
+            decode_adapters[r.slot] = r.adapter
+        prompt = unified.PromptGroup.make(self, prompt_rows)
+        distinct = {a.uid: a for a in decode_adapters + prompt.adapters if a is not None}
+        slot_of = self._place(distinct) if distinct and self.lora_inputs else {}
+        lora = self._lora(decode_adapters, slot_of)
+        b = self._binding(lora, BindingKey(0, hi, False, lora.key, prompt=True))
+        if b.inputs is not inputs.values:
+            b.io.bind_ortvalue_input("input_ids", inputs.values[0])
+            b.io.bind_ortvalue_input("attention_mask", inputs.values[1])
+            b.inputs = inputs.values
+        for name, arr in lora.feeds.items():
+            bound = b.groups.get(name)
+            if bound is None or not np.array_equal(bound[0], arr):
+                b.groups[name] = (arr, ort_value(arr))
+                b.io.bind_ortvalue_input(name, b.groups[name][1])
+        held = prompt.bind(self, b, slot_of)
+        rows = np.concatenate([np.arange(hi), prompt.positions + hi])
+        held.append(ort_value(rows))
+        b.io.bind_ortvalue_input(ROWS, held[-1])
+        b.io.bind_output("logits")
+        self._graph.session.run_with_iobinding(b.io)
+        logits = b.io.get_outputs()[len(b.kv)].numpy()
+        self.lengths[slots] += 1
+        self.lengths[full] = self.max_len - 1
+        return logits[slots, 0].astype(np.float32), prompt.finish(self, logits[hi:, 0].astype(np.float32))
+
     def _check_decode(self, rows: Sequence[Row]) -> list[int]:
         slots = [r.slot for r in rows]
         if len(set(slots)) != len(slots):
@@ -320,7 +379,8 @@ class Engine:
         ids = np.asarray([[t % self.info.vocab_size for t in tokens]], np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if self.lora_inputs:  # a pool of one slot (see _lora)
-            feeds.update(self._one_slot_inputs(1), **{name: arr[None] for name, arr in params.items()})
+            rows = ids.shape[1] if self.unified else 1  # the LoRA rows: tokens in the unified graph
+            feeds.update(self.one_slot_inputs(rows), **{name: arr[None] for name, arr in params.items()})
         empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), self.dtype)
         feeds.update({past_name: empty for past_name, _ in self.info.kv_names()})
         if self.has_rows:
@@ -336,6 +396,8 @@ class Engine:
         """One run over slots [lo, hi) bound as the cache; returns logits [positions, vocab] for one row's
         `positions`, or (decode: None) [hi - lo, 1, vocab] for every row's one position. `values`: OrtValues over
         `ids` and `mask`."""
+        if self.unified and ids.shape[1] > 1:  # its LoRA rows are tokens (unified.py)
+            adapters = [a for a in adapters for _ in range(ids.shape[1])]
         lora = self._lora(adapters)
         last_only = positions is None
         b = self._binding(lora, BindingKey(lo, hi, last_only, lora.key))
@@ -358,7 +420,16 @@ class Engine:
             return b.logits
         return self._pick(b.io.get_outputs()[len(b.kv)].numpy(), positions, ids.shape[1], hi - lo)
 
-    def _lora(self, adapters: Sequence) -> LoraRun:
+    def _place(self, distinct: dict) -> dict[int, int]:
+        """Pool slots for `distinct` (uid -> adapter), all of one run; a rebuilt pool drops the bindings."""
+        pool = self._adapter_pool()
+        generation = pool.generation
+        slot_of = pool.place(distinct)
+        if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
+            self._graph.bindings.clear()
+        return slot_of
+
+    def _lora(self, adapters: Sequence, slot_of: dict[int, int] | None = None) -> LoraRun:
         """Rows with adapters: the pool, whose slots hold them (one adapter on every row = one slot bound; the pool
         holds the only copy of a placed adapter's weights). No adapter: nothing bound, the LoRA inputs keep their
         rank-0 defaults (every bound input costs onnxruntime time on each run)."""
@@ -366,13 +437,12 @@ class Engine:
         if not self.lora_inputs:
             return LoraRun(0, dict, {})
         if not distinct:
-            fixed = self._one_slot_inputs(len(adapters))
+            fixed = self.one_slot_inputs(len(adapters))
+            if self.unified:  # rows are tokens: their count varies between runs of one binding
+                return LoraRun(0, dict, fixed)
             return LoraRun(0, lambda: dict(fixed), {})
         pool = self._adapter_pool()
-        generation = pool.generation
-        slot_of = pool.place(distinct)
-        if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
-            self._graph.bindings.clear()
+        slot_of = self._place(distinct) if slot_of is None else slot_of
         groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
         if groups.count == 1:  # one adapter on every row: its modules' slot views; the rest keep rank-0 defaults
             (adapter,) = distinct.values()
@@ -415,7 +485,7 @@ class Engine:
             bindings.popitem(last=False)
         return found
 
-    def _one_slot_inputs(self, rows: int) -> dict[str, np.ndarray]:
+    def one_slot_inputs(self, rows: int) -> dict[str, np.ndarray]:
         """The index inputs of a run whose `rows` rows all meet one pool slot (made once per row count)."""
         found = self._one_slot.get(rows)
         if found is None:
@@ -441,4 +511,5 @@ class Engine:
             self.prefix_cache.forget(adapter.uid)
         for key in [k for k in self._graph.bindings if isinstance(k.lora, PoolKey) and k.lora.only == adapter.uid]:
             del self._graph.bindings[key]
+
 

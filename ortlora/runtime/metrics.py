@@ -165,7 +165,10 @@ class Metrics:
         self.finished = Counter("ortlora_requests_finished", "generation requests finished", ("reason",))
         self.decode_steps = Counter("ortlora_decode_steps", "batched decode steps run")
         self.prefills = Counter("ortlora_prefill_steps", "requests admitted to prefill")
-        self.prefill_runs = Counter("ortlora_prefill_runs", "prompt runs (each a pass over the weights)")
+        self.prefill_runs = Counter("ortlora_prefill_runs", "prompt runs (each a pass over the weights, but those "
+                                    "counted in ortlora_prefill_runs_merged)")
+        self.prefill_runs_merged = Counter("ortlora_prefill_runs_merged",
+                                           "prompt runs that shared a decode step's pass over the weights")
         self.prefill_run_rows = Histogram("ortlora_prefill_run_rows", "prompts packed into one prompt run", sizes)
         self.preemptions = Counter("ortlora_preemptions", "running requests paused for a tenant below its fair share "
                                    "of slots (resumed later by recomputing their prefix)")

@@ -418,6 +418,8 @@ class Scheduler:
         for run in self.batch.last_runs:
             self.metrics.prefill_runs.inc()
             self.metrics.prefill_run_rows.observe(len(run.pieces))
+        if getattr(self.batch, "last_merged", None) is not None:
+            self.metrics.prefill_runs_merged.inc()
         if decoding:
             distinct = len({r.adapter.uid if r.adapter is not None else 0 for r in decoding})
             self.metrics.decode_steps.inc()
