@@ -562,7 +562,7 @@ def main() -> None:
     p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
     p.add_argument("--rounds", type=int, default=1, help="traffic: rounds of both traffics, alternating")
     p.add_argument("--server-args", default="", help="more `ortlora serve` flags for the traffic's servers "
-                                                     "(e.g. '--separate-prompt-runs')")
+                                                     "(e.g. '--unified-steps')")
     p.add_argument("--parts", nargs="+", default=["traffic", "vllm", "listing", "tenants"],
                    choices=["traffic", "vllm", "listing", "tenants"])
     p.add_argument("--vllm-venv", default="/work/vllm-venv")

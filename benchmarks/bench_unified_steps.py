@@ -5,12 +5,15 @@ missing).
     python benchmarks/bench_unified_steps.py [--precisions int8 fp32 int4] [--parts engine traffic] [--rounds 2]
         [--unique 100] [--workdir /tmp/ortlora-scale-adapters]
 
-engine: Qwen2.5-0.5B shape, 16 slots, rank-16 all-linear adapters, decode rows over 40-token pasts: (1) a decode
-    step alone, in an engine whose graph has the prompt group and in one without (the scratch prompt token's cost);
-    (2) a decode step of D rows plus a fresh prompt of P tokens, as one run (`Engine.step`) and as the two runs
-    apart (`run`, then `decode`). Interleaved rounds, medians of each round's repeats; every round's figure shown.
+engine: Qwen2.5-0.5B shape, 16 slots, the 8 largest adapters of the mix (all-linear rank 16), decode rows over
+    40-token pasts: (1) a decode step alone, in an engine whose graph has the prompt group and in one without (the
+    scratch prompt token's cost); (2) a decode step of D rows plus a fresh prompt of P tokens, as one run
+    (`Engine.step`) and as the two runs apart (`run`, then `decode`). The two engines alternate call by call; the
+    median of each round's calls, every round shown.
 traffic: the closed-loop traffic of bench_adapters_scale.py (8 and 1,000 adapters), one fresh server a run, with
-    and without `--separate-prompt-runs`, the four alternating in each round: tok/s, prompt runs, merged runs.
+    and without `--unified-steps`, the four alternating in each round: tok/s, prompt runs, merged runs;
+prefill: packed prompt runs alone (16 x 32, 4 x 128, 1 x 32 tokens) in both engines: what the prompt group costs a
+    run that has no decode rows.
 """
 
 from __future__ import annotations
@@ -47,22 +50,36 @@ def engine_part(args, folders, peft_root, names, results) -> None:
             for s in range(15):  # 15 decode rows over 40-token pasts, 8 adapters among them
                 engine.run([Row(s, rng.integers(0, vocab, 40).tolist(), loaded[s % 8], 1)])
             engines[label] = (engine, loaded)
-        cases = [(d, p) for d in (4, 15) for p in (16, 64)]
+        cases = [(15, 0)] + [(d, p) for d in (4, 15) for p in (16, 64)]
         times: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for label, (engine, loaded) in engines.items():
-                decode = [Row(s, [7], loaded[s % 8]) for s in range(15)]
-                times.setdefault(f"decode 15 rows, {label} graph", []).append(
-                    _median(lambda: _undo(engine, decode, []) or engine.decode(decode), args.repeats))
-                for d, p in cases:
-                    rows = decode[:d]
-                    prompt = [Row(15, rng.integers(0, 1000, p).tolist(), loaded[3], 1)]
-                    if label == "one run":
-                        fn = lambda: (_undo(engine, rows, prompt), engine.step(rows, prompt))  # noqa: E731
-                    else:
-                        fn = lambda: (_undo(engine, rows, prompt), engine.run(prompt), engine.decode(rows))  # noqa: E731
-                    times.setdefault(f"{d} decode rows + {p}-token prompt, {label}", []).append(
-                        _median(fn, args.repeats))
+            for d, p in cases:  # the two engines alternate call by call: the machine's drift hits both alike
+                calls = {label: _call(engine, loaded, d, p, rng) for label, (engine, loaded) in engines.items()}
+                for fn in calls.values():
+                    fn()  # warm: onnxruntime plans memory for the shapes
+                got: dict[str, list[float]] = {label: [] for label in calls}
+                for _ in range(args.repeats):
+                    for label, fn in calls.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        got[label].append(time.perf_counter() - t0)
+                case = f"{d} decode rows" + (f" + {p}-token prompt" if p else "")
+                for label, ts in got.items():
+                    times.setdefault(f"{case}, {label}", []).append(statistics.median(ts))
+        for _ in range(args.rounds):  # prompt runs alone: what the prompt group costs a run without decode rows
+            for n, w in ((16, 32), (4, 128), (1, 32)):
+                calls = {label: _prefill_call(engine, loaded, n, w, rng) for label, (engine, loaded) in engines.items()}
+                for fn in calls.values():
+                    fn()
+                got = {label: [] for label in calls}
+                for _ in range(args.repeats):
+                    for label, fn in calls.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        got[label].append(time.perf_counter() - t0)
+                for label, ts in got.items():
+                    times.setdefault(f"prompt run {n} x {w} tokens alone, {label} graph", []).append(
+                        statistics.median(ts))
         out = {k: {"ms_per_round": [round(1e3 * t, 1) for t in v], "ms_median": round(1e3 * statistics.median(v), 1)}
                for k, v in times.items()}
         results[f"engine {precision}"] = out
@@ -71,22 +88,38 @@ def engine_part(args, folders, peft_root, names, results) -> None:
         del engines
 
 
-def _undo(engine, rows, prompt) -> None:
-    """The slots as before the timed call: decode rows back to their past, the prompt's slot empty."""
-    for r in rows:
-        engine.lengths[r.slot] = 40
-    for r in prompt:
-        engine.lengths[r.slot] = 0
+def _call(engine, loaded, d: int, p: int, rng):
+    """A timed call: d decode rows (and a fresh p-token prompt in the slot after them) as the engine runs them,
+    the slots put back as they were first."""
+    from ortlora.runtime.engine import Row
+
+    rows = [Row(s, [7], loaded[s % 8]) for s in range(d)]
+    prompt = [Row(15, rng.integers(0, 1000, p).tolist(), loaded[3], 1)] if p else []
+
+    def call():
+        for r in rows:  # decode rows back to their 40-token past, the prompt's slot empty
+            engine.lengths[r.slot] = 40
+        engine.lengths[15] = 0
+        if not prompt:
+            engine.decode(rows)
+        elif engine.unified:
+            engine.step(rows, prompt)
+        else:
+            engine.run(prompt)
+            engine.decode(rows)
+    return call
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm: onnxruntime plans memory for the shapes
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _prefill_call(engine, loaded, n: int, w: int, rng):
+    """A timed call: n fresh prompts of w tokens (the 8 adapters in turn) packed in one run."""
+    from ortlora.runtime.engine import Row
+
+    rows = [Row(s, rng.integers(0, 1000, w).tolist(), loaded[s % 8], 1) for s in range(n)]
+
+    def call():
+        engine.lengths[:n] = 0
+        engine.run(rows)
+    return call
 
 
 def traffic_part(args, folders, peft_root, names, results) -> None:
@@ -97,7 +130,7 @@ def traffic_part(args, folders, peft_root, names, results) -> None:
     order = list(range(len(names)))
     random.Random(2).shuffle(order)  # as bench_adapters_scale.traffic
     traffics = {"8": [names[order[k % 8]] for k in ranks], str(len(names)): [names[order[k]] for k in ranks]}
-    modes = {"one run": "", "two runs": "--separate-prompt-runs"}
+    modes = {"one run": "--unified-steps", "two runs": ""}
     for precision, folder in folders.items():
         adapters = scale.onnx_adapters(folder, peft_root, names, work)
         batch = scale.prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size)

@@ -23,7 +23,7 @@ def model(lora):
     from ortlora import Model
 
     _, folder, _, files = lora
-    m = Model(folder, slots=4, max_len=96)
+    m = Model(folder, slots=4, max_len=96, unified_steps=True)  # prompt runs share decode steps' runs
     for name, path in files.items():
         m.adapters.load(path, name=name)
     return m

@@ -160,3 +160,39 @@ def test_prompt_logprobs_and_scoring_only_through_the_engine(server, setup):
         assert abs(entry["logprob"] - ref[prompt[i]]) < 1e-4 and abs(echo[i] - entry["logprob"]) < 1e-6
         assert entry["rank"] == 1 + int((ref > ref[prompt[i]] + 1e-6).sum())
         assert len(vllm[i]) in (2, 3)  # the token and the 2 most likely (the token may be one of them)
+
+
+def test_unified_steps_share_decode_runs_and_give_the_same_tokens(setup, server):
+    """`--unified-steps`: completions arriving while a stream decodes run their prompts in its steps' runs
+    (ortlora_prefill_runs_merged counts them) and get the tokens the default server gives them."""
+    uni = ServerProcess(setup["folder"], "--adapters", str(setup["adapters"]), "--tenants", str(setup["tenants"]),
+                        "--max-lora-rank", "64", "--unified-steps", log=setup["root"] / "unified.log")
+    try:
+        bodies = [{"model": m, "prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+                  for m, p in (("a1", "The lazy dog"), ("a2", "A quiet river"), ("a3", "The old model reads"),
+                               ("base", "Small red cat"), ("a2", "Tiny session"))]
+        times: list[float] = []
+        started = threading.Event()
+        stream = threading.Thread(target=_stream, args=(uni, times, started, 400))  # decoding while the others come
+        stream.start()
+        assert started.wait(60)
+        got: dict[int, str] = {}
+
+        def one(i: int) -> None:
+            r = _client(uni).post("/v1/completions", json=bodies[i])
+            assert r.status_code == 200, r.text
+            got[i] = r.json()["choices"][0]["text"]
+
+        workers = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+        stream.join(120)
+        metrics = dict(line.rsplit(" ", 1) for line in _client(uni).get("/metrics").text.splitlines()
+                       if line and not line.startswith("#"))
+    finally:
+        uni.stop()
+    assert float(metrics["ortlora_prefill_runs_merged_total"]) > 0
+    want = {i: _client(server).post("/v1/completions", json=b).json()["choices"][0]["text"] for i, b in enumerate(bodies)}
+    assert got == want

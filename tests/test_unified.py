@@ -95,7 +95,7 @@ def test_a_unified_step_equals_its_decode_and_prompt_runs_apart(tiny, arch, prec
 def test_a_base_model_without_lora_inputs_merges_too(tiny):
     """No LoRA inputs at all: the prompt group is added without a LoRA part, and a step equals its two runs."""
     folder = tiny.export(tiny.model("qwen2"), "u-base")
-    merged = Engine(folder, slots=4, max_len=32, prefix_cache_bytes=0)
+    merged = Engine(folder, slots=4, max_len=32, prefix_cache_bytes=0, unified_steps=True)
     apart = Engine(folder, slots=4, max_len=32, prefix_cache_bytes=0, unified_steps=False)
     assert merged.unified and not merged.lora_inputs
     for engine in (merged, apart):
@@ -119,7 +119,7 @@ def test_graphs_of_another_form_keep_two_runs(tiny):
                                       "original_max_position_embeddings": 32,
                                       "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
     folder = tiny.export(hf, "u-longrope")
-    engine = Engine(folder, slots=2, max_len=64, prefix_cache_bytes=0)
+    engine = Engine(folder, slots=2, max_len=64, prefix_cache_bytes=0, unified_steps=True)
     assert not engine.unified
     assert not engine.mergeable([Row(0, [1])], [Row(1, [2, 3])])
 

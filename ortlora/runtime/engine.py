@@ -82,11 +82,13 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 class Engine:
     def __init__(self, folder: str | Path, *, slots: int = 1, max_len: int | None = None, threads: int | None = None,
                  pool: AdapterPool | None = None, provider: str | None = None,
-                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, unified_steps: bool = True):
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES, unified_steps: bool = False):
         """`pool`: the adapter pool mixed runs use (its owner places adapters in it); made here if not given.
         `provider`: the execution provider, None for genai_config.json's (see providers.py). `prefix_cache_bytes`:
         the bound of the prompt prefixes' KV kept for later requests (prefix_cache.py); 0 turns it off.
-        `unified_steps`: let `step` run decode rows and a prompt in one run (unified.py; off: always two)."""
+        `unified_steps`: give the graph a prompt group, so that `step` runs decode rows and a prompt in one run
+        (unified.py: it saves a step's prompt run its pass over the weights, and costs every run a copy of its
+        LoRA results: benchmarks/NOTES.md#unified-steps)."""
         self.provider = provider
         self.info = ModelInfo.read(folder)
         self.folder = self.info.folder
@@ -337,6 +339,8 @@ class Engine:
         decode_adapters = [None] * hi
         for r in decode_rows:
             decode_adapters[r.slot] = r.adapter
+        if len({id(r.adapter) for r in decode_rows}) == 1:  # as in `decode`: dummy rows take the one adapter too
+            decode_adapters = [decode_rows[0].adapter] * hi
         prompt = unified.PromptGroup.make(self, prompt_rows)
         distinct = {a.uid: a for a in decode_adapters + prompt.adapters if a is not None}
         slot_of = self._place(distinct) if distinct and self.lora_inputs else {}

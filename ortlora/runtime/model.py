@@ -40,16 +40,17 @@ class Model:
     def __init__(self, folder: str | Path, *, slots: int = 4, max_len: int | None = None, threads: int | None = None,
                  adapter_capacity: int | None = None, provider: str | None = None,
                  prefix_cache_bytes: int = PREFIX_CACHE_BYTES, max_num_batched_tokens: int | None = None,
-                 prefill_chunk: int | None = None, max_lora_rank: int = DEFAULT_MAX_RANK):
+                 prefill_chunk: int | None = None, max_lora_rank: int = DEFAULT_MAX_RANK, unified_steps: bool = False):
         """`slots`: rows decoded together (KV cache slots); `max_len`: tokens per slot (default: the model's
         context length; memory is only touched as it fills); `threads`: default genai_config.json's
         intra_op_num_threads, else every core; `provider`: the execution provider, default genai_config.json's;
         `prefix_cache_bytes`: KV of prompt prefixes kept for reuse per adapter (0: none; see prefix_cache.py);
         `max_num_batched_tokens` / `prefill_chunk`: prompt tokens a step with nothing / something decoding (default:
-        from measured costs, see budget.py); `max_lora_rank`: adapters (and combinations) above it are refused."""
+        from measured costs, see budget.py); `max_lora_rank`: adapters (and combinations) above it are refused;
+        `unified_steps`: a step's prompt run shares the decode rows' run (see Engine)."""
         self.folder = Path(folder)
         self.engine = Engine(folder, slots=slots, max_len=max_len, threads=threads, provider=provider,
-                             prefix_cache_bytes=prefix_cache_bytes)
+                             prefix_cache_bytes=prefix_cache_bytes, unified_steps=unified_steps)
         self.tokenizer = Tokenizer(folder)
         self.adapters = Adapters.for_engine(self.engine, capacity=adapter_capacity, max_rank=max_lora_rank)
         eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 PROMPT = "prompt."  # the prompt group's inputs and outputs: the decode group's names with this prefix
 GQA = "GroupQueryAttention"
-_GROUP_INPUTS = (multi_lora.GATHER, multi_lora.SCATTER, multi_lora.GROUP_SHAPE, multi_lora.UNGROUP_SHAPE)
+_GROUP_INPUTS = (multi_lora.GATHER, multi_lora.SCATTER, multi_lora.GROUP_SHAPE)
 
 
 def prompt_name(name: str) -> str:
@@ -80,12 +80,12 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
         return False
 
     b = _Builder(g)
-    # -- the token column: both groups' ids as [N, 1] -----------------------------------------------------------
+    # -- one row of tokens: both groups' ids as [1, N] ----------------------------------------------------------
     ids_p = b.input(prompt_name("input_ids"), inputs["input_ids"], np.zeros((1, 1), np.int64))
     mask_p = b.input(prompt_name("attention_mask"), inputs["attention_mask"], np.ones((1, 1), np.int64))
-    column = b.const("unified/column", np.array([-1, 1], np.int64))
-    ids_all = b.op("Concat", [b.op("Reshape", ["input_ids", column], "unified/ids_d"),
-                              b.op("Reshape", [ids_p, column], "unified/ids_p")], "unified/ids", axis=0)
+    row = b.const("unified/row", np.array([1, -1], np.int64))
+    ids_all = b.op("Concat", [b.op("Reshape", ["input_ids", row], "unified/ids_d"),
+                              b.op("Reshape", [ids_p, row], "unified/ids_p")], "unified/ids", axis=1)
     for node, k in consumers.get("input_ids", []):
         node.input[k] = ids_all
     n_d = b.op("Reshape", [b.op("Size", ["input_ids"], "unified/n_d"), b.const("unified/one", np.array([1], np.int64))],
@@ -95,7 +95,7 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
     minus_one = b.const("unified/minus_one", np.array([-1], np.int64))
     shape_d = b.op("Concat", [b.op("Shape", ["input_ids"], "unified/shape_d0"), minus_one], "unified/shape_d", axis=0)
     shape_p = b.op("Concat", [b.op("Shape", [ids_p], "unified/shape_p0"), minus_one], "unified/shape_p", axis=0)
-    tokens = b.const("unified/tokens", np.array([-1, 1, 0], np.int64))
+    tokens = b.const("unified/tokens", np.array([1, -1, 0], np.int64))  # [rows, S, X] -> [1, rows·S, X]
 
     # -- the attention lengths of the prompt group: the mask's nodes again, over prompt.attention_mask ----------
     renamed = {"attention_mask": mask_p}
@@ -116,7 +116,7 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
                 parts_d.append(x)
                 parts_p.append(x)
                 continue
-            d, p = b.op("Split", [x, split], f"{x}/unified_split", outputs=2, axis=0)
+            d, p = b.op("Split", [x, split], f"{x}/unified_split", outputs=2, axis=1)
             parts_d.append(b.op("Reshape", [d, shape_d], f"{x}/unified_d"))
             parts_p.append(b.op("Reshape", [p, shape_p], f"{x}/unified_p"))
         prompt = onnx.NodeProto()
@@ -139,7 +139,7 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
         node.output[0] = out_d
         b.nodes.append(prompt)
         b.op("Concat", [b.op("Reshape", [out_d, tokens], f"{joined}/unified_rows_d"),
-                        b.op("Reshape", [out_p, tokens], f"{joined}/unified_rows_p")], joined, axis=0, name=joined)
+                        b.op("Reshape", [out_p, tokens], f"{joined}/unified_rows_p")], joined, axis=1, name=joined)
 
     # -- LoRA: the prompt group's rows meet their own view of the pool --------------------------------------------
     if not lora.modules:
@@ -147,6 +147,8 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
         return True
     group = {name: b.input(prompt_name(name), inputs[name], default)
              for name, default in zip(_GROUP_INPUTS, _group_defaults())}
+    for node, _ in lora.groupings:  # the LoRA rows are tokens: axis 1 of [1, N, in]
+        _set_axis(node, 1)
     gather_p = b.op("Add", [group[multi_lora.GATHER], n_d], "unified/gather_p")
     d_rows = b.op("Reshape", [b.op("Size", [multi_lora.GATHER], "unified/d_rows0"), "unified/one"], "unified/d_rows")
     scatter = b.op("Concat", [multi_lora.SCATTER, b.op("Add", [group[multi_lora.SCATTER], d_rows], "unified/sp")],
@@ -154,16 +156,17 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
     grouped_p: dict[str, str] = {}
     for gather, reshape in lora.groupings:
         x = gather.input[0]
-        rows = b.op("Gather", [x, gather_p], f"{x}/unified_rows", axis=0)
+        rows = b.op("Gather", [x, gather_p], f"{x}/unified_rows", axis=1)
         grouped_p[reshape.output[0]] = b.op("Reshape", [rows, group[multi_lora.GROUP_SHAPE]], f"{x}/unified_groups")
     for a, bb, ungroup, scatter_node in lora.modules:
         a_p = b.input(prompt_name(a.input[1]), inputs[a.input[1]], numpy_helper.to_array(init[a.input[1]]))
         b_p = b.input(prompt_name(bb.input[1]), inputs[bb.input[1]], numpy_helper.to_array(init[bb.input[1]]))
         h = b.op("MatMul", [grouped_p[a.input[0]], a_p], f"{a.name}/unified_p")
-        res = b.op("Reshape", [b.op("MatMul", [h, b_p], f"{bb.name}/unified_p"), group[multi_lora.UNGROUP_SHAPE]],
-                   f"{ungroup.name}/unified_p")
-        scatter_node.input[:] = [b.op("Concat", [ungroup.output[0], res], f"{ungroup.name}/unified_both", axis=0),
+        res = b.op("Reshape", [b.op("MatMul", [h, b_p], f"{bb.name}/unified_p"), tokens], f"{ungroup.name}/unified_p")
+        ungroup.input[1] = tokens  # [S, G, out] -> [1, S·G, out], whatever S·G: adapter_ungroup_shape is not read
+        scatter_node.input[:] = [b.op("Concat", [ungroup.output[0], res], f"{ungroup.name}/unified_both", axis=1),
                                  scatter]
+        _set_axis(scatter_node, 1)
     b.finish()
     return True
 
@@ -236,10 +239,17 @@ def _only(consumers: dict, name: str):
     return found[0][0] if len(found) == 1 else None
 
 
+def _set_axis(node: onnx.NodeProto, axis: int) -> None:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            attr.i = axis
+            return
+    node.attribute.append(helper.make_attribute("axis", axis))
+
+
 def _group_defaults() -> list[np.ndarray]:
     """The prompt group's row grouping when it is the scratch token: one row, one slot (the rank-0 defaults)."""
-    return [np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([1, -1, 0], np.int64),
-            np.array([1, -1, 0], np.int64)]
+    return [np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([1, -1, 0], np.int64)]
 
 
 def _rank0_shape(key: str, shape: tuple[int, int]) -> tuple[int, int, int]:
@@ -389,8 +399,8 @@ class PromptGroup:
             for n, value in b.prompt_held:
                 b.io.bind_ortvalue_input(prompt_name(n), value)
             b.prompt_lora = key
-        held = [ort_value(arr) for arr in feeds.values()]
-        for n, value in zip(feeds, held):
+        held = [ort_value(feeds[n]) for n in _GROUP_INPUTS]
+        for n, value in zip(_GROUP_INPUTS, held):
             b.io.bind_ortvalue_input(prompt_name(n), value)
         return held
 

@@ -75,9 +75,9 @@ class ServeConfig:
     prefill_chunk: int | None = _opt(None, "prompt tokens prefilled per step while other requests decode "
                                            "(default: sized from measured step times, so running streams keep "
                                            "their pace)", minimum=1)
-    separate_prompt_runs: bool = _opt(False, "run a step's prompt work in runs of its own, never in the decode "
-                                             "rows' run (for comparisons; default: a prompt run shares the decode "
-                                             "rows' pass over the weights where the model's graph allows)")
+    unified_steps: bool = _opt(False, "let a step's prompt run share the decode rows' run (one pass over the "
+                                      "weights for both, where the model's graph allows); every prefill run then "
+                                      "copies its LoRA results once more (benchmarks/NOTES.md#unified-steps)")
     max_model_len: int | None = _opt(None, f"tokens per sequence (prompt + output); default min(context length, "
                                            f"{DEFAULT_MAX_LEN})", minimum=2)
     tenants: str | None = _opt(None, "TOML file: API key hashes -> tenants -> adapters (default: none: any key, "

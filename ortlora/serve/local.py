@@ -36,7 +36,7 @@ class LocalEngine:
         max_len = config.max_model_len or min(DEFAULT_MAX_LEN, ModelInfo.read(config.model).context_length)
         # KV cache: [slots, kv_heads, max_len, head_dim] per layer, reserved up front, touched as it fills
         self.engine = Engine(config.model, slots=config.max_batch, threads=config.threads, max_len=max_len,
-                             provider=config.provider, unified_steps=not config.separate_prompt_runs)
+                             provider=config.provider, unified_steps=config.unified_steps)
         self.tokenizer = Tokenizer(config.model)
         eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(self.engine.info.eos_ids)
         folder = self.engine.folder
