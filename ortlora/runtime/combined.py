@@ -69,7 +69,8 @@ def gather_logits_rows(proto: onnx.ModelProto) -> bool:
         x [B,S,H] ─Flatten(axis 2)─> [B·S,H] ─Gather(logits_rows [N])─> [N,H] ─Unsqueeze(1)─> [N,1,H] ─head─> logits
 
     Row n of the logits [N, 1, vocab] is position logits_rows[n] = b·S + s of the run. The Slice of the last
-    `num_logits_to_keep` positions it replaces goes, with that input."""
+    `num_logits_to_keep` positions it replaces goes, with that input. An int8 head (MatMulIntegerToFloat) quantizes
+    its input per row: the rows are picked before its quantization nodes, which then see only them."""
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output}
     node = producer.get("logits")

@@ -14,6 +14,10 @@ writes, per row b in slot s:
 A decode step binds slots [0, hi), hi = 1 + the highest decoding slot; a slot in that range that does not decode
 gets a dummy token written at position len[s] (scratch its next real token overwrites) and its length stays.
 
+With `unified_steps`, `step(decode_rows, prompt_rows)` runs a decode step and one prefill run as one run (unified.py:
+the graph's tokens as one row, the attention called per group), so the prompt reads the weights in the decode rows'
+pass; in that graph the LoRA rows of every run are its tokens.
+
 A prefill run (`run`) is either one row over any cached past, or several rows whose slots are empty (prompts not yet
 begun), right-padded to the run's width, in any slots: onnxruntime's GroupQueryAttention refuses a batch of more
 than one row with more than one new token once a past is given (its CPU kernel would compute each row's own past,

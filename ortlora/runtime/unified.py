@@ -3,23 +3,30 @@ prompt work reads the weights in the same pass as its decode rows.
 
 onnxruntime's GroupQueryAttention takes either rows of one token over any past, or several rows of new tokens over
 no past, in one call (benchmarks/NOTES.md#packed-prefill): a step's decode rows and a prompt cannot share a call.
-Everything else in a decoder works token by token. So the graph runs its tokens as one column [N, 1, hidden]
-(N = the decode group's tokens, then the prompt group's) and splits them only where rows meet:
+Everything else in a decoder works token by token. So the graph runs its tokens as one row [1, N, hidden]
+(N = the decode group's tokens, then the prompt group's; one row, so that a projection is one GEMM of N rows) and
+splits them only where rows meet:
 
-    input_ids [B,S] ─┐                                                      per token: norms, projections (the
-    prompt.input_ids [Bp,Sp] ─ Concat as [N,1] ─ embedding ─> [N,1,H] ─...─ weights read once for all N), LoRA
-                                                                            (two groups, see below), activations
-    q,k,v [N,1,·] ─Split(B·S, Bp·Sp)─┬─ [B,S,·]   GroupQueryAttention(past_key_values.*,        attention_mask)─┐
+    input_ids [B,S] ──────────┐
+    prompt.input_ids [Bp,Sp] ─ Concat as [1,N] ─ embedding ─> [1,N,H] ─...─ per token: norms, projections (the
+                                                                            weights read once for all N), LoRA
+                                                                            (two groups, below), activations
+    q,k,v [1,N,·] ─Split(B·S, Bp·Sp)─┬─ [B,S,·]   GroupQueryAttention(past_key_values.*,        attention_mask)─┐
                                      └─ [Bp,Sp,·] GroupQueryAttention(prompt.past_key_values.*, prompt.attention_mask)
-                                                                                        Concat ─> [N,1,·] ─...─┘
-    LoRA:  x [N,1,in] ─ rows by slot (adapter_gather ...) ─ lora_A, lora_B ─────────── [D rows] ─┐
-                      └ rows by slot (prompt.adapter_gather, + B·S) ─ prompt.lora_A, prompt.lora_B [P rows] ┴ Concat
-                         ─ Gather(adapter_scatter ++ prompt.adapter_scatter + D rows) ─> [N,1,out]
+                                                                                       Concat ─> [1,N,·] ─...─┘
+    LoRA:  x [1,N,in] ─ tokens by slot (adapter_gather ...) ─ lora_A, lora_B ───────────── [D rows] ─┐
+                      └ tokens by slot (prompt.adapter_gather, + B·S) ─ prompt.lora_A, prompt.lora_B [P rows] ┴ Concat
+                         ─ Gather(adapter_scatter ++ prompt.adapter_scatter + D rows) ─> [1,N,out]
 
+The LoRA rows are tokens (axis 1): the engine groups a run's tokens by slot, a prompt row's tokens with its slot.
 The logits rows are flat token positions, the prompt group's after the decode group's. Every prompt input has a
-default (one token over no past, rank-0 LoRA, its row grouping of one), so a run that binds only the first group
-is the graph's run as before, plus one scratch token. The prompt group's LoRA inputs are the pool's buffers bound
-a second time (a view of the slots its rows use), so a prompt's adapter need not sit next to the decode rows' ones.
+default (one token over no past, rank-0 LoRA, its grouping of one), so a run that binds only the first group is
+the graph's run as before plus one scratch token. The prompt group's LoRA inputs are the pool's buffers bound a
+second time (a view of the slots its tokens use), so a prompt's adapter need not sit next to the decode rows' ones.
+
+What it costs every run: the scratch token, and the Concat of the two groups' LoRA results (a copy of every
+module's LoRA output, N rows): measured in benchmarks/NOTES.md#unified-steps, which is why the engine builds it
+only when asked (`Engine(unified_steps=True)`, `serve --unified-steps`).
 
 `add_prompt_group` leaves a graph whose form it does not know (no GroupQueryAttention, the mask or the token ids read
 by anything but the attention lengths and the embedding, DoRA inputs) unchanged: the engine then runs a step's
