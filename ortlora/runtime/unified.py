@@ -179,7 +179,8 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
 
 
 def _known_attention(node: onnx.NodeProto, init: dict) -> bool:
-    """A GroupQueryAttention whose inputs past seqlens/total are initializers (rotary caches) or absent."""
+    """A GroupQueryAttention whose inputs after total_sequence_length (the rotary caches, ...) are initializers or
+    absent: nothing else per row that the prompt group would need its own of."""
     return node.domain == "com.microsoft" and len(node.input) >= 7 and all(
         not x or x in init for x in node.input[7:])
 
@@ -188,19 +189,20 @@ def _mask_nodes(g: onnx.GraphProto, consumers: dict, init: dict) -> list[onnx.No
     """The nodes computing attention lengths from `attention_mask` (in graph order), if they read nothing else
     at run time and only GroupQueryAttention's seqlens_k / total_sequence_length read them; else None."""
     made: set[str] = {"attention_mask"}
-    nodes = []
+    nodes, ids = [], set()
     for node in g.node:
         if node.op_type == GQA or not any(x in made for x in node.input):
             continue
         if any(x and x not in made and x not in init and not _constant(g, x) for x in node.input):
             return None
         nodes.append(node)
+        ids.add(id(node))
         made.update(o for o in node.output if o)
     if made & {o.name for o in g.output}:
         return None
     for name in made:
         for node, k in consumers.get(name, []):
-            if node in nodes:
+            if id(node) in ids:
                 continue
             if node.op_type != GQA or k not in (5, 6):
                 return None
