@@ -335,7 +335,7 @@ def traffic(args, folders, peft_root, names, results) -> None:
             order_ = list(runs) if r % 2 == 0 else list(runs)[::-1]
             for label in order_:
                 s = _one_traffic(args, folder, adapters, eight if label == "8" else many, batch,
-                                 work / f"serve-{precision}-{label}.log")
+                                 work / f"serve-{precision}-{label}.log", tuple(args.server_args.split()))
                 runs[label].append(s)
                 _print(f"ortlora {precision} {label} adapters (round {r + 1})", s)
         for label, got in runs.items():
@@ -350,10 +350,12 @@ def traffic(args, folders, peft_root, names, results) -> None:
         _print(f"ortlora {precision} {len(names)} / 8 adapters", results[f"ortlora {precision} ratio"])
 
 
-def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: list[list[int]], log: Path) -> dict:
-    """One fresh server, one pass of the traffic: throughput, TTFT cold/warm, RSS and adapter metrics."""
+def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: list[list[int]], log: Path,
+                 extra: tuple[str, ...] = ()) -> dict:
+    """One fresh server (more `ortlora serve` flags: `extra`), one pass of the traffic: throughput, TTFT cold/warm,
+    RSS and adapter metrics."""
     server = ortlora_server(folder, adapters, log, "--max-batch", str(args.concurrency),
-                            "--max-loaded-adapters", str(args.max_loaded), *args.server_args.split())
+                            "--max-loaded-adapters", str(args.max_loaded), *extra)
     try:
         asyncio.run(run_traffic(server.url, ["base"], [batch[0]], 2, 1))  # warms the allocator, no adapter
         engine_rss = server.rss()
@@ -548,11 +550,10 @@ def _print(label: str, s: dict) -> None:
     print(f"{label}: " + "; ".join(flat), flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def traffic_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, adapters and traffic options this benchmark shares with bench_unified_steps.py."""
     p.add_argument("--workdir", default="/tmp/ortlora-scale-adapters")
     p.add_argument("--source", default=None, help="where the random checkpoint is built (default: workdir)")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "int4", "int8"])
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--unique", type=int, default=None, help="distinct adapter files (default: all)")
     p.add_argument("--requests", type=int, default=128)
@@ -560,6 +561,13 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    traffic_arguments(p)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "int4", "int8"])
     p.add_argument("--rounds", type=int, default=1, help="traffic: rounds of both traffics, alternating")
     p.add_argument("--server-args", default="", help="more `ortlora serve` flags for the traffic's servers "
                                                      "(e.g. '--unified-steps')")
@@ -567,7 +575,6 @@ def main() -> None:
                    choices=["traffic", "vllm", "listing", "tenants"])
     p.add_argument("--vllm-venv", default="/work/vllm-venv")
     p.add_argument("--vllm-dtype", default="float32")
-    p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
     args = p.parse_args()
     args.unique = args.unique or args.adapters
     model, folders, peft_root, names = prepare(args)

@@ -140,9 +140,8 @@ def traffic_part(args, folders, peft_root, names, results) -> None:
         for r in range(args.rounds):
             runs = [(t, m) for t in traffics for m in modes]
             for t, m in runs if r % 2 == 0 else runs[::-1]:
-                args.server_args = modes[m]
                 s = scale._one_traffic(args, folder, adapters, traffics[t], batch,
-                                       work / f"serve-unified-{precision}-{t}.log")
+                                       work / f"serve-unified-{precision}-{t}.log", tuple(modes[m].split()))
                 got.setdefault(f"{t} adapters, {m}", []).append(s)
                 scale._print(f"ortlora {precision} {t} adapters, {m} (round {r + 1})",
                              {k: s[k] for k in ("tok/s", "prompt_runs", "prompt_runs_merged", "decode_steps")})
@@ -162,24 +161,14 @@ def traffic_part(args, folders, peft_root, names, results) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/ortlora-scale-adapters")
-    p.add_argument("--source", default=None, help="where the random checkpoint is built (default: workdir)")
+    scale.traffic_arguments(p)
     p.add_argument("--precisions", nargs="+", default=["int8", "fp32", "int4"])
     p.add_argument("--parts", nargs="+", default=["engine", "traffic"], choices=["engine", "traffic"])
-    p.add_argument("--adapters", type=int, default=1000)
-    p.add_argument("--unique", type=int, default=None, help="distinct adapter files (default: all)")
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--new", type=int, default=32)
-    p.add_argument("--max-loaded", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7, help="engine: timed calls per case and round")
     p.add_argument("--many-only", action="store_true", help="traffic: only the --adapters traffic, not the 8")
-    p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
     args = p.parse_args()
     args.unique = args.unique or args.adapters
-    args.server_args = ""
     _, folders, peft_root, names = scale.prepare(args)
     results: dict = {"args": vars(args)}
     if "engine" in args.parts:

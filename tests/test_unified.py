@@ -75,6 +75,7 @@ def test_a_unified_step_equals_its_decode_and_prompt_runs_apart(tiny, arch, prec
         rows_a, prompt_a = _case(apart, ad_a, decode, prompt)
         want_prompt = apart.run(prompt_a)
         want = apart.decode(rows_a)
+        assert merged.mergeable(rows_m, prompt_m) == (prompt != steps[2])  # a past among the decode rows' slots: not
         if merged.mergeable(rows_m, prompt_m):
             got, got_prompt = merged.step(rows_m, prompt_m)
         else:

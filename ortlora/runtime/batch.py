@@ -83,13 +83,13 @@ class Batch:
         self.last_budget = self.budget.tokens(len(decoding), len(self.prefilling))
         runs = planner.plan(self._prompts(), self.last_budget, self.budget.limits())
         self.last_runs = runs
-        merged = self._mergeable(runs, decoding)
+        merged, merged_rows = self._mergeable(runs, decoding)
         self.last_merged = merged
         for run in runs:
             if run is not merged:
                 self._prefill(run, events)
         if merged is not None:
-            self._decode_with(decoding, merged, events)
+            self._decode_with(decoding, merged, merged_rows, events)
         elif decoding:
             self._decode(decoding, events)
         for req, _ in events:
@@ -168,19 +168,26 @@ class Batch:
         return [Row(p.key.slot, p.key.context[self._fed[p.key]:self._fed[p.key] + p.tokens], p.key.adapter, p.logits)
                 for p in run.pieces]
 
-    def _mergeable(self, runs: list[planner.Run], decoding: list[Request]) -> planner.Run | None:
-        """The first of `runs` the engine can run with the decode rows (Engine.step: one pass over the weights for
-        both), if the engine can merge at all."""
-        if not decoding or not getattr(self.engine, "unified", False):
-            return None
-        rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
-        return next((run for run in runs if self.engine.mergeable(rows, self._rows(run))), None)
+    @staticmethod
+    def _decode_rows(decoding: list[Request]) -> list[Row]:
+        return [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
 
-    def _decode_with(self, decoding: list[Request], run: planner.Run, events: list) -> None:
-        """The decode rows and prompt run `run` in one engine run; if it fails, each apart (finding the fault)."""
-        rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
+    def _mergeable(self, runs: list[planner.Run], decoding: list[Request]) -> tuple[planner.Run | None, list[Row]]:
+        """The first of `runs` the engine can run with the decode rows (Engine.step: one pass over the weights for
+        both) and its rows, if the engine can merge at all."""
+        if decoding and getattr(self.engine, "unified", False):
+            rows = self._decode_rows(decoding)
+            for run in runs:
+                prompt = self._rows(run)
+                if self.engine.mergeable(rows, prompt):
+                    return run, prompt
+        return None, []
+
+    def _decode_with(self, decoding: list[Request], run: planner.Run, prompt: list[Row], events: list) -> None:
+        """The decode rows and prompt run `run` (its rows `prompt`) in one engine run; if it fails, each apart
+        (finding the fault). Not observed by the budget: its costs model the two runs apart."""
         try:
-            logits, out = self.engine.step(rows, self._rows(run))
+            logits, out = self.engine.step(self._decode_rows(decoding), prompt)
         except Exception:  # noqa: BLE001 - nothing was kept: the two runs apart find the request at fault
             self._prefill(run, events)
             self._decode(decoding, events)
@@ -223,7 +230,7 @@ class Batch:
         return False
 
     def _decode(self, decoding: list[Request], events: list) -> None:
-        rows = [Row(r.slot, r.token_ids[-1:], r.adapter) for r in decoding]
+        rows = self._decode_rows(decoding)
         t0 = time.perf_counter()
         try:
             logits = self.engine.decode(rows)

@@ -137,7 +137,8 @@ class Engine:
         self._logits: dict[tuple[int, int], np.ndarray] = {}  # one-position logits buffer per slot range
         self._decode_inputs: dict[int, DecodeInputs] = {}  # per hi
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.rank0: dict[str, ort.OrtValue] | None = None  # a unified step's unbound prompt LoRA inputs
+        # a unified step's prompt LoRA inputs that its adapters do not have
+        self.rank0 = unified.rank0_values(self.lora_inputs, self.dtype) if self.unified else {}
 
     def _session(self, model: str | bytes, so: ort.SessionOptions) -> ort.InferenceSession:
         before = hugepages.anonymous_regions() if self._huge_pages else set()
@@ -249,7 +250,7 @@ class Engine:
         positions = np.concatenate(wanted)
         shape = (len(rows), self.info.kv_heads, width, self.info.head_dim)
         staging = {name: np.empty(shape, self.dtype) for name in self.kv}
-        lora = self._lora([r.adapter for r in rows for _ in range(width if self.unified else 1)])
+        lora = self.lora_run([r.adapter for r in rows for _ in range(width if self.unified else 1)])
         io = self._graph.session.io_binding()
         for past_name, present_name in self.info.kv_names():
             value = ort_value(staging[past_name])
@@ -293,25 +294,35 @@ class Engine:
         valid until the engine's next run (it may be a view of the engine's output buffer)."""
         if not rows:
             return np.empty((0, self.info.vocab_size), np.float32)
+        slots, hi, inputs, adapters = self._decode_rows(rows)
+        logits = self._run(0, hi, inputs.ids, inputs.mask, adapters, values=inputs.values)
+        self._decoded(slots, hi)
+        if logits.dtype == np.float32 and slots == list(range(hi)):
+            return logits[:, -1]  # a view: a copy costs page faults (benchmarks/NOTES.md#engine-step-costs)
+        return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
+
+    def _decode_rows(self, rows: Sequence[Row]) -> tuple[list[int], int, DecodeInputs, list]:
+        """A decode run's slots [0, hi): the rows' slots, hi, the filled inputs, the adapter of each slot (a slot that
+        does not decode is a dummy row: scratch at len[s]; it takes the rows' one adapter when they share one)."""
         slots = self._check_decode(rows)
         hi = max(slots) + 1
         inputs = self._decode_inputs.get(hi) or self._decode_inputs.setdefault(hi, DecodeInputs.make(hi, self.max_len))
         tokens = np.zeros(hi, np.int64)
         tokens[slots] = [r.tokens[0] for r in rows]
-        inputs.fill(tokens, np.minimum(self.lengths[:hi] + 1, self.max_len))  # dummies: scratch at len[s]
+        inputs.fill(tokens, np.minimum(self.lengths[:hi] + 1, self.max_len))
         adapters = [None] * hi
         for r in rows:
             adapters[r.slot] = r.adapter
         if len({id(r.adapter) for r in rows}) == 1:  # one adapter: dummy rows take it too (no mixed run)
             adapters = [rows[0].adapter] * hi
-        # a full slot that does not decode loses its last position to the dummy token
+        return slots, hi, inputs, adapters
+
+    def _decoded(self, slots: list[int], hi: int) -> None:
+        """After a decode run over [0, hi): the rows' slots one longer; a full slot that did not decode lost its last
+        position to the dummy token."""
         full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
-        logits = self._run(0, hi, inputs.ids, inputs.mask, adapters, values=inputs.values)
         self.lengths[slots] += 1
         self.lengths[full] = self.max_len - 1
-        if logits.dtype == np.float32 and slots == list(range(hi)):
-            return logits[:, -1]  # a view: a copy costs page faults (benchmarks/NOTES.md#engine-step-costs)
-        return logits[slots, -1].astype(np.float32, copy=False)  # fancy indexing copies
 
     # -- a decode step and a prompt run in one pass over the weights (unified.py) -----------------------------
     def mergeable(self, decode_rows: Sequence[Row], prompt_rows: Sequence[Row]) -> bool:
@@ -328,37 +339,18 @@ class Engine:
         both. Returns what those two return."""
         if not self.mergeable(decode_rows, prompt_rows):
             raise OrtloraError("these prompt rows cannot share the decode rows' run")
-        slots = self._check_decode(decode_rows)
         for row in prompt_rows:
             self._check_room(row)
-        taken = [r.slot for r in prompt_rows] + slots
+        taken = [r.slot for r in prompt_rows] + [r.slot for r in decode_rows]
         if len(set(taken)) != len(taken):
             raise OrtloraError(f"rows of one run share a slot: {taken}")
-        hi = max(slots) + 1
-        inputs = self._decode_inputs.get(hi) or self._decode_inputs.setdefault(hi, DecodeInputs.make(hi, self.max_len))
-        tokens = np.zeros(hi, np.int64)
-        tokens[slots] = [r.tokens[0] for r in decode_rows]
-        inputs.fill(tokens, np.minimum(self.lengths[:hi] + 1, self.max_len))
-        full = [s for s in range(hi) if s not in slots and self.lengths[s] >= self.max_len]
-        decode_adapters = [None] * hi
-        for r in decode_rows:
-            decode_adapters[r.slot] = r.adapter
-        if len({id(r.adapter) for r in decode_rows}) == 1:  # as in `decode`: dummy rows take the one adapter too
-            decode_adapters = [decode_rows[0].adapter] * hi
+        slots, hi, inputs, decode_adapters = self._decode_rows(decode_rows)
         prompt = unified.PromptGroup.make(self, prompt_rows)
         distinct = {a.uid: a for a in decode_adapters + prompt.adapters if a is not None}
-        slot_of = self._place(distinct) if distinct and self.lora_inputs else {}
-        lora = self._lora(decode_adapters, slot_of)
+        slot_of = self._place(distinct) if distinct and self.lora_inputs else {}  # one placement for both groups
+        lora = self.lora_run(decode_adapters, slot_of)
         b = self._binding(lora, BindingKey(0, hi, False, lora.key, prompt=True))
-        if b.inputs is not inputs.values:
-            b.io.bind_ortvalue_input("input_ids", inputs.values[0])
-            b.io.bind_ortvalue_input("attention_mask", inputs.values[1])
-            b.inputs = inputs.values
-        for name, arr in lora.feeds.items():
-            bound = b.groups.get(name)
-            if bound is None or not np.array_equal(bound[0], arr):
-                b.groups[name] = (arr, ort_value(arr))
-                b.io.bind_ortvalue_input(name, b.groups[name][1])
+        _bind_inputs(b, inputs.values, lora.feeds)
         held = prompt.bind(self, b, slot_of)
         rows = np.concatenate([np.arange(hi), prompt.positions + hi])
         held.append(ort_value(rows))
@@ -366,8 +358,7 @@ class Engine:
         b.io.bind_output("logits")
         self._graph.session.run_with_iobinding(b.io)
         logits = b.io.get_outputs()[len(b.kv)].numpy()
-        self.lengths[slots] += 1
-        self.lengths[full] = self.max_len - 1
+        self._decoded(slots, hi)
         return logits[slots, 0].astype(np.float32), prompt.finish(self, logits[hi:, 0].astype(np.float32))
 
     def _check_decode(self, rows: Sequence[Row]) -> list[int]:
@@ -406,23 +397,14 @@ class Engine:
         `ids` and `mask`."""
         if self.unified and ids.shape[1] > 1:  # its LoRA rows are tokens (unified.py)
             adapters = [a for a in adapters for _ in range(ids.shape[1])]
-        lora = self._lora(adapters)
+        lora = self.lora_run(adapters)
         last_only = positions is None
         b = self._binding(lora, BindingKey(lo, hi, last_only, lora.key))
-        if values is None or b.inputs is not values:  # decode's persistent buffers stay bound
-            ids_value, mask_value = values or (ort_value(ids), ort_value(mask))
-            b.io.bind_ortvalue_input("input_ids", ids_value)
-            b.io.bind_ortvalue_input("attention_mask", mask_value)
-            b.inputs = values
+        _bind_inputs(b, values or (ort_value(ids), ort_value(mask)), lora.feeds)
         if not last_only:
             for name, value in self._position_inputs(positions, ids.shape[1], hi - lo):
                 b.io.bind_ortvalue_input(name, value)
             b.io.bind_output("logits")  # a fresh output: the last run's has another shape
-        for name, arr in lora.feeds.items():  # rebinding an input costs far more than comparing a few indices
-            bound = b.groups.get(name)
-            if bound is None or not np.array_equal(bound[0], arr):
-                b.groups[name] = (arr, ort_value(arr))
-                b.io.bind_ortvalue_input(name, b.groups[name][1])
         self._graph.session.run_with_iobinding(b.io)
         if last_only:
             return b.logits
@@ -437,18 +419,15 @@ class Engine:
             self._graph.bindings.clear()
         return slot_of
 
-    def _lora(self, adapters: Sequence, slot_of: dict[int, int] | None = None) -> LoraRun:
+    def lora_run(self, adapters: Sequence, slot_of: dict[int, int] | None = None) -> LoraRun:
         """Rows with adapters: the pool, whose slots hold them (one adapter on every row = one slot bound; the pool
         holds the only copy of a placed adapter's weights). No adapter: nothing bound, the LoRA inputs keep their
         rank-0 defaults (every bound input costs onnxruntime time on each run)."""
         distinct = {a.uid: a for a in adapters if a is not None}
         if not self.lora_inputs:
             return LoraRun(0, dict, {})
-        if not distinct:
-            fixed = self.one_slot_inputs(len(adapters))
-            if self.unified:  # rows are tokens: their count varies between runs of one binding
-                return LoraRun(0, dict, fixed)
-            return LoraRun(0, lambda: dict(fixed), {})
+        if not distinct:  # the grouping a per-run input: one binding serves runs of different row (token) counts
+            return LoraRun(0, dict, self.one_slot_inputs(len(adapters)))
         pool = self._adapter_pool()
         slot_of = self._place(distinct) if slot_of is None else slot_of
         groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
@@ -521,3 +500,15 @@ class Engine:
             del self._graph.bindings[key]
 
 
+def _bind_inputs(b: Binding, values: tuple[ort.OrtValue, ort.OrtValue], feeds: dict[str, np.ndarray]) -> None:
+    """input_ids / attention_mask (`values`) and the row grouping `feeds` on `b`, each bound only when it changed
+    (decode's persistent buffers stay bound; rebinding costs far more than comparing a few indices)."""
+    if b.inputs is not values:
+        b.io.bind_ortvalue_input("input_ids", values[0])
+        b.io.bind_ortvalue_input("attention_mask", values[1])
+        b.inputs = values
+    for name, arr in feeds.items():
+        bound = b.groups.get(name)
+        if bound is None or not np.array_equal(bound[0], arr):
+            b.groups[name] = (arr, ort_value(arr))
+            b.io.bind_ortvalue_input(name, b.groups[name][1])

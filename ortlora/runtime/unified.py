@@ -44,7 +44,7 @@ from onnx import helper, numpy_helper
 
 from ortlora.naming import is_lora_a
 from ortlora.runtime import multi_lora
-from ortlora.runtime.bindings import Binding, PoolKey, ort_value
+from ortlora.runtime.bindings import Binding, ort_value
 
 if TYPE_CHECKING:
     from ortlora.runtime.engine import Engine, Row
@@ -261,9 +261,11 @@ def _group_defaults() -> list[np.ndarray]:
     return [np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([1, -1, 0], np.int64)]
 
 
-def _rank0_shape(key: str, shape: tuple[int, int]) -> tuple[int, int, int]:
-    """A pool input of one slot and rank 0: A [1, in, 0], B [1, 0, out]."""
-    return (1, shape[0], 0) if is_lora_a(key) else (1, 0, shape[1])
+def rank0_values(lora_inputs: dict, dtype: np.dtype) -> dict[str, ort.OrtValue]:
+    """Per LoRA input, one slot at rank 0 (A [1, in, 0], B [1, 0, out]): what a unified step binds to the prompt
+    group's LoRA inputs its adapters do not have."""
+    return {li.name: ort_value(np.zeros((1, li.shape[0], 0) if is_lora_a(k) else (1, 0, li.shape[1]), dtype))
+            for k, li in lora_inputs.items()}
 
 
 def _empty_past(vi: onnx.ValueInfoProto) -> np.ndarray:
@@ -271,6 +273,16 @@ def _empty_past(vi: onnx.ValueInfoProto) -> np.ndarray:
     tt = vi.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
     return np.zeros([1, dims[1], 0, dims[3]], helper.tensor_dtype_to_np_dtype(tt.elem_type))
+
+
+def _prompt_value_info(name: str, like: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    vi = onnx.ValueInfoProto()
+    vi.CopyFrom(like)
+    vi.name = name
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_param"):
+            d.dim_param = prompt_name(d.dim_param)
+    return vi
 
 
 class _Builder:
@@ -292,25 +304,13 @@ class _Builder:
         return name
 
     def input(self, name: str, like: onnx.ValueInfoProto, default: np.ndarray) -> str:
-        vi = onnx.ValueInfoProto()
-        vi.CopyFrom(like)
-        vi.name = name
-        for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_param"):
-                d.dim_param = prompt_name(d.dim_param)
-        self.g.input.append(vi)
+        """A new input `name` typed as `like` (its symbolic dims the prompt group's own), with a default."""
+        self.g.input.append(_prompt_value_info(name, like))
         self.g.initializer.append(numpy_helper.from_array(default, name))
         return name
 
     def output(self, name: str, like: str) -> None:
-        found = next(o for o in self.g.output if o.name == like)
-        vi = onnx.ValueInfoProto()
-        vi.CopyFrom(found)
-        vi.name = name
-        for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_param"):
-                d.dim_param = prompt_name(d.dim_param)
-        self.g.output.append(vi)
+        self.g.output.append(_prompt_value_info(name, next(o for o in self.g.output if o.name == like)))
 
     def finish(self) -> None:
         """The graph's nodes and the new ones, topologically sorted (a node after everything it reads)."""
@@ -385,30 +385,17 @@ class PromptGroup:
         return held
 
     def _bind_lora(self, engine: Engine, b: Binding, slot_of: dict[int, int]) -> list[ort.OrtValue]:
-        """The group's own view of the pool (the slots its adapters sit in; one adapter: its modules only), the other
-        LoRA inputs at rank 0, and its row grouping. The LoRA inputs are bound again only when that view changes."""
-        distinct = {a.uid: a for a in self.adapters if a is not None}
-        views: dict[str, np.ndarray] = {}
-        if not distinct:
-            key, feeds = 0, engine.one_slot_inputs(len(self.adapters))
-        else:
-            pool = engine.pool
-            groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in self.adapters])
-            views, only = pool.views(groups.first, groups.count), 0
-            if groups.count == 1:
-                (adapter,) = distinct.values()
-                own = set(getattr(adapter, "shapes", None) or adapter.params)
-                views, only = {k: v for k, v in views.items() if k in own}, adapter.uid
-            key, feeds = PoolKey(pool.generation, groups.first, groups.count, only), groups.feeds
-        if b.prompt_lora != key:
-            if engine.rank0 is None:
-                engine.rank0 = {li.name: ort_value(np.zeros(_rank0_shape(k, li.shape), engine.dtype))
-                                for k, li in engine.lora_inputs.items()}
+        """The group's own view of the pool, as `Engine.lora_run` makes a run's (the slots its tokens' adapters sit in;
+        one adapter: its modules only), the other LoRA inputs at rank 0, and its grouping. The LoRA inputs are bound
+        again only when that view changes."""
+        lora = engine.lora_run(self.adapters, slot_of)
+        if b.prompt_lora != lora.key:
+            views = lora.params()
             b.prompt_held = [(n, ort_value(views[n]) if n in views else zero) for n, zero in engine.rank0.items()]
             for n, value in b.prompt_held:
                 b.io.bind_ortvalue_input(prompt_name(n), value)
-            b.prompt_lora = key
-        held = [ort_value(feeds[n]) for n in _GROUP_INPUTS]
+            b.prompt_lora = lora.key
+        held = [ort_value(lora.feeds[n]) for n in _GROUP_INPUTS]
         for n, value in zip(_GROUP_INPUTS, held):
             b.io.bind_ortvalue_input(prompt_name(n), value)
         return held
