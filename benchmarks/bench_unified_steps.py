@@ -135,7 +135,8 @@ def traffic_part(args, folders, peft_root, names, results) -> None:
     modes = {"one run": "--unified-steps", "two runs": ""}
     for precision, folder in folders.items():
         adapters = scale.onnx_adapters(folder, peft_root, names, work)
-        batch = scale.prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size)
+        batch = scale.prompts(args.requests, args.prompt, ModelInfo.read(folder).vocab_size,
+                              range_ratio=args.range_ratio)
         got: dict[str, list[dict]] = {}
         for r in range(args.rounds):
             runs = [(t, m) for t in traffics for m in modes]

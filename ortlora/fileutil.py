@@ -9,11 +9,13 @@ dead writer's at once (a restart right after a kill), however recent, and never 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,16 +99,52 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         with _naming(target, tmp):
             yield tmp
             os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: give the folder the mode mkdir would
-            if target.exists():
+            if not target.exists():
+                tmp.rename(target)
+            elif _exchange(tmp, target):  # one step: readers see the old folder or the new one, never neither
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp is the old folder now
+            else:  # no atomic exchange here: two renames, the old folder put back if the second fails
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
                 target.rename(old)
-                tmp.rename(target)
+                try:
+                    tmp.rename(target)
+                except BaseException:
+                    old.rename(target)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or file system cannot
+    (nothing changed then)."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                _renameat2 = libc.renameat2
+                _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            except (OSError, AttributeError):
+                _renameat2 = False
+    if not _renameat2:
+        return False
+    at_cwd = -100  # AT_FDCWD: the paths are absolute
+    if _renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # this file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_renameat2 = None
 
 
 @contextlib.contextmanager

@@ -117,6 +117,48 @@ def test_write_json_is_atomic(tmp_path):
     assert json.loads(path.read_text())["n"] == [1, 2] and os.listdir(path.parent) == ["x.json"]
 
 
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_atomic_dir_replaces_a_folder_readers_always_find(tmp_path, monkeypatch, exchange):
+    """Replacing a folder: a reader polling it meanwhile always finds a whole version (old or new, never none);
+    nothing is left beside it. Where the system cannot exchange two paths in one step (`_exchange` False: not
+    Linux, or a file system without RENAME_EXCHANGE), two renames, the same outcome after each write."""
+    import threading
+
+    from ortlora import fileutil
+
+    if exchange and not sys.platform.startswith("linux"):
+        pytest.skip("RENAME_EXCHANGE is Linux's")
+    if not exchange:
+        monkeypatch.setattr(fileutil, "_exchange", lambda a, b: False)
+    target = tmp_path / "model"
+    with fileutil.atomic_dir(target) as d:
+        (d / "version").write_text("0")
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(int((target / "version").read_text()))
+            except FileNotFoundError:
+                seen.append(-1)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for v in range(1, 61):
+            with fileutil.atomic_dir(target) as d:
+                (d / "version").write_text(str(v))
+            assert (target / "version").read_text() == str(v)
+    finally:
+        stop.set()
+        t.join(10)
+    assert seen and max(seen) <= 60
+    if exchange:
+        assert -1 not in seen  # one step: never a moment without the folder
+    assert os.listdir(tmp_path) == ["model"]
+
+
 # -- remove_stale_temps ------------------------------------------------------------------------------------------
 
 _KILLED_MID_WRITE = """
