@@ -117,7 +117,6 @@ def test_write_json_is_atomic(tmp_path):
     assert json.loads(path.read_text())["n"] == [1, 2] and os.listdir(path.parent) == ["x.json"]
 
 
-
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_atomic_dir_replaces_a_folder_readers_always_find(tmp_path, monkeypatch, exchange):
     """Replacing a folder: a reader polling it meanwhile always finds a whole version (old or new, never none);
