@@ -85,9 +85,9 @@ def engine_costs(args, folders, peft_root, names, results) -> None:
         out.update({f"{c} ms (min / median)": [round(min(t) * 1e3, 1), round(statistics.median(t) * 1e3, 1)]
                     for c, t in times.items()})
         pool = engine.pool
-        bound = {a.uid: pool.where[a.uid] for a in big}
-        out["pool slot MB"] = sum(b[1].nbytes for b in pool.buffers.values()) / 1e6
-        out["slots of the 16 adapters"] = sorted(bound.values())
+        out["pool slot MB"] = sum(b[1].nbytes for run in pool.runs for b in run.buffers.values()) / 1e6
+        out["slots of the 16 adapters, per module class"] = [sorted(run.where[a.uid] for a in big if a.uid in run.where)
+                                                             for run in pool.runs]
         results[f"engine {precision}"] = out
         _print(f"engine {precision}", out)
 

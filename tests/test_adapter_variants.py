@@ -358,7 +358,6 @@ def test_pool_keeps_ones_for_rows_without_a_dora_factor():
     row's slot (relative to the bound ones) is fed as adapter_row_slot."""
     from ortlora.model_folder import LoraInput
     from ortlora.runtime.adapters import Adapter
-    from ortlora.runtime.multi_lora import ROW_SLOT
     from ortlora.runtime.pool import AdapterPool
 
     f32 = np.dtype(np.float32)
@@ -368,12 +367,14 @@ def test_pool_keeps_ones_for_rows_without_a_dora_factor():
     pool = AdapterPool(inputs, 3, f32)
     ab = {"m.lora_A.weight": np.ones((3, 1), f32), "m.lora_B.weight": np.ones((1, 2), f32)}
     lora, dora = Adapter("l", dict(ab)), Adapter("d", {**ab, "m.dora_scale": np.array([2.0, 3.0], f32)})
-    slots = pool.place({lora.uid: lora, dora.uid: dora})
-    np.testing.assert_array_equal(pool.buffers["m.dora_scale"][[0, slots[lora.uid], slots[dora.uid]]],
+    (run,) = pool.runs
+    slots = {uid: slot for uid, (slot,) in pool.place({lora.uid: lora, dora.uid: dora}).items()}
+    np.testing.assert_array_equal(run.buffers["m.dora_scale"][[0, slots[lora.uid], slots[dora.uid]]],
                                   [[1, 1], [1, 1], [2, 3]])
-    g = AdapterPool.groups([slots[dora.uid], 0, slots[lora.uid]], dora=pool.dora)
-    assert g.first == 0 and g.feeds[ROW_SLOT].tolist() == [slots[dora.uid], 0, slots[lora.uid]]
-    assert ROW_SLOT not in AdapterPool.groups([1, 2]).feeds
+    g = run.groups([slots[dora.uid], 0, slots[lora.uid]])
+    assert g.first == 0 and g.feeds[run.names.row_slot].tolist() == [slots[dora.uid], 0, slots[lora.uid]]
+    plain = AdapterPool({k: v for k, v in inputs.items() if "dora" not in k}, 3, f32).runs[0]
+    assert run.names.row_slot not in plain.groups([1, 2]).feeds
 
 
 def test_generate_adapter_with_adapter_type_dora(setup, tmp_path):

@@ -47,7 +47,7 @@ def test_a_folder_of_symlinks_serves_mixed_batches(lora, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     linked = _model("snapshots/abc123", {n: snap / p.name for n, p in files.items()})
     assert _greedy(linked, prompts, adapters) == _greedy(_model(folder, files), prompts, adapters)
-    assert linked.engine.pool.where  # the batch ran mixed (a failed mixed step falls back to rows one by one)
+    assert linked.engine.pool.placed  # the batch ran mixed (a failed mixed step falls back to rows one by one)
 
 
 def test_prefix_cache_gives_the_same_tokens_and_never_crosses_adapters(lora):

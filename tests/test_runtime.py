@@ -78,14 +78,20 @@ def test_adapter_pool_churn_equals_single_rows(tiny, lora):
     assert len({tuple(s) for s in singles[:3]}) == 3  # the three adapters give three different texts
     assert_batch_equals_singles(m, prompts, adapters, singles, n=4)
     pool = m.adapters.pool
-    placed = [a.rank for a in pool.occupant if a is not None]
-    assert pool.capacity == 2 and pool.rank == max(placed) and pool.generation >= 3  # ranks 4, 8, 16 in turn
+
+    def rank():  # every module class's slots at the rank of the adapters placed there
+        ranks = {run.rank for run in pool.runs}
+        assert len(ranks) == 1, ranks  # the fixture's adapters have every module: the classes agree
+        return ranks.pop()
+
+    placed = [a.rank for a in pool.placed.values()]
+    assert pool.capacity == 2 and rank() == max(placed) and pool.generation >= 3  # ranks 4, 8, 16 in turn
     greedy(m, PROMPTS[0], "a3", n=1)  # a3 (rank 16) placed
     greedy(m, PROMPTS[0], "a1", n=1)
-    assert pool.rank == 16
+    assert rank() == 16
     m.adapters.unload("a3")
     assert greedy(m, PROMPTS[0], "a1", n=4) == singles[0]  # the engine thread let go of a3 before this step
-    assert pool.rank == 4 and 16 not in [a.rank for a in pool.occupant if a is not None]
+    assert rank() == 4 and 16 not in [a.rank for a in pool.placed.values()]
 
 
 def test_adapter_with_nan_or_huge_weights_is_refused_at_registration(tmp_path, lora, model):
@@ -269,3 +275,46 @@ def test_chunked_prefill_and_preemption_keep_every_rows_tokens(model):
             batch.step()
         assert [r.token_ids for r in reqs] == singles
         assert model.engine.free_slots == 4 and not any(a.refs for a in model.adapters)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+@pytest.mark.parametrize("unified_steps", [False, True])
+def test_adapters_of_different_module_classes_in_one_batch_equal_peft(tiny, arch, unified_steps):
+    """The pool gives an adapter slots only in the module classes it has (attention, MLP): rows whose adapters
+    are attention-only, MLP-only, both, and none share one prefill and one decode step, each equal to transformers
+    + PEFT for its own adapter, and the attention-only adapter holds no MLP slot."""
+    from ortlora.runtime.adapters import Adapters
+    from reference import hf_logits
+
+    attn, mlp = (["qkv_proj", "o_proj"], ["gate_up_proj", "down_proj"]) if arch == "phi3" else \
+        (["q_proj", "v_proj"], ["up_proj", "down_proj"])
+    hf_dir = tiny.model(arch)
+    peft = {"attn": tiny.adapter(hf_dir, "cls-attn", r=4, target_modules=attn, seed=21),
+            "mlp": tiny.adapter(hf_dir, "cls-mlp", r=8, target_modules=mlp, seed=22),
+            "both": tiny.adapter(hf_dir, "cls-both", r=2, target_modules=attn + mlp, seed=23)}
+    folder = tiny.export(hf_dir, "classes", adapter_path=list(peft.values()))
+    engine = Engine(folder, slots=5, max_len=32, unified_steps=unified_steps)
+    assert engine.unified == unified_steps  # the unified graph's form is recognized: its prompt group is tested
+    store = Adapters.for_engine(engine)
+    handles = {n: store.load(convert_adapter(p, folder / f"{n}.onnx_adapter", model=folder), n) for n, p in peft.items()}
+    assert len(engine.lora_classes) == 2
+    names = ["attn", "mlp", None, "both"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(4)]
+    got = engine.prefill([Row(i, p, handles.get(n)) for i, (p, n) in enumerate(zip(prompts, names))])
+    nxt = [int(np.argmax(g)) for g in got]
+    rows = [Row(i, [t], handles.get(n)) for i, (t, n) in enumerate(zip(nxt, names))]
+    late = Row(4, PROMPTS[1], handles["attn"])  # a prompt arriving during the decode step
+    if unified_steps:  # one run: the prompt group meets its own view of each class's slots
+        step, (late_logits,) = engine.step(rows, [late])
+        late_logits = late_logits[-1]
+    else:
+        step, late_logits = engine.decode(rows), engine.prefill([late])[0]
+    for i, name in enumerate(names):
+        want = hf_logits(hf_dir, [prompts[i] + [nxt[i]]], peft.get(name))[0]
+        np.testing.assert_allclose(got[i], want[-2], atol=ATOL, err_msg=f"{name} prefill")
+        np.testing.assert_allclose(step[i], want[-1], atol=ATOL, err_msg=f"{name} decode")
+    np.testing.assert_allclose(late_logits, hf_logits(hf_dir, [PROMPTS[1]], peft["attn"])[0][-1], atol=ATOL)
+    slots = {n: tuple(run.where.get(h.uid, 0) for run in engine.pool.runs) for n, h in handles.items()}
+    mlp_class = next(k for k, run in enumerate(engine.pool.runs) if any("mlp" in key for key in run.lora_inputs))
+    assert slots["attn"][mlp_class] == 0 and slots["mlp"][1 - mlp_class] == 0  # no slot where it has no module
+    assert all(slots["both"]) and slots["mlp"][mlp_class] and slots["attn"][1 - mlp_class]

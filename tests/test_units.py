@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from ortlora.adapters.validate import LoraInput
-from ortlora.runtime.multi_lora import GATHER, GROUP_SHAPE, SCATTER, UNGROUP_SHAPE, mixed_adapter_model
-from ortlora.runtime.pool import AdapterPool
+from ortlora.runtime.multi_lora import index_names, mixed_adapter_model, module_classes
+from ortlora.runtime.pool import AdapterPool, group_rows
 
 M = "model.layers.0.mlp.up_proj"
 A, B = f"{M}.lora_A.weight", f"{M}.lora_B.weight"
@@ -32,10 +32,11 @@ def _adapter(uid, rank, seed):
 
 # -- the adapter pool --------------------------------------------------------------------------------------------
 def test_pool_groups_rows_by_slot_and_scatters_them_back():
-    g = AdapterPool.groups([3, 1, 3, 0, 1, 3])  # rows -> slots: slot 0 (no adapter) only when a row has none
+    idx = index_names(0)
+    g = group_rows([3, 1, 3, 0, 1, 3], idx)  # rows -> slots: slot 0 (no adapter) only when a row has none
     assert (g.first, g.count) == (0, 4)  # slots 0..3 bound
     width = 3  # slot 3 has the most rows
-    gather, scatter = g.feeds[GATHER], g.feeds[SCATTER]
+    gather, scatter = g.feeds[idx.gather], g.feeds[idx.scatter]
     assert len(gather) == 4 * width
     rows = np.arange(6) * 10
     grouped = rows[gather]  # [S·G]: each slot's rows, padded with copies of row 0
@@ -43,33 +44,34 @@ def test_pool_groups_rows_by_slot_and_scatters_them_back():
         block = grouped[slot * width:(slot + 1) * width]
         assert list(block[:len(members)]) == [rows[m] for m in members]
     assert list(grouped[scatter]) == list(rows)  # every row back in its place
-    assert list(g.feeds[GROUP_SHAPE]) == [4, -1, 0] and list(g.feeds[UNGROUP_SHAPE]) == [4 * width, -1, 0]
-    only = AdapterPool.groups([2, 2])
+    assert list(g.feeds[idx.group_shape]) == [4, -1, 0] and list(g.feeds[idx.ungroup_shape]) == [4 * width, -1, 0]
+    only = group_rows([2, 2], idx)
     assert (only.first, only.count) == (2, 1)  # no row without an adapter: slot 0 is not bound
 
 
 def test_pool_places_each_adapter_once_evicts_lru_and_grows_rank():
     pool = AdapterPool(LORA, capacity=2, dtype=np.float32)
+    run = pool.runs[0]  # one module class
     a, b, c = _adapter(1, 2, 0), _adapter(2, 4, 1), _adapter(3, 3, 2)
     slots = pool.place({1: a, 2: b})
-    assert sorted(slots.values()) == [1, 2] and pool.rank == 4 and pool.generation == 1
-    np.testing.assert_array_equal(pool.buffers[A][slots[1]][:, :2], a.params[A])
-    assert not pool.buffers[A][slots[1]][:, 2:].any()  # rank padded with zeros: exact
-    assert not pool.buffers[A][0].any() and not pool.buffers[B][0].any()  # slot 0 stays zero
+    assert sorted(v[0] for v in slots.values()) == [1, 2] and run.rank == 4 and pool.generation == 1
+    np.testing.assert_array_equal(run.buffers[A][slots[1][0]][:, :2], a.params[A])
+    assert not run.buffers[A][slots[1][0]][:, 2:].any()  # rank padded with zeros: exact
+    assert not run.buffers[A][0].any() and not run.buffers[B][0].any()  # slot 0 stays zero
     pool.place({1: a})  # a used more recently than b
     slots = pool.place({1: a, 3: c})  # needs a slot: b (least recently used, not needed) goes
-    assert 2 not in pool.where and pool.where[3] == slots[3] and pool.generation == 1  # rank 3 fits in 4
-    np.testing.assert_array_equal(pool.buffers[B][slots[3]][:3], c.params[B])
+    assert 2 not in run.where and run.where[3] == slots[3][0] and pool.generation == 1  # rank 3 fits in 4
+    np.testing.assert_array_equal(run.buffers[B][slots[3][0]][:3], c.params[B])
     big = _adapter(4, 8, 3)
-    before = dict(pool.where)
+    before = dict(run.where)
     slots = pool.place({4: big, 3: c})
-    assert pool.rank == 8 and pool.generation == 2  # rebuilt: bindings of the old buffers must go
-    assert pool.where[3] == before[3]  # a placed adapter keeps its slot across the rebuild
-    np.testing.assert_array_equal(pool.views(slots[3], 1)[A][0][:, :3], c.params[A])
+    assert run.rank == 8 and pool.generation == 2  # rebuilt: bindings of the old buffers must go
+    assert run.where[3] == before[3]  # a placed adapter keeps its slot across the rebuild
+    np.testing.assert_array_equal(run.views(slots[3][0], 1)[A][0][:, :3], c.params[A])
     with pytest.raises(Exception, match="3 adapters in one batch, but the pool has 2 slots"):
         pool.place({1: a, 3: c, 4: big})
     pool.forget(c)
-    assert 3 not in pool.where
+    assert 3 not in run.where
 
 
 def test_a_placed_adapter_is_held_once_in_its_slot_and_gets_its_weights_back():
@@ -78,22 +80,23 @@ def test_a_placed_adapter_is_held_once_in_its_slot_and_gets_its_weights_back():
     from ortlora.runtime.adapters import Adapter
 
     pool = AdapterPool(LORA, capacity=1, dtype=np.float32)
+    run = pool.runs[0]  # one module class
     raw = [_adapter(0, r, seed) for r, seed in ((2, 0), (3, 1), (8, 2))]
     a, b, big = (Adapter(f"x{i}", dict(x.params)) for i, x in enumerate(raw))
     pool.place({a.uid: a})
     assert a._params is None and a._home is pool  # one copy: the slot's
     for k, v in raw[0].params.items():
         np.testing.assert_array_equal(a.params[k], v)
-        assert a.params[k].shape == v.shape and not np.shares_memory(a.params[k], pool.buffers[k])
+        assert a.params[k].shape == v.shape and not np.shares_memory(a.params[k], run.buffers[k])
     pool.place({b.uid: b})  # one slot: a goes, with its weights
-    assert a._home is None and a.uid not in pool.where and b._params is None
+    assert a._home is None and a.uid not in run.where and b._params is None
     for k, v in raw[0].params.items():
         np.testing.assert_array_equal(a._params[k], v)
     pool.place({big.uid: big})  # rank 8 > 3: buffers rebuilt; b leaves first (LRU), big holds the slot
-    assert pool.rank == 8 and b._home is None and big._params is None
+    assert run.rank == 8 and b._home is None and big._params is None
     np.testing.assert_array_equal(b.params[B], raw[1].params[B])
     pool.forget(big)
-    assert big._home is None and not pool.where
+    assert big._home is None and not run.where
     np.testing.assert_array_equal(big.params[A], raw[2].params[A])
 
 
@@ -120,26 +123,76 @@ def test_a_reused_slot_holds_exactly_its_new_adapter_whatever_the_last_one_wrote
         return SimpleNamespace(uid=uid, rank=rank, name=f"x{uid}", params=params)
 
     pool = AdapterPool(lora, capacity=2, dtype=np.float32)
-    keeper = adapter(0, "up", 8)  # placed with each: the pool's rank stays 8 (no rebuild: slots are reused)
+    assert [sorted(run.lora_inputs) for run in pool.runs] == [[A, B], sorted([a2, b2, dora])]  # mlp, self_attn
+    keeper = adapter(0, "up q", 8)  # placed with each: every class's rank stays 8 (no rebuild: slots are reused)
     sequence = [("up q dora", 8), ("q", 2), ("up", 5), ("up q", 8), ("q dora", 3), ("up", 1), ("up q dora", 6)]
     slots = set()
+    generation = None
     for uid, (modules, rank) in enumerate(sequence, start=1):
         x = adapter(uid, modules, rank)
-        slot = pool.place({0: keeper, uid: x})[uid]
-        slots.add(slot)
-        assert pool.rank == 8 and pool.generation == 1
-        for key, li in lora.items():
-            want = np.ones(3, np.float32) if key == dora else np.zeros(pool.buffers[key].shape[1:], np.float32)
-            got = x.params.get(key)
-            if got is not None:
-                if key == dora:
-                    want = got
-                elif key in (A, a2):
-                    want[:, :rank] = got
-                else:
-                    want[:rank] = got
-            np.testing.assert_array_equal(pool.buffers[key][slot], want, err_msg=f"{modules} rank {rank}: {key}")
-    assert len(slots) == 1  # one slot, reused by each in turn
+        placed = pool.place({0: keeper, uid: x})[uid]
+        assert all(run.rank == 8 for run in pool.runs)
+        generation = generation or pool.generation
+        assert pool.generation == generation
+        for run, slot in zip(pool.runs, placed):
+            if not any(k in x.params for k in run.lora_inputs):
+                assert slot == 0  # no slot in a class it has no module of
+                continue
+            slots.add(slot)
+            for key in run.lora_inputs:
+                want = np.ones(3, np.float32) if key == dora else np.zeros(run.buffers[key].shape[1:], np.float32)
+                got = x.params.get(key)
+                if got is not None:
+                    if key == dora:
+                        want = got
+                    elif key in (A, a2):
+                        want[:, :rank] = got
+                    else:
+                        want[:rank] = got
+                np.testing.assert_array_equal(run.buffers[key][slot], want, err_msg=f"{modules} rank {rank}: {key}")
+    assert slots == {2}  # one slot per class, reused by each in turn
+
+
+def test_an_adapter_takes_slots_only_in_the_module_classes_it_has():
+    """Per module class its own slots: an attention-only adapter has no MLP slot, so a step's MLP binds only the
+    slots of adapters with MLP modules; each class packs its busy adapters from slot 1 and grows its own rank."""
+    m2 = "model.layers.0.self_attn.q_proj"
+    a2, b2 = f"{m2}.lora_A.weight", f"{m2}.lora_B.weight"
+    lora = {**LORA, a2: LoraInput(a2, np.dtype(np.float32), (4, f"{m2}.lora_r")),
+            b2: LoraInput(b2, np.dtype(np.float32), (f"{m2}.lora_r", 3))}
+    assert module_classes(lora) == [[A, B], [a2, b2]]
+    rng = np.random.default_rng(3)
+
+    def adapter(uid, rank, mlp, attn):
+        params = {}
+        if mlp:
+            params[A], params[B] = rng.standard_normal((IN, rank)), rng.standard_normal((rank, OUT))
+        if attn:
+            params[a2], params[b2] = rng.standard_normal((4, rank)), rng.standard_normal((rank, 3))
+        return SimpleNamespace(uid=uid, rank=rank, name=f"x{uid}", refs=1,
+                               params={k: v.astype(np.float32) for k, v in params.items()})
+
+    pool = AdapterPool(lora, capacity=4, dtype=np.float32)
+    mlp_run, attn_run = pool.runs
+    both, attn_only, attn_big, mlp_only = adapter(1, 4, True, True), adapter(2, 2, False, True), \
+        adapter(3, 8, False, True), adapter(4, 2, True, False)
+    slots = pool.place({x.uid: x for x in (both, attn_only, attn_big, mlp_only)})
+    assert slots == {1: (1, 1), 2: (0, 2), 3: (0, 3), 4: (2, 0)}
+    assert (mlp_run.rank, attn_run.rank) == (4, 8)  # the MLP slots are not padded to the attention-only rank 8
+    assert mlp_run.buffers[A].shape == (5, IN, 4) and attn_run.buffers[a2].shape == (5, 4, 8)
+    rows = [both, attn_only, mlp_only, attn_big]
+    g = mlp_run.groups([slots[x.uid][0] for x in rows])
+    assert (g.first, g.count) == (0, 3)  # slot 0 for the two rows without MLP modules, then slots 1 and 2
+    h = attn_run.groups([slots[x.uid][1] for x in rows])
+    assert (h.first, h.count) == (0, 4)
+    np.testing.assert_array_equal(mlp_run.buffers[B][2][:2], mlp_only.params[B])
+    np.testing.assert_array_equal(attn_run.buffers[a2][3], attn_big.params[a2])
+    both.refs = 0
+    slots = pool.place({x.uid: x for x in (attn_only, attn_big, mlp_only)})  # `both` idle: it leaves (a hole)
+    assert slots == {2: (0, 2), 3: (0, 1), 4: (1, 0)} and 1 not in pool.placed  # the last busy ones moved in
+    np.testing.assert_array_equal(attn_run.buffers[b2][1], attn_big.params[b2])
+    np.testing.assert_array_equal(mlp_run.buffers[A][1][:, :2], mlp_only.params[A])
+    assert mlp_run.rank == 2  # shrunk to what the MLP's adapters need
 
 
 def test_the_pool_closes_holes_in_the_run_of_busy_slots():
@@ -147,41 +200,43 @@ def test_the_pool_closes_holes_in_the_run_of_busy_slots():
     nothing. The last busy adapter moves into such a hole (an idle one leaves the pool; a busy one, held by a
     running request though not in this batch, never does), its weights intact."""
     pool = AdapterPool(LORA, capacity=5, dtype=np.float32)
+    run = pool.runs[0]  # one module class
     xs = [_adapter(uid, rank, uid) for uid, rank in ((1, 2), (2, 4), (3, 3), (4, 4), (5, 1))]
     for x in xs:
         x.refs = 1
     pool.place({x.uid: x for x in xs})
-    assert [pool.where[x.uid] for x in xs] == [1, 2, 3, 4, 5]
+    assert [run.where[x.uid] for x in xs] == [1, 2, 3, 4, 5]
     xs[1].refs = xs[3].refs = 0  # slots 2 and 4 go idle; slot 3's adapter is held by a request, not in this batch
     slots = pool.place({1: xs[0], 5: xs[4]})
-    assert slots == {1: 1, 5: 2} and pool.where[3] == 3  # 5 moved into the first hole; the busy one stayed
-    assert 2 not in pool.where and 4 in pool.where  # the idle adapter in the hole left; the other one stays placed
+    assert slots == {1: (1,), 5: (2,)} and run.where[3] == 3  # 5 moved into the first hole; the busy one stayed
+    assert 2 not in run.where and 4 in run.where  # the idle adapter in the hole left; the other one stays placed
     for key in LORA:  # the moved adapter's slot equals it, zero-padded to the pool's rank (4; it has rank 1)
-        want = np.zeros(pool.buffers[key].shape[1:], np.float32)
+        want = np.zeros(run.buffers[key].shape[1:], np.float32)
         if key == A:
             want[:, :1] = xs[4].params[A]
         else:
             want[:1] = xs[4].params[B]
-        np.testing.assert_array_equal(pool.buffers[key][2], want)
+        np.testing.assert_array_equal(run.buffers[key][2], want)
     xs[2].refs = 0
     pool.place({1: xs[0]})  # busy: slots 1 and 2, no hole between: nothing moves
-    assert pool.where[5] == 2 and pool.where[3] == 3
+    assert run.where[5] == 2 and run.where[3] == 3
 
 
 def test_a_full_pool_gives_a_new_adapter_the_idle_slot_nearest_the_busy_ones():
     pool = AdapterPool(LORA, capacity=3, dtype=np.float32)
-    a, b, c = (_adapter(uid, 2, uid) for uid in (1, 2, 3))
+    run = pool.runs[0]  # one module class
+    a, b, c, d, e = (_adapter(uid, 2, uid) for uid in (1, 2, 3, 4, 5))
     for x in (a, b, c):
         x.refs = 0
-    pool.place({1: a, 2: b, 3: c})
-    pool.place({3: c})
-    pool.place({2: b})  # least recently used: slot 1, then slot 3
-    a.refs = 1  # a request holds the adapter in slot 1
-    assert pool.place({4: _adapter(4, 2, 4)}) == {4: 2}  # next to the busy slot, not the least recently used (3)
-    assert 2 not in pool.where and pool.where[3] == 3
+    pool.place({1: a, 2: b, 3: c})  # slots 1, 2, 3
+    a.refs = 1  # a request holds a
+    pool.place({1: a, 2: b})
+    pool.place({1: a})  # c is the least recently used, b the idle one nearest the busy slot
+    assert pool.place({4: d}) == {4: (2,)}  # next to the busy slot, not the least recently used (c, slot 3)
+    assert 2 not in pool.placed and run.where[3] == 3
     pool.place({1: a})
     a.refs = 0  # nothing busy: the least recently used goes (c, slot 3), whatever its place
-    assert pool.place({5: _adapter(5, 2, 5)}) == {5: 3} and 3 not in pool.where
+    assert pool.place({5: e}) == {5: (3,)} and 3 not in pool.placed and run.where[1] == 1
 
 
 # -- the mixed-adapter graph ---------------------------------------------------------------------------------------
@@ -212,9 +267,10 @@ def test_mixed_adapter_graph_gives_each_row_its_own_slot(tmp_path):
     adapters = [_adapter(1, 2, 0), _adapter(2, 3, 1), _adapter(3, 1, 2)]
     slot_of = pool.place({a.uid: a for a in adapters})
     row_adapters = [adapters[1], None, adapters[0], adapters[1], adapters[2]]
-    groups = pool.groups([slot_of[a.uid] if a else 0 for a in row_adapters])
+    (run,) = pool.runs
+    groups = run.groups([slot_of[a.uid][0] if a else 0 for a in row_adapters])
     x = np.random.default_rng(4).standard_normal((5, 2, IN)).astype(np.float32)
-    y = sess.run(["y"], {"x": x, **pool.views(groups.first, groups.count), **groups.feeds})[0]
+    y = sess.run(["y"], {"x": x, **run.views(groups.first, groups.count), **groups.feeds})[0]
     for b, adapter in enumerate(row_adapters):
         want = x[b] @ w + (x[b] @ adapter.params[A] @ adapter.params[B] if adapter else 0)
         np.testing.assert_allclose(y[b], want, rtol=1e-5, atol=1e-5)

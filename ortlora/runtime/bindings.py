@@ -17,12 +17,15 @@ def ort_value(arr: np.ndarray) -> ort.OrtValue:
 
 
 class PoolKey(NamedTuple):
-    """The adapter pool as bound by one run: its buffers' generation and the slots [first, first + count); `only`:
-    the uid of the one adapter whose modules alone are bound (0: every pool input)."""
+    """The adapter pool as bound by one run: its buffers' generation and per module class None (nothing bound:
+    rank-0 defaults) or (first, count, only): the slots [first, first + count) and the uid of the one adapter whose
+    modules of the class alone are bound (0: every input of the class)."""
     generation: int
-    first: int
-    count: int
-    only: int = 0
+    runs: tuple[tuple[int, int, int] | None, ...]
+
+    @property
+    def only(self) -> set[int]:
+        return {b[2] for b in self.runs if b is not None and b[2]}
 
 
 class BindingKey(NamedTuple):

@@ -49,7 +49,8 @@ from ortlora.model_folder import ModelInfo
 from ortlora.naming import is_dora_scale
 from ortlora.runtime import combined, hugepages, unified
 from ortlora.runtime.bindings import Binding, BindingKey, DecodeInputs, Graph, LoraRun, PoolKey, ort_value
-from ortlora.runtime.pool import AdapterPool
+from ortlora.runtime.multi_lora import index_names, module_classes
+from ortlora.runtime.pool import AdapterPool, group_rows
 from ortlora.runtime.prefix_cache import PrefixCache
 from ortlora.runtime.providers import session_providers
 
@@ -119,7 +120,8 @@ class Engine:
         # pre-packing stays on: without it B is re-packed every call (benchmarks/NOTES.md#engine-step-costs)
         self._graph = Graph(self._session(model.SerializeToString(), so))
         del model
-        self._one_slot: dict[int, dict[str, np.ndarray]] = {}  # per row count: the index inputs of a one-slot run
+        self.lora_classes = module_classes(self.lora_inputs)  # the pool's and the graph's module classes
+        self._one_slot: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # per class and row count: one-slot inputs
         past = {i.name: i for i in self._graph.session.get_inputs()}
         first = self.info.kv_names()[0][0]
         if first not in past:
@@ -410,19 +412,21 @@ class Engine:
             return b.logits
         return self._pick(b.io.get_outputs()[len(b.kv)].numpy(), positions, ids.shape[1], hi - lo)
 
-    def _place(self, distinct: dict) -> dict[int, int]:
+    def _place(self, distinct: dict) -> dict[int, tuple[int, ...]]:
         """Pool slots for `distinct` (uid -> adapter), all of one run; a rebuilt pool drops the bindings."""
         pool = self._adapter_pool()
         generation = pool.generation
         slot_of = pool.place(distinct)
-        if pool.generation != generation:  # a higher rank rebuilt the buffers: older bindings hold the old ones
+        if pool.generation != generation:  # a rank changed: older bindings hold the old buffers
             self._graph.bindings.clear()
         return slot_of
 
-    def lora_run(self, adapters: Sequence, slot_of: dict[int, int] | None = None) -> LoraRun:
-        """Rows with adapters: the pool, whose slots hold them (one adapter on every row = one slot bound; the pool
-        holds the only copy of a placed adapter's weights). No adapter: nothing bound, the LoRA inputs keep their
-        rank-0 defaults (every bound input costs onnxruntime time on each run)."""
+    def lora_run(self, adapters: Sequence, slot_of: dict[int, tuple[int, ...]] | None = None) -> LoraRun:
+        """Rows with adapters: the pool, whose slots hold them (the pool holds the only copy of a placed adapter's
+        weights), bound per module class: the slots of the run's adapters that have the class (one adapter on every
+        row: its own modules of the class). A class that none of the run's adapters has, or a run without adapters:
+        nothing bound, its LoRA inputs keep their rank-0 defaults (every bound input costs onnxruntime time on each
+        run)."""
         distinct = {a.uid: a for a in adapters if a is not None}
         if not self.lora_inputs:
             return LoraRun(0, dict, {})
@@ -430,14 +434,18 @@ class Engine:
             return LoraRun(0, dict, self.one_slot_inputs(len(adapters)))
         pool = self._adapter_pool()
         slot_of = self._place(distinct) if slot_of is None else slot_of
-        groups = pool.groups([slot_of[a.uid] if a is not None else 0 for a in adapters], pool.dora)
-        if groups.count == 1:  # one adapter on every row: its modules' slot views; the rest keep rank-0 defaults
-            (adapter,) = distinct.values()
-            own = set(getattr(adapter, "shapes", None) or adapter.params)
-            return LoraRun(PoolKey(pool.generation, groups.first, 1, adapter.uid),
-                           lambda: {k: v for k, v in pool.views(groups.first, 1).items() if k in own}, groups.feeds)
-        return LoraRun(PoolKey(pool.generation, groups.first, groups.count),
-                       lambda: pool.views(groups.first, groups.count), groups.feeds)
+        bound, feeds = [], {}
+        for k, run in enumerate(pool.runs):
+            row_slots = [slot_of[a.uid][k] if a is not None else 0 for a in adapters]
+            if not any(row_slots):
+                feeds.update(self._one_slot_run(k, len(adapters)))
+                bound.append(None)
+                continue
+            groups = run.groups(row_slots)
+            feeds.update(groups.feeds)
+            only = run.occupant[groups.first].uid if groups.count == 1 else 0
+            bound.append((groups.first, groups.count, only))
+        return LoraRun(PoolKey(pool.generation, tuple(bound)), lambda: _pool_views(pool, bound, distinct), feeds)
 
     def _binding(self, lora: LoraRun, key: BindingKey) -> Binding:
         """The IOBinding for slots [lo, hi) and one adapter (or pool range): the KV slices bound as past and
@@ -473,11 +481,15 @@ class Engine:
         return found
 
     def one_slot_inputs(self, rows: int) -> dict[str, np.ndarray]:
-        """The index inputs of a run whose `rows` rows all meet one pool slot (made once per row count)."""
-        found = self._one_slot.get(rows)
+        """The index inputs of a run whose `rows` rows all meet one pool slot in every class."""
+        return {name: arr for k in range(len(self.lora_classes)) for name, arr in self._one_slot_run(k, rows).items()}
+
+    def _one_slot_run(self, k: int, rows: int) -> dict[str, np.ndarray]:
+        """Class `k`'s index inputs for `rows` rows over one slot (made once per class and row count)."""
+        found = self._one_slot.get((k, rows))
         if found is None:
-            dora = any(is_dora_scale(k) for k in self.lora_inputs)
-            found = self._one_slot[rows] = AdapterPool.groups([1] * rows, dora).feeds
+            dora = any(is_dora_scale(key) for key in self.lora_classes[k])
+            found = self._one_slot[(k, rows)] = group_rows([1] * rows, index_names(k), dora).feeds
         return found
 
     def _adapter_pool(self) -> AdapterPool:
@@ -496,8 +508,25 @@ class Engine:
                 self._graph.bindings.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.forget(adapter.uid)
-        for key in [k for k in self._graph.bindings if isinstance(k.lora, PoolKey) and k.lora.only == adapter.uid]:
+        for key in [k for k in self._graph.bindings if isinstance(k.lora, PoolKey) and adapter.uid in k.lora.only]:
             del self._graph.bindings[key]
+
+
+def _pool_views(pool: AdapterPool, bound: list, adapters: dict) -> dict[str, np.ndarray]:
+    """The pool views a run binds (`bound`: per class None or (first, count, only)): one adapter's own inputs of a
+    class where it alone is bound (its others keep their rank-0 defaults), else the class's slots."""
+    out = {}
+    for run, b in zip(pool.runs, bound):
+        if b is None:
+            continue
+        first, count, only = b
+        views = run.views(first, count)
+        if only:
+            adapter = adapters[only]
+            own = set(getattr(adapter, "shapes", None) or adapter.params)
+            views = {name: v for name, v in views.items() if name in own}
+        out.update(views)
+    return out
 
 
 def _bind_inputs(b: Binding, values: tuple[ort.OrtValue, ort.OrtValue], feeds: dict[str, np.ndarray]) -> None:

@@ -29,6 +29,12 @@ is a contiguous view: a step binds only the slots in use, and placing an adapter
 the row grouping live in pool.py (`AdapterPool`); which adapter sits in which slot is decided by the adapters' owner
 (ortlora.runtime.adapters.Adapters), through the pool.
 
+The LoRA modules fall into classes, one per block of a layer (`module_classes`: `self_attn`, `mlp`, ...), and each
+class has its own slots and its own index inputs (`index_names(k)`: `adapter_gather.k`, ...). An adapter takes a
+slot only in the classes it has modules in, so a step binds, per class, only the slots of the adapters that have
+it: an attention-only adapter is not read (nor multiplied, at the pool's rank) for the MLP. A row whose adapter lacks a
+class meets that class's slot 0.
+
 The weights stay in the folder's external data file: the derived graph is handed to onnxruntime as bytes with the
 folder as the external data path, so the folder itself is unchanged (and still loads in onnxruntime-genai).
 """
@@ -36,19 +42,49 @@ folder as the external data path, so the folder itself is unchanged (and still l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from ortlora.adapters.validate import LoraInput
-from ortlora.naming import is_dora_scale, is_lora_a
+from ortlora.naming import is_dora_scale, is_lora_a, parse_input_name
 from ortlora.errors import ModelError
 
 GATHER, SCATTER, ROW_SLOT = "adapter_gather", "adapter_scatter", "adapter_row_slot"
 GROUP_SHAPE, UNGROUP_SHAPE = "adapter_group_shape", "adapter_ungroup_shape"
 SLOTS_DIM, RANK_DIM = "adapter_slots", "adapter_pool_rank"
+
+
+class IndexNames(NamedTuple):
+    """One module class's index inputs: how a run's rows meet that class's slots."""
+    gather: str
+    scatter: str
+    group_shape: str
+    ungroup_shape: str
+    row_slot: str  # DoRA models only
+
+
+def index_names(k: int) -> IndexNames:
+    """The index inputs of module class `k` (`module_classes`)."""
+    return IndexNames(*(f"{name}.{k}" for name in (GATHER, SCATTER, GROUP_SHAPE, UNGROUP_SHAPE, ROW_SLOT)))
+
+
+def module_class(module: str) -> str:
+    """The block a LoRA module belongs to, the same in every layer: its parent path without layer indices
+    (`model.layers.3.self_attn.q_proj` -> `model.layers.self_attn`)."""
+    return ".".join(part for part in module.split(".")[:-1] if not part.isdigit())
+
+
+def module_classes(lora_inputs: Mapping[str, LoraInput]) -> list[list[str]]:
+    """The keys of `lora_inputs` by module class, classes in order of first appearance (the pool's and the graph's
+    class k are the same)."""
+    classes: dict[str, list[str]] = {}
+    for key in lora_inputs:
+        parsed = parse_input_name(key)
+        classes.setdefault(module_class(parsed[0] if parsed else key), []).append(key)
+    return list(classes.values())
 
 
 def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraInput]) -> onnx.ModelProto:
@@ -61,7 +97,9 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
     names = a_names | b_names | dora_names
     if not names:
         raise ModelError(f"{model_path} has no LoRA inputs: there is nothing to mix")
-    if GATHER in {i.name for i in graph.input}:
+    class_of = {lora_inputs[key].name: k for k, keys in enumerate(module_classes(lora_inputs)) for key in keys}
+    classes = sorted(set(class_of.values()))
+    if any(i.name.startswith(GATHER) for i in graph.input):
         raise ModelError(f"{model_path} already has an {GATHER} input")
     # the rank-0 defaults go: every pool tensor is fed
     kept = [t for t in graph.initializer if t.name not in names]
@@ -76,12 +114,15 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
                 dims = [dims[0], RANK_DIM] if vi.name in a_names else [RANK_DIM, dims[1]]
             vi = helper.make_tensor_value_info(vi.name, tt.elem_type, [SLOTS_DIM, *dims])
         inputs.append(vi)
-    inputs += [helper.make_tensor_value_info(GATHER, TensorProto.INT64, ["adapter_group_rows"]),
-               helper.make_tensor_value_info(SCATTER, TensorProto.INT64, ["batch_size"]),
-               helper.make_tensor_value_info(GROUP_SHAPE, TensorProto.INT64, [3]),
-               helper.make_tensor_value_info(UNGROUP_SHAPE, TensorProto.INT64, [3])]
-    if dora_names:
-        inputs.append(helper.make_tensor_value_info(ROW_SLOT, TensorProto.INT64, ["batch_size"]))
+    for k in classes:
+        idx = index_names(k)
+        # each class its own symbol: its groups' rows differ from another class's (one symbol is one size)
+        inputs += [helper.make_tensor_value_info(idx.gather, TensorProto.INT64, [f"adapter_group_rows.{k}"]),
+                   helper.make_tensor_value_info(idx.scatter, TensorProto.INT64, ["adapter_rows"]),
+                   helper.make_tensor_value_info(idx.group_shape, TensorProto.INT64, [3]),
+                   helper.make_tensor_value_info(idx.ungroup_shape, TensorProto.INT64, [3])]
+        if any(class_of[name] == k for name in dora_names):
+            inputs.append(helper.make_tensor_value_info(idx.row_slot, TensorProto.INT64, ["batch_size"]))
     del graph.input[:]
     graph.input.extend(inputs)
 
@@ -92,10 +133,11 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
             nodes.append(node)
             continue
         name = lora[0][1]
+        idx = index_names(class_of[name])
         if name in dora_names and node.op_type == "Mul" and len(lora) == 1 and lora[0][0] == 1:
             consumed.add(name)  # each row's factor: its slot's row of the pool buffer
             rows, per_row = f"{name}/rows", f"{name}/per_row"
-            nodes += [helper.make_node("Gather", [name, ROW_SLOT], [rows], name=f"{name}/gather", axis=0),
+            nodes += [helper.make_node("Gather", [name, idx.row_slot], [rows], name=f"{name}/gather", axis=0),
                       helper.make_node("Unsqueeze", [rows, _ONE_AXIS], [per_row], name=f"{name}/unsqueeze")]
             node.input[1] = per_row
             nodes.append(node)
@@ -104,20 +146,22 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
             raise ModelError(f"{model_path}: node {node.name!r} ({node.op_type}) uses LoRA input {name} in a way "
                              "the mixed-adapter graph does not know (a MatMul by the weight was expected)")
         consumed.add(name)
-        if name in a_names:  # group the rows once per distinct input (q, k and v share theirs)
+        if name in a_names:  # group the rows once per distinct input and class (q, k and v share theirs)
             x = node.input[0]
-            if x not in grouped:
-                rows, grouped[x] = f"{x}/adapter_rows", f"{x}/adapter_groups"
-                nodes += [helper.make_node("Gather", [x, GATHER], [rows], name=f"{x}/adapter_gather", axis=0),
-                          helper.make_node("Reshape", [rows, GROUP_SHAPE], [grouped[x]], name=f"{x}/adapter_group")]
-            node.input[0] = grouped[x]
+            if (x, idx) not in grouped:
+                suffix = "" if len(classes) == 1 else f".{class_of[name]}"
+                rows, grouped[x, idx] = f"{x}/adapter_rows{suffix}", f"{x}/adapter_groups{suffix}"
+                nodes += [helper.make_node("Gather", [x, idx.gather], [rows], name=rows, axis=0),
+                          helper.make_node("Reshape", [rows, idx.group_shape], [grouped[x, idx]],
+                                           name=grouped[x, idx])]
+            node.input[0] = grouped[x, idx]
             nodes.append(node)
         else:  # and put each row's result back in its place
             out, by_group, by_row = node.output[0], f"{name}/groups", f"{name}/rows"
             node.output[0] = by_group
             nodes += [node,
-                      helper.make_node("Reshape", [by_group, UNGROUP_SHAPE], [by_row], name=f"{name}/ungroup"),
-                      helper.make_node("Gather", [by_row, SCATTER], [out], name=f"{name}/scatter", axis=0)]
+                      helper.make_node("Reshape", [by_group, idx.ungroup_shape], [by_row], name=f"{name}/ungroup"),
+                      helper.make_node("Gather", [by_row, idx.scatter], [out], name=f"{name}/scatter", axis=0)]
     missing = names - consumed
     if missing:
         raise ModelError(f"{model_path}: LoRA inputs not used by any node: {', '.join(sorted(missing))}")

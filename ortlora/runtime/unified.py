@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 PROMPT = "prompt."  # the prompt group's inputs and outputs: the decode group's names with this prefix
 GQA = "GroupQueryAttention"
-_GROUP_INPUTS = (multi_lora.GATHER, multi_lora.SCATTER, multi_lora.GROUP_SHAPE)
 
 
 def prompt_name(name: str) -> str:
@@ -64,7 +63,8 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
     g = proto.graph
     inputs = {i.name: i for i in g.input}
     init = {t.name: t for t in g.initializer}
-    if not {"input_ids", "attention_mask", "logits_rows"} <= inputs.keys() or multi_lora.ROW_SLOT in inputs:
+    if not {"input_ids", "attention_mask", "logits_rows"} <= inputs.keys() or any(
+            name.startswith(multi_lora.ROW_SLOT) for name in inputs):
         return False
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in g.node:
@@ -152,19 +152,21 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
     if not lora.modules:
         b.finish()
         return True
-    group = {name: b.input(prompt_name(name), inputs[name], default)
-             for name, default in zip(_GROUP_INPUTS, _group_defaults())}
+    scatters, grouped_p = {}, {}
+    for idx in lora.classes:  # per module class, the prompt group's grouping beside the decode group's
+        group = [b.input(prompt_name(name), inputs[name], default) for name, default in zip(idx[:3], _group_defaults())]
+        gather_p = b.op("Add", [group[0], n_d], f"unified/gather_p{idx.gather}")
+        d_rows = b.op("Reshape", [b.op("Size", [idx.gather], f"unified/d_rows0{idx.gather}"), "unified/one"],
+                      f"unified/d_rows{idx.gather}")
+        shifted = b.op("Add", [group[1], d_rows], f"unified/sp{idx.gather}")
+        scatters[idx.scatter] = b.op("Concat", [idx.scatter, shifted], f"unified/scatter{idx.gather}", axis=0)
+        for gather, reshape in lora.groupings:
+            if gather.input[1] == idx.gather:
+                x = gather.input[0]
+                rows = b.op("Gather", [x, gather_p], f"{reshape.output[0]}/unified_rows", axis=1)
+                grouped_p[reshape.output[0]] = b.op("Reshape", [rows, group[2]], f"{reshape.output[0]}/unified")
     for node, _ in lora.groupings:  # the LoRA rows are tokens: axis 1 of [1, N, in]
         _set_axis(node, 1)
-    gather_p = b.op("Add", [group[multi_lora.GATHER], n_d], "unified/gather_p")
-    d_rows = b.op("Reshape", [b.op("Size", [multi_lora.GATHER], "unified/d_rows0"), "unified/one"], "unified/d_rows")
-    scatter = b.op("Concat", [multi_lora.SCATTER, b.op("Add", [group[multi_lora.SCATTER], d_rows], "unified/sp")],
-                   "unified/scatter", axis=0)
-    grouped_p: dict[str, str] = {}
-    for gather, reshape in lora.groupings:
-        x = gather.input[0]
-        rows = b.op("Gather", [x, gather_p], f"{x}/unified_rows", axis=1)
-        grouped_p[reshape.output[0]] = b.op("Reshape", [rows, group[multi_lora.GROUP_SHAPE]], f"{x}/unified_groups")
     for a, bb, ungroup, scatter_node in lora.modules:
         a_p = b.input(prompt_name(a.input[1]), inputs[a.input[1]], numpy_helper.to_array(init[a.input[1]]))
         b_p = b.input(prompt_name(bb.input[1]), inputs[bb.input[1]], numpy_helper.to_array(init[bb.input[1]]))
@@ -172,7 +174,7 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
         res = b.op("Reshape", [b.op("MatMul", [h, b_p], f"{bb.name}/unified_p"), tokens], f"{ungroup.name}/unified_p")
         ungroup.input[1] = tokens  # [S, G, out] -> [1, S·G, out], whatever S·G: adapter_ungroup_shape is not read
         scatter_node.input[:] = [b.op("Concat", [ungroup.output[0], res], f"{ungroup.name}/unified_both", axis=1),
-                                 scatter]
+                                 scatters[scatter_node.input[1]]]
         _set_axis(scatter_node, 1)
     b.finish()
     return True
@@ -215,28 +217,35 @@ def _constant(g: onnx.GraphProto, name: str) -> bool:
 
 class _Lora:
     def __init__(self):
-        self.groupings: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # Gather(x, adapter_gather), its Reshape
+        self.classes: list[multi_lora.IndexNames] = []  # the module classes' index inputs
+        self.groupings: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # Gather(x, adapter_gather.k), its Reshape
         self.modules: list[tuple] = []  # (MatMul A, MatMul B, ungroup Reshape, scatter Gather)
 
 
 def _lora_nodes(g: onnx.GraphProto, consumers: dict, inputs: dict) -> _Lora | None:
     """The mixed graph's LoRA paths (multi_lora.py): none for a model without LoRA inputs; None for another form."""
     lora = _Lora()
-    if multi_lora.GATHER not in inputs:
+    k = 0
+    while multi_lora.index_names(k).gather in inputs:
+        lora.classes.append(multi_lora.index_names(k))
+        k += 1
+    if not lora.classes:
         return lora
-    for node, k in consumers.get(multi_lora.GATHER, []):
-        nxt = consumers.get(node.output[0], [])
-        if node.op_type != "Gather" or k != 1 or len(nxt) != 1 or nxt[0][0].op_type != "Reshape":
-            return None
-        lora.groupings.append((node, nxt[0][0]))
-    for reshape in (r for _, r in lora.groupings):
-        for a, k in consumers.get(reshape.output[0], []):
+    for idx in lora.classes:
+        for node, pos in consumers.get(idx.gather, []):
+            nxt = consumers.get(node.output[0], [])
+            if node.op_type != "Gather" or pos != 1 or len(nxt) != 1 or nxt[0][0].op_type != "Reshape":
+                return None
+            lora.groupings.append((node, nxt[0][0]))
+    for gather, reshape in lora.groupings:
+        idx = next(c for c in lora.classes if c.gather == gather.input[1])
+        for a, pos in consumers.get(reshape.output[0], []):
             b = _only(consumers, a.output[0])
             ungroup = _only(consumers, b.output[0]) if b is not None else None
             scatter = _only(consumers, ungroup.output[0]) if ungroup is not None else None
-            if (a.op_type != "MatMul" or k != 0 or b is None or b.op_type != "MatMul" or ungroup is None
-                    or ungroup.input[1] != multi_lora.UNGROUP_SHAPE or scatter is None
-                    or list(scatter.input) != [ungroup.output[0], multi_lora.SCATTER]
+            if (a.op_type != "MatMul" or pos != 0 or b is None or b.op_type != "MatMul" or ungroup is None
+                    or ungroup.input[1] != idx.ungroup_shape or scatter is None
+                    or list(scatter.input) != [ungroup.output[0], idx.scatter]
                     or a.input[1] not in inputs or b.input[1] not in inputs):
                 return None
             lora.modules.append((a, b, ungroup, scatter))
@@ -395,8 +404,9 @@ class PromptGroup:
             for n, value in b.prompt_held:
                 b.io.bind_ortvalue_input(prompt_name(n), value)
             b.prompt_lora = lora.key
-        held = [ort_value(lora.feeds[n]) for n in _GROUP_INPUTS]
-        for n, value in zip(_GROUP_INPUTS, held):
+        names = [n for k in range(len(engine.lora_classes)) for n in multi_lora.index_names(k)[:3]]
+        held = [ort_value(lora.feeds[n]) for n in names]
+        for n, value in zip(names, held):
             b.io.bind_ortvalue_input(prompt_name(n), value)
         return held
 
