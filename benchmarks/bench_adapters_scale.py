@@ -284,16 +284,16 @@ def traffic(args, folders, peft_root, names, results) -> None:
                 _print(f"ortlora {precision} {label} adapters (round {r + 1})", s)
         for label, got in runs.items():
             best = max(got, key=lambda s: s["tok/s"])
-            best = dict({k: v for k, v in best.items() if k != "ttfts"}, rounds=len(got), tok_s_spread=[round(min(s["tok/s"] for s in got), 1),
-                                                              round(max(s["tok/s"] for s in got), 1)])
+            spread = [round(min(s["tok/s"] for s in got), 1), round(max(s["tok/s"] for s in got), 1)]
+            best = dict({k: v for k, v in best.items() if k != "ttfts"}, rounds=len(got), tok_s_spread=spread)
             results[f"ortlora {precision} {label} adapters"] = best
         ratios = [m["tok/s"] / e["tok/s"] for e, m in zip(runs["8"], runs[str(len(names))])]
-        many = runs[str(len(names))]
-        pooled = {kind: np.quantile(sum((s["ttfts"][kind] for s in many), []), [0.5, 0.99]).tolist()
-                  for kind in ("cold", "warm") if any(s["ttfts"][kind] for s in many)}
+        scaled = runs[str(len(names))]  # (not `many`: the next precision's traffic)
+        pooled = {kind: np.quantile(sum((s["ttfts"][kind] for s in scaled), []), [0.5, 0.99]).tolist()
+                  for kind in ("cold", "warm") if any(s["ttfts"][kind] for s in scaled)}
         results[f"ortlora {precision} ratio"] = {
             "per_round": [round(x, 3) for x in ratios],
-            "best_vs_best": max(s["tok/s"] for s in many) / max(s["tok/s"] for s in runs["8"]),
+            "best_vs_best": max(s["tok/s"] for s in scaled) / max(s["tok/s"] for s in runs["8"]),
             # every round's requests together: 128 requests give a warm p99 of one or two requests
             "cold_warm_ttft_p99_all_rounds": (pooled["cold"][1] / pooled["warm"][1]
                                               if len(pooled) == 2 else None)}
