@@ -193,6 +193,12 @@ def test_an_adapter_takes_slots_only_in_the_module_classes_it_has():
     np.testing.assert_array_equal(attn_run.buffers[b2][1], attn_big.params[b2])
     np.testing.assert_array_equal(mlp_run.buffers[A][1][:, :2], mlp_only.params[A])
     assert mlp_run.rank == 2  # shrunk to what the MLP's adapters need
+    generation = pool.generation
+    pool.forget(mlp_only)  # the MLP class left empty keeps its buffers: no rebuild (and no bindings dropped) ...
+    assert not mlp_run.where and mlp_run.rank == 2 and pool.generation == generation
+    again = adapter(5, 2, True, False)
+    assert pool.place({again.uid: again, attn_only.uid: attn_only}) == {5: (1, 0), 2: (0, 2)}
+    assert pool.generation == generation  # ... when an adapter with MLP modules comes back
 
 
 def test_the_pool_closes_holes_in_the_run_of_busy_slots():

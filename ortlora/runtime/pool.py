@@ -182,7 +182,7 @@ class AdapterPool:
     `runs[k].views(first, count)` are the bound slots. An adapter is placed whole (a slot in each of its classes) or
     not at all, and leaves whole. A class's rank follows the adapters placed there (its buffers rebuilt: `generation`
     counts it): it grows when an adapter of a higher rank arrives and shrinks to theirs once they need at most half
-    of it, so memory and the step's cost do not stay grown after a large adapter leaves."""
+    of it, so memory and the step's cost do not stay grown after a large adapter leaves (`_fit`)."""
 
     def __init__(self, lora_inputs: Mapping[str, LoraInput], capacity: int, dtype: np.dtype):
         if capacity < 1:
@@ -317,11 +317,13 @@ class AdapterPool:
                 self._fit()
 
     def _fit(self) -> None:
-        """(lock held) Shrink a class's buffers once its placed adapters need at most half of its rank."""
+        """(lock held) Shrink a class's buffers once its placed adapters need at most half of its rank. A class left
+        without adapters keeps its buffers (it is not bound meanwhile): traffic whose adapters mostly lack a class
+        would otherwise rebuild it, and drop every binding, each time one that has it comes and goes."""
         shrunk = False
         for k, run in enumerate(self.runs):
             needed = max((ranks[k] for ranks in self._ranks.values()), default=0)
-            if needed < run.rank and needed <= run.rank // 2:
+            if 0 < needed <= run.rank // 2:
                 run.rebuild(needed)
                 self.generation += 1
                 shrunk = True
