@@ -65,6 +65,11 @@ class IndexNames(NamedTuple):
     ungroup_shape: str
     row_slot: str  # DoRA models only
 
+    @property
+    def grouping(self) -> tuple[str, str, str]:
+        """The inputs a group of rows is bound with (the unified graph's prompt group has its own of these)."""
+        return self.gather, self.scatter, self.group_shape
+
 
 def index_names(k: int) -> IndexNames:
     """The index inputs of module class `k` (`module_classes`)."""
@@ -97,8 +102,8 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
     names = a_names | b_names | dora_names
     if not names:
         raise ModelError(f"{model_path} has no LoRA inputs: there is nothing to mix")
-    class_of = {lora_inputs[key].name: k for k, keys in enumerate(module_classes(lora_inputs)) for key in keys}
-    classes = sorted(set(class_of.values()))
+    classes = module_classes(lora_inputs)
+    class_of = {lora_inputs[key].name: k for k, keys in enumerate(classes) for key in keys}
     if any(i.name.startswith(GATHER) for i in graph.input):
         raise ModelError(f"{model_path} already has an {GATHER} input")
     # the rank-0 defaults go: every pool tensor is fed
@@ -114,7 +119,7 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
                 dims = [dims[0], RANK_DIM] if vi.name in a_names else [RANK_DIM, dims[1]]
             vi = helper.make_tensor_value_info(vi.name, tt.elem_type, [SLOTS_DIM, *dims])
         inputs.append(vi)
-    for k in classes:
+    for k in range(len(classes)):
         idx = index_names(k)
         # each class its own symbol: its groups' rows differ from another class's (one symbol is one size)
         inputs += [helper.make_tensor_value_info(idx.gather, TensorProto.INT64, [f"adapter_group_rows.{k}"]),
@@ -149,8 +154,8 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
         if name in a_names:  # group the rows once per distinct input and class (q, k and v share theirs)
             x = node.input[0]
             if (x, idx) not in grouped:
-                suffix = "" if len(classes) == 1 else f".{class_of[name]}"
-                rows, grouped[x, idx] = f"{x}/adapter_rows{suffix}", f"{x}/adapter_groups{suffix}"
+                k = class_of[name]
+                rows, grouped[x, idx] = f"{x}/adapter_rows.{k}", f"{x}/adapter_groups.{k}"
                 nodes += [helper.make_node("Gather", [x, idx.gather], [rows], name=rows, axis=0),
                           helper.make_node("Reshape", [rows, idx.group_shape], [grouped[x, idx]],
                                            name=grouped[x, idx])]

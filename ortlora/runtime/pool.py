@@ -65,10 +65,8 @@ class SlotRun:
     R follows the adapters placed (`rebuild`)."""
 
     def __init__(self, k: int, lora_inputs: Mapping[str, LoraInput], capacity: int, dtype: np.dtype):
-        self.k = k
         self.lora_inputs = dict(lora_inputs)
         self.names = index_names(k)
-        self.input_names = frozenset(li.name for li in self.lora_inputs.values())
         self.dora = any(is_dora_scale(key) for key in self.lora_inputs)
         self.capacity = capacity
         self.dtype = dtype
@@ -169,10 +167,6 @@ class SlotRun:
     def groups(self, row_slots: Sequence[int]) -> Groups:
         return group_rows(row_slots, self.names, self.dora)
 
-    def one_slot(self, rows: int) -> dict[str, np.ndarray]:
-        """The index inputs of a run whose `rows` rows all meet one slot (or the rank-0 defaults)."""
-        return group_rows([1] * rows, self.names, self.dora).feeds
-
 
 class AdapterPool:
     """The slots the mixed graph is fed, one `SlotRun` per module class (`runs`, in multi_lora's class order).
@@ -192,7 +186,6 @@ class AdapterPool:
         self.dtype = np.dtype(dtype)
         self.runs = [SlotRun(k, {key: self.lora_inputs[key] for key in keys}, capacity, self.dtype)
                      for k, keys in enumerate(module_classes(self.lora_inputs))]
-        self.dora = any(run.dora for run in self.runs)
         self.generation = 0
         self.placed: dict[int, object] = {}  # uid -> the Adapter, with a slot in each class it has
         self._ranks: dict[int, tuple[int, ...]] = {}  # uid -> its rank in each class (0: no slot there)
@@ -207,8 +200,7 @@ class AdapterPool:
         if len(adapters) > self.capacity:
             raise AdapterError(f"{len(adapters)} adapters in one batch, but the pool has {self.capacity} slots")
         with self._lock:
-            arriving = {uid: tuple(run.rank_of(_shapes(a)) for run in self.runs)
-                        for uid, a in adapters.items() if uid not in self.placed}
+            arriving = {uid: self._ranks_of(a) for uid, a in adapters.items() if uid not in self.placed}
             for k, run in enumerate(self.runs):  # one rebuild per class for the whole batch
                 rank = max((ranks[k] for ranks in arriving.values()), default=0)
                 if rank > run.rank:
@@ -227,6 +219,10 @@ class AdapterPool:
         if lent:  # the lent private copies were many small arrays: their pages stay in the heap unless trimmed
             _trim_heap()
         return slots
+
+    def _ranks_of(self, adapter) -> tuple[int, ...]:
+        shapes = _shapes(adapter)
+        return tuple(run.rank_of(shapes) for run in self.runs)
 
     def _put(self, adapter, ranks: tuple[int, ...], needed: Mapping[int, object]) -> None:
         """(lock held) `adapter` into a slot of each class it has (`ranks`: its rank in each, within the class's).

@@ -154,7 +154,8 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
         return True
     scatters, grouped_p = {}, {}
     for idx in lora.classes:  # per module class, the prompt group's grouping beside the decode group's
-        group = [b.input(prompt_name(name), inputs[name], default) for name, default in zip(idx[:3], _group_defaults())]
+        group = [b.input(prompt_name(name), inputs[name], default)
+                 for name, default in zip(idx.grouping, _group_defaults())]
         gather_p = b.op("Add", [group[0], n_d], f"unified/gather_p{idx.gather}")
         d_rows = b.op("Reshape", [b.op("Size", [idx.gather], f"unified/d_rows0{idx.gather}"), "unified/one"],
                       f"unified/d_rows{idx.gather}")
@@ -404,7 +405,7 @@ class PromptGroup:
             for n, value in b.prompt_held:
                 b.io.bind_ortvalue_input(prompt_name(n), value)
             b.prompt_lora = lora.key
-        names = [n for k in range(len(engine.lora_classes)) for n in multi_lora.index_names(k)[:3]]
+        names = [n for k in range(len(engine.lora_classes)) for n in multi_lora.index_names(k).grouping]
         held = [ort_value(lora.feeds[n]) for n in names]
         for n, value in zip(names, held):
             b.io.bind_ortvalue_input(prompt_name(n), value)
