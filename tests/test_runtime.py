@@ -151,6 +151,38 @@ def test_a_row_whose_logits_turn_nan_ends_alone(lora, model):
     assert greedy(model, PROMPTS[0], "a2", n=4) == singles[0]
 
 
+def test_a_row_with_non_finite_activations_at_slot_0_does_not_reach_the_others_there(lora):
+    """Rows whose adapter lacks a module class share slot 0's one computed row there (pool.group_rows): when that
+    row's own activations are infinite (an attention-only adapter of huge weights, so its MLP input overflows), the
+    other rows at the MLP's slot 0 (no adapter, an attention-only adapter) still get exactly their own logits, not
+    0 x inf = NaN, in a batch whose MLP LoRA is bound (another row's adapter has the MLP)."""
+    from ortlora.runtime.adapters import Adapter, Adapters
+
+    _, folder, _, files = lora
+    engine = Engine(folder, slots=4, max_len=32)
+    store = Adapters.for_engine(engine)
+    a1 = store.load(files["a1"], "a1")
+    attention = {k: v for k, v in a1.params.items() if ".self_attn." in k}
+    assert attention and len(attention) < len(a1.params)  # a1 also has MLP modules: attention-only is a part
+    huge = Adapter("huge", {k: np.sign(v) * np.float32(1e20) for k, v in attention.items()})
+    quiet = Adapter("quiet", {k: v.copy() for k, v in attention.items()})
+    others = (None, quiet, a1)
+    tokens = [7, 8, 9]
+    alone = []
+    for s, (p, a, t) in enumerate(zip(PROMPTS[1:4], others, tokens), start=1):
+        engine.prefill([Row(s, p, a)])
+        alone.append(engine.decode([Row(s, [t], a)])[0].copy())
+        engine.truncate(s, len(p))  # back to its prompt
+    engine.prefill([Row(0, PROMPTS[0], huge)])
+    # a decode step's rows are in slot order: huge is the first row at the MLP's slot 0, the row computed there
+    got = engine.decode([Row(s, [t], a) for s, (t, a) in enumerate(zip([5, *tokens], (huge, *others)))])
+    assert not np.isfinite(got[0]).all()
+    for mine, want in zip(got[1:], alone):
+        np.testing.assert_allclose(mine, want, atol=ATOL)
+    mlp = next(k for k, run in enumerate(engine.pool.runs) if any(".mlp." in key for key in run.lora_inputs))
+    assert [engine.pool.runs[mlp].where.get(a.uid, 0) > 0 for a in (huge, quiet, a1)] == [False, False, True]
+
+
 def test_more_prompts_than_slots(lora, model):
     prompts = PROMPTS + PROMPTS[:3]  # 7 requests through 4 slots: rows leave, waiting ones take their slots
     adapters = ["a1", "a2", None, "a1", None, "a2", "a1"]

@@ -45,8 +45,15 @@ def test_pool_groups_rows_by_slot_and_scatters_them_back():
         assert list(block[:len(members)]) == [rows[m] for m in members]
     assert list(grouped[scatter]) == list(rows)  # every row back in its place
     assert list(g.feeds[idx.group_shape]) == [4, -1, 0] and list(g.feeds[idx.ungroup_shape]) == [4 * width, -1, 0]
+    assert g.feeds[idx.live].ravel().tolist() == [False, True, True, True]  # slot 0's group: zeroed
     only = group_rows([2, 2], idx)
     assert (only.first, only.count) == (2, 1)  # no row without an adapter: slot 0 is not bound
+    assert only.feeds[idx.live].ravel().tolist() == [True]
+    # rows at slot 0 add nothing: one of them is computed (then zeroed), all read it, and they widen no group
+    z = group_rows([0, 2, 0, 0, 2], idx)
+    assert (z.first, z.count) == (0, 3) and len(z.feeds[idx.gather]) == 3 * 2  # width 2: slot 2's rows
+    assert z.feeds[idx.gather][:2].tolist() == [0, 0] and z.feeds[idx.gather][4:].tolist() == [1, 4]
+    assert z.feeds[idx.scatter].tolist() == [0, 4, 0, 0, 5] and z.feeds[idx.live].ravel().tolist() == [False, True, True]
 
 
 def test_pool_places_each_adapter_once_evicts_lru_and_grows_rank():

@@ -4,17 +4,22 @@ The adapters of a batch sit in a pool of slots, each padded to the pool's rank R
 groups, one per slot in use (padded to the largest group G), and each group meets only its own slot's weights in
 one batched MatMul, which reads the weights where they lie:
 
-    x [B,T,in] ─MatMul(W)──────────────────────────────────────────────────────────────────────────┐
-       │                                                                                            Add ─> y
-       └─Gather(adapter_gather)─Reshape(adapter_group_shape)─MatMul(lora_A)─MatMul(lora_B)─┐
-         [S·G,T,in]             [S,G·T,in]                   [S,in,R]       [S,R,out]       │
-                           Gather(adapter_scatter) <─ Reshape(adapter_ungroup_shape) <──────┘
+    x [B,T,in] ─MatMul(W)───────────────────────────────────────────────────────────────────────────────┐
+       │                                                                                               Add ─> y
+       └─Gather(adapter_gather)─Reshape(adapter_group_shape)─MatMul(lora_A)─Where(live)─MatMul(lora_B)─┐
+         [S·G,T,in]             [S,G·T,in]                   [S,in,R]       [S,1,1]     [S,R,out]      │
+                           Gather(adapter_scatter) <─ Reshape(adapter_ungroup_shape) <─────────────────┘
                            [B,T,out]: each row back from its group
 
 What each row b (adapter slot s[b]; slot 0 is all zeros, for rows without an adapter) reads and writes, in every
 LoRA module:
 
     y[b] = x[b] @ W + (x[b] @ lora_A[s[b]]) @ lora_B[s[b]]        lora_A [slots, in, R], lora_B [slots, R, out]
+
+Rows at slot 0 add nothing, so they are not computed one by one: slot 0's group holds one of them, every such row
+reads that one's result, and the group is not live (`adapter_group_live` False: its [G·T, R] product replaced by
+zeros, so that one row's non-finite activations cannot reach the others as 0 x inf). Otherwise slot 0 would take every
+row whose adapter lacks a class, and every group of the class would be padded to that many rows.
 
 A model exported with DoRA inputs also scales each row by its slot's factor before the bias (ones for LoRA
 adapters and slot 0), gathered per row from a [slots, out] pool buffer:
@@ -53,7 +58,7 @@ from ortlora.naming import is_dora_scale, is_lora_a, parse_input_name
 from ortlora.errors import ModelError
 
 GATHER, SCATTER, ROW_SLOT = "adapter_gather", "adapter_scatter", "adapter_row_slot"
-GROUP_SHAPE, UNGROUP_SHAPE = "adapter_group_shape", "adapter_ungroup_shape"
+GROUP_SHAPE, UNGROUP_SHAPE, LIVE = "adapter_group_shape", "adapter_ungroup_shape", "adapter_group_live"
 SLOTS_DIM, RANK_DIM = "adapter_slots", "adapter_pool_rank"
 
 
@@ -64,16 +69,17 @@ class IndexNames(NamedTuple):
     group_shape: str
     ungroup_shape: str
     row_slot: str  # DoRA models only
+    live: str  # per group: False where it is slot 0's (its product replaced by zeros)
 
     @property
-    def grouping(self) -> tuple[str, str, str]:
+    def grouping(self) -> tuple[str, str, str, str]:
         """The inputs a group of rows is bound with (the unified graph's prompt group has its own of these)."""
-        return self.gather, self.scatter, self.group_shape
+        return self.gather, self.scatter, self.group_shape, self.live
 
 
 def index_names(k: int) -> IndexNames:
     """The index inputs of module class `k` (`module_classes`)."""
-    return IndexNames(*(f"{name}.{k}" for name in (GATHER, SCATTER, GROUP_SHAPE, UNGROUP_SHAPE, ROW_SLOT)))
+    return IndexNames(*(f"{name}.{k}" for name in (GATHER, SCATTER, GROUP_SHAPE, UNGROUP_SHAPE, ROW_SLOT, LIVE)))
 
 
 def module_class(module: str) -> str:
@@ -125,12 +131,15 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
         inputs += [helper.make_tensor_value_info(idx.gather, TensorProto.INT64, [f"adapter_group_rows.{k}"]),
                    helper.make_tensor_value_info(idx.scatter, TensorProto.INT64, ["adapter_rows"]),
                    helper.make_tensor_value_info(idx.group_shape, TensorProto.INT64, [3]),
-                   helper.make_tensor_value_info(idx.ungroup_shape, TensorProto.INT64, [3])]
+                   helper.make_tensor_value_info(idx.ungroup_shape, TensorProto.INT64, [3]),
+                   helper.make_tensor_value_info(idx.live, TensorProto.BOOL, [f"adapter_groups.{k}", 1, 1])]
         if any(class_of[name] == k for name in dora_names):
             inputs.append(helper.make_tensor_value_info(idx.row_slot, TensorProto.INT64, ["batch_size"]))
     del graph.input[:]
     graph.input.extend(inputs)
 
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in graph.input}
+    zero_of = {name: f"{ZERO}.{types[name]}" for name in a_names}
     nodes, consumed, grouped = [], set(), {}
     for node in graph.node:
         lora = [(i, name) for i, name in enumerate(node.input) if name in names]
@@ -160,7 +169,10 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
                           helper.make_node("Reshape", [rows, idx.group_shape], [grouped[x, idx]],
                                            name=grouped[x, idx])]
             node.input[0] = grouped[x, idx]
-            nodes.append(node)
+            product = node.output[0]  # [S, G·T, R]: slot 0's group (not live) zeroed
+            node.output[0] = f"{product}/all"
+            nodes += [node, helper.make_node("Where", [idx.live, node.output[0], zero_of[name]], [product],
+                                             name=f"{name}/live")]
         else:  # and put each row's result back in its place
             out, by_group, by_row = node.output[0], f"{name}/groups", f"{name}/rows"
             node.output[0] = by_group
@@ -174,8 +186,11 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
     graph.node.extend(nodes)
     if dora_names:
         graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), _ONE_AXIS))
+    for elem_type, zero in {types[name]: zero for name, zero in zero_of.items()}.items():
+        graph.initializer.append(helper.make_tensor(zero, elem_type, [], [0]))
     return proto
 
 
-_ONE_AXIS = "adapter_axis_1"  # Unsqueeze's axes: [B, out] -> [B, 1, out]
+_ONE_AXIS = "adapter_axis_1"
+ZERO = "adapter_zero"  # per LoRA dtype: what a group that is not live gets  # Unsqueeze's axes: [B, out] -> [B, 1, out]
 

@@ -39,21 +39,30 @@ class Groups:
 
 def group_rows(row_slots: Sequence[int], names: IndexNames, dora: bool = False) -> Groups:
     """Rows by slot: slots [first, last] bound (slot 0 only when a row meets it), each slot's rows padded to the
-    largest group with copies of row 0 (computed, then dropped); with `dora` (the class has DoRA inputs), also each
-    row's slot within the bound ones."""
+    largest group with copies of row 0 (computed, then dropped); slot 0's group is one of its rows, which every row
+    at slot 0 reads back, and is not live (its product zeroed: multi_lora.py), so rows that add nothing neither
+    widen the groups nor are multiplied. With `dora` (the class has DoRA inputs), also each row's slot within the
+    bound ones."""
     first, last = min(row_slots), max(row_slots)
     members: list[list[int]] = [[] for _ in range(last - first + 1)]
     for row, slot in enumerate(row_slots):
         members[slot - first].append(row)
+    at_zero = members[0] if first == 0 else []
+    if at_zero:
+        members[0] = at_zero[:1]
     width = max(len(m) for m in members)
     gather = np.zeros(len(members) * width, np.int64)
     scatter = np.empty(len(row_slots), np.int64)
     for g, rows in enumerate(members):
         gather[g * width:g * width + len(rows)] = rows
         scatter[rows] = np.arange(g * width, g * width + len(rows))
+    scatter[at_zero] = 0
+    live = np.ones((len(members), 1, 1), bool)
+    live[0] = not at_zero
     feeds = {names.gather: gather, names.scatter: scatter,
              names.group_shape: np.array([len(members), -1, 0], np.int64),  # [S·G,T,in] -> [S,G·T,in]
-             names.ungroup_shape: np.array([len(members) * width, -1, 0], np.int64)}  # [S,G·T,out] -> [S·G,T,out]
+             names.ungroup_shape: np.array([len(members) * width, -1, 0], np.int64),  # [S,G·T,out] -> [S·G,T,out]
+             names.live: live}
     if dora:
         feeds[names.row_slot] = np.asarray(row_slots, np.int64) - first
     return Groups(first, len(members), feeds)

@@ -168,10 +168,11 @@ def add_prompt_group(proto: onnx.ModelProto) -> bool:
                 grouped_p[reshape.output[0]] = b.op("Reshape", [rows, group[2]], f"{reshape.output[0]}/unified")
     for node, _ in lora.groupings:  # the LoRA rows are tokens: axis 1 of [1, N, in]
         _set_axis(node, 1)
-    for a, bb, ungroup, scatter_node in lora.modules:
+    for a, live, bb, ungroup, scatter_node in lora.modules:
         a_p = b.input(prompt_name(a.input[1]), inputs[a.input[1]], numpy_helper.to_array(init[a.input[1]]))
         b_p = b.input(prompt_name(bb.input[1]), inputs[bb.input[1]], numpy_helper.to_array(init[bb.input[1]]))
         h = b.op("MatMul", [grouped_p[a.input[0]], a_p], f"{a.name}/unified_p")
+        h = b.op("Where", [prompt_name(live.input[0]), h, live.input[2]], f"{live.name}/unified_p")
         res = b.op("Reshape", [b.op("MatMul", [h, b_p], f"{bb.name}/unified_p"), tokens], f"{ungroup.name}/unified_p")
         ungroup.input[1] = tokens  # [S, G, out] -> [1, S·G, out], whatever S·G: adapter_ungroup_shape is not read
         scatter_node.input[:] = [b.op("Concat", [ungroup.output[0], res], f"{ungroup.name}/unified_both", axis=1),
@@ -220,7 +221,7 @@ class _Lora:
     def __init__(self):
         self.classes: list[multi_lora.IndexNames] = []  # the module classes' index inputs
         self.groupings: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # Gather(x, adapter_gather.k), its Reshape
-        self.modules: list[tuple] = []  # (MatMul A, MatMul B, ungroup Reshape, scatter Gather)
+        self.modules: list[tuple] = []  # (MatMul A, Where live, MatMul B, ungroup Reshape, scatter Gather)
 
 
 def _lora_nodes(g: onnx.GraphProto, consumers: dict, inputs: dict) -> _Lora | None:
@@ -241,7 +242,10 @@ def _lora_nodes(g: onnx.GraphProto, consumers: dict, inputs: dict) -> _Lora | No
     for gather, reshape in lora.groupings:
         idx = next(c for c in lora.classes if c.gather == gather.input[1])
         for a, pos in consumers.get(reshape.output[0], []):
-            b = _only(consumers, a.output[0])
+            live = _only(consumers, a.output[0])  # Where(adapter_group_live, A's product, 0)
+            if live is None or live.op_type != "Where" or live.input[0] != idx.live:
+                return None
+            b = _only(consumers, live.output[0])
             ungroup = _only(consumers, b.output[0]) if b is not None else None
             scatter = _only(consumers, ungroup.output[0]) if ungroup is not None else None
             if (a.op_type != "MatMul" or pos != 0 or b is None or b.op_type != "MatMul" or ungroup is None
@@ -249,7 +253,7 @@ def _lora_nodes(g: onnx.GraphProto, consumers: dict, inputs: dict) -> _Lora | No
                     or list(scatter.input) != [ungroup.output[0], idx.scatter]
                     or a.input[1] not in inputs or b.input[1] not in inputs):
                 return None
-            lora.modules.append((a, b, ungroup, scatter))
+            lora.modules.append((a, live, b, ungroup, scatter))
     return lora if lora.modules else None  # pool inputs that no LoRA path reads: not this graph
 
 
@@ -268,7 +272,7 @@ def _set_axis(node: onnx.NodeProto, axis: int) -> None:
 
 def _group_defaults() -> list[np.ndarray]:
     """The prompt group's row grouping when it is the scratch token: one row, one slot (the rank-0 defaults)."""
-    return [np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([1, -1, 0], np.int64)]
+    return [np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([1, -1, 0], np.int64), np.ones((1, 1, 1), bool)]
 
 
 def rank0_values(lora_inputs: dict, dtype: np.dtype) -> dict[str, ort.OrtValue]:
