@@ -1,7 +1,8 @@
 """What one cold adapter and one distinct adapter in a step cost the engine (issue 28), no server: the adapters and
 exports of bench_adapters_scale.py (built there if missing).
 
-    python benchmarks/bench_adapter_costs.py [--precisions int8 fp32] [--rounds 2] [--unique 100] [--parts engine classes]
+    python benchmarks/bench_adapter_costs.py [--precisions int8 fp32] [--rounds 2] [--unique 100]
+        [--parts engine classes slot0]
         [--workdir /tmp/ortlora-scale-adapters]
 
 load: one adapter file's CPU as the server reads it (one private read into one allocation) against mapping the file
@@ -12,11 +13,16 @@ classes: the pool's slots per module class (this tree) against every module in o
     attention-only adapter's slot also ran the MLP's LoRA over zeros), two engines in one process, steps alternating:
     16-row decode steps over k distinct adapters of the mix's four kinds (attention-only / all-linear x rank 8 / 16);
     min and median ms, and the median of the per-step ratios.
+slot0: rows at a class's slot 0 (no adapter, or an adapter without the class) as one computed row whose product is
+    zeroed (this tree) against every such row computed (the layout before it: the graph without its Where nodes, and
+    every group padded to slot 0's rows), two engines in one process, the same steps and one more (8 rows without an
+    adapter, 4 adapters over the other 8).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -101,11 +107,87 @@ def class_costs(args, folders, peft_root, names, results) -> None:
     from ortlora.runtime import engine as engine_mod
     from ortlora.runtime import multi_lora
     from ortlora.runtime import pool as pool_mod
-    from ortlora.runtime.adapters import Adapters
-    from ortlora.runtime.engine import Engine, Row
 
     modules = (multi_lora, pool_mod, engine_mod)
     per_class = multi_lora.module_classes
+
+    @contextlib.contextmanager
+    def one_class(engine_holder):
+        for mod in modules:
+            mod.module_classes = lambda lora_inputs: [list(lora_inputs)]
+        try:
+            yield
+        finally:
+            for mod in modules:
+                mod.module_classes = per_class
+
+    _compare(args, folders, peft_root, names, results, "classes", "per class", "one class", one_class)
+
+
+def slot0_costs(args, folders, peft_root, names, results) -> None:
+    """Rows at a class's slot 0 as one computed row, zeroed (this tree) against every such row computed (the layout
+    before it: the mixed graph without its Where nodes, the grouping without the condensed slot 0)."""
+    from ortlora.runtime import multi_lora
+    from ortlora.runtime import pool as pool_mod
+
+    real = multi_lora.mixed_adapter_model
+
+    def without_where(model_path, lora_inputs):
+        proto = real(model_path, lora_inputs)
+        g = proto.graph
+        wheres = {n.output[0]: n.input[1] for n in g.node if n.op_type == "Where" and n.input[0].startswith(multi_lora.LIVE)}
+        kept = [n for n in g.node if n.output[0] not in wheres]
+        for n in kept:
+            n.input[:] = [wheres.get(x, x) for x in n.input]
+        del g.node[:]
+        g.node.extend(kept)
+        inputs = [i for i in g.input if not i.name.startswith(multi_lora.LIVE)]
+        del g.input[:]
+        g.input.extend(inputs)
+        return proto
+
+    def every_row(row_slots, names_, dora=False):
+        first, last = min(row_slots), max(row_slots)
+        members = [[] for _ in range(last - first + 1)]
+        for row, slot in enumerate(row_slots):
+            members[slot - first].append(row)
+        width = max(len(m) for m in members)
+        gather, scatter = np.zeros(len(members) * width, np.int64), np.empty(len(row_slots), np.int64)
+        for g, rows in enumerate(members):
+            gather[g * width:g * width + len(rows)] = rows
+            scatter[rows] = np.arange(g * width, g * width + len(rows))
+        feeds = {names_.gather: gather, names_.scatter: scatter,
+                 names_.group_shape: np.array([len(members), -1, 0], np.int64),
+                 names_.ungroup_shape: np.array([len(members) * width, -1, 0], np.int64)}
+        if dora:
+            feeds[names_.row_slot] = np.asarray(row_slots, np.int64) - first
+        return pool_mod.Groups(first, len(members), feeds)
+
+    @contextlib.contextmanager
+    def every_row_computed(engine_holder):
+        multi_lora.mixed_adapter_model = without_where
+        try:
+            yield
+        finally:
+            multi_lora.mixed_adapter_model = real
+        engine = engine_holder[0]
+        for run in engine._adapter_pool().runs:
+            run.groups = lambda rows, run=run: every_row(rows, run.names, run.dora)
+        one_slot = engine._one_slot_run
+        engine._one_slot_run = lambda k, rows: {n: v for n, v in one_slot(k, rows).items()
+                                                if not n.startswith(multi_lora.LIVE)}
+
+    _compare(args, folders, peft_root, names, results, "slot0", "slot 0 one row", "every row", every_row_computed,
+             extra={"4 (8 rows without any)": lambda h: [None] * 8 + [h[2 + s // 2] for s in range(8)]})
+
+
+def _compare(args, folders, peft_root, names, results, part, mine, theirs, layout, extra=None) -> None:
+    """Two engines in one process, this tree's (`mine`) and one made inside `layout(holder)` (`theirs`; the context
+    manager's code after its yield runs with holder = [the engine, its adapters]), 16-row decode steps alternating over k
+    distinct adapters of the mix's four kinds; min and median ms, and the median of the per-step ratios."""
+    from ortlora.runtime.adapters import Adapters
+    from ortlora.runtime.engine import Engine, Row
+
     for precision, folder in folders.items():
         adapters = onnx_adapters(folder, peft_root, names, Path(args.workdir))
         files = sorted({(adapters / f"{n}.onnx_adapter").resolve() for n in names}, key=lambda f: f.stat().st_size)
@@ -114,15 +196,12 @@ def class_costs(args, folders, peft_root, names, results) -> None:
         # under another name where it has fewer than three
         mix = [kinds[i % len(kinds)][(i // len(kinds)) % len(kinds[i % len(kinds)])] for i in range(12)]
 
-        def make(layout):
-            for mod in modules:
-                mod.module_classes = layout
-            try:
-                engine = Engine(folder, slots=16, max_len=256, prefix_cache_bytes=0)
-                store = Adapters.for_engine(engine, capacity=64)
-            finally:
-                for mod in modules:
-                    mod.module_classes = per_class
+        def make(context):
+            holder: list = []
+            with context(holder):
+                holder.append(Engine(folder, slots=16, max_len=256, prefix_cache_bytes=0))
+                holder.append(Adapters.for_engine(holder[0], capacity=64))  # its pool of the same layout
+            engine, store = holder
             held = [store.load(f, name=f"c{i}") for i, f in enumerate(mix)]
             if engine.hugepages_thread is not None:
                 engine.hugepages_thread.join()
@@ -131,13 +210,13 @@ def class_costs(args, folders, peft_root, names, results) -> None:
                 engine.prefill([Row(s, rng.integers(10, min(1000, engine.info.vocab_size), 32).tolist(), held[s % 12])])
             return engine, held
 
-        engines = {"per class": make(per_class), "one class": make(lambda lora_inputs: [list(lora_inputs)])}
+        engines = {mine: make(lambda holder: contextlib.nullcontext()), theirs: make(layout)}
         cases = {"1 all-linear": lambda h: [h[len(kinds) - 1]] * 16,
                  "4 (one of each kind)": lambda h: [h[s % 4] for s in range(16)],
                  "7": lambda h: [h[s % 7] for s in range(16)],
                  "12": lambda h: [h[s % 12] for s in range(16)],
                  "6 attention-only": lambda h: [h[(s % 6) // 2 * 4 + s % 2] for s in range(16)],
-                 "6 all-linear": lambda h: [h[(s % 6) // 2 * 4 + 2 + s % 2] for s in range(16)]}
+                 "6 all-linear": lambda h: [h[(s % 6) // 2 * 4 + 2 + s % 2] for s in range(16)], **(extra or {})}
         times = {(e, c): [] for e in engines for c in cases}
         for _ in range(5 * args.rounds + 2):
             for c, rows_of in cases.items():
@@ -151,13 +230,13 @@ def class_costs(args, folders, peft_root, names, results) -> None:
                     times[e, c].append(time.perf_counter() - t0)
         out = {}
         for c in cases:
-            one, per = times["one class", c], times["per class", c]
-            out[f"decode 16 rows, {c} adapters: one class / per class ms (min, median), per-step ratio median"] = [
-                [round(min(one) * 1e3, 1), round(statistics.median(one) * 1e3, 1)],
-                [round(min(per) * 1e3, 1), round(statistics.median(per) * 1e3, 1)],
-                round(statistics.median(b / a for a, b in zip(one, per)), 3)]
-        results[f"classes {precision}"] = out
-        _print(f"classes {precision}", out)
+            a, b = times[theirs, c], times[mine, c]
+            out[f"decode 16 rows, {c} adapters: {theirs} / {mine} ms (min, median), per-step ratio median"] = [
+                [round(min(a) * 1e3, 1), round(statistics.median(a) * 1e3, 1)],
+                [round(min(b) * 1e3, 1), round(statistics.median(b) * 1e3, 1)],
+                round(statistics.median(y / x for x, y in zip(a, b)), 3)]
+        results[f"{part} {precision}"] = out
+        _print(f"{part} {precision}", out)
         del engines
 
 
@@ -170,7 +249,7 @@ def main() -> None:
     p.add_argument("--unique", type=int, default=None, help="distinct adapter files (default: all)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a tiny random llama instead (smoke runs)")
-    p.add_argument("--parts", nargs="+", default=["engine", "classes"], choices=["engine", "classes"])
+    p.add_argument("--parts", nargs="+", default=["engine", "classes", "slot0"], choices=["engine", "classes", "slot0"])
     args = p.parse_args()
     args.unique = args.unique or args.adapters
     _, folders, peft_root, names = prepare(args)
@@ -179,6 +258,8 @@ def main() -> None:
         engine_costs(args, folders, peft_root, names, results)
     if "classes" in args.parts:
         class_costs(args, folders, peft_root, names, results)
+    if "slot0" in args.parts:
+        slot0_costs(args, folders, peft_root, names, results)
     (Path(args.workdir) / "costs.json").write_text(json.dumps(results, indent=2))
 
 

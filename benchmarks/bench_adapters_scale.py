@@ -312,6 +312,8 @@ def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: l
                  extra: tuple[str, ...] = ()) -> dict:
     """One fresh server (more `ortlora serve` flags: `extra`), one pass of the traffic: throughput, TTFT cold/warm,
     RSS and adapter metrics."""
+    from ortlora.runtime.engine import PREFIX_CACHE_BYTES
+
     used = sorted(set(models))
     loaded = max(args.max_loaded, len(used)) if args.preload else args.max_loaded
     server = ortlora_server(folder, adapters, log, "--max-batch", str(args.concurrency),
@@ -346,7 +348,11 @@ def _one_traffic(args, folder: Path, adapters: Path, models: list[str], batch: l
                                       - family(before, "ortlora_decode_steps_total"))),
              rss_mb=rss / 2**20, engine_rss_mb=engine_rss / 2**20,
              loaded_bytes_mb=after.get("ortlora_loaded_adapter_bytes", 0) / 2**20,
-             bound_mb=(engine_rss + min(loaded, len(used)) * adapter_bytes(adapters, used)) / 2**20)
+             # the engine's figure grows by its own bounds once traffic runs: the pool (a slot per batch row, each at
+             # most the largest adapter's bytes) and the prefix cache (its default bound)
+             bound_mb=(engine_rss + min(loaded, len(used)) * adapter_bytes(adapters, used)
+                       + args.concurrency * max((adapters / f"{n}.onnx_adapter").stat().st_size for n in used)
+                       + PREFIX_CACHE_BYTES) / 2**20)
     return s
 
 
