@@ -191,6 +191,6 @@ def mixed_adapter_model(model_path: str | Path, lora_inputs: Mapping[str, LoraIn
     return proto
 
 
-_ONE_AXIS = "adapter_axis_1"
-ZERO = "adapter_zero"  # per LoRA dtype: what a group that is not live gets  # Unsqueeze's axes: [B, out] -> [B, 1, out]
+_ONE_AXIS = "adapter_axis_1"  # Unsqueeze's axes: [B, out] -> [B, 1, out]
+ZERO = "adapter_zero"  # per LoRA dtype: what a group that is not live gets
 
